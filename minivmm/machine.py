@@ -1,0 +1,487 @@
+"""`Machine`: guest memory, one vCPU, devices and exit dispatch; the public API.
+
+    from minivmm import Machine
+    with Machine(mode="long") as m:
+        m.load_asm("guests/hello_long.S")
+        result = m.run(timeout=5)
+        print(result.reason, result.exit_code, result.console)
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import asm
+from .actions import Action, Inject, Resume, Stop
+from .devices import DebugExit, PortDevice, Serial16550
+from .exits import ExitInfo, ExitReason, InterruptionType, Vector, vector_name
+from .handlers import Dispatcher, Registration
+from .kvm import (DEFAULT_KVM_PATH, ExitKind, InternalErrorKind, Kvm, KvmError, MemoryFlag,
+                  decode_exit)
+from .memory import PAGE_SIZE, GuestMemory, Region
+from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
+                    HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
+                    read_exception_frame, setup_mode)
+from .vcpu import Vcpu, run_timer
+
+_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+REAL_MODE_TSS_ADDR = 0xFFFBD000
+
+
+def parse_size(value: int | str) -> int:
+    """`2M`, `1G`, `0x200000`, `4096` -> bytes."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().upper().removesuffix("B").removesuffix("I")
+    suffix = text[-1:] if text[-1:] in "KMG" else ""
+    number = text[: len(text) - len(suffix)]
+    try:
+        return int(number, 0) * _SIZE_SUFFIXES[suffix]
+    except ValueError:
+        raise ValueError(f"bad size {value!r}: expected a number with an optional K/M/G suffix") from None
+
+
+@dataclass
+class ExitStat:
+    count: int = 0
+    handler_seconds: float = 0.0
+
+
+@dataclass
+class ExceptionReport:
+    vector: int
+    error_code: int | None
+    cr2: int | None
+    rip: int
+
+    def __str__(self) -> str:
+        text = f"{vector_name(self.vector)} (vector {self.vector}) at rip={self.rip:#x}"
+        if self.error_code is not None:
+            text += f" error_code={self.error_code:#x}"
+        if self.cr2 is not None:
+            text += f" cr2={self.cr2:#x}"
+        return text
+
+
+@dataclass
+class RunResult:
+    """How a run ended.
+
+    `reason`: exit (debug-exit port), hlt, timeout, triple_fault, exception,
+    error, exit_limit, stopped (a handler's Stop), interrupted (Ctrl-C).
+    `exit_code` is the value the guest wrote to the debug-exit port;
+    `exit_status` is QEMU's isa-debug-exit status for it, (code << 1) | 1.
+    """
+    reason: str
+    exit_code: int | None = None
+    console: str = ""
+    exits: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    rip: int = 0
+    message: str = ""
+    exception: ExceptionReport | None = None
+    stats: dict[str, ExitStat] = field(default_factory=dict)
+    last_exit: str = ""
+
+    @property
+    def exit_status(self) -> int | None:
+        return None if self.exit_code is None else (self.exit_code << 1) | 1
+
+    def __str__(self) -> str:
+        text = f"{self.reason}"
+        if self.exit_code is not None:
+            text += f" code={self.exit_code}"
+        if self.message:
+            text += f": {self.message}"
+        return text
+
+
+class HandlerError(RuntimeError):
+    """An exception raised inside an exit handler; the run stopped."""
+
+
+class Machine:
+    """A VM with guest RAM at GPA 0, one vCPU, a serial console and a debug-exit port."""
+
+    def __init__(self, memory: int | str = "2M", mode: Mode | str = Mode.LONG, *,
+                 kvm_path: str = DEFAULT_KVM_PATH,
+                 console: Callable[[bytes], object] | None = None) -> None:
+        self.mode = Mode(mode)
+        self.kvm = Kvm(kvm_path)
+        self.vm = None
+        self.memory = GuestMemory()
+        self.vcpu: Vcpu | None = None
+        try:
+            self.vm = self.kvm.create_vm()
+            try:
+                self.vm.set_tss_addr(REAL_MODE_TSS_ADDR)
+            except KvmError:
+                pass
+            self._slots: dict[Region, int] = {}
+            self.add_ram(0, parse_size(memory))
+            self.vcpu = Vcpu(self.kvm, self.vm, 0)
+        except BaseException:
+            self.close()
+            raise
+        self.serial = Serial16550(sink=console)
+        self.debug_exit = DebugExit()
+        self.devices: list[PortDevice] = []
+        self._ports: dict[int, PortDevice] = {}
+        for device in (self.serial, self.debug_exit):
+            self.add_device(device)
+        self.dispatcher = Dispatcher()
+        self.info = ExitInfo()
+        self.stats: dict[int, ExitStat] = {}
+        self.entry: int | None = None
+        self.stack: int | None = None
+        self.symbols: dict[str, int] = {}
+        self._started = False
+        self._last_exception: ExceptionReport | None = None
+        self._install_defaults()
+
+    # -- lifetime -----------------------------------------------------------------
+    def close(self) -> None:
+        """Release the vCPU, VM and KVM fds and every guest memory mapping."""
+        if self.vcpu is not None:
+            self.vcpu.close()
+            self.vcpu = None
+        if self.vm is not None:
+            self.vm.close()
+            self.vm = None
+        self.memory.close()
+        self.kvm.close()
+
+    def __enter__(self) -> "Machine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- memory and devices ---------------------------------------------------------
+    def add_ram(self, gpa: int, size: int | str, *, name: str = "ram") -> Region:
+        region = self.memory.add_region(gpa, parse_size(size), name=name)
+        slot = len(self._slots)
+        self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr, 0)
+        self._slots[region] = slot
+        return region
+
+    def add_device(self, device: PortDevice) -> None:
+        for port in device.ports:
+            if port in self._ports:
+                raise ValueError(f"port {port:#x} of {type(device).__name__} is taken by "
+                                 f"{type(self._ports[port]).__name__}")
+        for port in device.ports:
+            self._ports[port] = device
+        self.devices.append(device)
+
+    # -- images ---------------------------------------------------------------------
+    def load(self, data: bytes, address: int | None = None, *, entry: int | None = None) -> None:
+        """Copy a flat image into guest RAM; the entry defaults to its first byte."""
+        address = DEFAULT_LOAD_ADDRESS[self.mode] if address is None else address
+        self.memory.write(address, data)
+        if entry is not None or self.entry is None:
+            self.entry = address if entry is None else entry
+
+    def load_image(self, image: asm.GuestImage) -> None:
+        self.memory.write(image.load_address, image.data)
+        self.entry = image.entry
+        self.symbols.update(image.symbols)
+
+    def load_asm(self, source: str | os.PathLike, *, load_address: int | None = None,
+                 **kwargs) -> asm.GuestImage:
+        """Assemble a guest (a .S path or inline text) for this machine's mode and load it."""
+        include = tuple(kwargs.pop("include_dirs", ())) + (str(Path(__file__).parent / "guest_include"),)
+        image = asm.assemble(source, code_bits=CODE_BITS[self.mode],
+                             load_address=DEFAULT_LOAD_ADDRESS[self.mode] if load_address is None
+                             else load_address, include_dirs=include, **kwargs)
+        self.load_image(image)
+        return image
+
+    def symbol(self, name: str) -> int:
+        try:
+            return self.symbols[name]
+        except KeyError:
+            raise KeyError(f"no symbol {name!r} in the loaded images") from None
+
+    def default_stack(self) -> int:
+        if self.mode is Mode.REAL:
+            return DEFAULT_LOAD_ADDRESS[Mode.REAL]
+        low = self.memory.region_at(0)
+        return min(low.end, 1 << 32) - 16 if self.mode is Mode.USER else min(low.end, 1 << 32)
+
+    def setup(self) -> None:
+        """Put the vCPU into the machine's mode at the entry point (done by the first run)."""
+        if self.entry is None:
+            raise ValueError("nothing loaded: call load(), load_image() or load_asm() first")
+        stack = self.default_stack() if self.stack is None else self.stack
+        setup_mode(self.vcpu, self.memory, self.mode, self.entry, stack)
+        self._started = True
+
+    # -- handlers -------------------------------------------------------------------
+    def on(self, reason: ExitReason, handler: Callable | None = None, **filters):
+        """Register `handler(vcpu, info) -> Action | None` for `reason`.
+
+        Usable as a decorator: `@machine.on(ExitReason.IO_INSTRUCTION, port=0x3f8)`.
+        Filters: port, msr, vector, address, number, leaf (an int, a range or
+        a (start, end) tuple). Returns the registration, for `off()`.
+        """
+        if handler is None:
+            def decorate(fn: Callable) -> Callable:
+                self.dispatcher.on(reason, fn, **filters)
+                return fn
+            return decorate
+        return self.dispatcher.on(reason, handler, **filters)
+
+    def off(self, registration: Registration) -> None:
+        self.dispatcher.off(registration)
+
+    def _install_defaults(self) -> None:
+        d = self.dispatcher
+        d.set_default(ExitReason.IO_INSTRUCTION, self._default_io)
+        d.set_default(ExitReason.EXECUTE_HLT, lambda vcpu, info: Stop("hlt"))
+        d.set_default(ExitReason.TRIPLE_FAULT, lambda vcpu, info: Stop("triple_fault", message="triple fault"))
+        d.set_default(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED,
+                      lambda vcpu, info: Stop("timeout", message="deadline reached"))
+        d.set_default(ExitReason.EXCEPTION_OR_NMI, self._default_exception)
+        d.set_default(ExitReason.EPT_MISCONFIGURATION, self._default_unmapped)
+        d.set_default(ExitReason.INVALID_GUEST_STATE,
+                      lambda vcpu, info: Stop("error", message=f"VM entry failed: invalid guest state "
+                                                               f"(hardware reason {info.qualification:#x})"))
+
+    def _default_io(self, vcpu: Vcpu, info: ExitInfo) -> Action | None:
+        exit = info.detail
+        device = self._ports.get(exit.port)
+        data = self.vcpu.fd.io_data(exit)
+        size = exit.size
+        if exit.is_out:
+            if device is not None:
+                for i in range(0, len(data), size):
+                    device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
+                if device is self.debug_exit and self.debug_exit.exit_requested:
+                    return Stop("exit", self.debug_exit.value)
+        else:
+            for i in range(0, len(data), size):
+                value = device.io_read(exit.port, size) if device is not None else (1 << (8 * size)) - 1
+                data[i:i + size] = value.to_bytes(size, "little")
+        return None
+
+    def _default_exception(self, vcpu: Vcpu, info: ExitInfo) -> Action:
+        return Stop("exception", message=str(self._last_exception))
+
+    def _default_unmapped(self, vcpu: Vcpu, info: ExitInfo) -> Action:
+        exit = info.detail
+        what = "write to" if exit.is_write else "read from"
+        return Stop("error", message=f"EPT misconfiguration: {exit.length}-byte {what} unmapped "
+                                     f"guest-physical address {exit.phys_addr:#x} at rip={vcpu.rip:#x}")
+
+    # -- running --------------------------------------------------------------------
+    def run(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
+        """Run until the guest reports an exit code, halts, faults, or hits a limit.
+
+        `timeout` is a wall-clock deadline in seconds (VMX-preemption-timer
+        exit when reached); `max_exits` bounds the number of exits.
+        """
+        if not self._started:
+            self.setup()
+        vcpu = self.vcpu
+        fd = vcpu.fd
+        run = fd.run
+        counts = [0] * 80
+        start = time.perf_counter()
+        action: Action | None = None
+        self.debug_exit.reset()
+        self._last_exception = None
+        limit = max_exits if max_exits is not None else -1
+        if timeout is not None:
+            run_timer.arm(vcpu, timeout)
+        try:
+            while True:
+                if limit == 0:
+                    action = Stop("exit_limit", message=f"exit limit {max_exits} reached")
+                    break
+                limit -= 1
+                kind = vcpu.run_once()
+                if kind == ExitKind.IO:
+                    io = run.exit.io
+                    port = io.port
+                    if port != EXCEPTION_PORT and port != HYPERCALL_PORT:
+                        counts[30] += 1
+                        info = self._translate_io(decode_exit(run))
+                        action = self._dispatch(vcpu, info, port)
+                        if action is None:
+                            continue
+                        if action.__class__ is Resume and action.advance:
+                            continue
+                        if self._apply(vcpu, info, action):
+                            break
+                        continue
+                info, key = self._translate(kind, run)
+                if info is None:
+                    continue
+                counts[info.reason] += 1
+                action = self._dispatch(vcpu, info, key)
+                if action is None:
+                    action = Resume()
+                if self._apply(vcpu, info, action):
+                    break
+        except KeyboardInterrupt:
+            action = Stop("interrupted", message="interrupted by the user (SIGINT)")
+            raise
+        finally:
+            if timeout is not None:
+                run_timer.disarm()
+            elapsed = time.perf_counter() - start
+            self.last_result = self._result(action, counts, elapsed)
+        return self.last_result
+
+    def _dispatch(self, vcpu: Vcpu, info: ExitInfo, key: int | None) -> Action | None:
+        try:
+            return self.dispatcher.dispatch(vcpu, info, key)
+        except Exception as exc:
+            raise HandlerError(f"{info.reason.name} handler raised {type(exc).__name__}: {exc} "
+                               f"(guest rip={vcpu.rip:#x})") from exc
+
+    def _result(self, action: Stop | None, counts: list[int], elapsed: float) -> RunResult:
+        if not isinstance(action, Stop):
+            action = Stop("error", message="run ended without a result")
+        exits = {ExitReason(i).name: n for i, n in enumerate(counts) if n}
+        for name, n in exits.items():
+            self.stats.setdefault(name, ExitStat()).count += n
+        return RunResult(reason=action.reason, exit_code=action.exit_code,
+                         console=self.serial.text, exits=exits, elapsed_s=elapsed,
+                         rip=self.vcpu.rip if self.vcpu else 0, message=action.message,
+                         exception=self._last_exception if action.reason == "exception" else None,
+                         stats=dict(self.stats), last_exit=str(self.info))
+
+    def _apply(self, vcpu: Vcpu, info: ExitInfo, action: Action) -> bool:
+        """Carry out a handler's action; True when the run ends."""
+        if isinstance(action, Stop):
+            return True
+        if isinstance(action, Inject):
+            vcpu.inject_exception(action.vector, action.error_code, action.cr2)
+            return False
+        if isinstance(action, Resume):
+            if action.advance:
+                if info.reason in _ADVANCE_BY_LENGTH and info.instruction_length:
+                    vcpu.rip += info.instruction_length
+            elif info.reason in _COMPLETED_BY_KVM:
+                rip = vcpu.rip
+                vcpu.fd.run.immediate_exit = 1
+                vcpu.run_once()
+                vcpu.rip = rip
+            return False
+        raise TypeError(f"a handler returned {action!r}; expected Resume, Inject, Stop or None")
+
+    # -- KVM exit -> VMX exit -----------------------------------------------------
+    def _translate_io(self, exit) -> ExitInfo:
+        string = exit.count > 1
+        qualification = ((exit.size - 1) | (0 if exit.is_out else 8) | (string << 4) | (string << 5)
+                         | (exit.port << 16))
+        return self.info.reset(ExitReason.IO_INSTRUCTION, qualification, detail=exit)
+
+    def _translate(self, kind: int, run) -> tuple[ExitInfo | None, int | None]:
+        info = self.info
+        vcpu = self.vcpu
+        if kind == ExitKind.INTR:
+            if run_timer.expired:
+                return info.reset(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED), None
+            return None, None
+        exit = decode_exit(run)
+        if kind == ExitKind.IO:
+            if exit.port == EXCEPTION_PORT and self.mode is Mode.USER and \
+                    STUBS_ADDR <= vcpu.rip < STUBS_ADDR + 256 * STUB_SIZE:
+                return self._user_exception(exit), self.info.interruption_info & 0xFF
+            return self._translate_io(exit), exit.port
+        if kind == ExitKind.HLT:
+            return info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit), None
+        if kind == ExitKind.SHUTDOWN:
+            return info.reset(ExitReason.TRIPLE_FAULT, detail=exit), None
+        if kind == ExitKind.MMIO:
+            return info.reset(ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
+                              detail=exit), exit.phys_addr
+        if kind == ExitKind.FAIL_ENTRY:
+            return info.reset(ExitReason.INVALID_GUEST_STATE, exit.hardware_entry_failure_reason,
+                              entry_failure=True, detail=exit), None
+        if kind == ExitKind.INTERNAL_ERROR:
+            return self._internal_error(exit)
+        if kind == ExitKind.DEBUG:
+            vector = exit.exception
+            self._last_exception = ExceptionReport(vector, None, None, exit.pc)
+            itype = InterruptionType.SOFTWARE_EXCEPTION if vector == Vector.BP else \
+                InterruptionType.HARDWARE_EXCEPTION
+            return info.reset(ExitReason.EXCEPTION_OR_NMI, interruption_info=_intr_info(vector, itype),
+                              detail=exit), vector
+        if kind == ExitKind.SYSTEM_EVENT:
+            return info.reset(ExitReason.TRIPLE_FAULT, detail=exit), None
+        raise KvmError("KVM_RUN", 0, f"unexpected KVM exit {ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind}: {exit}")
+
+    def _user_exception(self, exit) -> ExitInfo:
+        """An IDT stub of the built-in kernel reported an exception: unwind its frame."""
+        vcpu = self.vcpu
+        frame = read_exception_frame(self.memory, vcpu.rsp)
+        vector = frame["vector"]
+        has_error = vector in EXCEPTIONS_WITH_ERROR_CODE
+        error_code = frame["error_code"] if has_error else None
+        cr2 = vcpu.cr2 if vector == Vector.PF else None
+        vcpu.rip, vcpu.rsp, vcpu.rflags = frame["rip"], frame["rsp"], frame["rflags"]
+        sregs = vcpu.sregs
+        sregs.cs.selector, sregs.cs.dpl, sregs.cs.l, sregs.cs.db = SEL_USER_CODE64, 3, 1, 0
+        sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
+        vcpu.set_sregs(sregs)
+        rip = frame["rip"]
+        itype = InterruptionType.HARDWARE_EXCEPTION
+        length = 0
+        if vector in (Vector.BP, Vector.OF):
+            itype = InterruptionType.SOFTWARE_EXCEPTION
+            rip -= 1           # int3 / into are traps: report the instruction itself
+            vcpu.rip = rip
+            length = 1
+        self._last_exception = ExceptionReport(vector, error_code, cr2, rip)
+        return self.info.reset(ExitReason.EXCEPTION_OR_NMI,
+                               interruption_info=_intr_info(vector, itype, has_error),
+                               interruption_error_code=error_code or 0,
+                               instruction_length=length, detail=exit)
+
+    def _internal_error(self, exit) -> tuple[ExitInfo, int | None]:
+        info = self.info
+        code = exit.instruction_bytes()
+        rip = self.vcpu.rip
+        if exit.suberror == InternalErrorKind.EMULATION and code[:1] == b"\xcc":
+            self._last_exception = ExceptionReport(Vector.BP, None, None, rip)
+            return info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1,
+                              interruption_info=_intr_info(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION),
+                              detail=exit), int(Vector.BP)
+        raise GuestFault(f"KVM could not emulate the instruction at rip={rip:#x} "
+                         f"({_describe_code(code, self.mode)}); suberror "
+                         f"{InternalErrorKind(exit.suberror).name if exit.suberror in (1, 2, 3, 4) else exit.suberror}")
+
+
+class GuestFault(RuntimeError):
+    """The host could not go on with the guest (e.g. an emulation failure)."""
+
+
+_ADVANCE_BY_LENGTH = frozenset({ExitReason.EXCEPTION_OR_NMI, ExitReason.EXECUTE_VMCALL})
+_COMPLETED_BY_KVM = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.EXECUTE_RDMSR,
+                               ExitReason.EXECUTE_WRMSR, ExitReason.EPT_VIOLATION,
+                               ExitReason.EPT_MISCONFIGURATION})
+
+
+def _intr_info(vector: int, itype: InterruptionType, error_code_valid: bool = False) -> int:
+    return vector | (int(itype) << 8) | (int(error_code_valid) << 11) | (1 << 31)
+
+
+def _describe_code(code: bytes, mode: Mode) -> str:
+    if not code:
+        return "no instruction bytes reported"
+    text = code.hex(" ")
+    try:
+        from .disasm import disassemble_one
+        insn = disassemble_one(code, CODE_BITS[mode])
+        if insn:
+            text += f": {insn}"
+    except ImportError:
+        pass
+    return text

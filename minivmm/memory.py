@@ -1,0 +1,150 @@
+"""Guest-physical memory: mmap-backed regions with bounds-checked access."""
+from __future__ import annotations
+
+import bisect
+import ctypes
+import mmap
+import struct
+from dataclasses import dataclass, field
+
+PAGE_SIZE = 4096
+PAGE_SHIFT = 12
+
+
+class GuestMemoryError(ValueError):
+    """A guest-physical access or region layout that is not valid."""
+
+
+@dataclass(eq=False)
+class Region:
+    """One contiguous block of guest RAM backed by an anonymous host mapping."""
+    gpa: int
+    size: int
+    readonly: bool = False
+    name: str = "ram"
+    mem: mmap.mmap = field(init=False, repr=False)
+    host_addr: int = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.mem = mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
+                             mmap.PROT_READ | mmap.PROT_WRITE)
+        view = ctypes.c_char.from_buffer(self.mem)
+        self.host_addr = ctypes.addressof(view)
+        del view
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+    def close(self) -> None:
+        if not self.mem.closed:
+            self.mem.close()
+
+
+class GuestMemory:
+    """The guest-physical address space: non-overlapping, page-aligned RAM regions."""
+
+    def __init__(self) -> None:
+        self.regions: list[Region] = []
+        self._starts: list[int] = []
+
+    def add_region(self, gpa: int, size: int, *, readonly: bool = False, name: str = "ram") -> Region:
+        if gpa % PAGE_SIZE or size % PAGE_SIZE:
+            raise GuestMemoryError(
+                f"region {name} at {gpa:#x} size {size:#x} is not page aligned (4 KiB)")
+        if size <= 0:
+            raise GuestMemoryError(f"region {name} has size {size:#x}; it must be positive")
+        for other in self.regions:
+            if gpa < other.end and other.gpa < gpa + size:
+                raise GuestMemoryError(
+                    f"region {name} [{gpa:#x}, {gpa + size:#x}) overlaps region {other.name} "
+                    f"[{other.gpa:#x}, {other.end:#x})")
+        region = Region(gpa, size, readonly, name)
+        index = bisect.bisect(self._starts, gpa)
+        self.regions.insert(index, region)
+        self._starts.insert(index, gpa)
+        return region
+
+    def close(self) -> None:
+        for region in self.regions:
+            region.close()
+        self.regions.clear()
+        self._starts.clear()
+
+    @property
+    def size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    def region_at(self, gpa: int) -> Region | None:
+        index = bisect.bisect(self._starts, gpa) - 1
+        if index >= 0:
+            region = self.regions[index]
+            if gpa < region.end:
+                return region
+        return None
+
+    def is_mapped(self, gpa: int) -> bool:
+        return self.region_at(gpa) is not None
+
+    def _chunks(self, gpa: int, length: int):
+        """Yield (region, offset, n) covering [gpa, gpa+length), across adjacent regions."""
+        if gpa < 0 or length < 0:
+            raise GuestMemoryError(f"bad guest-physical access at {gpa:#x} length {length}")
+        while length:
+            region = self.region_at(gpa)
+            if region is None:
+                raise GuestMemoryError(f"guest-physical address {gpa:#x} is not backed by RAM")
+            n = min(length, region.end - gpa)
+            yield region, gpa - region.gpa, n
+            gpa += n
+            length -= n
+
+    def read(self, gpa: int, length: int) -> bytes:
+        region = self.region_at(gpa)
+        if region is not None and gpa + length <= region.end and length >= 0:
+            offset = gpa - region.gpa
+            return region.mem[offset: offset + length]
+        return b"".join(r.mem[o: o + n] for r, o, n in self._chunks(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        pos = 0
+        for region, offset, n in self._chunks(gpa, len(data)):
+            region.mem[offset: offset + n] = data[pos: pos + n]
+            pos += n
+
+    def fill(self, gpa: int, length: int, byte: int = 0) -> None:
+        for region, offset, n in self._chunks(gpa, length):
+            region.mem[offset: offset + n] = bytes([byte]) * n
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A zero-copy view of guest memory inside one region."""
+        region = self.region_at(gpa)
+        if region is None or gpa + length > region.end:
+            raise GuestMemoryError(
+                f"[{gpa:#x}, {gpa + length:#x}) is not inside one RAM region")
+        offset = gpa - region.gpa
+        return memoryview(region.mem)[offset: offset + length]
+
+    def read_u8(self, gpa: int) -> int:
+        return self.read(gpa, 1)[0]
+
+    def read_u16(self, gpa: int) -> int:
+        return struct.unpack("<H", self.read(gpa, 2))[0]
+
+    def read_u32(self, gpa: int) -> int:
+        return struct.unpack("<I", self.read(gpa, 4))[0]
+
+    def read_u64(self, gpa: int) -> int:
+        return struct.unpack("<Q", self.read(gpa, 8))[0]
+
+    def write_u8(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<B", value))
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<H", value))
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<I", value))
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        self.write(gpa, struct.pack("<Q", value))

@@ -1,0 +1,248 @@
+"""One vCPU: register state through kvm_run's sync_regs, and KVM_RUN with a deadline.
+
+Registers are read from the `kvm_run.s.regs` area that KVM fills on every
+exit (KVM_CAP_SYNC_REGS, api.rst 5 "kvm_valid_regs") and written back by
+setting `kvm_dirty_regs` bits only for the groups that changed, so an exit
+whose handler touches no register costs no register ioctl. Hosts without
+sync_regs get the same interface through KVM_GET/SET_(S)REGS.
+"""
+from __future__ import annotations
+
+import ctypes
+import signal
+import threading
+import time
+from dataclasses import dataclass
+
+from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
+                  SyncRegsFlag, VcpuFd, VmFd)
+
+MASK64 = (1 << 64) - 1
+GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+_SYNC = SyncRegsFlag.REGS | SyncRegsFlag.SREGS
+
+
+class RunTimer:
+    """Interrupts KVM_RUN when a deadline passes.
+
+    ITIMER_REAL raises SIGALRM; the signal makes a blocked KVM_RUN return
+    EINTR, and the handler sets `immediate_exit` so that a signal landing just
+    before the ioctl is not lost. The timer repeats every `RETRY_S` after the
+    deadline, covering the window between the C signal handler and the Python
+    one. Python runs signal handlers in the main thread only, so the timer
+    serves vCPUs run from the main thread.
+    """
+    RETRY_S = 0.02
+
+    def __init__(self) -> None:
+        self.expired = False
+        self.run = None
+        self._installed = False
+
+    def _on_alarm(self, signum, frame) -> None:
+        self.expired = True
+        if self.run is not None:
+            self.run.immediate_exit = 1
+
+    def arm(self, vcpu: "Vcpu", seconds: float) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            raise RuntimeError("run deadlines need the vCPU to run in the main thread")
+        if not self._installed:
+            signal.signal(signal.SIGALRM, self._on_alarm)
+            self._installed = True
+        self.expired = False
+        self.run = vcpu.fd.run
+        signal.setitimer(signal.ITIMER_REAL, max(seconds, 1e-6), self.RETRY_S)
+
+    def disarm(self) -> None:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        if self.run is not None:
+            self.run.immediate_exit = 0
+            self.run = None
+
+
+run_timer = RunTimer()
+
+
+@dataclass(frozen=True, slots=True)
+class Segment:
+    """A segment register in KVM's terms (struct kvm_segment)."""
+    selector: int
+    base: int = 0
+    limit: int = 0xFFFFFFFF
+    type: int = 0
+    present: int = 1
+    dpl: int = 0
+    db: int = 0
+    s: int = 1
+    l: int = 0
+    g: int = 1
+    avl: int = 0
+    unusable: int = 0
+
+    @classmethod
+    def from_kvm(cls, seg: KvmSegment) -> "Segment":
+        return cls(seg.selector, seg.base, seg.limit, seg.type, seg.present, seg.dpl, seg.db,
+                   seg.s, seg.l, seg.g, seg.avl, seg.unusable)
+
+    def to_kvm(self, seg: KvmSegment) -> None:
+        for name in self.__slots__:
+            setattr(seg, name, getattr(self, name))
+
+
+def _gpr(name: str) -> property:
+    def get(self: "Vcpu") -> int:
+        return getattr(self._regs, name)
+
+    def set(self: "Vcpu", value: int) -> None:
+        setattr(self._regs, name, value & MASK64)
+        self._dirty |= SyncRegsFlag.REGS
+
+    return property(get, set, doc=f"Guest {name.upper()}.")
+
+
+def _sreg(name: str) -> property:
+    def get(self: "Vcpu") -> int:
+        return getattr(self._sregs, name)
+
+    def set(self: "Vcpu", value: int) -> None:
+        setattr(self._sregs, name, value & MASK64)
+        self._dirty |= SyncRegsFlag.SREGS
+
+    return property(get, set, doc=f"Guest {name.upper()}.")
+
+
+class Vcpu:
+    """A vCPU of a VM: cached register state plus KVM_RUN."""
+
+    def __init__(self, kvm: Kvm, vm: VmFd, index: int = 0) -> None:
+        self.index = index
+        self.fd: VcpuFd = vm.create_vcpu(index)
+        self.synced = kvm.check_extension(Cap.SYNC_REGS) & _SYNC == _SYNC
+        run = self.fd.run
+        if self.synced:
+            self._regs: KvmRegs = run.s.regs.regs
+            self._sregs: KvmSregs = run.s.regs.sregs
+            ctypes.pointer(self._regs)[0] = self.fd.get_regs()
+            ctypes.pointer(self._sregs)[0] = self.fd.get_sregs()
+            run.kvm_valid_regs = _SYNC
+        else:
+            self._regs = self.fd.get_regs()
+            self._sregs = self.fd.get_sregs()
+        self._dirty = 0
+        self.fd.set_cpuid2(kvm.get_supported_cpuid())
+
+    def close(self) -> None:
+        self._regs = self._sregs = None
+        self.fd.close()
+
+    # -- register state -----------------------------------------------------------
+    for _name in GPR_NAMES:
+        locals()[_name] = _gpr(_name)
+    for _name in CONTROL_REGISTER_NAMES:
+        locals()[_name] = _sreg(_name)
+    del _name
+
+    @property
+    def regs(self) -> KvmRegs:
+        """A copy of the general registers (use the attributes to change them)."""
+        return KvmRegs.from_buffer_copy(self._regs)
+
+    @property
+    def sregs(self) -> KvmSregs:
+        """A copy of the special registers (use the setters to change them)."""
+        return KvmSregs.from_buffer_copy(self._sregs)
+
+    def set_regs(self, regs: KvmRegs) -> None:
+        ctypes.pointer(self._regs)[0] = regs
+        self._dirty |= SyncRegsFlag.REGS
+
+    def set_sregs(self, sregs: KvmSregs) -> None:
+        ctypes.pointer(self._sregs)[0] = sregs
+        self._dirty |= SyncRegsFlag.SREGS
+
+    def segment(self, name: str) -> Segment:
+        return Segment.from_kvm(getattr(self._sregs, name))
+
+    def set_segment(self, name: str, segment: Segment) -> None:
+        segment.to_kvm(getattr(self._sregs, name))
+        self._dirty |= SyncRegsFlag.SREGS
+
+    def descriptor_table(self, name: str) -> tuple[int, int]:
+        """(base, limit) of "gdt" or "idt"."""
+        table = getattr(self._sregs, name)
+        return table.base, table.limit
+
+    def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
+        table = getattr(self._sregs, name)
+        table.base, table.limit = base, limit
+        self._dirty |= SyncRegsFlag.SREGS
+
+    @property
+    def cpl(self) -> int:
+        return self._sregs.cs.dpl if self._sregs.cr0 & 1 else 0
+
+    def get_events(self) -> KvmVcpuEvents:
+        return self.fd.get_vcpu_events()
+
+    def set_events(self, events: KvmVcpuEvents) -> None:
+        self.flush()
+        self.fd.set_vcpu_events(events)
+
+    def inject_exception(self, vector: int, error_code: int | None = None,
+                         cr2: int | None = None) -> None:
+        """Queue an exception for delivery through the guest IDT at the next entry."""
+        if cr2 is not None:
+            self.cr2 = cr2
+        events = self.fd.get_vcpu_events()
+        events.exception.injected = 1
+        events.exception.pending = 0
+        events.exception.nr = vector
+        events.exception.has_error_code = int(error_code is not None)
+        events.exception.error_code = error_code or 0
+        events.flags = 0
+        self.set_events(events)
+
+    def flush(self) -> None:
+        """Write changed registers to KVM now (normally done at the next entry)."""
+        if not self._dirty:
+            return
+        if self._dirty & SyncRegsFlag.REGS:
+            self.fd.set_regs(self._regs)
+        if self._dirty & SyncRegsFlag.SREGS:
+            self.fd.set_sregs(self._sregs)
+        self._dirty = 0
+
+    # -- running ------------------------------------------------------------------
+    def run_once(self) -> int:
+        """One KVM_RUN; returns the raw KVM exit kind (ExitKind.INTR on a signal)."""
+        if self._dirty:
+            if self.synced:
+                self.fd.run.kvm_dirty_regs = self._dirty
+                self._dirty = 0
+            else:
+                self.flush()
+        kind = self.fd.run_once()
+        if not self.synced:
+            ctypes.pointer(self._regs)[0] = self.fd.get_regs()
+            ctypes.pointer(self._sregs)[0] = self.fd.get_sregs()
+        return kind
+
+    def run(self, timeout: float | None = None) -> int:
+        """One KVM_RUN bounded by `timeout` seconds; ExitKind.INTR when it expired."""
+        if timeout is None:
+            return self.run_once()
+        run_timer.arm(self, timeout)
+        try:
+            return self.run_once()
+        finally:
+            run_timer.disarm()
+
+
+def now() -> float:
+    return time.perf_counter()
+
+
+__all__ = ["Vcpu", "Segment", "RunTimer", "run_timer", "GPR_NAMES", "KvmError", "ExitKind"]
