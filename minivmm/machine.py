@@ -29,6 +29,7 @@ from .vcpu import Vcpu, run_timer
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 REAL_MODE_TSS_ADDR = 0xFFFBD000
+KVM_ENOSYS = 1000        # what KVM's own hypercall ABI answers for an unknown number
 
 
 def parse_size(value: int | str) -> int:
@@ -140,6 +141,9 @@ class Machine:
         self.symbols: dict[str, int] = {}
         self._started = False
         self._last_exception: ExceptionReport | None = None
+        self._ept = None
+        self.pre_entry: list[Callable[[], None]] = []
+        self._step_callbacks: list[Callable[[Vcpu], None]] = []
         self._install_defaults()
 
     # -- lifetime -----------------------------------------------------------------
@@ -220,6 +224,24 @@ class Machine:
         setup_mode(self.vcpu, self.memory, self.mode, self.entry, stack)
         self._started = True
 
+    @property
+    def ept(self):
+        """The EPT model of this machine (`minivmm.ept_shadow.EptShadow`), created on first use."""
+        if self._ept is None:
+            from .ept_shadow import EptShadow
+            self._ept = EptShadow(self)
+        return self._ept
+
+    def step_once(self, callback: Callable[[Vcpu], None]) -> None:
+        """Run `callback(vcpu)` right after the guest's next instruction (one MTF step)."""
+        self._step_callbacks.append(callback)
+        self._update_guest_debug()
+
+    def _update_guest_debug(self) -> None:
+        from .kvm import GuestDebugFlag
+        control = GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP if self._step_callbacks else 0
+        self.vcpu.fd.set_guest_debug(control)
+
     # -- handlers -------------------------------------------------------------------
     def on(self, reason: ExitReason, handler: Callable | None = None, **filters):
         """Register `handler(vcpu, info) -> Action | None` for `reason`.
@@ -247,6 +269,7 @@ class Machine:
                       lambda vcpu, info: Stop("timeout", message="deadline reached"))
         d.set_default(ExitReason.EXCEPTION_OR_NMI, self._default_exception)
         d.set_default(ExitReason.EPT_MISCONFIGURATION, self._default_unmapped)
+        d.set_default(ExitReason.EXECUTE_VMCALL, self._default_hypercall)
         d.set_default(ExitReason.INVALID_GUEST_STATE,
                       lambda vcpu, info: Stop("error", message=f"VM entry failed: invalid guest state "
                                                                f"(hardware reason {info.qualification:#x})"))
@@ -270,6 +293,10 @@ class Machine:
 
     def _default_exception(self, vcpu: Vcpu, info: ExitInfo) -> Action:
         return Stop("exception", message=str(self._last_exception))
+
+    @staticmethod
+    def _default_hypercall(vcpu: Vcpu, info: ExitInfo) -> None:
+        vcpu.rax = -KVM_ENOSYS
 
     def _default_unmapped(self, vcpu: Vcpu, info: ExitInfo) -> Action:
         exit = info.detail
@@ -303,6 +330,9 @@ class Machine:
                     action = Stop("exit_limit", message=f"exit limit {max_exits} reached")
                     break
                 limit -= 1
+                if self.pre_entry:
+                    for hook in self.pre_entry:
+                        hook()
                 kind = vcpu.run_once()
                 if kind == ExitKind.IO:
                     io = run.exit.io
@@ -394,12 +424,18 @@ class Machine:
             if exit.port == EXCEPTION_PORT and self.mode is Mode.USER and \
                     STUBS_ADDR <= vcpu.rip < STUBS_ADDR + 256 * STUB_SIZE:
                 return self._user_exception(exit), self.info.interruption_info & 0xFF
+            if exit.port == HYPERCALL_PORT and exit.is_out:
+                return info.reset(ExitReason.EXECUTE_VMCALL, detail=exit), vcpu.rax
             return self._translate_io(exit), exit.port
         if kind == ExitKind.HLT:
             return info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit), None
         if kind == ExitKind.SHUTDOWN:
             return info.reset(ExitReason.TRIPLE_FAULT, detail=exit), None
         if kind == ExitKind.MMIO:
+            if self._ept is not None:
+                translated = self._ept.translate_mmio(exit)
+                if translated is not None:
+                    return translated
             return info.reset(ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
                               detail=exit), exit.phys_addr
         if kind == ExitKind.FAIL_ENTRY:
@@ -408,6 +444,12 @@ class Machine:
         if kind == ExitKind.INTERNAL_ERROR:
             return self._internal_error(exit)
         if kind == ExitKind.DEBUG:
+            if self._step_callbacks and exit.exception == Vector.DB:
+                callbacks, self._step_callbacks = self._step_callbacks, []
+                self._update_guest_debug()
+                for callback in callbacks:
+                    callback(vcpu)
+                return None, None
             vector = exit.exception
             self._last_exception = ExceptionReport(vector, None, None, exit.pc)
             itype = InterruptionType.SOFTWARE_EXCEPTION if vector == Vector.BP else \
@@ -447,6 +489,10 @@ class Machine:
 
     def _internal_error(self, exit) -> tuple[ExitInfo, int | None]:
         info = self.info
+        if self._ept is not None:
+            translated = self._ept.translate_fetch_fault(exit)
+            if translated is not None:
+                return translated
         code = exit.instruction_bytes()
         rip = self.vcpu.rip
         if exit.suberror == InternalErrorKind.EMULATION and code[:1] == b"\xcc":
