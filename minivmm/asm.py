@@ -82,12 +82,14 @@ def assemble(
     entry_symbol: str = "_start",
     include_dirs: Sequence[str | os.PathLike[str]] = (),
     defines: Mapping[str, int] = {},
+    prelude: str = "",
 ) -> GuestImage:
     """Assemble ``source`` (a ``.S``/``.s`` path or inline assembly text).
 
     ``code_bits`` selects the object format and the initial ``.code16`` /
     ``.code32`` / ``.code64`` mode; the source may switch modes itself.
-    ``defines`` become ``--defsym name=value`` absolute symbols. The entry is
+    ``prelude`` is assembly placed before the source in its own input file
+    (line numbers in messages stay those of the source). ``defines`` become ``--defsym name=value`` absolute symbols. The entry is
     ``entry_symbol``'s address; when the default ``_start`` is absent the entry
     is ``load_address``. For a file source its directory is searched for
     ``.include`` files before ``include_dirs``.
@@ -115,6 +117,7 @@ def assemble(
         entry_symbol=entry_symbol,
         search_dirs=search_dirs,
         defines=defines,
+        prelude=prelude,
     )
     store = _Cache(cache_dir())
     cached = store.load(key, source_name)
@@ -130,6 +133,7 @@ def assemble(
         entry_symbol=entry_symbol,
         search_dirs=search_dirs,
         defines=defines,
+        prelude=prelude,
     )
     store.save(key, image)
     return image
@@ -180,14 +184,15 @@ def _build(
     entry_symbol: str,
     search_dirs: Sequence[Path],
     defines: Mapping[str, int],
+    prelude: str,
 ) -> GuestImage:
     tools = _find_binutils()
     with tempfile.TemporaryDirectory(prefix="minivmm-asm-") as scratch_name:
         scratch = Path(scratch_name)
         # The mode directive lives in its own input file so that line numbers
         # in the assembler's messages match the user's source.
-        prelude = scratch / "prelude.s"
-        prelude.write_text(f"{target.directive}\n")
+        prelude_file = scratch / "prelude.s"
+        prelude_file.write_text(f"{target.directive}\n{prelude}\n")
         if source_path is None:
             source_path = scratch / "inline.s"
             source_path.write_text(text if text.endswith("\n") else text + "\n")
@@ -198,7 +203,7 @@ def _build(
             as_cmd += ["-I", str(directory)]
         for name, value in sorted(defines.items()):
             as_cmd += ["--defsym", f"{name}={int(value)}"]
-        as_cmd += ["-o", str(obj), str(prelude), str(source_path)]
+        as_cmd += ["-o", str(obj), str(prelude_file), str(source_path)]
         _run(as_cmd, "assembler")
 
         ld_cmd = [
@@ -294,6 +299,7 @@ def _cache_key(
     entry_symbol: str,
     search_dirs: Sequence[Path],
     defines: Mapping[str, int],
+    prelude: str,
 ) -> str:
     parameters = {
         "recipe": _RECIPE_VERSION,
@@ -303,6 +309,7 @@ def _cache_key(
         "entry_symbol": entry_symbol,
         "search_dirs": [str(d) for d in search_dirs],
         "defines": sorted((name, int(value)) for name, value in defines.items()),
+        "prelude": prelude,
         "binutils": _binutils_fingerprint(),
     }
     digest = hashlib.sha256()

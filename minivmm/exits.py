@@ -418,6 +418,10 @@ class ExitInfo:
     exit path allocates nothing. ``detail`` carries the host-specific raw exit
     (e.g. the KVM exit) for handlers that need more than the VMX view;
     ``vcpu_index`` belongs to the vCPU and survives :meth:`reset`.
+
+    ``data`` and ``msr`` are minivmm's access fields (not VMCS fields): the
+    value of an OUT, WRMSR or emulated write, or the value a handler supplies
+    for an IN, RDMSR or emulated read; ``msr`` is the MSR index (ECX).
     """
 
     reason: ExitReason = ExitReason.EXCEPTION_OR_NMI
@@ -431,6 +435,8 @@ class ExitInfo:
     interruption_error_code: int = 0
     vcpu_index: int = 0
     detail: object | None = None
+    data: int = 0
+    msr: int = 0
 
     def reset(
         self,
@@ -445,6 +451,8 @@ class ExitInfo:
         interruption_info: int = 0,
         interruption_error_code: int = 0,
         detail: object | None = None,
+        data: int = 0,
+        msr: int = 0,
     ) -> ExitInfo:
         """Overwrite every exit field (all but ``vcpu_index``) and return ``self``."""
         self.reason = reason
@@ -457,6 +465,8 @@ class ExitInfo:
         self.interruption_info = interruption_info
         self.interruption_error_code = interruption_error_code
         self.detail = detail
+        self.data = data
+        self.msr = msr
         return self
 
     @property

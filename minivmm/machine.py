@@ -19,6 +19,9 @@ from .actions import Action, Inject, Resume, Stop
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason, InterruptionType, Vector, vector_name
 from .handlers import Dispatcher, Registration
+from .cpuid import CpuidLeaf, CpuidTable
+from .vmcs import Vmcs
+from .vmcs_fields import VmcsField
 from .kvm import (DEFAULT_KVM_PATH, ExitKind, InternalErrorKind, Kvm, KvmError, MemoryFlag,
                   decode_exit)
 from .memory import PAGE_SIZE, GuestMemory, Region
@@ -144,6 +147,9 @@ class Machine:
         self._ept = None
         self.pre_entry: list[Callable[[], None]] = []
         self._step_callbacks: list[Callable[[Vcpu], None]] = []
+        self._io_routes: dict[int, tuple] = {}
+        self.vmcs = Vmcs(self)
+        self.cpuid = CpuidTable(self.kvm.get_supported_cpuid())
         self._install_defaults()
 
     # -- lifetime -----------------------------------------------------------------
@@ -200,9 +206,19 @@ class Machine:
         include = tuple(kwargs.pop("include_dirs", ())) + (str(Path(__file__).parent / "guest_include"),)
         image = asm.assemble(source, code_bits=CODE_BITS[self.mode],
                              load_address=DEFAULT_LOAD_ADDRESS[self.mode] if load_address is None
-                             else load_address, include_dirs=include, **kwargs)
+                             else load_address, include_dirs=include,
+                             prelude='.include "minivmm.inc"', **kwargs)
         self.load_image(image)
         return image
+
+    def read_code(self, rip: int, length: int) -> bytes:
+        """Guest code bytes at CS:rip (empty when unmapped); identity paging assumed when no walker applies."""
+        linear = self.vcpu.segment("cs").base + rip if self.mode is Mode.REAL else rip
+        try:
+            return self.read_virtual(linear, length) if hasattr(self, "read_virtual") else \
+                self.memory.read(linear, length)
+        except Exception:
+            return b""
 
     def symbol(self, name: str) -> int:
         try:
@@ -222,7 +238,20 @@ class Machine:
             raise ValueError("nothing loaded: call load(), load_image() or load_asm() first")
         stack = self.default_stack() if self.stack is None else self.stack
         setup_mode(self.vcpu, self.memory, self.mode, self.entry, stack)
+        self.apply_cpuid()
         self._started = True
+
+    def apply_cpuid(self) -> None:
+        """Give KVM the CPUID table (overrides and EXECUTE_CPUID handlers); before the first run only."""
+        def consult(leaf: CpuidLeaf) -> None:
+            info = self.info.reset(ExitReason.EXECUTE_CPUID, instruction_length=2, detail=leaf)
+            self.dispatcher.dispatch(self.vcpu, info, leaf.leaf)
+        try:
+            self.vcpu.fd.set_cpuid2(self.cpuid.build(consult))
+        except KvmError as exc:
+            raise KvmError("KVM_SET_CPUID2", exc.errno, "KVM accepts CPUID changes only before the "
+                                                       "vCPU first runs") from None
+        self.cpuid.dirty = False
 
     @property
     def ept(self):
@@ -235,12 +264,7 @@ class Machine:
     def step_once(self, callback: Callable[[Vcpu], None]) -> None:
         """Run `callback(vcpu)` right after the guest's next instruction (one MTF step)."""
         self._step_callbacks.append(callback)
-        self._update_guest_debug()
-
-    def _update_guest_debug(self) -> None:
-        from .kvm import GuestDebugFlag
-        control = GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP if self._step_callbacks else 0
-        self.vcpu.fd.set_guest_debug(control)
+        self.vmcs.mark_dirty()
 
     # -- handlers -------------------------------------------------------------------
     def on(self, reason: ExitReason, handler: Callable | None = None, **filters):
@@ -252,13 +276,46 @@ class Machine:
         """
         if handler is None:
             def decorate(fn: Callable) -> Callable:
-                self.dispatcher.on(reason, fn, **filters)
+                self.on(reason, fn, **filters)
                 return fn
             return decorate
-        return self.dispatcher.on(reason, handler, **filters)
+        registration = self.dispatcher.on(reason, handler, **filters)
+        self._intercept(registration)
+        self.invalidate_io_routes()
+        return registration
 
     def off(self, registration: Registration) -> None:
         self.dispatcher.off(registration)
+        self.invalidate_io_routes()
+
+    def _intercept(self, reg: Registration) -> None:
+        """Set the bitmap bits a filtered handler needs, as a hypervisor does when it installs one."""
+        vmcs = self.vmcs
+        full = reg.low == 0 and reg.high == (1 << 64) - 1
+        if reg.reason == ExitReason.IO_INSTRUCTION:
+            for port in range(reg.low, min(reg.high, 0xFFFF) + 1):
+                bitmap, bit = vmcs.io_bitmap._bitmap(port)
+                bitmap[bit // 8] |= 1 << (bit % 8)
+            vmcs.io_bitmap.version += 1
+        elif reg.reason in (ExitReason.EXECUTE_RDMSR, ExitReason.EXECUTE_WRMSR) and not full:
+            for msr in range(reg.low, reg.high + 1):
+                vmcs.msr_bitmap.intercept(msr, read=reg.reason == ExitReason.EXECUTE_RDMSR,
+                                          write=reg.reason == ExitReason.EXECUTE_WRMSR)
+        elif reg.reason == ExitReason.EXCEPTION_OR_NMI:
+            mask = 0xFFFFFFFF if full else sum(1 << v for v in range(reg.low, min(reg.high, 31) + 1))
+            vmcs.write(VmcsField.VMCS_CTRL_EXCEPTION_BITMAP, vmcs.exception_bitmap | mask)
+        elif reg.reason == ExitReason.EXECUTE_CPUID:
+            self.cpuid.dirty = True
+
+    def invalidate_io_routes(self) -> None:
+        self._io_routes.clear()
+
+    def _io_route(self, port: int) -> tuple:
+        route = self._io_routes.get(port)
+        if route is None:
+            chain = self.dispatcher.chain(ExitReason.IO_INSTRUCTION, port)
+            route = self._io_routes[port] = chain if self.vmcs.io_reaches_handlers(port) else chain[-1:]
+        return route
 
     def _install_defaults(self) -> None:
         d = self.dispatcher
@@ -270,6 +327,9 @@ class Machine:
         d.set_default(ExitReason.EXCEPTION_OR_NMI, self._default_exception)
         d.set_default(ExitReason.EPT_MISCONFIGURATION, self._default_unmapped)
         d.set_default(ExitReason.EXECUTE_VMCALL, self._default_hypercall)
+        d.set_default(ExitReason.EXECUTE_RDMSR, self._default_rdmsr)
+        d.set_default(ExitReason.EXECUTE_WRMSR, self._default_wrmsr)
+        d.set_default(ExitReason.MONITOR_TRAP_FLAG, lambda vcpu, info: None)
         d.set_default(ExitReason.INVALID_GUEST_STATE,
                       lambda vcpu, info: Stop("error", message=f"VM entry failed: invalid guest state "
                                                                f"(hardware reason {info.qualification:#x})"))
@@ -295,6 +355,22 @@ class Machine:
         return Stop("exception", message=str(self._last_exception))
 
     @staticmethod
+    def _default_rdmsr(vcpu: Vcpu, info: ExitInfo) -> Action | None:
+        values = vcpu.fd.get_msrs([info.msr])
+        if info.msr not in values:
+            return Inject(Vector.GP, 0)
+        info.data = values[info.msr]
+        return None
+
+    @staticmethod
+    def _default_wrmsr(vcpu: Vcpu, info: ExitInfo) -> Action | None:
+        try:
+            vcpu.fd.set_msrs({info.msr: info.data})
+        except KvmError:
+            return Inject(Vector.GP, 0)
+        return None
+
+    @staticmethod
     def _default_hypercall(vcpu: Vcpu, info: ExitInfo) -> None:
         vcpu.rax = -KVM_ENOSYS
 
@@ -316,11 +392,13 @@ class Machine:
         vcpu = self.vcpu
         fd = vcpu.fd
         run = fd.run
+        vmcs = self.vmcs
         counts = [0] * 80
         start = time.perf_counter()
         action: Action | None = None
         self.debug_exit.reset()
         self._last_exception = None
+        self._step_rip = vcpu.rip
         limit = max_exits if max_exits is not None else -1
         if timeout is not None:
             run_timer.arm(vcpu, timeout)
@@ -333,6 +411,8 @@ class Machine:
                 if self.pre_entry:
                     for hook in self.pre_entry:
                         hook()
+                if vmcs.dirty:
+                    vmcs.realise()
                 kind = vcpu.run_once()
                 if kind == ExitKind.IO:
                     io = run.exit.io
@@ -340,7 +420,7 @@ class Machine:
                     if port != EXCEPTION_PORT and port != HYPERCALL_PORT:
                         counts[30] += 1
                         info = self._translate_io(decode_exit(run))
-                        action = self._dispatch(vcpu, info, port)
+                        action = self._dispatch_io(vcpu, info, port)
                         if action is None:
                             continue
                         if action.__class__ is Resume and action.advance:
@@ -352,7 +432,15 @@ class Machine:
                 if info is None:
                     continue
                 counts[info.reason] += 1
-                action = self._dispatch(vcpu, info, key)
+                reason = info.reason
+                if reason == ExitReason.IO_INSTRUCTION:
+                    action = self._dispatch_io(vcpu, info, key)
+                elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
+                    action = self.dispatcher.chain(reason, key)[-1](vcpu, info)
+                else:
+                    action = self._dispatch(vcpu, info, key)
+                if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
+                    action = self._complete_msr(vcpu, info, action)
                 if action is None:
                     action = Resume()
                 if self._apply(vcpu, info, action):
@@ -366,6 +454,30 @@ class Machine:
             elapsed = time.perf_counter() - start
             self.last_result = self._result(action, counts, elapsed)
         return self.last_result
+
+    def _dispatch_io(self, vcpu: Vcpu, info: ExitInfo, port: int) -> Action | None:
+        try:
+            for handler in self._io_route(port):
+                action = handler(vcpu, info)
+                if action is not None:
+                    exit = info.detail
+                    if not exit.is_out:
+                        value = info.data.to_bytes(8, "little", signed=info.data < 0)[:exit.size]
+                        vcpu.fd.io_data(exit)[:] = value * exit.count
+                    return action
+        except Exception as exc:
+            raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: {exc} "
+                               f"(guest rip={vcpu.rip:#x})") from exc
+        return None
+
+    @staticmethod
+    def _complete_msr(vcpu: Vcpu, info: ExitInfo, action: Action | None) -> Action | None:
+        """Give KVM the RDMSR/WRMSR outcome; a #GP becomes KVM's own error reply."""
+        if isinstance(action, Inject) and action.vector == Vector.GP:
+            vcpu.fd.set_msr_reply(0, error=True)
+            return Resume()
+        vcpu.fd.set_msr_reply(info.data & (1 << 64) - 1)
+        return action
 
     def _dispatch(self, vcpu: Vcpu, info: ExitInfo, key: int | None) -> Action | None:
         try:
@@ -407,10 +519,15 @@ class Machine:
 
     # -- KVM exit -> VMX exit -----------------------------------------------------
     def _translate_io(self, exit) -> ExitInfo:
+        """I/O exit; KVM does not say whether a single-item access was a string instruction."""
         string = exit.count > 1
         qualification = ((exit.size - 1) | (0 if exit.is_out else 8) | (string << 4) | (string << 5)
                          | (exit.port << 16))
-        return self.info.reset(ExitReason.IO_INSTRUCTION, qualification, detail=exit)
+        data = 0
+        if exit.is_out:
+            start = exit.data_offset
+            data = int.from_bytes(self.vcpu.fd.run_mmap[start:start + exit.size], "little")
+        return self.info.reset(ExitReason.IO_INSTRUCTION, qualification, detail=exit, data=data)
 
     def _translate(self, kind: int, run) -> tuple[ExitInfo | None, int | None]:
         info = self.info
@@ -443,12 +560,22 @@ class Machine:
                               entry_failure=True, detail=exit), None
         if kind == ExitKind.INTERNAL_ERROR:
             return self._internal_error(exit)
+        if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
+            reason = ExitReason.EXECUTE_WRMSR if exit.is_write else ExitReason.EXECUTE_RDMSR
+            return info.reset(reason, instruction_length=2, detail=exit, msr=exit.index,
+                              data=exit.data if exit.is_write else 0), exit.index
         if kind == ExitKind.DEBUG:
-            if self._step_callbacks and exit.exception == Vector.DB:
+            if exit.exception == Vector.DB and (self._step_callbacks or self.vmcs.mtf):
                 callbacks, self._step_callbacks = self._step_callbacks, []
-                self._update_guest_debug()
+                if callbacks:
+                    self.vmcs.mark_dirty()
                 for callback in callbacks:
                     callback(vcpu)
+                if self.vmcs.mtf:
+                    previous, self._step_rip = self._step_rip, vcpu.rip
+                    if previous is not None and self.read_code(previous, 1) == b"\xf4":
+                        return info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit), None
+                    return info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit), None
                 return None, None
             vector = exit.exception
             self._last_exception = ExceptionReport(vector, None, None, exit.pc)

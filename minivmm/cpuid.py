@@ -1,0 +1,75 @@
+"""The guest's CPUID table.
+
+KVM answers CPUID inside the kernel from the table given to KVM_SET_CPUID2
+(api.rst 4.20); CPUID never exits to user space. minivmm therefore realises
+CPUID exiting as a table: it starts from KVM_GET_SUPPORTED_CPUID, applies the
+overrides set with `CpuidTable.set`, then consults every handler registered
+for `ExitReason.EXECUTE_CPUID` once per leaf/subleaf while it builds the
+table (`info.detail` is the `CpuidLeaf`, which the handler may change). The
+table is given to KVM before the first VM entry; KVM refuses changes once the
+vCPU has run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .kvm import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KvmCpuidEntry2
+
+REGISTERS = ("eax", "ebx", "ecx", "edx")
+
+
+@dataclass(slots=True)
+class CpuidLeaf:
+    """One CPUID answer: what the guest reads for EAX=leaf, ECX=subleaf."""
+    leaf: int
+    subleaf: int
+    eax: int
+    ebx: int
+    ecx: int
+    edx: int
+
+
+class CpuidTable:
+    """Host-supported CPUID plus overrides, for KVM_SET_CPUID2."""
+
+    def __init__(self, supported: list[KvmCpuidEntry2]) -> None:
+        self.supported = supported
+        self.overrides: dict[tuple[int, int | None], dict[str, int]] = {}
+        self.dirty = True
+
+    def set(self, leaf: int, subleaf: int | None = None, **registers: int) -> None:
+        """Override registers of a leaf (all subleaves when `subleaf` is None)."""
+        unknown = set(registers) - set(REGISTERS)
+        if unknown:
+            raise ValueError(f"CPUID registers are eax, ebx, ecx, edx; got {sorted(unknown)}")
+        self.overrides.setdefault((leaf, subleaf), {}).update(
+            {name: value & 0xFFFFFFFF for name, value in registers.items()})
+        self.dirty = True
+
+    def lookup(self, leaf: int, subleaf: int = 0) -> CpuidLeaf:
+        """What the guest will read, from the table as it would be built now (without handlers)."""
+        for entry in self.build():
+            if entry.function == leaf and (entry.index == subleaf or
+                                           not entry.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX):
+                return CpuidLeaf(leaf, subleaf, entry.eax, entry.ebx, entry.ecx, entry.edx)
+        return CpuidLeaf(leaf, subleaf, 0, 0, 0, 0)
+
+    def build(self, consult=None) -> list[KvmCpuidEntry2]:
+        """The table: supported entries, overrides, then `consult(CpuidLeaf)` for each entry."""
+        entries = [KvmCpuidEntry2.from_buffer_copy(e) for e in self.supported]
+        present = {(e.function, e.index) for e in entries}
+        for (leaf, subleaf), _ in self.overrides.items():
+            if (leaf, subleaf or 0) not in present:
+                flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX if subleaf is not None else 0
+                entries.append(KvmCpuidEntry2(function=leaf, index=subleaf or 0, flags=flags))
+                present.add((leaf, subleaf or 0))
+        for entry in entries:
+            for key in ((entry.function, None), (entry.function, entry.index)):
+                for name, value in self.overrides.get(key, {}).items():
+                    setattr(entry, name, value)
+            if consult is not None:
+                leaf = CpuidLeaf(entry.function, entry.index, entry.eax, entry.ebx, entry.ecx, entry.edx)
+                consult(leaf)
+                for name in REGISTERS:
+                    setattr(entry, name, getattr(leaf, name) & 0xFFFFFFFF)
+        return entries

@@ -1,0 +1,411 @@
+"""The VMCS of a minivmm vCPU: SDM field encodings mapped onto live KVM state.
+
+`Vmcs.read` / `Vmcs.write` take `VmcsField` encodings (SDM vol. 3C appendix
+B). Guest-state fields read and write the vCPU (registers, segments with
+access rights in VMX format, control registers, MSRs); exit-information
+fields describe the last exit and are read-only; host-state fields belong to
+KVM and raise `VmcsError`. Control fields are kept here and realised on KVM
+before the next VM entry:
+
+| control                                | realised as                                   |
+|----------------------------------------|-----------------------------------------------|
+| CPU_BASED_USE_MSR_BITMAPS + MSR bitmap  | KVM_X86_SET_MSR_FILTER with user-space MSR exits for the MSRs whose bitmap bit is 1; with the control 0 every RDMSR/WRMSR exits (SDM 25.6.9) |
+| CPU_BASED_USE_IO_BITMAPS + I/O bitmaps  | ports whose bit is 1 reach user I/O handlers; others go to the machine's devices |
+| CPU_BASED_UNCONDITIONAL_IO_EXITING      | every port reaches user I/O handlers         |
+| exception bitmap                        | vectors whose bit is 1 reach user exception handlers (#BP/#DB through KVM_SET_GUEST_DEBUG; every vector in user mode through the built-in kernel's IDT) |
+| CPU_BASED_MONITOR_TRAP_FLAG             | KVM_GUESTDBG_SINGLESTEP; each step exits as MONITOR_TRAP_FLAG |
+| CPU_BASED_USE_TSC_OFFSETTING + offset   | IA32_TSC_ADJUST                                |
+| PIN_BASED_VMX_PREEMPTION_TIMER          | the run deadline (`Machine.run(timeout=)`)     |
+| SECONDARY_ENABLE_EPT + EPT pointer      | `machine.ept` (memslots and host page protection) |
+
+Registering a handler with a `port=`, `msr=` or `vector=` filter sets the
+matching bitmap bits, as a hypervisor would when it installs the handler.
+"""
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, replace
+from enum import IntFlag
+from typing import TYPE_CHECKING
+
+from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinBasedControls, ProcBasedControls,
+                       SecondaryControls, UnsupportedControlError, VmEntryControls, VmExitControls,
+                       VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
+from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag
+from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
+                          field_group)
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+F = VmcsField
+
+
+class VmcsError(ValueError):
+    """A VMREAD/VMWRITE that the minivmm VMCS cannot perform."""
+
+
+def host_capabilities(kvm: Kvm) -> HostCapabilities:
+    """Probe what this KVM host can honour (KVM_CHECK_EXTENSION)."""
+    c = kvm.check_extension
+    return HostCapabilities(
+        msr_filter=c(Cap.X86_MSR_FILTER) > 0, user_space_msr=c(Cap.X86_USER_SPACE_MSR) > 0,
+        guest_debug=c(Cap.SET_GUEST_DEBUG) > 0, hw_breakpoints=c(Cap.GUEST_DEBUG_HW_BPS) > 0,
+        readonly_mem=c(Cap.READONLY_MEM) > 0, dirty_log=True, sync_regs=c(Cap.SYNC_REGS) > 0,
+        tsc_control=c(Cap.TSC_CONTROL) > 0)
+
+
+def vmx_capability_msrs(kvm: Kvm) -> dict[VmxMsr, int]:
+    """IA32_VMX_* capability MSRs for this host (SDM appendix A)."""
+    return compute_capability_msrs(host_capabilities(kvm))
+
+
+def capability_report(kvm: Kvm) -> dict:
+    """KVM capabilities and VMX capability MSRs, JSON-ready."""
+    return {"kvm_api_version": kvm.get_api_version(),
+            "kvm_capabilities": {cap.name: kvm.check_extension(cap) for cap in Cap},
+            "vmx_msrs": {msr.name: f"{value:#018x}" for msr, value in vmx_capability_msrs(kvm).items()}}
+
+
+def capability_table(kvm: Kvm) -> str:
+    """`minivmm caps`: KVM capabilities and the VMX capability MSRs as text tables."""
+    report = capability_report(kvm)
+    width = max(len(name) for name in report["kvm_capabilities"])
+    lines = [f"KVM API version {report['kvm_api_version']}", "", "KVM capability".ljust(width) + "  value"]
+    lines += [f"{name.ljust(width)}  {value}" for name, value in report["kvm_capabilities"].items()]
+    lines += ["", format_capability_table(vmx_capability_msrs(kvm))]
+    return "\n".join(lines)
+
+
+class MsrBitmap:
+    """The 4 KiB MSR bitmap (SDM 25.6.9): read-low, read-high, write-low, write-high, 1 KiB each.
+
+    Low MSRs are 0x0-0x1fff, high MSRs 0xc0000000-0xc0001fff; a 1 bit makes
+    the access exit. Accesses to MSRs outside both ranges always exit on
+    hardware; here they stay with KVM unless the control is 0.
+    """
+    RANGES = ((0x0, 0), (0xC0000000, 1024))
+
+    def __init__(self) -> None:
+        self.data = bytearray(4096)
+        self.version = 0
+        self.on_change = None
+
+    def _position(self, msr: int, write: bool) -> tuple[int, int]:
+        for base, offset in self.RANGES:
+            if base <= msr < base + 0x2000:
+                bit = msr - base
+                return offset + (2048 if write else 0) + bit // 8, bit % 8
+        raise VmcsError(f"MSR {msr:#x} is outside the MSR bitmap ranges "
+                        "(0x0-0x1fff, 0xc0000000-0xc0001fff)")
+
+    def intercept(self, msr: int, read: bool = True, write: bool = True) -> None:
+        """Make the chosen accesses to `msr` exit (the others keep their bits)."""
+        self._set(msr, read, write, True)
+
+    def allow(self, msr: int, read: bool = True, write: bool = True) -> None:
+        """Stop intercepting the chosen accesses to `msr`."""
+        self._set(msr, read, write, False)
+
+    def _set(self, msr: int, read: bool, write: bool, value: bool) -> None:
+        for is_write, chosen in ((False, read), (True, write)):
+            if chosen:
+                byte, bit = self._position(msr, is_write)
+                self.data[byte] = self.data[byte] | 1 << bit if value else self.data[byte] & ~(1 << bit)
+        self.version += 1
+        if self.on_change is not None:
+            self.on_change()
+
+    def is_intercepted(self, msr: int, write: bool) -> bool:
+        byte, bit = self._position(msr, write)
+        return bool(self.data[byte] >> bit & 1)
+
+    def kvm_filter_ranges(self) -> list[tuple[MsrFilterFlag, int, bytes, int]]:
+        """The KVM filter: KVM allows an MSR whose bit is 1, the opposite of the SDM bitmap."""
+        ranges = []
+        for base, offset in self.RANGES:
+            for flag, extra in ((MsrFilterFlag.READ, 0), (MsrFilterFlag.WRITE, 2048)):
+                chunk = self.data[offset + extra: offset + extra + 1024]
+                ranges.append((flag, base, bytes(~b & 0xFF for b in chunk), 0x2000))
+        return ranges
+
+
+class IoBitmaps:
+    """I/O bitmaps A (ports 0-0x7fff) and B (0x8000-0xffff), 4 KiB each (SDM 25.6.4)."""
+
+    def __init__(self) -> None:
+        self.a = bytearray(4096)
+        self.b = bytearray(4096)
+        self.version = 0
+        self.on_change = None
+
+    def _bitmap(self, port: int) -> tuple[bytearray, int]:
+        if not 0 <= port <= 0xFFFF:
+            raise VmcsError(f"port {port:#x} is not a 16-bit I/O port")
+        return (self.a, port) if port < 0x8000 else (self.b, port - 0x8000)
+
+    def intercept(self, port: int, enabled: bool = True) -> None:
+        bitmap, bit = self._bitmap(port)
+        if enabled:
+            bitmap[bit // 8] |= 1 << (bit % 8)
+        else:
+            bitmap[bit // 8] &= ~(1 << (bit % 8))
+        self.version += 1
+        if self.on_change is not None:
+            self.on_change()
+
+    def is_intercepted(self, port: int) -> bool:
+        bitmap, bit = self._bitmap(port)
+        return bool(bitmap[bit // 8] >> (bit % 8) & 1)
+
+
+_CONTROL_FIELDS: dict[type[IntFlag], tuple[VmcsField, VmxMsr]] = {
+    PinBasedControls: (F.VMCS_CTRL_PIN_BASED_VM_EXECUTION_CONTROLS, VmxMsr.IA32_VMX_TRUE_PINBASED_CTLS),
+    ProcBasedControls: (F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS,
+                        VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS),
+    SecondaryControls: (F.VMCS_CTRL_SECONDARY_PROCESSOR_BASED_VM_EXECUTION_CONTROLS,
+                        VmxMsr.IA32_VMX_PROCBASED_CTLS2),
+    VmExitControls: (F.VMCS_CTRL_VMEXIT_CONTROLS, VmxMsr.IA32_VMX_TRUE_EXIT_CTLS),
+    VmEntryControls: (F.VMCS_CTRL_VMENTRY_CONTROLS, VmxMsr.IA32_VMX_TRUE_ENTRY_CTLS),
+}
+_FIELD_CONTROLS = {field: (cls, msr) for cls, (field, msr) in _CONTROL_FIELDS.items()}
+
+_SEGMENTS = {"ES": "es", "CS": "cs", "SS": "ss", "DS": "ds", "FS": "fs", "GS": "gs",
+             "LDTR": "ldt", "TR": "tr"}
+_SEGMENT_FIELDS: dict[VmcsField, tuple[str, str]] = {}
+for _vmx, _kvm in _SEGMENTS.items():
+    for _part, _attr in (("SELECTOR", "selector"), ("BASE", "base"), ("LIMIT", "limit"),
+                         ("ACCESS_RIGHTS", "access_rights")):
+        _SEGMENT_FIELDS[F[f"VMCS_GUEST_{_vmx}_{_part}"]] = (_kvm, _attr)
+_REGISTER_FIELDS = {F.VMCS_GUEST_RIP: "rip", F.VMCS_GUEST_RSP: "rsp", F.VMCS_GUEST_RFLAGS: "rflags",
+                    F.VMCS_GUEST_CR0: "cr0", F.VMCS_GUEST_CR3: "cr3", F.VMCS_GUEST_CR4: "cr4",
+                    F.VMCS_GUEST_IA32_EFER: "efer"}
+_MSR_FIELDS = {F.VMCS_GUEST_IA32_SYSENTER_CS: 0x174, F.VMCS_GUEST_IA32_SYSENTER_ESP: 0x175,
+               F.VMCS_GUEST_IA32_SYSENTER_EIP: 0x176, F.VMCS_GUEST_IA32_DEBUGCTL: 0x1D9,
+               F.VMCS_GUEST_IA32_PAT: 0x277}
+_TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMIT: ("gdt", "limit"),
+                 F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
+IA32_TSC_ADJUST = 0x3B
+
+DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
+                      | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
+                      | ProcBasedControls.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS)
+DEFAULT_SECONDARY = SecondaryControls.SECONDARY_ENABLE_EPT | SecondaryControls.SECONDARY_UNRESTRICTED_GUEST
+
+
+@dataclass
+class _Realised:
+    msr_filter: tuple | None = None
+    guest_debug: int = -1
+    tsc_offset: int | None = None
+
+
+class Vmcs:
+    """The VMCS of the machine's vCPU."""
+
+    def __init__(self, machine: "Machine") -> None:
+        self.machine = machine
+        self.capabilities = vmx_capability_msrs(machine.kvm)
+        self.controls: dict[VmcsField, int] = {}
+        for cls, (field, msr) in _CONTROL_FIELDS.items():
+            default = {ProcBasedControls: DEFAULT_PROC_BASED, SecondaryControls: DEFAULT_SECONDARY}.get(cls, 0)
+            self.controls[field] = adjust_controls(default, self.capabilities[msr])
+        self.exception_bitmap = 0
+        self.tsc_offset = 0
+        self.msr_bitmap = MsrBitmap()
+        self.msr_bitmap.on_change = self.mark_dirty
+        self.io_bitmap = IoBitmaps()
+        self.io_bitmap.on_change = machine.invalidate_io_routes
+        self._realised = _Realised()
+        self._user_msr_enabled = False
+        self.dirty = True
+
+    def mark_dirty(self) -> None:
+        """Realise the controls again before the next entry."""
+        self.dirty = True
+
+    # -- controls -----------------------------------------------------------------
+    def control_enabled(self, flag: IntFlag) -> bool:
+        field, _ = _CONTROL_FIELDS[type(flag)]
+        return bool(self.controls[field] & flag)
+
+    def set_control(self, flag: IntFlag, enabled: bool = True) -> None:
+        """Set or clear one control bit (checked against the capability MSR)."""
+        field, _ = _CONTROL_FIELDS[type(flag)]
+        value = self.controls[field] | flag if enabled else self.controls[field] & ~flag
+        self.write(field, value)
+
+    def intercept_exception(self, vector: int, enabled: bool = True) -> None:
+        mask = 1 << vector
+        self.write(F.VMCS_CTRL_EXCEPTION_BITMAP,
+                   self.exception_bitmap | mask if enabled else self.exception_bitmap & ~mask)
+
+    @property
+    def mtf(self) -> bool:
+        return bool(self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
+                    & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
+
+    def exception_reaches_handlers(self, vector: int) -> bool:
+        return bool(self.exception_bitmap >> vector & 1)
+
+    def io_reaches_handlers(self, port: int) -> bool:
+        proc = self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
+        if proc & ProcBasedControls.CPU_BASED_USE_IO_BITMAPS:
+            return self.io_bitmap.is_intercepted(port)
+        return bool(proc & ProcBasedControls.CPU_BASED_UNCONDITIONAL_IO_EXITING)
+
+    # -- VMREAD / VMWRITE -----------------------------------------------------------
+    def read(self, field: VmcsField | int) -> int:
+        """VMREAD."""
+        field = VmcsField(field)
+        vcpu = self.machine.vcpu
+        info = self.machine.info
+        if field in self.controls:
+            return self.controls[field]
+        if field == F.VMCS_CTRL_EXCEPTION_BITMAP:
+            return self.exception_bitmap
+        if field == F.VMCS_CTRL_TSC_OFFSET:
+            return self.tsc_offset
+        if field == F.VMCS_CTRL_EPT_POINTER:
+            return self.machine.ept.eptp
+        if field in _REGISTER_FIELDS:
+            return getattr(vcpu, _REGISTER_FIELDS[field])
+        if field in _SEGMENT_FIELDS:
+            name, part = _SEGMENT_FIELDS[field]
+            seg = vcpu.segment(name)
+            if part == "access_rights":
+                return access_rights_from_segment(seg.type, seg.s, seg.dpl, seg.present, seg.avl,
+                                                  seg.l, seg.db, seg.g, seg.unusable)
+            return getattr(seg, part)
+        if field in _TABLE_FIELDS:
+            table, part = _TABLE_FIELDS[field]
+            base, limit = vcpu.descriptor_table(table)
+            return base if part == "base" else limit
+        if field == F.VMCS_GUEST_DR7:
+            return vcpu.fd.get_debugregs().dr7
+        if field in _MSR_FIELDS:
+            return vcpu.fd.get_msrs([_MSR_FIELDS[field]]).get(_MSR_FIELDS[field], 0)
+        exit_fields = {
+            F.VMCS_EXIT_REASON: info.full_reason, F.VMCS_EXIT_QUALIFICATION: info.qualification,
+            F.VMCS_GUEST_LINEAR_ADDRESS: info.guest_linear_address,
+            F.VMCS_GUEST_PHYSICAL_ADDRESS: info.guest_physical_address,
+            F.VMCS_VMEXIT_INSTRUCTION_LENGTH: info.instruction_length,
+            F.VMCS_VMEXIT_INSTRUCTION_INFO: info.instruction_info,
+            F.VMCS_VMEXIT_INTERRUPTION_INFORMATION: info.interruption_info,
+            F.VMCS_VMEXIT_INTERRUPTION_ERROR_CODE: info.interruption_error_code,
+            F.VMCS_IDT_VECTORING_INFORMATION: 0, F.VMCS_IDT_VECTORING_ERROR_CODE: 0,
+            F.VMCS_VM_INSTRUCTION_ERROR: 0}
+        if field in exit_fields:
+            return exit_fields[field]
+        if field_group(field) == FieldGroup.HOST:
+            raise VmcsError(f"{field.name}: the host-state area belongs to KVM; minivmm has no host state")
+        raise VmcsError(f"{field.name} is not modelled by minivmm")
+
+    def write(self, field: VmcsField | int, value: int) -> None:
+        """VMWRITE; control fields are checked against the capability MSRs."""
+        field = VmcsField(field)
+        vcpu = self.machine.vcpu
+        group = field_group(field)
+        if group == FieldGroup.EXIT_INFO:
+            raise VmcsError(f"{field.name} is a read-only exit-information field (VMWRITE fails, SDM 31.3)")
+        if group == FieldGroup.HOST:
+            raise VmcsError(f"{field.name}: the host-state area belongs to KVM; minivmm has no host state")
+        if field in _FIELD_CONTROLS:
+            cls, msr = _FIELD_CONTROLS[field]
+            check_controls(value, self.capabilities[msr], cls, msr)
+            self.controls[field] = value
+            self.machine.invalidate_io_routes()
+        elif field == F.VMCS_CTRL_EXCEPTION_BITMAP:
+            self.exception_bitmap = value & 0xFFFFFFFF
+        elif field == F.VMCS_CTRL_TSC_OFFSET:
+            self.tsc_offset = value
+        elif field in _REGISTER_FIELDS:
+            setattr(vcpu, _REGISTER_FIELDS[field], value)
+            return
+        elif field in _SEGMENT_FIELDS:
+            name, part = _SEGMENT_FIELDS[field]
+            seg = vcpu.segment(name)
+            if part == "access_rights":
+                seg = replace(seg, **access_rights_to_fields(value))
+            else:
+                seg = replace(seg, **{part: value})
+            vcpu.set_segment(name, seg)
+            return
+        elif field in _TABLE_FIELDS:
+            table, part = _TABLE_FIELDS[field]
+            base, limit = vcpu.descriptor_table(table)
+            vcpu.set_descriptor_table(table, value if part == "base" else base,
+                                      value if part == "limit" else limit)
+            return
+        elif field == F.VMCS_GUEST_DR7:
+            dr = vcpu.fd.get_debugregs()
+            dr.dr7 = value
+            vcpu.fd.set_debugregs(dr)
+            return
+        elif field in _MSR_FIELDS:
+            vcpu.fd.set_msrs({_MSR_FIELDS[field]: value})
+            return
+        else:
+            raise VmcsError(f"{field.name} is not modelled by minivmm")
+        self.dirty = True
+
+    # -- realisation on KVM ---------------------------------------------------------
+    def realise(self) -> None:
+        """Apply changed controls to KVM; runs before the next VM entry."""
+        self.dirty = False
+        machine = self.machine
+        vcpu = machine.vcpu
+        proc = self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
+        if proc & ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS:
+            wanted = ("bitmap", self.msr_bitmap.version) if any(self.msr_bitmap.data) else None
+        else:
+            wanted = ("all",)
+        if wanted != self._realised.msr_filter:
+            self._apply_msr_filter(wanted)
+        debug = 0
+        if proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG or machine._step_callbacks:
+            debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP
+        if self.exception_bitmap & (1 << 3):
+            debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP
+        if debug != self._realised.guest_debug:
+            vcpu.fd.set_guest_debug(debug)
+            self._realised.guest_debug = debug
+        offset = self.tsc_offset if proc & ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING else 0
+        if offset != (self._realised.tsc_offset or 0):
+            vcpu.fd.set_msrs({IA32_TSC_ADJUST: offset & (1 << 64) - 1})
+            self._realised.tsc_offset = offset
+
+    def _apply_msr_filter(self, wanted: tuple | None) -> None:
+        vm = self.machine.vm
+        if wanted is not None and not self._user_msr_enabled:
+            if not vm.check_extension(Cap.X86_MSR_FILTER) or not vm.check_extension(Cap.X86_USER_SPACE_MSR):
+                raise UnsupportedControlError(
+                    "MSR exits need KVM_CAP_X86_MSR_FILTER and KVM_CAP_X86_USER_SPACE_MSR, "
+                    "which this host lacks", 0, 0)
+            vm.enable_cap(Cap.X86_USER_SPACE_MSR, MsrExitReasonFlag.FILTER)
+            self._user_msr_enabled = True
+        if wanted is None:
+            vm.set_msr_filter(False, [])
+        elif wanted[0] == "all":
+            vm.set_msr_filter(True, [])
+        else:
+            ranges = []
+            self._filter_buffers = []
+            for flag, base, bits, count in self.msr_bitmap.kvm_filter_ranges():
+                buf = (ctypes.c_uint8 * len(bits)).from_buffer_copy(bits)
+                self._filter_buffers.append(buf)
+                ranges.append((flag, base, buf, count))
+            vm.set_msr_filter(False, ranges)
+        self._realised.msr_filter = wanted
+
+
+def control_class_for(name: str) -> IntFlag:
+    """The control flag with this SDM name (e.g. "CPU_BASED_HLT_EXITING")."""
+    for cls in _CONTROL_FIELDS:
+        if name in cls.__members__:
+            return cls[name]
+    raise KeyError(f"no VMX control named {name!r}")
+
+
+__all__ = ["Vmcs", "VmcsError", "MsrBitmap", "IoBitmaps", "capability_report", "capability_table",
+           "vmx_capability_msrs", "host_capabilities", "control_class_for", "CONTROLS_FOR_MSR"]
