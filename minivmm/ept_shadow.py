@@ -1,0 +1,1369 @@
+"""EPT: a model of Intel's extended page tables over guest RAM, realised on KVM.
+
+The model (`EptTables`) is a 4-level EPT paging structure kept host-side
+(SDM vol. 3C 29.3.2, "EPT Translation Mechanism"): PML4, PDPT, PD and PT
+entries with R/W/X (bits 2:0), the leaf memory type (5:3), ignore-PAT (6),
+large page (7), accessed (8), dirty (9) and user-execute (10). RAM is mapped
+with 2 MiB pages; a 2 MiB page is split into 4 KiB pages where a permission
+differs and merged back when all 512 agree. `EptShadow.eptp` is the EPT
+pointer a VMCS would hold (SDM 25.6.11: memory type WB, walk length - 1 in
+bits 5:3, A/D enable in bit 6).
+
+KVM owns the real second-level page tables, so each page's effective
+permissions are realised with what KVM offers to user space
+(Documentation/virt/kvm/api.rst 4.35 KVM_SET_USER_MEMORY_REGION):
+
+| EPT permissions | realised as                                                  |
+|-----------------|--------------------------------------------------------------|
+| rwx             | an ordinary memslot                                          |
+| r-x             | a KVM_MEM_READONLY memslot (writes exit as KVM_EXIT_MMIO), or|
+|                 | host page protection (mprotect PROT_READ) where a probe shows |
+|                 | that this host turns such writes into KVM_EXIT_MMIO          |
+| anything else   | a hole in the memslots: data accesses exit as KVM_EXIT_MMIO  |
+|                 | and are emulated here from the backing memory when the       |
+|                 | permissions allow them; an instruction fetch is an emulation |
+|                 | failure at RIP = the target (an execute violation)           |
+
+A forbidden access becomes a VMX EPT violation (basic exit reason 48) with
+the SDM exit qualification (27.2.1), dispatched to `machine.on(
+ExitReason.EPT_VIOLATION, handler, address=...)` handlers. Hooks
+(`monitor`, `hook_execute`) are built from the same permissions.
+
+Dirty tracking uses KVM's dirty log (api.rst 4.8 KVM_GET_DIRTY_LOG, 4.118
+KVM_CLEAR_DIRTY_LOG with KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) on every memslot
+minivmm makes, harvested before a slot is deleted, plus the pages written by
+the emulation here.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import mmap
+import os
+from dataclasses import dataclass, field
+from enum import IntEnum, IntFlag
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from .actions import RETRY, Action, Stop
+from .exits import ExitInfo, ExitReason, Vector
+from .kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Cap, ExitKind, InternalErrorExit,
+                  InternalErrorKind, Kvm, KvmError, MemoryFlag, MmioExit, decode_exit)
+from .memory import PAGE_SHIFT, PAGE_SIZE, Region
+
+if TYPE_CHECKING:
+    from .machine import Machine
+    from .vcpu import Vcpu
+
+__all__ = ["EptShadow", "EptTables", "EptWalk", "EptFlag", "EptMemoryType", "EptPointerFlag",
+           "Perm", "parse_perms", "Hook", "HookEvent", "EptAccess", "MmioDevice", "EptError",
+           "host_backend"]
+
+LARGE_PAGE_SIZE = 2 << 20
+_PAGES_PER_LARGE = LARGE_PAGE_SIZE // PAGE_SIZE
+ADDRESS_MASK = ((1 << 52) - 1) & ~0xFFF
+_LARGE = 0x80
+_TABLE_SPACE = 1 << 51          # "host-physical" addresses of the model's tables (never guest RAM)
+
+
+class EptError(ValueError):
+    """A bad EPT request: unknown permissions, a range outside RAM, overlapping devices."""
+
+
+class EptFlag(IntFlag):
+    """Bits of an EPT paging-structure entry (SDM vol. 3C 29.3.2, tables 29-1 to 29-6)."""
+    READ = 1 << 0
+    WRITE = 1 << 1
+    EXECUTE = 1 << 2              # supervisor-mode execute under mode-based execute control
+    MEMORY_TYPE = 0x7 << 3        # leaf entries only
+    IGNORE_PAT = 1 << 6           # leaf entries only
+    LARGE_PAGE = 1 << 7           # PDPTE: 1 GiB page, PDE: 2 MiB page
+    ACCESSED = 1 << 8             # with EPTP bit 6 (A/D enable)
+    DIRTY = 1 << 9                # leaf entries, with EPTP bit 6
+    USER_EXECUTE = 1 << 10        # mode-based execute control
+    SUPPRESS_VE = 1 << 63
+
+
+class EptMemoryType(IntEnum):
+    """EPT memory types (SDM vol. 3C 29.3.7, and 11.3 for the types)."""
+    UC = 0
+    WC = 1
+    WT = 4
+    WP = 5
+    WB = 6
+
+
+class EptPointerFlag(IntFlag):
+    """Low bits of the EPT pointer (SDM vol. 3C 25.6.11, table 25-9)."""
+    MEMORY_TYPE_UC = 0
+    MEMORY_TYPE_WB = 6
+    WALK_LENGTH_4 = 3 << 3        # page-walk length minus one
+    ACCESSED_DIRTY = 1 << 6
+    SUPERVISOR_SHADOW_STACK = 1 << 7
+
+
+class Perm(IntFlag):
+    """EPT access rights, the same bits as an entry's R/W/X (SDM 29.3.2)."""
+    NONE = 0
+    R = 1
+    W = 2
+    X = 4
+    RWX = 7
+
+    def __str__(self) -> str:
+        return "".join(c if self & bit else "-" for c, bit in (("r", 1), ("w", 2), ("x", 4)))
+
+
+def parse_perms(perms: str | int) -> Perm:
+    """"rwx", "r-x", "r--", "---", "rx", "" or a `Perm` -> Perm.
+
+    Write without read is an EPT misconfiguration (SDM 29.3.3.1) and is refused.
+    """
+    if isinstance(perms, int):
+        if not 0 <= perms <= 7:
+            raise EptError(f"bad permissions {perms!r}: expected bits of R=1, W=2, X=4")
+        value = Perm(perms)
+    elif isinstance(perms, str):
+        text = perms.strip().lower()
+        value = Perm.NONE
+        if len(text) == 3 and all(c in "rwx-" for c in text) and all(
+                c in (want, "-") for c, want in zip(text, "rwx")):
+            for c, bit in zip(text, (Perm.R, Perm.W, Perm.X)):
+                if c != "-":
+                    value |= bit
+        elif all(c in "rwx" for c in text) and len(set(text)) == len(text):
+            for c in text:
+                value |= {"r": Perm.R, "w": Perm.W, "x": Perm.X}[c]
+        else:
+            raise EptError(f"bad permissions {perms!r}: expected 'rwx', 'r-x', 'r--', '--x', '---' "
+                           "(positional r, w, x or '-') or letters out of 'rwx'")
+    else:
+        raise EptError(f"bad permissions {perms!r}: expected a string like 'r-x' or a Perm")
+    if value & Perm.W and not value & Perm.R:
+        raise EptError(f"permissions {perms!r} allow writes without reads: an EPT misconfiguration "
+                       "(SDM 29.3.3.1)")
+    return value
+
+
+# --- the EPT paging structures ------------------------------------------------------
+LEVEL_NAMES = ("PML4E", "PDPTE", "PDE", "PTE")
+_SHIFTS = (39, 30, 21, 12)
+
+
+@dataclass(frozen=True, slots=True)
+class EptWalk:
+    """The result of walking the EPT for one guest-physical address.
+
+    `entries` holds the entry read at each level (PML4E first); `perms` is the
+    AND of the R/W/X bits of all of them (SDM 29.3.3.2), `page_size` the size
+    of the leaf's page, `hpa` the address the leaf maps `gpa` to (minivmm's
+    EPT is an identity map of RAM). `present` is False when a level has no
+    R/W/X bit (an EPT violation on any access, SDM 29.3.3.2).
+    """
+    gpa: int
+    entries: tuple[int, ...]
+    present: bool
+    perms: Perm = Perm.NONE
+    page_size: int = 0
+    memory_type: EptMemoryType = EptMemoryType.WB
+    hpa: int = 0
+
+    @property
+    def leaf(self) -> int:
+        return self.entries[-1]
+
+
+class EptTables:
+    """The 4-level EPT paging structures, kept in host memory (not guest RAM).
+
+    Tables are lists of 512 64-bit entries addressed by fake host-physical
+    addresses above 2^51. Non-leaf entries grant R/W/X; leaves carry the
+    page's permissions and memory type. Guest RAM is identity-mapped.
+    """
+
+    def __init__(self) -> None:
+        self._tables: dict[int, list[int]] = {}
+        self._next = _TABLE_SPACE
+        self.root = self._alloc()
+
+    def _alloc(self) -> int:
+        addr = self._next
+        self._next += PAGE_SIZE
+        self._tables[addr] = [0] * 512
+        return addr
+
+    def table(self, address: int) -> list[int]:
+        """The 512 entries of the table at model address `address` (read-only use)."""
+        return self._tables[address & ADDRESS_MASK]
+
+    @property
+    def table_count(self) -> int:
+        return len(self._tables)
+
+    @staticmethod
+    def _leaf(gpa: int, perms: int, memory_type: int, large: bool) -> int:
+        return int(gpa) | int(perms) | (int(memory_type) << 3) | (0x80 if large else 0)
+
+    def _pd(self, gpa: int, create: bool) -> list[int] | None:
+        """The page directory covering `gpa` (creating PDPT/PD tables when asked)."""
+        table = self._tables[self.root]
+        for level in (0, 1):
+            index = (gpa >> _SHIFTS[level]) & 511
+            entry = table[index]
+            if not entry & 7:
+                if not create:
+                    return None
+                new = self._alloc()
+                table[index] = entry = new | 7
+            elif level == 1 and entry & _LARGE:
+                raise EptError(f"{gpa:#x} lies in a 1 GiB EPT page; this model maps RAM with 2 MiB pages")
+            table = self._tables[entry & ADDRESS_MASK]
+        return table
+
+    def map(self, gpa: int, size: int, perms: int = Perm.RWX,
+            memory_type: EptMemoryType = EptMemoryType.WB) -> None:
+        """Identity-map [gpa, gpa+size): 2 MiB pages where aligned, 4 KiB pages elsewhere."""
+        end = gpa + size
+        while gpa < end:
+            pd = self._pd(gpa, True)
+            index = (gpa >> 21) & 511
+            if gpa % LARGE_PAGE_SIZE == 0 and end - gpa >= LARGE_PAGE_SIZE and not pd[index] & 7:
+                pd[index] = self._leaf(gpa, perms, memory_type, True)
+                gpa += LARGE_PAGE_SIZE
+                continue
+            pt = self._pt(pd, index, True)
+            pt[(gpa >> 12) & 511] = self._leaf(gpa, perms, memory_type, False)
+            gpa += PAGE_SIZE
+
+    def _pt(self, pd: list[int], index: int, split: bool) -> list[int]:
+        """The page table under `pd[index]`, splitting a 2 MiB leaf into 512 4 KiB leaves."""
+        entry = pd[index]
+        if entry & 7 and not entry & _LARGE:
+            return self._tables[entry & ADDRESS_MASK]
+        new = self._alloc()
+        pt = self._tables[new]
+        if entry & _LARGE:    # split: same rights and memory type per 4 KiB
+            base = entry & ADDRESS_MASK
+            low = entry & 0x7F      # R/W/X, memory type, ignore-PAT
+            for i in range(512):
+                pt[i] = base + (i << 12) | low
+        pd[index] = new | 7
+        return pt
+
+    def _try_merge(self, pd: list[int], index: int) -> bool:
+        """Turn a page table whose 512 leaves agree back into one 2 MiB leaf."""
+        entry = pd[index]
+        if not entry & 7 or entry & _LARGE:
+            return False
+        pt = self._tables[entry & ADDRESS_MASK]
+        first = pt[0]
+        if not first:           # a hole in RAM under this 2 MiB: keep the table
+            return False
+        base = first & ADDRESS_MASK
+        if base % LARGE_PAGE_SIZE:
+            return False
+        low = first & 0x7F
+        for i in range(1, 512):
+            if pt[i] & (ADDRESS_MASK | 0x7F) != (base + (i << 12)) | low:
+                return False
+        del self._tables[entry & ADDRESS_MASK]
+        pd[index] = base | low | _LARGE
+        return True
+
+    def set_perms(self, gpa: int, size: int, perms: int) -> None:
+        """Give [gpa, gpa+size) (page aligned, mapped) the rights `perms`, splitting and merging."""
+        perms = int(perms)
+        end = gpa + size
+        while gpa < end:
+            pd = self._pd(gpa, False)
+            index = (gpa >> 21) & 511
+            if pd is None or not pd[index]:
+                raise EptError(f"guest-physical address {gpa:#x} is not mapped by the EPT")
+            chunk_end = min(end, (gpa | (LARGE_PAGE_SIZE - 1)) + 1)
+            entry = pd[index]
+            if entry & _LARGE and gpa % LARGE_PAGE_SIZE == 0 and chunk_end - gpa == LARGE_PAGE_SIZE:
+                pd[index] = (entry & ~7) | perms
+            elif entry & _LARGE and entry & 7 == perms:
+                pass
+            else:
+                pt = self._pt(pd, index, True)
+                for page in range(gpa, chunk_end, PAGE_SIZE):
+                    i = (page >> 12) & 511
+                    if not pt[i]:
+                        raise EptError(f"guest-physical address {page:#x} is not mapped by the EPT")
+                    pt[i] = (pt[i] & ~7) | perms
+                self._try_merge(pd, index)
+            gpa = chunk_end
+
+    def walk(self, gpa: int) -> EptWalk:
+        """Walk the EPT for `gpa` (SDM 29.3.2)."""
+        entries: list[int] = []
+        perms = 7
+        address = self.root
+        for level in range(4):
+            table = self._tables.get(address)
+            entry = table[(gpa >> _SHIFTS[level]) & 511] if table is not None else 0
+            entries.append(entry)
+            perms &= entry
+            if not entry & 7:
+                return EptWalk(gpa, tuple(entries), False)
+            if level == 3 or (level in (1, 2) and entry & _LARGE):
+                size = 1 << _SHIFTS[level]
+                hpa = (entry & ADDRESS_MASK & ~(size - 1)) | (gpa & (size - 1))
+                return EptWalk(gpa, tuple(entries), True, Perm(perms & 7), size,
+                               EptMemoryType((entry >> 3) & 7), hpa)
+            address = entry & ADDRESS_MASK
+        raise AssertionError("unreachable")
+
+    def perms(self, gpa: int) -> int:
+        """The effective R/W/X bits for `gpa` (0 when unmapped): the hot-path walk."""
+        tables = self._tables
+        e = tables[self.root][(gpa >> 39) & 511]
+        if not e & 7:
+            return 0
+        e = tables[e & ADDRESS_MASK][(gpa >> 30) & 511]
+        if not e & 7:
+            return 0
+        e = tables[e & ADDRESS_MASK][(gpa >> 21) & 511]
+        if e & _LARGE or not e & 7:
+            return e & 7
+        return tables[e & ADDRESS_MASK][(gpa >> 12) & 511] & 7
+
+    def mark(self, gpa: int, bits: int) -> None:
+        """Set accessed/dirty bits in the leaf for `gpa` (as the processor does with A/D enabled)."""
+        pd = self._pd(gpa, False)
+        if pd is None:
+            return
+        index = (gpa >> 21) & 511
+        if pd[index] & _LARGE:
+            pd[index] |= bits
+        elif pd[index] & 7:
+            self._tables[pd[index] & ADDRESS_MASK][(gpa >> 12) & 511] |= bits
+
+    def page_runs(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
+        """[(gpa, size, perms)] runs of equal rights covering [gpa, gpa+size)."""
+        runs: list[tuple[int, int, int]] = []
+        end = gpa + size
+        while gpa < end:
+            pd = self._pd(gpa, False)
+            index = (gpa >> 21) & 511
+            entry = pd[index] if pd is not None else 0
+            chunk_end = min(end, (gpa | (LARGE_PAGE_SIZE - 1)) + 1)
+            if not entry & 7 or entry & _LARGE:
+                _extend(runs, gpa, chunk_end - gpa, entry & 7)
+            else:
+                pt = self._tables[entry & ADDRESS_MASK]
+                for page in range(gpa, chunk_end, PAGE_SIZE):
+                    _extend(runs, page, PAGE_SIZE, pt[(page >> 12) & 511] & 7)
+            gpa = chunk_end
+        return runs
+
+
+def _extend(runs: list[tuple[int, int, int]], gpa: int, size: int, value: int) -> None:
+    if runs and runs[-1][2] == value and runs[-1][0] + runs[-1][1] == gpa:
+        start, length, _ = runs[-1]
+        runs[-1] = (start, length + size, value)
+    else:
+        runs.append((gpa, size, value))
+
+
+# --- how a page's rights are realised on KVM --------------------------------------------
+class _Kind(IntEnum):
+    NORMAL = 0          # ordinary memslot
+    READONLY = 1        # KVM_MEM_READONLY slot or mprotect(PROT_READ)
+    HOLE = 2            # no memslot
+
+
+def _kind(perms: int) -> _Kind:
+    if perms == 7:
+        return _Kind.NORMAL
+    if perms == Perm.R | Perm.X:
+        return _Kind.READONLY
+    return _Kind.HOLE
+
+
+@dataclass(eq=False)
+class _Slot:
+    slot: int
+    gpa: int
+    size: int
+    flags: int
+    bitmap: ctypes.Array | None = None
+
+
+_ZERO_CHUNK = bytes(512)
+
+
+def _bitmap_pages(raw: bytes, base_gpa: int, out: set[int]) -> None:
+    """Add the GPA of every page whose bit is set in a KVM dirty bitmap to `out`."""
+    for offset in range(0, len(raw), 512):
+        chunk = raw[offset: offset + 512]
+        if chunk == _ZERO_CHUNK[: len(chunk)]:
+            continue
+        bits = int.from_bytes(chunk, "little")
+        first = base_gpa + (offset << 15)      # 8 bits per byte, 4 KiB per bit
+        while bits:
+            low = bits & -bits
+            out.add(first + ((low.bit_length() - 1) << PAGE_SHIFT))
+            bits ^= low
+
+
+# --- host page protection: probed once per process -------------------------------------
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_long)
+_MAP_FIXED = 0x10
+_backend_cache: dict[str, str] = {}
+
+
+def _mprotect(addr: int, size: int, prot: int) -> None:
+    if _libc.mprotect(addr, size, prot) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mprotect({addr:#x}, {size:#x}, {prot}) failed: {os.strerror(err)}")
+
+
+def host_backend(kvm_path: str = "/dev/kvm") -> str:
+    """How this host realises write protection: "mprotect" or "memslot" (probed once).
+
+    The probe runs a one-instruction real-mode guest that writes to a page
+    whose host mapping is PROT_READ. Where KVM reports that write as
+    KVM_EXIT_MMIO (seen on the project's pagetable-based nested KVM), a
+    write-protected page costs one mprotect call; elsewhere (stock KVM answers
+    -EFAULT or KVM_EXIT_MEMORY_FAULT) read-only memslots are used.
+    """
+    cached = _backend_cache.get(kvm_path)
+    if cached is not None:
+        return cached
+    result = "memslot"
+    forced = os.environ.get("MINIVMM_EPT_BACKEND")
+    if forced in ("memslot", "mprotect"):
+        result = forced if forced == "memslot" else _probe_mprotect(kvm_path)
+    else:
+        result = _probe_mprotect(kvm_path)
+    _backend_cache[kvm_path] = result
+    return result
+
+
+def _probe_mprotect(kvm_path: str) -> str:
+    from .vcpu import Segment, Vcpu
+    try:
+        kvm = Kvm(kvm_path)
+    except OSError:
+        return "memslot"
+    mem = mmap.mmap(-1, 2 * PAGE_SIZE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    view = ctypes.c_char.from_buffer(mem)
+    addr = ctypes.addressof(view)
+    del view
+    mem[0:4] = b"\xa2\x00\x10\xf4"             # mov %al, (0x1000); hlt   (16-bit)
+    vm = vcpu = None
+    try:
+        vm = kvm.create_vm()
+        vm.set_user_memory_region(0, 0, 2 * PAGE_SIZE, addr, 0)
+        vcpu = Vcpu(kvm, vm, 0)
+        sregs = vcpu.sregs
+        for name in ("cs", "ds", "es", "ss"):
+            Segment(selector=0, base=0, limit=0xFFFF, type=0xB if name == "cs" else 3, g=0).to_kvm(
+                getattr(sregs, name))
+        sregs.cr0 = 0x10
+        vcpu.set_sregs(sregs)
+        vcpu.rip, vcpu.rflags, vcpu.rax = 0, 2, 0x5A
+        _mprotect(addr + PAGE_SIZE, PAGE_SIZE, mmap.PROT_READ)
+        try:
+            kind = vcpu.run(timeout=2.0)
+        except KvmError:
+            return "memslot"
+        finally:
+            _mprotect(addr + PAGE_SIZE, PAGE_SIZE, mmap.PROT_READ | mmap.PROT_WRITE)
+        if kind != ExitKind.MMIO:
+            return "memslot"
+        exit = decode_exit(vcpu.fd.run)
+        ok = exit.is_write and exit.phys_addr == PAGE_SIZE and exit.data[:1] == b"\x5a" and mem[PAGE_SIZE] == 0
+        return "mprotect" if ok else "memslot"
+    except OSError:
+        return "memslot"
+    finally:
+        if vcpu is not None:
+            vcpu.close()
+        if vm is not None:
+            vm.close()
+        kvm.close()
+        mem.close()
+
+
+# --- hooks, events, devices -------------------------------------------------------------
+@dataclass(eq=False)
+class Hook:
+    """A monitor (`kind` "monitor") or execute hook (`kind` "execute"); `hits` counts reports."""
+    kind: str
+    start: int
+    end: int
+    access: Perm
+    callback: Callable[["HookEvent"], object]
+    hidden: bool = True
+    hits: int = 0
+    active: bool = True
+    original: bytes = b""
+
+    @property
+    def pages(self) -> range:
+        return range(self.start >> PAGE_SHIFT, ((self.end - 1) >> PAGE_SHIFT) + 1)
+
+
+@dataclass(slots=True)
+class HookEvent:
+    """One guest access reported to a hook callback.
+
+    `address` is the guest-physical address of the first byte, `size` the
+    number of bytes, `value` the little-endian value read or written (the
+    instruction's address for execute hooks), `rip` the guest RIP of the
+    accessing instruction; `kind` is "read", "write" or "execute".
+    """
+    hook: Hook
+    kind: str
+    address: int
+    size: int
+    value: int
+    rip: int
+    vcpu: "Vcpu"
+    data: bytes = b""
+
+    @property
+    def is_write(self) -> bool:
+        return self.kind == "write"
+
+
+@dataclass(slots=True)
+class EptAccess:
+    """The access behind the last EPT violation (`EptShadow.access`).
+
+    `gla` is None when the guest-linear address could not be worked out.
+    """
+    gpa: int
+    gla: int | None
+    size: int
+    is_write: bool
+    is_fetch: bool
+    data: bytes
+    rip: int
+    completed: bool = False
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+
+@dataclass(eq=False)
+class MmioDevice:
+    """A guest-physical range claimed by callbacks: read(offset, size) -> int, write(offset, size, value)."""
+    start: int
+    size: int
+    read: Callable[[int, int], int] | None
+    write: Callable[[int, int, int], object] | None
+    name: str = "mmio"
+
+    @property
+    def end(self) -> int:
+        return self.start + self.size
+
+
+_HANDLED: tuple[None, None] = (None, None)
+_QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
+_QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
+
+
+# --- the shadow -----------------------------------------------------------------------
+class EptShadow:
+    """EPT permissions, violations, hooks and dirty tracking for one `Machine`.
+
+    Changes through `protect`, hooks and `remove` are batched: they reach KVM at
+    `invept()` or automatically before the next VM entry (a `machine.pre_entry`
+    hook), like an INVEPT after editing EPT entries.
+    """
+
+    def __init__(self, machine: "Machine", *, ad: bool = True, backend: str | None = None) -> None:
+        self.machine = machine
+        self.tables = EptTables()
+        self.ad = ad
+        self.backend = backend or host_backend()
+        if self.backend not in ("memslot", "mprotect"):
+            raise EptError(f"unknown EPT backend {self.backend!r}: expected 'memslot' or 'mprotect'")
+        self._regions: dict[Region, list[_Slot]] = {}
+        self._original_slot: dict[Region, int] = {}
+        self._region_starts: list[int] = []
+        self._base: dict[int, int] = {}          # page -> rights from protect() (absent: rwx)
+        self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
+        self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
+        self._pending: set[Region] = set()
+        self._logging = False
+        self._manual_protect = False
+        self._harvested: set[int] = set()
+        self._soft_dirty: set[int] = set()
+        self._next_slot = 512
+        self._free_slots: list[int] = []
+        self._monitors: dict[int, list[Hook]] = {}
+        self._exec_hidden: dict[int, list[Hook]] = {}
+        self._exec_visible: dict[int, list[Hook]] = {}
+        self._bp_registration = None
+        self._devices: list[MmioDevice] = []
+        self._readonly_pages: dict[Region, set[int]] = {}   # mprotect backend: protected pages
+        self._views: dict[Region, tuple[mmap.mmap, int]] = {}
+        self.access: EptAccess | None = None
+        self.violations = 0
+        self.toggles = 0
+        self._closed = False
+        self._sync_regions()
+        machine.pre_entry.append(self._before_entry)
+        machine.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the host views made for the mprotect backend (the machine's memory stays)."""
+        if self._closed:
+            return
+        self._closed = True
+        for view, _ in self._views.values():
+            try:
+                view.close()
+            except BufferError:
+                pass
+        self._views.clear()
+
+    # -- EPT pointer and model --------------------------------------------------------------
+    @property
+    def eptp(self) -> int:
+        """The EPT pointer (SDM 25.6.11): PML4 address | WB | walk length 4 | A/D enable."""
+        return (self.tables.root | EptPointerFlag.MEMORY_TYPE_WB | EptPointerFlag.WALK_LENGTH_4
+                | (EptPointerFlag.ACCESSED_DIRTY if self.ad else 0))
+
+    def walk(self, gpa: int) -> EptWalk:
+        """Walk the EPT model for `gpa`."""
+        self._sync_regions()
+        return self.tables.walk(gpa)
+
+    def perms(self, gpa: int) -> Perm:
+        """The effective EPT rights of the page holding `gpa` (hooks included)."""
+        self._sync_regions()
+        return Perm(self.tables.perms(gpa))
+
+    # -- regions and memslots -------------------------------------------------------------
+    def _sync_regions(self) -> None:
+        slots = self.machine._slots
+        if len(slots) == len(self._regions):
+            return
+        for region, slot in slots.items():
+            if region in self._regions:
+                continue
+            flags = MemoryFlag.READONLY if region.readonly else 0
+            self._regions[region] = [_Slot(slot, region.gpa, region.size, int(flags))]
+            self._original_slot[region] = slot
+            self.tables.map(region.gpa, region.size, Perm.R | Perm.X if region.readonly else Perm.RWX)
+            if self._logging and not region.readonly:
+                self._set_logging(region, True)
+
+    def _region(self, gpa: int) -> Region | None:
+        region = self.machine.memory.region_at(gpa)
+        if region is not None and region in self._regions:
+            return region
+        return None
+
+    def _alloc_slot(self, region: Region) -> int:
+        original = self._original_slot[region]
+        if all(s.slot != original for s in self._regions[region]):
+            return original
+        if self._free_slots:
+            return self._free_slots.pop()
+        used = set(self.machine._slots.values())
+        while self._next_slot in used:
+            self._next_slot += 1
+        self._next_slot += 1
+        return self._next_slot - 1
+
+    def _host_addr(self, region: Region, gpa: int) -> int:
+        view = self._views.get(region)
+        base = view[1] if view is not None else region.host_addr
+        return base + (gpa - region.gpa)
+
+    def _create(self, region: Region, slot: _Slot) -> None:
+        self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, slot.size,
+                                               self._host_addr(region, slot.gpa), slot.flags)
+        self.toggles += 1
+
+    def _delete(self, region: Region, slot: _Slot) -> None:
+        if slot.flags & MemoryFlag.LOG_DIRTY_PAGES:
+            self._harvest(slot, clear=False, out=self._harvested)
+        self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, 0, 0, 0)
+        self.toggles += 1
+        if slot.slot != self._original_slot[region]:
+            self._free_slots.append(slot.slot)
+
+    def _realise(self, region: Region) -> None:
+        """Bring `region`'s memslots (or host protection) in line with the model."""
+        runs: list[tuple[int, int, int]] = []
+        mprotect = self.backend == "mprotect"
+        protected: set[int] = set()
+        for gpa, size, perms in self.tables.page_runs(region.gpa, region.size):
+            kind = _kind(perms)
+            if mprotect and kind == _Kind.READONLY:
+                protected.update(range(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT))
+                kind = _Kind.NORMAL
+            if kind != _Kind.HOLE:
+                _extend(runs, gpa, size, kind)
+        if mprotect:
+            self._apply_mprotect(region, protected)
+        log = MemoryFlag.LOG_DIRTY_PAGES if self._logging else 0
+        wanted = {(gpa, size, int(MemoryFlag.READONLY) if kind == _Kind.READONLY else int(log))
+                  for gpa, size, kind in runs}
+        current = self._regions[region]
+        keep = [s for s in current if (s.gpa, s.size, s.flags) in wanted]
+        have = {(s.gpa, s.size, s.flags) for s in keep}
+        for slot in current:
+            if slot not in keep:
+                self._delete(region, slot)
+        self._regions[region] = keep
+        for gpa, size, flags in sorted(wanted - have):
+            slot = _Slot(self._alloc_slot(region), gpa, size, flags)
+            self._create(region, slot)
+            keep.append(slot)
+
+    def _apply_mprotect(self, region: Region, protected: set[int]) -> None:
+        before = self._readonly_pages.setdefault(region, set())
+        if protected == before:
+            return
+        if protected and region not in self._views:
+            self._make_view(region)
+        base = self._views[region][1] if region in self._views else region.host_addr
+        for page, prot in [(p, mmap.PROT_READ | mmap.PROT_WRITE) for p in before - protected] + \
+                          [(p, mmap.PROT_READ) for p in protected - before]:
+            _mprotect(base + (page << PAGE_SHIFT) - region.gpa, PAGE_SIZE, prot)
+            self.toggles += 1
+        self._readonly_pages[region] = set(protected)
+
+    def _make_view(self, region: Region) -> None:
+        """Give KVM its own mapping of `region` so host protection never hits minivmm's view.
+
+        The region's pages move into a memfd mapped twice: at the region's
+        address (so `region.mem` keeps working, unprotected) and at a second
+        address that the memslots use and mprotect changes.
+        """
+        fd = os.memfd_create(f"minivmm-{region.name}", os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, region.size)
+            view = mmap.mmap(fd, region.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+            anchor = ctypes.c_char.from_buffer(view)
+            view_addr = ctypes.addressof(anchor)
+            del anchor
+            view[:] = region.mem[:]
+            for slot in self._regions[region]:
+                self._delete(region, slot)
+            self._regions[region] = []
+            got = _libc.mmap(region.host_addr, region.size, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
+            if got != region.host_addr:
+                raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) of the memfd over guest RAM failed")
+        finally:
+            os.close(fd)
+        self._views[region] = (view, view_addr)
+        # the slots come back on the view at the end of _realise
+
+    def _before_entry(self) -> None:
+        if len(self.machine._slots) != len(self._regions):
+            self._sync_regions()
+        if self._pending:
+            self.invept()
+
+    def invept(self) -> None:
+        """Make every batched permission change visible to the guest now (INVEPT, SDM 30.3)."""
+        self._sync_regions()
+        pending, self._pending = self._pending, set()
+        for region in pending:
+            self._realise(region)
+
+    # -- permissions ----------------------------------------------------------------------
+    def _pages(self, gpa: int, size: int) -> range:
+        if size <= 0:
+            raise EptError(f"size {size:#x} must be positive")
+        self._sync_regions()
+        first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
+        for page in (first, last):
+            if self._region(page << PAGE_SHIFT) is None:
+                raise EptError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM "
+                               f"(page {page << PAGE_SHIFT:#x} is not mapped)")
+        pages = range(first, last + 1)
+        if any(self._region(p << PAGE_SHIFT) is None for p in pages):
+            raise EptError(f"[{gpa:#x}, {gpa + size:#x}) has a gap that is not guest RAM")
+        return pages
+
+    def protect(self, gpa: int, size: int, perms: str | int) -> None:
+        """Set the EPT rights of every page touching [gpa, gpa+size) to `perms` ("r-x", "---", ...).
+
+        Takes effect at `invept()` or before the next VM entry.
+        """
+        rights = int(parse_perms(perms))
+        pages = self._pages(gpa, size)
+        for page in pages:
+            if rights == 7:
+                self._base.pop(page, None)
+            else:
+                self._base[page] = rights
+        self._refresh(pages)
+
+    def unprotect(self, gpa: int, size: int) -> None:
+        """Give [gpa, gpa+size) back full rights (rwx)."""
+        self.protect(gpa, size, Perm.RWX)
+
+    def base_perms(self, gpa: int) -> Perm:
+        """The rights `protect` gave the page of `gpa`, before hooks take any away."""
+        return Perm(self._base.get(gpa >> PAGE_SHIFT, 7))
+
+    def _effective(self, page: int) -> int:
+        override = self._override.get(page)
+        if override is not None:
+            return override
+        rights = self._base.get(page, 7) & ~self._mask.get(page, 0)
+        if rights & Perm.W and not rights & Perm.R:
+            rights &= ~Perm.W       # -w- / -wx are misconfigurations: writes exit too
+        return rights
+
+    def _refresh(self, pages: Iterable[int]) -> None:
+        """Write the effective rights of `pages` into the model, batching runs."""
+        run_start = run_end = -1
+        run_rights = -1
+        for page in pages:
+            rights = self._effective(page)
+            if rights == run_rights and page == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                self.tables.set_perms(run_start << PAGE_SHIFT, (run_end - run_start) << PAGE_SHIFT, run_rights)
+            run_start, run_end, run_rights = page, page + 1, rights
+        if run_start >= 0:
+            self.tables.set_perms(run_start << PAGE_SHIFT, (run_end - run_start) << PAGE_SHIFT, run_rights)
+        if isinstance(pages, range):
+            low, high = pages.start << PAGE_SHIFT, pages.stop << PAGE_SHIFT
+            self._pending.update(r for r in self._regions if r.gpa < high and low < r.end)
+        else:
+            self._pending.update(r for r in map(self._region, (p << PAGE_SHIFT for p in pages)) if r)
+
+    # -- dirty tracking -------------------------------------------------------------------
+    @property
+    def dirty_logging(self) -> bool:
+        return self._logging
+
+    def enable_dirty_logging(self) -> None:
+        """Start KVM dirty logging on all guest RAM (KVM_MEM_LOG_DIRTY_PAGES, api.rst 4.35).
+
+        Enables KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 first where the host has it, so
+        that reading the log and re-protecting pages are separate steps
+        (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG, api.rst 4.118).
+        """
+        self._sync_regions()
+        if self._logging:
+            return
+        vm = self.machine.vm
+        if not self._manual_protect and vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & \
+                KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+            try:
+                vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+                self._manual_protect = True
+            except KvmError:
+                self._manual_protect = False
+        self._logging = True
+        for region in self._regions:
+            self._set_logging(region, True)
+        self._harvested.clear()
+        self._soft_dirty.clear()
+
+    def disable_dirty_logging(self) -> None:
+        """Stop dirty logging; pending dirty pages are dropped."""
+        if not self._logging:
+            return
+        self._logging = False
+        for region in self._regions:
+            self._set_logging(region, False)
+        self._harvested.clear()
+        self._soft_dirty.clear()
+
+    def _set_logging(self, region: Region, on: bool) -> None:
+        """Flip LOG_DIRTY_PAGES on the region's writable slots in place (a flags-only change)."""
+        for slot in self._regions[region]:
+            if slot.flags & MemoryFlag.READONLY:
+                continue
+            flags = slot.flags | MemoryFlag.LOG_DIRTY_PAGES if on else slot.flags & ~MemoryFlag.LOG_DIRTY_PAGES
+            if flags != slot.flags:
+                slot.flags = int(flags)
+                self._create(region, slot)
+
+    def _harvest(self, slot: _Slot, clear: bool, out: set[int]) -> None:
+        npages = slot.size >> PAGE_SHIFT
+        if slot.bitmap is None:
+            slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
+        bitmap = slot.bitmap
+        vm = self.machine.vm
+        vm.get_dirty_log(slot.slot, bitmap)
+        raw = bytes(bitmap)
+        if raw.count(0) == len(raw):
+            return
+        _bitmap_pages(raw, slot.gpa, out)
+        if clear and self._manual_protect:
+            vm.clear_dirty_log(slot.slot, 0, npages, bitmap)
+
+    def dirty_pages(self, clear: bool = True) -> list[int]:
+        """Page-aligned GPAs the guest wrote since the last clear, sorted.
+
+        Includes writes KVM logged in any memslot (also slots deleted since by
+        `protect`) and writes minivmm emulated into protected pages. With
+        `clear` the log restarts (re-protecting the pages in KVM).
+        """
+        if not self._logging:
+            raise RuntimeError("dirty logging is off: call ept.enable_dirty_logging() first")
+        self._sync_regions()
+        found: set[int] = set(self._harvested)
+        found |= self._soft_dirty
+        fresh: set[int] = set()
+        for slots in self._regions.values():
+            for slot in slots:
+                if slot.flags & MemoryFlag.LOG_DIRTY_PAGES:
+                    self._harvest(slot, clear, fresh)
+        found |= fresh
+        if clear:
+            self._harvested.clear()
+            self._soft_dirty.clear()
+        elif not self._manual_protect:
+            self._harvested |= fresh       # KVM_GET_DIRTY_LOG cleared them: keep them here
+        return sorted(found)
+
+    def _note_write(self, gpa: int, size: int) -> None:
+        if self._logging:
+            self._soft_dirty.add(gpa & ~0xFFF)
+            self._soft_dirty.add((gpa + size - 1) & ~0xFFF)
+        if self.ad:
+            self.tables.mark(gpa, EptFlag.ACCESSED | EptFlag.DIRTY)
+
+    # -- guest-linear addresses -------------------------------------------------------------
+    def _linear_of(self, gpa: int) -> int | None:
+        """The guest-linear address of `gpa` when it can be known, else None.
+
+        KVM reports only the guest-physical address of an MMIO access. Without
+        paging linear = physical (flat segments); with paging the identity
+        mapping is checked by walking the guest's page tables.
+        """
+        vcpu = self.machine.vcpu
+        if not vcpu.cr0 & (1 << 31):
+            return gpa
+        from .pagewalk import PageFault, translate
+        try:
+            tr = translate(self.machine.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, gpa)
+        except (PageFault, ValueError):
+            return None
+        return gpa if tr.gpa == gpa else None
+
+    def _fetch_gpa(self) -> tuple[int, int] | None:
+        """(linear, physical) address of the instruction at RIP, or None if it does not translate."""
+        vcpu = self.machine.vcpu
+        linear = vcpu.rip
+        if not vcpu.efer & (1 << 10) or not vcpu._sregs.cs.l:
+            linear = (vcpu._sregs.cs.base + vcpu.rip) & 0xFFFFFFFF
+        if not vcpu.cr0 & (1 << 31):
+            return linear, linear
+        from .pagewalk import PageFault, translate
+        try:
+            tr = translate(self.machine.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
+                           user=vcpu.cpl == 3)
+        except (PageFault, ValueError):
+            return None
+        return linear, tr.gpa
+
+    # -- KVM exits -> EPT violations ----------------------------------------------------------
+    def translate_mmio(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Turn a KVM_EXIT_MMIO into an EPT violation, a hook report or a device access.
+
+        Returns None when the GPA is neither managed RAM nor a device (an EPT
+        misconfiguration for the machine), (None, None) when the access was
+        completed here, else (info, gpa) for dispatch.
+        """
+        gpa = exit.phys_addr
+        region = self._region(gpa)
+        if region is None:
+            device = self._device_at(gpa)
+            if device is None:
+                return None
+            self._device_access(device, exit)
+            return _HANDLED
+        page = gpa >> PAGE_SHIFT
+        need = Perm.W if exit.is_write else Perm.R
+        if self.tables.perms(gpa) & need:
+            self._emulate(exit)                 # a hole made for no-X, or a hidden hook's page
+            return _HANDLED
+        hooks = self._monitors.get(page)
+        if hooks is not None and self._base.get(page, 7) & need:
+            return self._monitored(exit)
+        return self._violation(exit, need)
+
+    def _violation(self, exit: MmioExit, need: int) -> tuple[ExitInfo, int]:
+        vcpu = self.machine.vcpu
+        gpa = exit.phys_addr
+        gla = self._linear_of(gpa)
+        qualification = int(need) | (self.tables.perms(gpa) << 3)
+        if gla is not None:
+            qualification |= _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
+        if not exit.is_write:
+            vcpu.fd.set_mmio_data(bytes(8))     # what the guest reads unless a handler completes it
+        self.access = EptAccess(gpa, gla, exit.length, exit.is_write, False,
+                                exit.data if exit.is_write else b"", vcpu.rip)
+        self.violations += 1
+        info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                                       guest_linear_address=gla or 0, detail=exit)
+        return info, gpa
+
+    def translate_fetch_fault(self, exit: InternalErrorExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Turn an emulation failure at an instruction in a page without X into an EPT violation.
+
+        On KVM a fetch from a GPA without a memslot fails emulation with RIP =
+        the target (kvm-host-notes). Hidden execute hooks run here; an allowed
+        fetch (e.g. from an execute-only page) executes once with the page
+        mapped. Returns None when the failure is not about an EPT page.
+        """
+        if exit.suberror != InternalErrorKind.EMULATION:
+            return None
+        where = self._fetch_gpa()
+        if where is None:
+            return None
+        linear, gpa = where
+        region = self._region(gpa)
+        if region is None:
+            return None
+        page = gpa >> PAGE_SHIFT
+        rights = self.tables.perms(gpa)
+        if _kind(rights) != _Kind.HOLE and page not in self._override:
+            return None                         # an ordinary emulation failure (int3, ...)
+        vcpu = self.machine.vcpu
+        hooks = self._exec_hidden.get(page)
+        if hooks:
+            for hook in [h for h in hooks if h.start == gpa]:
+                hook.hits += 1
+                hook.callback(HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+        if rights & Perm.X or self._base.get(page, 7) & Perm.X:
+            self._step_through(page)
+            return _HANDLED
+        qualification = _QUAL_FETCH | (rights << 3) | _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
+        self.access = EptAccess(gpa, linear, 1, False, True, b"", vcpu.rip)
+        self.violations += 1
+        info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                                       guest_linear_address=linear, detail=exit)
+        return info, gpa
+
+    def _step_through(self, page: int) -> None:
+        """Execute one instruction with the page executable (and readable), then take the rights back.
+
+        HyperDbg's pattern: restore the EPT entry, single-step (MTF), re-protect.
+        """
+        base = self._base.get(page, 7)
+        self._override[page] = base | Perm.R | Perm.X
+        self._refresh((page,))
+
+        def restore(vcpu) -> None:
+            self._override.pop(page, None)
+            self._refresh((page,))
+
+        self.machine.step_once(restore)
+
+    def _emulate(self, exit: MmioExit) -> None:
+        """Carry out a data access KVM could not, against the backing RAM."""
+        gpa = exit.phys_addr
+        if exit.is_write:
+            self.machine.memory.write(gpa, exit.data)
+            self._note_write(gpa, exit.length)
+        else:
+            self.machine.vcpu.fd.set_mmio_data(self.machine.memory.read(gpa, exit.length))
+            if self.ad:
+                self.tables.mark(gpa, EptFlag.ACCESSED)
+
+    def _monitored(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Emulate a monitored access (joining the fragments KVM splits it into), then report it."""
+        vcpu = self.machine.vcpu
+        rip = vcpu.rip
+        start, data, is_write = exit.phys_addr, bytearray(), exit.is_write
+        current = exit
+        leftover: int | None = None
+        while True:
+            self._emulate(current)
+            if current.is_write:
+                data += current.data
+            else:
+                data += self.machine.memory.read(current.phys_addr, current.length)
+            end = current.phys_addr + current.length
+            if end & 0xFFF and current.length != 8:
+                break
+            # the access may go on in another fragment (the next page, or the next 8 bytes):
+            # complete this one without entering the guest and look at what KVM reports next
+            run = vcpu.fd.run
+            run.immediate_exit = 1
+            kind = vcpu.run_once()
+            run.immediate_exit = 0
+            if kind != ExitKind.MMIO:
+                leftover = None if kind == ExitKind.INTR else kind
+                break
+            nxt = decode_exit(run)
+            page = nxt.phys_addr >> PAGE_SHIFT
+            contiguous = nxt.phys_addr == end or (not end & 0xFFF and not nxt.phys_addr & 0xFFF)
+            if (vcpu.rip != rip or nxt.is_write != is_write or not contiguous
+                    or self._region(nxt.phys_addr) is None or self.tables.perms(nxt.phys_addr) & (
+                        Perm.W if is_write else Perm.R)
+                    or page not in self._monitors
+                    or not self._base.get(page, 7) & (Perm.W if is_write else Perm.R)):
+                self._report(start, bytes(data), is_write, rip)
+                return self.translate_mmio(nxt) or self.machine._translate(ExitKind.MMIO, run)
+            current = nxt
+        self._report(start, bytes(data), is_write, rip)
+        if leftover is not None:
+            return self.machine._translate(leftover, vcpu.fd.run)
+        return _HANDLED
+
+    def _report(self, gpa: int, data: bytes, is_write: bool, rip: int) -> None:
+        """Call every monitor whose range and access type match the access [gpa, gpa+len(data))."""
+        end = gpa + len(data)
+        want = Perm.W if is_write else Perm.R
+        seen: set[int] = set()
+        vcpu = self.machine.vcpu
+        for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
+            for hook in self._monitors.get(page, ()):
+                if id(hook) in seen or not hook.access & want or not (hook.start < end and gpa < hook.end):
+                    continue
+                seen.add(id(hook))
+                hook.hits += 1
+                hook.callback(HookEvent(hook, "write" if is_write else "read", gpa, len(data),
+                                        int.from_bytes(data, "little"), rip, vcpu, data))
+
+    # -- completing a violation from a handler --------------------------------------------------
+    def _current(self, what: str) -> EptAccess:
+        access = self.access
+        info = self.machine.info
+        if access is None or info.reason != ExitReason.EPT_VIOLATION:
+            raise RuntimeError(f"{what}: the last exit is not an EPT violation")
+        return access
+
+    def complete_read(self, data: bytes | int) -> None:
+        """Give the guest `data` as the result of the read that caused the current violation."""
+        access = self._current("complete_read")
+        if access.is_write or access.is_fetch:
+            raise RuntimeError("complete_read: the current EPT violation is not a data read")
+        if isinstance(data, int):
+            data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
+        if len(data) != access.size:
+            raise ValueError(f"complete_read: the guest reads {access.size} bytes, got {len(data)}")
+        self.machine.vcpu.fd.set_mmio_data(bytes(data))
+        access.data, access.completed = bytes(data), True
+
+    def complete_write(self, data: bytes | int | None = None) -> None:
+        """Apply the guest's write (or `data` instead) to RAM for the current violation."""
+        access = self._current("complete_write")
+        if not access.is_write:
+            raise RuntimeError("complete_write: the current EPT violation is not a write")
+        if data is None:
+            data = access.data
+        elif isinstance(data, int):
+            data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
+        self.machine.memory.write(access.gpa, data)
+        self._note_write(access.gpa, len(data))
+        access.completed = True
+
+    def allow_once(self) -> None:
+        """Let the access behind the current violation through once.
+
+        A data access is performed on RAM as if the page allowed it; an
+        instruction fetch executes one instruction with the page executable
+        (restore rights, single-step, re-protect). Return RESUME afterwards.
+        """
+        access = self._current("allow_once")
+        if access.is_fetch:
+            self._step_through(access.gpa >> PAGE_SHIFT)
+        elif access.is_write:
+            self.complete_write()
+        else:
+            self.complete_read(self.machine.memory.read(access.gpa, access.size))
+
+    def _default_violation(self, vcpu, info: ExitInfo) -> Action:
+        access = self.access
+        what = str(info.ept)
+        text = f"EPT violation: {what} at gpa {info.guest_physical_address:#x}"
+        if access is not None and access.gla is not None:
+            text += f" (gla {access.gla:#x})"
+        if access is not None and access.is_write:
+            text += f", {access.size}-byte write of {access.value:#x}"
+        elif access is not None and not access.is_fetch:
+            text += f", {access.size}-byte read"
+        text += (f" at rip={vcpu.rip:#x}; no handler completed it (register one with "
+                 "machine.on(ExitReason.EPT_VIOLATION, handler, address=...))")
+        return Stop("error", message=text)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _update_masks(self, pages: Iterable[int]) -> None:
+        pages = list(pages)
+        for page in pages:
+            mask = 0
+            for hook in self._monitors.get(page, ()):
+                mask |= Perm.W if hook.access == Perm.W else (Perm.R | Perm.W)
+            if self._exec_hidden.get(page):
+                mask |= Perm.X
+            if mask:
+                self._mask[page] = mask
+            else:
+                self._mask.pop(page, None)
+        self._refresh(pages)
+
+    def monitor(self, start: int, end: int, access: str, callback: Callable[[HookEvent], object]) -> Hook:
+        """Report guest reads and/or writes of the bytes [start, end) (guest-physical).
+
+        `access` is "r", "w" or "rw". `callback(event)` runs once per guest
+        access (an access KVM splits at a page boundary is joined first); the
+        access is then completed on RAM and the guest goes on. The pages lose
+        the monitored rights in the EPT (writes: W; reads: R and W).
+        """
+        if not isinstance(access, str) or access not in ("r", "w", "rw", "wr"):
+            raise EptError(f"bad monitor access {access!r}: expected 'r', 'w' or 'rw'")
+        if end <= start:
+            raise EptError(f"empty monitor range [{start:#x}, {end:#x})")
+        self._pages(start, end - start)
+        rights = Perm.NONE
+        for c in access:
+            rights |= Perm.R if c == "r" else Perm.W
+        hook = Hook("monitor", start, end, rights, callback)
+        for page in hook.pages:
+            self._monitors.setdefault(page, []).append(hook)
+        self._update_masks(hook.pages)
+        return hook
+
+    def hook_execute(self, address: int, callback: Callable[[HookEvent], object], *,
+                     hidden: bool = True) -> Hook:
+        """Run `callback(event)` each time the guest executes the instruction at `address` (GPA).
+
+        hidden=True: the page loses X in the EPT, guest reads still see the
+        original bytes; the callback runs before the instruction, which then
+        executes once with X restored (single step) before X is taken away
+        again. hidden=False: an int3 (0xCC) replaces the first byte; on the
+        breakpoint the callback runs, the byte is restored for one step and
+        the int3 put back.
+        """
+        self._pages(address, 1)
+        hook = Hook("execute", address, address + 1, Perm.X, callback, hidden)
+        page = address >> PAGE_SHIFT
+        if hidden:
+            self._exec_hidden.setdefault(page, []).append(hook)
+            self._update_masks((page,))
+            return hook
+        same = self._exec_visible.setdefault(address, [])
+        if not same:
+            hook.original = self.machine.memory.read(address, 1)
+            self.machine.memory.write(address, b"\xcc")
+        else:
+            hook.original = same[0].original
+        same.append(hook)
+        if self._bp_registration is None:
+            self._bp_registration = self.machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_breakpoint,
+                                                    vector=int(Vector.BP))
+        return hook
+
+    def _on_breakpoint(self, vcpu, info: ExitInfo) -> Action | None:
+        where = self._fetch_gpa()
+        if where is None:
+            return None
+        gpa = where[1]
+        hooks = self._exec_visible.get(gpa)
+        if not hooks:
+            return None
+        for hook in list(hooks):
+            hook.hits += 1
+            hook.callback(HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+        memory = self.machine.memory
+        memory.write(gpa, hooks[0].original)
+
+        def reinsert(vcpu) -> None:
+            if self._exec_visible.get(gpa):
+                memory.write(gpa, b"\xcc")
+
+        vcpu.rip = vcpu.rip          # the int3 is reported at its own address: run the real instruction
+        self.machine.step_once(reinsert)
+        return RETRY
+
+    def remove(self, hook: Hook) -> None:
+        """Remove a hook and give its pages their rights (or original byte) back."""
+        if not hook.active:
+            return
+        hook.active = False
+        if hook.kind == "monitor":
+            for page in hook.pages:
+                hooks = self._monitors.get(page, [])
+                if hook in hooks:
+                    hooks.remove(hook)
+                if not hooks:
+                    self._monitors.pop(page, None)
+            self._update_masks(hook.pages)
+        elif hook.hidden:
+            page = hook.start >> PAGE_SHIFT
+            hooks = self._exec_hidden.get(page, [])
+            if hook in hooks:
+                hooks.remove(hook)
+            if not hooks:
+                self._exec_hidden.pop(page, None)
+            self._update_masks((page,))
+        else:
+            hooks = self._exec_visible.get(hook.start, [])
+            if hook in hooks:
+                hooks.remove(hook)
+            if not hooks:
+                self._exec_visible.pop(hook.start, None)
+                self.machine.memory.write(hook.start, hook.original)
+
+    @property
+    def hooks(self) -> list[Hook]:
+        """Every active hook."""
+        found: dict[int, Hook] = {}
+        for table in (self._monitors, self._exec_hidden, self._exec_visible):
+            for hooks in table.values():
+                for hook in hooks:
+                    found[id(hook)] = hook
+        return list(found.values())
+
+    # -- MMIO devices ---------------------------------------------------------------------------
+    def add_mmio_device(self, start: int, size: int, read_cb: Callable[[int, int], int] | None,
+                        write_cb: Callable[[int, int, int], object] | None, *, name: str = "mmio") -> MmioDevice:
+        """Claim [start, start+size) of guest-physical space that is not RAM.
+
+        `read_cb(offset, size) -> int` answers guest reads (None: reads give
+        all ones); `write_cb(offset, size, value)` receives writes (None:
+        dropped). Offsets are from `start`.
+        """
+        if size <= 0 or start < 0:
+            raise EptError(f"bad MMIO range start={start:#x} size={size:#x}")
+        for region in self.machine.memory.regions:
+            if start < region.end and region.gpa < start + size:
+                raise EptError(f"MMIO device {name} [{start:#x}, {start + size:#x}) overlaps guest RAM "
+                               f"{region.name} [{region.gpa:#x}, {region.end:#x})")
+        for other in self._devices:
+            if start < other.end and other.start < start + size:
+                raise EptError(f"MMIO device {name} [{start:#x}, {start + size:#x}) overlaps device "
+                               f"{other.name} [{other.start:#x}, {other.end:#x})")
+        device = MmioDevice(start, size, read_cb, write_cb, name)
+        self._devices.append(device)
+        return device
+
+    def remove_mmio_device(self, device: MmioDevice) -> None:
+        self._devices.remove(device)
+
+    def _device_at(self, gpa: int) -> MmioDevice | None:
+        for device in self._devices:
+            if device.start <= gpa < device.end:
+                return device
+        return None
+
+    def _device_access(self, device: MmioDevice, exit: MmioExit) -> None:
+        offset = exit.phys_addr - device.start
+        if exit.is_write:
+            if device.write is not None:
+                device.write(offset, exit.length, int.from_bytes(exit.data, "little"))
+        else:
+            value = device.read(offset, exit.length) if device.read is not None else -1
+            self.machine.vcpu.fd.set_mmio_data(
+                (value & ((1 << (8 * exit.length)) - 1)).to_bytes(exit.length, "little"))
