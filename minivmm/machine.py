@@ -155,6 +155,8 @@ class Machine:
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
         """Release the vCPU, VM and KVM fds and every guest memory mapping."""
+        if getattr(self, "_ept", None) is not None:
+            self._ept.close()
         if self.vcpu is not None:
             self.vcpu.close()
             self.vcpu = None
@@ -260,6 +262,16 @@ class Machine:
             from .ept_shadow import EptShadow
             self._ept = EptShadow(self)
         return self._ept
+
+    def read_virtual(self, gva: int, size: int) -> bytes:
+        """Read guest-virtual memory through the guest's page tables (`minivmm.pagewalk`)."""
+        from .pagewalk import read_virtual
+        return read_virtual(self.memory, self.vcpu, gva, size)
+
+    def write_virtual(self, gva: int, data: bytes) -> None:
+        """Write guest-virtual memory through the guest's page tables (`minivmm.pagewalk`)."""
+        from .pagewalk import write_virtual
+        write_virtual(self.memory, self.vcpu, gva, data)
 
     def step_once(self, callback: Callable[[Vcpu], None]) -> None:
         """Run `callback(vcpu)` right after the guest's next instruction (one MTF step)."""
