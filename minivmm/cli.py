@@ -238,7 +238,8 @@ def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> Non
         return None
 
     for reason in ExitReason:
-        machine.on(reason, observer)
+        if reason != ExitReason.EXCEPTION_OR_NMI:   # an unfiltered one would intercept every vector
+            machine.on(reason, observer)
 
 
 # ---------------------------------------------------------------------------

@@ -50,7 +50,7 @@ vmcs:      {controls: [CPU_BASED_HLT_EXITING, ..] | {NAME: bool},
             io: [{port: N | [start, end), action: ignore|fixed|log|count|stop, value}],
             cpuid: [{leaf, subleaf, eax, ebx, ecx, edx}]}
 ept:       {protect: [{start, end|size, perms: r-x}],
-            monitors: [{start, end|size, access: rw, action: log|count|stop|skip}],
+            monitors: [{start, end|size, access: rw, action: log|count|stop}],
             hooks: [{address, action: log|count|stop|skip, hidden: true}]}
 handlers:  ["module:function", "file.py:function"]
 expect:    {result, exit_code, console, message, counters: {name: N}}
@@ -387,6 +387,13 @@ def _access(node: Node) -> str:
         if len(set(text.replace("-", ""))) == len(text.replace("-", "")):
             return "".join(c for c in "rwx" if c in text)
     raise node.expected("an access kind made of r, w, x (e.g. w, rw, rwx)")
+
+
+def _monitor_access(node: Node) -> str:
+    value = _access(node)
+    if value not in ("r", "w", "rw"):
+        raise node.expected("r, w or rw (execution is watched with ept.hooks)")
+    return value
 
 
 def _register(node: Node) -> str:
@@ -1002,8 +1009,8 @@ class _Validator:
     def monitor_rule(self, node: Node) -> MonitorRule:
         m = _Map(node, ("start", "end", "size", "access", "action", "name", "log"))
         start, end, size = _range(m)
-        return MonitorRule(start, end, size, m.get("access", _access, "rw"),
-                           m.get("action", _choice("log", "count", "stop", "skip"), "log"),
+        return MonitorRule(start, end, size, m.get("access", _monitor_access, "rw"),
+                           m.get("action", _choice("log", "count", "stop"), "log"),
                            m.get("name", _str, f"monitor {start}"), m.get("log", _bool, False), _loc(node))
 
     def hook_rule(self, node: Node) -> HookRule:
@@ -1102,6 +1109,11 @@ class _StreamSink:
             pass
 
 
+class RuleStop(Exception):
+    """Raised by a rule's `stop` from a callback that cannot return an action (EPT hooks);
+    `ConfiguredMachine.run` turns it into a "stopped" result."""
+
+
 class ConfiguredMachine(Machine):
     """A `Machine` built from a `Config`: also holds the rule counters and the event log."""
 
@@ -1123,6 +1135,14 @@ class ConfiguredMachine(Machine):
             self.events.append(message)
         if self.log_sink is not None:
             self.log_sink(message)
+
+    def run(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
+        try:
+            return super().run(timeout=timeout, max_exits=max_exits)
+        except RuleStop as stop:
+            result = self.last_result
+            result.reason, result.message, result.exit_code = "stopped", str(stop), None
+            return result
 
     def run_config(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
         """Run with the config's deadline and exit limit unless given here."""
@@ -1591,25 +1611,23 @@ class _Builder:
                 machine.log(f"{rule.name}: {kind} of {getattr(event, 'size', 0)} bytes at "
                             f"{event.address:#x}{shown} rip={getattr(event, 'rip', 0):#x}")
             if rule.action == "stop":
-                return Stop("stopped", message=f"{rule.name}: access to {event.address:#x} at "
-                                               f"rip={getattr(event, 'rip', 0):#x}")
-            if rule.action == "skip":
-                return RESUME
+                raise RuleStop(f"{rule.name}: {getattr(event, 'kind', 'access')} of {event.address:#x} at "
+                               f"rip={getattr(event, 'rip', 0):#x}")
             return None
         return callback
 
     def hook_callback(self, rule: HookRule, address: int):
         machine = self.machine
 
-        def callback(vcpu):
+        def callback(event):
+            vcpu = getattr(event, "vcpu", None) or machine.vcpu
             machine.count(rule.name)
             if rule.log or rule.action == "log":
                 machine.log(f"{rule.name}: executed {address:#x} rax={vcpu.rax:#x}")
             if rule.action == "stop":
-                return Stop("stopped", message=f"{rule.name}: execution reached {address:#x}")
+                raise RuleStop(f"{rule.name}: execution reached {address:#x}")
             if rule.action == "skip":
-                _skip(machine, vcpu)
-                return RETRY
+                _skip(machine, vcpu)      # the hook then runs the instruction at the new rip
             return None
         return callback
 

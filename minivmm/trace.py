@@ -137,7 +137,7 @@ class Tracer:
         if not machine._started:
             machine.setup()
         for reason in (ExitReason.IO_INSTRUCTION, ExitReason.EXECUTE_HLT, ExitReason.EPT_VIOLATION,
-                       ExitReason.EPT_MISCONFIGURATION, ExitReason.EXCEPTION_OR_NMI, ExitReason.EXECUTE_VMCALL,
+                       ExitReason.EPT_MISCONFIGURATION, ExitReason.EXECUTE_VMCALL,
                        ExitReason.EXECUTE_RDMSR, ExitReason.EXECUTE_WRMSR, ExitReason.TRIPLE_FAULT):
             machine.on(reason, self._on_exit)
         machine.pre_entry.append(self._check_limit)
