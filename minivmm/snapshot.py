@@ -95,6 +95,13 @@ MSR_IA32_TSC = 0x10
 _PREFIX = struct.Struct("<8sII")
 _DIGEST_SIZE = 32
 _CHUNK = 1 << 20
+_REGS_SIZE = ctypes.sizeof(KvmRegs)
+_SREGS_SIZE = ctypes.sizeof(KvmSregs)
+_EVENTS_SIZE = ctypes.sizeof(KvmVcpuEvents)
+_SYNC_REGS_EVENTS = int(SyncRegsFlag.REGS | SyncRegsFlag.EVENTS)
+_SYNC_ALL = int(SyncRegsFlag.REGS | SyncRegsFlag.SREGS | SyncRegsFlag.EVENTS)
+memmove = ctypes.memmove
+string_at = ctypes.string_at
 
 
 class SnapshotError(RuntimeError):
@@ -244,6 +251,7 @@ class Snapshot:
     _tsc_ctl: "_TscOffset | None" = field(default=None, repr=False)
     _msr_buf: object = field(default=None, repr=False)
     _lookup: list[tuple[int, int, int, int]] = field(default_factory=list, repr=False)
+    _fast: tuple | None = field(default=None, repr=False)
     unrestorable_msrs: set[int] = field(default_factory=set)
 
     # -- taking -----------------------------------------------------------------------
@@ -310,6 +318,7 @@ class Snapshot:
                 r.mem.close()
         self.regions = []
         self._lookup = []
+        self._fast = None
 
     def __enter__(self) -> "Snapshot":
         return self
@@ -378,13 +387,17 @@ class Snapshot:
             self._restore_full(machine)
         else:
             if vcpu.synced:
-                ctypes.pointer(vcpu._regs)[0] = state.regs
-                dirty = SyncRegsFlag.REGS | SyncRegsFlag.EVENTS
-                if ctypes.string_at(ctypes.addressof(vcpu._sregs), ctypes.sizeof(KvmSregs)) != self._sregs_bytes:
-                    ctypes.pointer(vcpu._sregs)[0] = state.sregs
-                    dirty |= SyncRegsFlag.SREGS
-                ctypes.pointer(vcpu.fd.run.s.regs.events)[0] = state.events
-                vcpu._dirty |= dirty
+                fast = self._fast
+                if fast is None or fast[0] is not vcpu:
+                    fast = self._fast = self._fast_addresses(vcpu)
+                _, regs_dst, sregs_dst, events_dst, regs_src, sregs_src, events_src = fast
+                memmove(regs_dst, regs_src, _REGS_SIZE)
+                memmove(events_dst, events_src, _EVENTS_SIZE)
+                if string_at(sregs_dst, _SREGS_SIZE) != self._sregs_bytes:
+                    memmove(sregs_dst, sregs_src, _SREGS_SIZE)
+                    vcpu._dirty |= _SYNC_ALL
+                else:
+                    vcpu._dirty |= _SYNC_REGS_EVENTS
             else:
                 vcpu.set_regs(state.regs)
                 vcpu.set_sregs(state.sregs)
@@ -395,6 +408,14 @@ class Snapshot:
         self._restore_devices(machine)
         machine._started = self.started
         return pages
+
+    def _fast_addresses(self, vcpu) -> tuple:
+        """Host addresses for the sync-regs restore: the vCPU's kvm_run areas and our structs."""
+        run = vcpu.fd.run
+        state = self.vcpu
+        return (vcpu, ctypes.addressof(vcpu._regs), ctypes.addressof(vcpu._sregs),
+                ctypes.addressof(run.s.regs.events), ctypes.addressof(state.regs),
+                ctypes.addressof(state.sregs), ctypes.addressof(state.events))
 
     def _restore_dirty(self, machine: "Machine") -> int:
         pages = machine.ept.dirty_pages(clear=True)
@@ -432,6 +453,7 @@ class Snapshot:
         self._extra_dirty.clear()
         self._bound = weakref.ref(machine)
         self._tsc_ctl = None
+        self._fast = None
 
     def _restore_full(self, machine: "Machine") -> None:
         vcpu = machine.vcpu

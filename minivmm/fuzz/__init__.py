@@ -1,0 +1,14 @@
+"""Snapshot fuzzing: harness, breakpoint coverage, mutator, fuzz loop and AFL++ bridge.
+
+* `Harness` / `FuzzTarget` / `RunOutcome` (`minivmm.fuzz.harness`): place an
+  input, run from a snapshot with a deadline, classify the run.
+* `Coverage` (`minivmm.fuzz.coverage`): one-shot int3 breakpoints on basic blocks.
+* `Mutator` (`minivmm.fuzz.mutator`): havoc-style mutations over a corpus.
+* `Fuzzer` (`minivmm.fuzz.engine`): the fuzz loop behind `minivmm fuzz`.
+* `minivmm.fuzz.afl`: AFL++ forkserver bridge behind `minivmm afl`.
+"""
+from .coverage import Coverage, CoverageError, basic_blocks
+from .harness import FuzzError, FuzzTarget, Harness, RunOutcome, Status
+
+__all__ = ["Coverage", "CoverageError", "basic_blocks", "FuzzError", "FuzzTarget", "Harness",
+           "RunOutcome", "Status"]

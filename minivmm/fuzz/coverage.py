@@ -1,0 +1,169 @@
+"""Basic-block coverage from one-shot breakpoints.
+
+The basic-block starts of the covered code ranges are found with capstone
+(a linear sweep: the first instruction, every direct branch target, and the
+instruction after every branch, call, return or trap). Each start gets an
+`int3` (0xCC) in guest memory *and* in the snapshot's memory copy. When the
+guest reaches one, the vCPU exits with #BP at the breakpoint (user mode: the
+built-in kernel's IDT stub reports it and the machine rewinds RIP onto the
+int3; bare long mode: KVM's emulation failure on 0xCC), the handler records
+the block, writes the original byte back in both places and re-executes the
+instruction. A breakpoint thus fires at most once per campaign, and a run
+that finds nothing new costs no extra exit at all.
+
+Coverage is reported as the set of block addresses hit (`hits`), the blocks
+hit by the last run (`new_blocks`, in hit order) and a bitmap (`bitmap()`,
+one byte per block slot, AFL style).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from ..actions import RETRY, Stop
+from ..disasm import disassemble
+from ..exits import ExitReason, Vector
+from ..modes import CODE_BITS
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+    from ..snapshot import Snapshot
+
+INT3 = 0xCC
+_ENDS_BLOCK = re.compile(r"^(j\w+|call|ret\w*|loop\w*|int\w*|syscall|sysret\w*|iret\w*|ud2|hlt)$")
+_IMMEDIATE = re.compile(r"^0x[0-9a-f]+$|^\d+$")
+
+
+class CoverageError(ValueError):
+    """Coverage ranges that cannot be instrumented."""
+
+
+def basic_blocks(code: bytes, address: int, bits: int = 64) -> list[int]:
+    """Start addresses of the basic blocks in `code` (loaded at `address`), sorted.
+
+    Direct branch targets outside the range are ignored; targets that do not
+    fall on a decoded instruction boundary are ignored too (they would
+    corrupt an instruction).
+    """
+    insns = disassemble(code, address, bits)
+    if not insns:
+        return []
+    boundaries = {a for a, _, _ in insns}
+    end = address + len(code)
+    starts = {insns[0][0]}
+    for addr, raw, text in insns:
+        mnemonic, _, operands = text.partition(" ")
+        if not _ENDS_BLOCK.match(mnemonic):
+            continue
+        following = addr + len(raw)
+        if following < end:
+            starts.add(following)
+        operands = operands.strip()
+        if mnemonic.startswith(("j", "call", "loop")) and _IMMEDIATE.match(operands):
+            target = int(operands, 0)
+            if address <= target < end:
+                starts.add(target)
+    return sorted(s for s in starts if s in boundaries)
+
+
+@dataclass
+class Coverage:
+    """One-shot breakpoint coverage over `ranges` ([start, end) guest addresses)."""
+    ranges: list[tuple[int, int]]
+    blocks: list[int] = field(default_factory=list)
+    hits: set[int] = field(default_factory=set)
+    new_blocks: list[int] = field(default_factory=list)
+    crash_addresses: frozenset[int] = frozenset()
+    on_new_block: Callable[[int], None] | None = None
+    _original: dict[int, int] = field(default_factory=dict, repr=False)
+    _machine: "Machine | None" = field(default=None, repr=False)
+    _snapshot: "Snapshot | None" = field(default=None, repr=False)
+    _index: dict[int, int] = field(default_factory=dict, repr=False)
+    _registration: object = field(default=None, repr=False)
+
+    # -- setup ---------------------------------------------------------------------------
+    def install(self, machine: "Machine", snapshot: "Snapshot | None" = None,
+                crash_addresses: Iterable[int] = ()) -> None:
+        """Find the blocks, plant the breakpoints (also in `snapshot`) and hook #BP.
+
+        `crash_addresses` get permanent breakpoints that end the run with
+        Stop("crash_address").
+        """
+        self._machine, self._snapshot = machine, snapshot
+        self.crash_addresses = frozenset(crash_addresses)
+        bits = CODE_BITS[machine.mode]
+        found: set[int] = set()
+        for start, end in self.ranges:
+            if end <= start:
+                raise CoverageError(f"coverage range [{start:#x}, {end:#x}) is empty")
+            try:
+                code = machine.memory.read(start, end - start)
+            except ValueError as exc:
+                raise CoverageError(f"coverage range [{start:#x}, {end:#x}): {exc}") from None
+            found.update(basic_blocks(code, start, bits))
+        self.blocks = sorted(found)
+        self._index = {addr: i for i, addr in enumerate(self.blocks)}
+        for addr in sorted(set(self.blocks) | self.crash_addresses):
+            if addr in self._original:
+                continue
+            self._original[addr] = machine.memory.read_u8(addr)
+            self._write(addr, INT3)
+        self._registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_breakpoint,
+                                        vector=int(Vector.BP))
+
+    def _write(self, addr: int, value: int) -> None:
+        self._machine.memory.write_u8(addr, value)
+        if self._snapshot is not None:
+            self._snapshot.patch(addr, bytes([value]))
+
+    # -- the #BP handler --------------------------------------------------------------------
+    def _on_breakpoint(self, vcpu, info):
+        rip = vcpu.rip
+        if rip in self.crash_addresses:
+            return Stop("crash_address", message=f"reached crash address {rip:#x}")
+        original = self._original.pop(rip, None)
+        if original is None:
+            return None                     # the guest's own int3: not ours
+        self._write(rip, original)
+        self.hits.add(rip)
+        self.new_blocks.append(rip)
+        if self.on_new_block is not None:
+            self.on_new_block(rip)
+        return RETRY
+
+    # -- results ------------------------------------------------------------------------------
+    def start_run(self) -> None:
+        """Forget the previous run's new blocks (call before each run)."""
+        if self.new_blocks:
+            self.new_blocks.clear()
+
+    @property
+    def pending(self) -> int:
+        """Blocks not reached yet."""
+        return len(self.blocks) - len(self.hits)
+
+    def block_id(self, addr: int) -> int:
+        """A stable 16-bit-ish id of a block (AFL's random per-block id, derived from the address)."""
+        x = (addr ^ (addr >> 15)) * 0x2C1B3C6D & 0xFFFFFFFF
+        x = (x ^ (x >> 12)) * 0x297A2D39 & 0xFFFFFFFF
+        return x ^ (x >> 15)
+
+    def bitmap(self, size: int = 65536, blocks: Iterable[int] | None = None) -> bytearray:
+        """One byte per slot, 1 where a block (default: every block hit so far) lands."""
+        out = bytearray(size)
+        for addr in self.hits if blocks is None else blocks:
+            out[self.block_id(addr) % size] = 1
+        return out
+
+    def uninstall(self) -> None:
+        """Remove every remaining breakpoint (guest memory and snapshot)."""
+        for addr, original in list(self._original.items()):
+            self._write(addr, original)
+        self._original.clear()
+        if self._registration is not None and self._machine is not None:
+            self._machine.off(self._registration)
+            self._registration = None
+
+
+__all__ = ["Coverage", "CoverageError", "basic_blocks", "INT3"]

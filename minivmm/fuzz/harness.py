@@ -1,0 +1,347 @@
+"""The fuzz harness: put an input into a guest, run it from a snapshot, classify the run.
+
+    harness = Harness(machine, FuzzTarget(input_address=machine.symbol("input"),
+                                          length_register="rsi"))
+    outcome = harness.run(b"FUZZ\\x02\\xff\\xff\\x41")
+    if outcome.status is Status.CRASH:
+        print(outcome.summary())
+
+The snapshot is taken once, at the guest's entry point (or wherever the
+machine stands when the harness is created). Every run restores it (only the
+pages the previous run dirtied), writes the input into the guest buffer and
+its length into a register or memory, and runs with a deadline.
+
+Outcomes:
+
+* ``ok``: the guest reported through debug-exit (an exit code listed in
+  `crash_exit_codes` counts as a crash), halted, or stopped cleanly;
+* ``crash``: an exception whose vector is in `crash_vectors` (all vectors
+  when that is empty), a triple fault, a configured crash address reached
+  (a permanent breakpoint), a VM error (e.g. an access to unmapped guest
+  physical memory) or an instruction the host could not emulate;
+* ``timeout``: the deadline (or the exit limit) was reached.
+
+User-mode (CPL 3) targets are the fast path: their code runs natively.
+With `fast=True` (the default) a run skips building `Machine.run`'s
+RunResult and handles the debug-exit `out` inline; every other exit takes
+the machine's normal path. `fast=False` runs through `Machine.run`.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import TYPE_CHECKING, Iterable
+
+from time import perf_counter
+
+from ..actions import RESUME
+from ..disasm import disassemble
+from ..exits import ExitReason, vector_name
+from ..kvm import ExitKind
+from ..modes import CODE_BITS
+from ..snapshot import Snapshot
+from ..vcpu import GPR_NAMES, run_timer
+from .coverage import Coverage
+
+if TYPE_CHECKING:
+    from ..config import Config
+    from ..machine import Machine, RunResult
+
+
+_KIND_IO = int(ExitKind.IO)
+_KIND_RDMSR = int(ExitKind.X86_RDMSR)
+_KIND_WRMSR = int(ExitKind.X86_WRMSR)
+
+
+class FuzzError(ValueError):
+    """A fuzz target that cannot be set up (bad input buffer, register, ranges)."""
+
+
+class Status(str, Enum):
+    OK = "ok"
+    CRASH = "crash"
+    TIMEOUT = "timeout"
+
+
+@dataclass
+class FuzzTarget:
+    """Where the input goes and what counts as a crash."""
+    input_address: int
+    max_input_size: int = 4096
+    length_register: str | None = None
+    length_address: int | None = None
+    length_size: int = 8
+    crash_vectors: frozenset[int] = frozenset()          # empty: every exception vector
+    crash_addresses: tuple[int, ...] = ()
+    crash_exit_codes: frozenset[int] = frozenset()
+    coverage_ranges: list[tuple[int, int]] = field(default_factory=list)
+    timeout: float = 1.0
+    max_exits: int | None = 100_000
+
+    @classmethod
+    def from_config(cls, config: "Config", machine: "Machine") -> "FuzzTarget":
+        """The target described by a config's `fuzz:` section, symbols resolved on `machine`.
+
+        Without `coverage_ranges`, the code between the symbols
+        `fuzz_coverage_start` and `fuzz_coverage_end` is covered when the
+        image defines them.
+        """
+        fuzz = config.fuzz
+        if fuzz is None:
+            raise FuzzError(f"{config.path}: no 'fuzz:' section")
+        if fuzz.input_address is not None:
+            address = fuzz.input_address
+        else:
+            try:
+                address = machine.symbol(fuzz.input_symbol)
+            except KeyError as exc:
+                raise FuzzError(f"{config.path}: fuzz.input_symbol: {exc.args[0]}") from None
+        ranges = [tuple(r) for r in fuzz.coverage_ranges]
+        if not ranges and "fuzz_coverage_start" in machine.symbols and "fuzz_coverage_end" in machine.symbols:
+            ranges = [(machine.symbols["fuzz_coverage_start"], machine.symbols["fuzz_coverage_end"])]
+        return cls(input_address=address, max_input_size=fuzz.max_input_size,
+                   length_register=fuzz.length_register, length_address=fuzz.length_address,
+                   crash_vectors=frozenset(fuzz.crash_vectors),
+                   crash_addresses=tuple(fuzz.crash_addresses), coverage_ranges=ranges,
+                   timeout=fuzz.timeout)
+
+
+@dataclass(slots=True)
+class RunOutcome:
+    """One classified run."""
+    status: Status
+    reason: str                     # the machine's result reason (exit, exception, ...)
+    input: bytes
+    rip: int = 0
+    vector: int | None = None
+    error_code: int | None = None
+    cr2: int | None = None
+    exit_code: int | None = None
+    message: str = ""
+    disassembly: str = ""
+    new_blocks: tuple[int, ...] = ()
+    elapsed_s: float = 0.0
+
+    @property
+    def crash_site(self) -> str:
+        """The deduplication key of a crash: what happened and where."""
+        what = f"v{self.vector}" if self.vector is not None else self.reason
+        return f"{what}-{self.rip:x}"
+
+    def summary(self) -> str:
+        text = f"{self.status.value}: {self.reason}"
+        if self.vector is not None:
+            text += f" {vector_name(self.vector)} (vector {self.vector})"
+        text += f" at rip={self.rip:#x}"
+        if self.error_code is not None:
+            text += f" error_code={self.error_code:#x}"
+        if self.cr2 is not None:
+            text += f" cr2={self.cr2:#x}"
+        if self.exit_code is not None:
+            text += f" exit_code={self.exit_code}"
+        if self.message and self.vector is None:
+            text += f" ({self.message})"
+        if self.disassembly:
+            text += "\n" + self.disassembly
+        return text
+
+
+class Harness:
+    """Runs inputs against one machine from one snapshot; see the module docstring."""
+
+    def __init__(self, machine: "Machine", target: FuzzTarget, *, coverage: bool = True,
+                 restore_fpu: bool = False, fast: bool = True) -> None:
+        self.machine = machine
+        self.fast = fast
+        self._route_version = -1
+        self._plain = False
+        self.target = target
+        self.restore_fpu = restore_fpu
+        region = machine.memory.region_at(target.input_address)
+        if region is None or target.input_address + target.max_input_size > region.end:
+            raise FuzzError(f"input buffer [{target.input_address:#x}, "
+                            f"{target.input_address + target.max_input_size:#x}) is not inside guest RAM")
+        if target.length_register is not None and target.length_register not in GPR_NAMES:
+            raise FuzzError(f"length register {target.length_register!r} is not one of {', '.join(GPR_NAMES)}")
+        if target.length_address is not None:
+            if machine.memory.region_at(target.length_address) is None:
+                raise FuzzError(f"length address {target.length_address:#x} is not in guest RAM")
+            self._length_format = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[target.length_size]
+        self._input_host = region.host_addr + (target.input_address - region.gpa)
+        self.snapshot = Snapshot.take(machine)
+        self.coverage = Coverage(list(target.coverage_ranges) if coverage else [])
+        self.coverage.install(machine, self.snapshot, target.crash_addresses)
+        self._previous_length = 0
+        self.runs = 0
+
+    @classmethod
+    def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
+        """Build the config's machine and a harness for its `fuzz:` section."""
+        from ..config import build_machine
+        machine = build_machine(config, capture_console=True)
+        try:
+            return cls(machine, FuzzTarget.from_config(config, machine), coverage=coverage, **kwargs)
+        except BaseException:
+            machine.close()
+            raise
+
+    def close(self) -> None:
+        """Release the snapshot copy and the machine."""
+        self.snapshot.close()
+        self.machine.close()
+
+    def __enter__(self) -> "Harness":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- running ----------------------------------------------------------------------------
+    def prepare(self, data: bytes) -> bytes:
+        """Restore the snapshot and place `data` (cut to the maximum size) in the guest."""
+        target = self.target
+        machine = self.machine
+        data = bytes(data[: target.max_input_size])
+        n = len(data)
+        self.snapshot.restore(machine, fpu=self.restore_fpu)
+        if self._previous_length > n:
+            self.snapshot.restore_range(machine, target.input_address + n, self._previous_length - n)
+        ctypes.memmove(self._input_host, data, n)
+        self._previous_length = n
+        if target.length_register is not None:
+            setattr(machine.vcpu, target.length_register, n)
+        elif target.length_address is not None:
+            machine.memory.write(target.length_address, struct.pack(self._length_format, n))
+        self.coverage.start_run()
+        return data
+
+    def run(self, data: bytes) -> RunOutcome:
+        """Run one input from the snapshot and classify the run."""
+        from ..machine import GuestFault
+        data = self.prepare(data)
+        self.runs += 1
+        target = self.target
+        try:
+            if self.fast:
+                reason, exit_code, message, elapsed = self._run_lean(target.timeout, target.max_exits)
+            else:
+                result = self.machine.run(timeout=target.timeout, max_exits=target.max_exits)
+                reason, exit_code, message, elapsed = (result.reason, result.exit_code, result.message,
+                                                       result.elapsed_s)
+        except GuestFault as exc:
+            rip = self.machine.vcpu.rip
+            return RunOutcome(Status.CRASH, "emulation_failure", data, rip, message=str(exc),
+                              disassembly=self.disassemble(rip),
+                              new_blocks=tuple(self.coverage.new_blocks))
+        return self.classify(reason, exit_code, message, elapsed, data)
+
+    def _run_lean(self, timeout: float | None, max_exits: int | None) -> tuple[str, int | None, str, float]:
+        """`Machine.run` without building a RunResult, with the debug-exit `out` handled inline.
+
+        Every other exit goes through the machine's own translation, dispatch
+        and action code, in the same order as `Machine.run` (keep the two in
+        step; tests compare both paths).
+        """
+        m = self.machine
+        vcpu = m.vcpu
+        run = vcpu.fd.run
+        vmcs = m.vmcs
+        exit_port = m.debug_exit.port if self._plain_debug_exit() else -1
+        pre_entry = m.pre_entry
+        start = perf_counter()
+        m.debug_exit.reset()
+        m._last_exception = None
+        m._step_rip = vcpu.rip
+        limit = max_exits if max_exits is not None else -1
+        action = None
+        if timeout is not None:
+            run_timer.arm(vcpu, timeout)
+        try:
+            while True:
+                if limit == 0:
+                    return "exit_limit", None, f"exit limit {max_exits} reached", perf_counter() - start
+                limit -= 1
+                for hook in pre_entry:
+                    hook()
+                if vmcs.dirty:
+                    vmcs.realise()
+                kind = vcpu.run_once()
+                if kind == _KIND_IO:
+                    io = run.exit.io
+                    if io.port == exit_port and io.direction == 1:
+                        value = int.from_bytes(vcpu.fd.run_mmap[io.data_offset: io.data_offset + io.size],
+                                               "little")
+                        return "exit", value, "", perf_counter() - start
+                info, key = m._translate(kind, run)
+                if info is None:
+                    continue
+                reason = info.reason
+                if reason == ExitReason.IO_INSTRUCTION:
+                    action = m._dispatch_io(vcpu, info, key)
+                elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
+                    action = m.dispatcher.chain(reason, key)[-1](vcpu, info)
+                else:
+                    action = m._dispatch(vcpu, info, key)
+                if kind == _KIND_RDMSR or kind == _KIND_WRMSR:
+                    action = m._complete_msr(vcpu, info, action)
+                if action is None:
+                    action = RESUME
+                if m._apply(vcpu, info, action):
+                    return action.reason, action.exit_code, action.message, perf_counter() - start
+        finally:
+            if timeout is not None:
+                run_timer.disarm()
+
+    def _plain_debug_exit(self) -> bool:
+        """True when nothing but the debug-exit device listens on its port."""
+        m = self.machine
+        version = m.dispatcher.version
+        if version != self._route_version:
+            port = m.debug_exit.port
+            self._plain = (m.debug_exit.width == 1
+                           and not m.dispatcher.has_handlers(ExitReason.IO_INSTRUCTION, port))
+            self._route_version = version
+        return self._plain
+
+    def classify(self, reason: str, exit_code: int | None, message: str, elapsed: float,
+                 data: bytes) -> RunOutcome:
+        target = self.target
+        rip = self.machine.vcpu.rip
+        new = tuple(self.coverage.new_blocks) if self.coverage.new_blocks else ()
+        if reason == "exit":
+            status = Status.CRASH if exit_code in target.crash_exit_codes else Status.OK
+            return RunOutcome(status, reason, data, rip, exit_code=exit_code, new_blocks=new,
+                              elapsed_s=elapsed)
+        if reason in ("timeout", "exit_limit"):
+            return RunOutcome(Status.TIMEOUT, reason, data, rip, message=message, new_blocks=new,
+                              elapsed_s=elapsed)
+        exc = self.machine._last_exception
+        if reason == "exception" and exc is not None:
+            crash = not target.crash_vectors or exc.vector in target.crash_vectors
+            return RunOutcome(Status.CRASH if crash else Status.OK, reason, data, exc.rip, exc.vector,
+                              exc.error_code, exc.cr2, message=message,
+                              disassembly=self.disassemble(exc.rip) if crash else "",
+                              new_blocks=new, elapsed_s=elapsed)
+        if reason in ("triple_fault", "crash_address", "error"):
+            return RunOutcome(Status.CRASH, reason, data, rip, message=message,
+                              disassembly=self.disassemble(rip), new_blocks=new, elapsed_s=elapsed)
+        return RunOutcome(Status.OK, reason, data, rip, exit_code=exit_code, message=message,
+                          new_blocks=new, elapsed_s=elapsed)
+
+    def disassemble(self, rip: int, count: int = 3) -> str:
+        """A few instructions at `rip` (guest-physical = guest-virtual in minivmm's modes)."""
+        region = self.machine.memory.region_at(rip)
+        if region is None:
+            return f"  {rip:#x}: <not in guest RAM>"
+        code = self.machine.memory.read(rip, min(15 * count, region.end - rip))
+        lines = [f"  {a:#x}: {raw.hex(' '):<24} {text}"
+                 for a, raw, text in disassemble(code, rip, CODE_BITS[self.machine.mode], count)]
+        return "\n".join(lines) or f"  {rip:#x}: <undecodable: {code[:8].hex(' ')}>"
+
+    def run_many(self, inputs: Iterable[bytes]) -> list[RunOutcome]:
+        return [self.run(data) for data in inputs]
+
+
+__all__ = ["Harness", "FuzzTarget", "RunOutcome", "Status", "FuzzError"]
