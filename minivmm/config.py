@@ -1317,6 +1317,9 @@ class _Builder:
         self.mmio()
         self.hypercalls()
         self.handlers()
+        cpuid = getattr(machine, "cpuid", None)
+        if cpuid is not None and getattr(cpuid, "dirty", False):
+            machine.apply_cpuid()       # CPUID rules and handlers came after setup()
 
     # -- images ------------------------------------------------------------------------
     def images(self) -> int | None:
@@ -1503,7 +1506,9 @@ class _Builder:
                 raise config.cpuid[0].loc.error("CPUID overrides need machine.cpuid, which this minivmm "
                                                 "build lacks") from None
             for rule in config.cpuid:
-                cpuid.set(rule.leaf, rule.subleaf, eax=rule.eax, ebx=rule.ebx, ecx=rule.ecx, edx=rule.edx)
+                registers = {name: getattr(rule, name) for name in ("eax", "ebx", "ecx", "edx")
+                             if getattr(rule, name) is not None}
+                cpuid.set(rule.leaf, rule.subleaf, **registers)
 
     def exception_handler(self, rule: ExceptionRule):
         machine = self.machine
