@@ -557,6 +557,7 @@ class MmioDevice:
 _HANDLED: tuple[None, None] = (None, None)
 _QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
 _QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
+_RFLAGS_TF = 1 << 8
 
 
 # --- the shadow -----------------------------------------------------------------------
@@ -592,11 +593,14 @@ class EptShadow:
         self._exec_hidden: dict[int, list[Hook]] = {}
         self._exec_visible: dict[int, list[Hook]] = {}
         self._bp_registration = None
+        self._db_registration = None
+        self._tf_callbacks: list[Callable[["Vcpu"], None]] = []
         self._devices: list[MmioDevice] = []
         self._readonly_pages: dict[Region, set[int]] = {}   # mprotect backend: protected pages
         self._views: dict[Region, tuple[mmap.mmap, int]] = {}
         self.access: EptAccess | None = None
         self.violations = 0
+        self.emulations = 0
         self.toggles = 0
         self._closed = False
         self._sync_regions()
@@ -1053,10 +1057,38 @@ class EptShadow:
             self._override.pop(page, None)
             self._refresh((page,))
 
-        self.machine.step_once(restore)
+        self.step_once(restore)
+
+    def step_once(self, callback: Callable[["Vcpu"], None]) -> None:
+        """Run `callback(vcpu)` after the guest's next instruction.
+
+        `machine.step_once` (KVM_GUESTDBG_SINGLESTEP) serves CPL-0 guests; CPL-3
+        code under the built-in kernel runs natively on the project's hosts and
+        is stepped with RFLAGS.TF instead: the #DB trap reaches the VMM through
+        the kernel's IDT stub (SDM vol. 3A 18.3.1.4, single-step trap).
+        """
+        machine = self.machine
+        if machine.mode.value != "user":
+            machine.step_once(callback)
+            return
+        self._tf_callbacks.append(callback)
+        machine.vcpu.rflags |= _RFLAGS_TF
+        if self._db_registration is None:
+            self._db_registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_debug_trap,
+                                               vector=int(Vector.DB))
+
+    def _on_debug_trap(self, vcpu, info: ExitInfo) -> Action | None:
+        if not self._tf_callbacks:
+            return None
+        callbacks, self._tf_callbacks = self._tf_callbacks, []
+        vcpu.rflags &= ~_RFLAGS_TF
+        for callback in callbacks:
+            callback(vcpu)
+        return RETRY
 
     def _emulate(self, exit: MmioExit) -> None:
         """Carry out a data access KVM could not, against the backing RAM."""
+        self.emulations += 1
         gpa = exit.phys_addr
         if exit.is_write:
             self.machine.memory.write(gpa, exit.data)
@@ -1206,6 +1238,10 @@ class EptShadow:
         access (an access KVM splits at a page boundary is joined first); the
         access is then completed on RAM and the guest goes on. The pages lose
         the monitored rights in the EPT (writes: W; reads: R and W).
+
+        KVM reports only the part of an access that falls into a page without
+        the right: an access that starts in an unmonitored page and crosses
+        into a monitored one is reported from the page boundary on.
         """
         if not isinstance(access, str) or access not in ("r", "w", "rw", "wr"):
             raise EptError(f"bad monitor access {access!r}: expected 'r', 'w' or 'rw'")
@@ -1269,8 +1305,7 @@ class EptShadow:
             if self._exec_visible.get(gpa):
                 memory.write(gpa, b"\xcc")
 
-        vcpu.rip = vcpu.rip          # the int3 is reported at its own address: run the real instruction
-        self.machine.step_once(reinsert)
+        self.step_once(reinsert)
         return RETRY
 
     def remove(self, hook: Hook) -> None:

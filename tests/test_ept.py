@@ -164,3 +164,204 @@ def test_write_to_read_only_page_reaches_the_handler(make_machine, backend) -> N
     assert m.memory.read_u32(DATA + 0x10) == 0x11223344          # the emulated write landed
     assert m.vcpu.rbx == 0x11223344                              # reads were never stopped
     assert result.exits.get("EPT_VIOLATION") == 1
+
+
+def test_read_of_unreadable_page_is_served_by_the_handler(make_machine, backend) -> None:
+    m = user_machine(make_machine, f"""
+    mov {DATA + 8:#x}, %rbx
+    movb $7, {DATA2:#x}
+    mov $0, %al
+    out %al, $0xf4
+""")
+    ept = with_backend(m, backend)
+    ept.protect(DATA, 0x1000, "---")
+    m.memory.write(DATA + 8, b"\x11" * 8)
+    seen = []
+
+    def handler(vcpu, info):
+        seen.append((info.ept.access, info.ept.permissions, info.guest_physical_address, ept.access.size,
+                     info.guest_linear_address, vcpu.rip))
+        ept.complete_read(0xDEADBEEFCAFEF00D)
+        return RESUME
+
+    m.on(ExitReason.EPT_VIOLATION, handler, address=DATA + 8)
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert seen == [("read", "---", DATA + 8, 8, DATA + 8, m.symbol("_start"))]
+    assert m.vcpu.rbx == 0xDEADBEEFCAFEF00D
+    assert m.memory.read(DATA2, 1) == b"\x07"
+
+
+def test_unhandled_violation_stops_with_a_clear_message(make_machine, backend) -> None:
+    m = user_machine(make_machine, f"""
+    movl $0x55, {DATA + 0x20:#x}
+    mov $0, %al
+    out %al, $0xf4
+""")
+    ept = with_backend(m, backend)
+    ept.protect(DATA, 0x1000, "r--")
+    result = m.run(timeout=10)
+    assert result.reason == "error"
+    assert "EPT violation: write on r-- page at gpa 0x180020" in result.message
+    assert "4-byte write of 0x55" in result.message
+    assert m.memory.read_u32(DATA + 0x20) == 0                 # the write never landed
+
+
+EXEC_GUEST = """
+    xor %ebx, %ebx
+    mov $3, %ecx
+1:  call hooked
+    loop 1b
+    mov hooked, %rax            # the guest reads the hooked instruction's bytes
+    mov $0, %al
+    out %al, $0xf4
+.balign 4096
+hooked:
+    inc %rbx
+    ret
+"""
+
+
+def test_hidden_execute_hook_fires_once_per_execution(make_machine, backend) -> None:
+    m = user_machine(make_machine, EXEC_GUEST)
+    ept = with_backend(m, backend)
+    hooked = m.symbol("hooked")
+    original = m.memory.read(hooked, 8)
+    calls = []
+    hook = ept.hook_execute(hooked, lambda event: calls.append((event.address, event.rip, event.vcpu.rbx)))
+    result = m.run(timeout=20)
+    assert result.reason == "exit", result
+    assert calls == [(hooked, hooked, 0), (hooked, hooked, 1), (hooked, hooked, 2)]   # before the instruction
+    assert m.vcpu.rbx == 3
+    rax = m.vcpu.rax & ~0xFF | original[0]     # `mov $0, %al` overwrote the low byte
+    assert rax.to_bytes(8, "little") == original                  # reads see the original bytes
+    assert hook.hits == 3
+    assert ept.perms(hooked) == Perm.R | Perm.W                   # no X while the hook is there
+    ept.remove(hook)
+    assert ept.perms(hooked) == Perm.RWX
+
+
+def test_visible_execute_hook_uses_int3(make_machine) -> None:
+    m = user_machine(make_machine, EXEC_GUEST)
+    hooked = m.symbol("hooked")
+    original = m.memory.read(hooked, 1)
+    calls = []
+    hook = m.ept.hook_execute(hooked, lambda event: calls.append(event.vcpu.rbx), hidden=False)
+    assert m.memory.read(hooked, 1) == b"\xcc"
+    result = m.run(timeout=20)
+    assert result.reason == "exit", result
+    assert calls == [0, 1, 2] and m.vcpu.rbx == 3
+    assert m.memory.read(hooked, 1) == b"\xcc"                    # re-inserted after each step
+    m.ept.remove(hook)
+    assert m.memory.read(hooked, 1) == original
+
+
+MONITOR_GUEST = f"""
+    movl $0xAABBCCDD, {DATA + 0xFFE:#x}      # crosses into the next page: one access
+    mov {DATA + 0xFF8:#x}, %r8
+    movw $0x1234, {DATA + 0x1004:#x}
+    mov {DATA + 0x1100:#x}, %r9              # monitored page, outside the range
+    movb $9, {DATA + 0x10:#x}                # monitored page, outside the range
+    mov $0, %al
+    out %al, $0xf4
+    movl $0x01020304, {DATA + 0xFFC:#x}
+    movw $0x5678, {DATA + 0x1004:#x}
+    mov $0, %al
+    out %al, $0xf4
+"""
+
+
+def test_monitor_across_a_page_boundary_reports_each_access_once(make_machine, backend) -> None:
+    m = user_machine(make_machine, MONITOR_GUEST)
+    ept = with_backend(m, backend)
+    m.memory.write(DATA + 0x1100, b"\x42" * 8)
+    events = []
+    hook = ept.monitor(DATA + 0xFF0, DATA + 0x1010, "rw",
+                       lambda e: events.append((e.kind, e.address, e.size, e.value)))
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert events == [("write", DATA + 0xFFE, 4, 0xAABBCCDD),
+                      ("read", DATA + 0xFF8, 8, 0xCCDD << 48),
+                      ("write", DATA + 0x1004, 2, 0x1234)]
+    assert m.memory.read(DATA + 0xFFE, 4) == (0xAABBCCDD).to_bytes(4, "little")
+    assert m.vcpu.r8 == 0xCCDD << 48 and m.vcpu.r9 == 0x4242424242424242
+    assert m.memory.read(DATA + 0x10, 1) == b"\x09"
+    assert hook.hits == 3
+    assert result.exits.get("EPT_VIOLATION") is None           # hooks complete the accesses themselves
+
+    # removed: the pages are writable again and the guest's writes cause no exit at all
+    ept.remove(hook)
+    emulated = ept.emulations
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert len(events) == 3 and ept.emulations == emulated
+    assert m.memory.read_u32(DATA + 0xFFC) == 0x01020304 and m.memory.read_u16(DATA + 0x1004) == 0x5678
+    assert ept.perms(DATA) == Perm.RWX
+
+
+def test_write_monitor_and_overlapping_hooks_all_fire(make_machine, backend) -> None:
+    m = user_machine(make_machine, MONITOR_GUEST)
+    ept = with_backend(m, backend)
+    first, second = [], []
+    ept.monitor(DATA + 0x1000, DATA + 0x1008, "w", lambda e: first.append((e.address, e.value)))
+    ept.monitor(DATA + 0x1004, DATA + 0x1006, "w", lambda e: second.append((e.address, e.value)))
+    assert ept.perms(DATA + 0x1000) == Perm.R | Perm.X
+    assert m.run(timeout=10).reason == "exit"
+    # the crossing store's first half went to an unmonitored page, which KVM wrote itself:
+    # only the part in the monitored page is seen (KVM reports just that fragment)
+    assert first == [(DATA + 0x1000, 0xAABB), (DATA + 0x1004, 0x1234)]
+    assert m.memory.read_u32(DATA + 0xFFE) == 0xAABBCCDD
+    assert second == [(DATA + 0x1004, 0x1234)]
+    assert m.vcpu.r8 == 0xCCDD << 48                             # reads are not monitored: native
+
+
+def test_fetch_violation_and_allow_once(make_machine, backend) -> None:
+    m = user_machine(make_machine, EXEC_GUEST)
+    ept = with_backend(m, backend)
+    hooked = m.symbol("hooked")
+    ept.protect(hooked, 0x1000, "rw-")
+    seen = []
+
+    def handler(vcpu, info):
+        seen.append((str(info.ept), info.guest_physical_address, info.guest_linear_address, vcpu.rip))
+        ept.allow_once()
+        return RESUME
+
+    m.on(ExitReason.EPT_VIOLATION, handler)
+    result = m.run(timeout=20)
+    assert result.reason == "exit", result
+    assert m.vcpu.rbx == 3
+    # inc and ret, three times: each fetch from the page is one violation
+    assert seen == [("execute on rw- page", hooked, hooked, hooked),
+                    ("execute on rw- page", hooked + 3, hooked + 3, hooked + 3)] * 3
+
+
+def test_mmio_device_claims_unmapped_space(make_machine) -> None:
+    m = make_machine(mode="long")
+    m.load_asm(f""".globl _start
+_start:
+    movl $0x1234, 0x40000010
+    mov 0x40000008, %rbx
+    mov $0, %al
+    out %al, $0xf4
+""")
+    writes = []
+    m.ept.add_mmio_device(0x40000000, 0x1000, lambda offset, size: 0x1100 + offset + size,
+                          lambda offset, size, value: writes.append((offset, size, value)))
+    with pytest.raises(EptError, match="overlaps guest RAM"):
+        m.ept.add_mmio_device(0x1000, 0x1000, None, None)
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert writes == [(0x10, 4, 0x1234)] and m.vcpu.rbx == 0x1100 + 8 + 8
+
+
+def test_bad_requests_are_refused(make_machine) -> None:
+    m = make_machine(mode="user")
+    with pytest.raises(EptError, match="not guest RAM"):
+        m.ept.protect(0x10000000, 0x1000, "r--")
+    with pytest.raises(EptError, match="bad permissions"):
+        m.ept.protect(0x100000, 0x1000, "rwq")
+    with pytest.raises(EptError, match="bad monitor access"):
+        m.ept.monitor(0x100000, 0x100010, "x", print)
+    with pytest.raises(EptError, match="empty"):
+        m.ept.monitor(0x100010, 0x100010, "r", print)
