@@ -449,26 +449,30 @@ _PROBE_CODE = bytes.fromhex("b85a000000" "890425" "00001800" "f4")   # mov $0x5a
 
 
 def _probe_mprotect(kvm_path: str) -> str:
+    if all(host_protection_works(mode, kvm_path) for mode in ("user", "long")):
+        return "mprotect"
+    return "memslot"
+
+
+def host_protection_works(mode: str = "user", kvm_path: str = "/dev/kvm") -> bool:
+    """Whether a guest store (in `mode`) to a PROT_READ host page exits as KVM_EXIT_MMIO here."""
     from .machine import Machine
-    for mode in ("user", "long"):
-        try:
-            with Machine("2M", mode, kvm_path=kvm_path) as machine:
-                machine.load(_PROBE_CODE, 0x100000)
-                shadow = EptShadow(machine, backend="mprotect")
-                machine._ept = shadow
-                shadow.protect(_PROBE_PAGE, PAGE_SIZE, "r-x")
-                shadow.invept()
-                machine.setup()
-                kind = machine.vcpu.run(timeout=2.0)
-                if kind != ExitKind.MMIO:
-                    return "memslot"
-                exit = decode_exit(machine.vcpu.fd.run)
-                if not (exit.is_write and exit.phys_addr == _PROBE_PAGE and exit.data[:1] == b"\x5a"
-                        and machine.memory.read(_PROBE_PAGE, 1) == b"\0"):
-                    return "memslot"
-        except (OSError, RuntimeError, ValueError):
-            return "memslot"
-    return "mprotect"
+    try:
+        with Machine("2M", mode, kvm_path=kvm_path) as machine:
+            machine.load(_PROBE_CODE, 0x100000)
+            shadow = EptShadow(machine, backend="mprotect")
+            machine._ept = shadow
+            shadow.protect(_PROBE_PAGE, PAGE_SIZE, "r-x")
+            shadow.invept()
+            machine.setup()
+            kind = machine.vcpu.run(timeout=2.0)
+            if kind != ExitKind.MMIO:
+                return False
+            exit = decode_exit(machine.vcpu.fd.run)
+            return (exit.is_write and exit.phys_addr == _PROBE_PAGE and exit.data[:1] == b"\x5a"
+                    and machine.memory.read(_PROBE_PAGE, 1) == b"\0")
+    except (OSError, RuntimeError, ValueError):
+        return False
 
 
 # --- hooks, events, devices -------------------------------------------------------------
@@ -558,6 +562,8 @@ _HANDLED: tuple[None, None] = (None, None)
 _QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
 _QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
 _RFLAGS_TF = 1 << 8
+_COMPACT_LIMIT = 64          # memslots per region before neighbours of one kind are merged
+_COMPACT_PAGES = 4096        # larger changes re-cut the whole region
 
 
 # --- the shadow -----------------------------------------------------------------------
@@ -582,7 +588,7 @@ class EptShadow:
         self._base: dict[int, int] = {}          # page -> rights from protect() (absent: rwx)
         self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
         self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
-        self._pending: set[Region] = set()
+        self._pending: dict[Region, set[int] | None] = {}    # region -> changed pages (None: all)
         self._logging = False
         self._manual_protect = False
         self._harvested: set[int] = set()
@@ -688,47 +694,91 @@ class EptShadow:
         if slot.slot != self._original_slot[region]:
             self._free_slots.append(slot.slot)
 
-    def _realise(self, region: Region) -> None:
-        """Bring `region`'s memslots (or host protection) in line with the model."""
+    def _slot_flags(self, kind: _Kind) -> int:
+        if kind == _Kind.READONLY:
+            return int(MemoryFlag.READONLY)
+        return int(MemoryFlag.LOG_DIRTY_PAGES) if self._logging else 0
+
+    def _kind_runs(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
+        """[(gpa, size, kind)] covering [gpa, gpa+size), holes included, as KVM must see it."""
         runs: list[tuple[int, int, int]] = []
         mprotect = self.backend == "mprotect"
-        protected: set[int] = set()
-        for gpa, size, perms in self.tables.page_runs(region.gpa, region.size):
+        for start, length, perms in self.tables.page_runs(gpa, size):
             kind = _kind(perms)
             if mprotect and kind == _Kind.READONLY:
-                protected.update(range(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT))
-                kind = _Kind.NORMAL
-            if kind != _Kind.HOLE:
-                _extend(runs, gpa, size, kind)
-        if mprotect:
-            self._apply_mprotect(region, protected)
-        log = MemoryFlag.LOG_DIRTY_PAGES if self._logging else 0
-        wanted = {(gpa, size, int(MemoryFlag.READONLY) if kind == _Kind.READONLY else int(log))
-                  for gpa, size, kind in runs}
-        current = self._regions[region]
-        keep = [s for s in current if (s.gpa, s.size, s.flags) in wanted]
-        have = {(s.gpa, s.size, s.flags) for s in keep}
-        for slot in current:
-            if slot not in keep:
-                self._delete(region, slot)
-        self._regions[region] = keep
-        for gpa, size, flags in sorted(wanted - have):
-            slot = _Slot(self._alloc_slot(region), gpa, size, flags)
-            self._create(region, slot)
-            keep.append(slot)
+                kind = _Kind.NORMAL             # the host mapping is PROT_READ instead
+            _extend(runs, start, length, int(kind))
+        return runs
 
-    def _apply_mprotect(self, region: Region, protected: set[int]) -> None:
+    def _realise(self, region: Region, pages: set[int] | None) -> None:
+        """Bring `region`'s memslots (and host protection) in line with the model.
+
+        Only slots that hold a changed page of another kind are replaced;
+        neighbouring slots of one kind are merged only when the region has
+        more than `_COMPACT_LIMIT` of them, so toggling one page costs one or
+        two memslot ioctls (delete, create) instead of re-cutting its 2 MiB.
+        """
+        if self.backend == "mprotect" and self._apply_mprotect(region):
+            pages = None                        # the slots moved to a new host view
+        slots = self._regions[region]
+        if pages is None or len(slots) > _COMPACT_LIMIT:
+            for slot in slots:
+                self._delete(region, slot)
+            self._regions[region] = []
+            self._create_runs(region, [(region.gpa, region.size)])
+            return
+        kinds = {p: _kind(self.tables.perms(p << PAGE_SHIFT)) for p in pages}
+        if self.backend == "mprotect":
+            kinds = {p: _Kind.NORMAL if k == _Kind.READONLY else k for p, k in kinds.items()}
+        keep: list[_Slot] = []
+        redo: list[tuple[int, int]] = []
+        covered: set[int] = set()
+        for slot in slots:
+            first, stop = slot.gpa >> PAGE_SHIFT, (slot.gpa + slot.size) >> PAGE_SHIFT
+            inside = [p for p in pages if first <= p < stop]
+            kind = _Kind.READONLY if slot.flags & MemoryFlag.READONLY else _Kind.NORMAL
+            if any(kinds[p] != kind for p in inside) or slot.flags != self._slot_flags(kind):
+                self._delete(region, slot)
+                redo.append((slot.gpa, slot.size))
+            else:
+                keep.append(slot)
+            covered.update(inside)
+        for page in sorted(pages - covered):
+            if redo and redo[-1][0] + redo[-1][1] == page << PAGE_SHIFT:
+                redo[-1] = (redo[-1][0], redo[-1][1] + PAGE_SIZE)
+            else:
+                redo.append((page << PAGE_SHIFT, PAGE_SIZE))
+        self._regions[region] = keep
+        self._create_runs(region, redo)
+
+    def _create_runs(self, region: Region, ranges: list[tuple[int, int]]) -> None:
+        slots = self._regions[region]
+        for gpa, size in ranges:
+            for start, length, kind in self._kind_runs(gpa, size):
+                if kind != _Kind.HOLE:
+                    slot = _Slot(self._alloc_slot(region), start, length, self._slot_flags(_Kind(kind)))
+                    self._create(region, slot)
+                    slots.append(slot)
+
+    def _apply_mprotect(self, region: Region) -> bool:
+        """Make the host protection of `region` match its r-x pages; True if a host view was made."""
+        protected = {p for gpa, size, perms in self.tables.page_runs(region.gpa, region.size)
+                     if _kind(perms) == _Kind.READONLY
+                     for p in range(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT)}
         before = self._readonly_pages.setdefault(region, set())
         if protected == before:
-            return
+            return False
+        made = False
         if protected and region not in self._views:
             self._make_view(region)
+            made = True
         base = self._views[region][1] if region in self._views else region.host_addr
         for page, prot in [(p, mmap.PROT_READ | mmap.PROT_WRITE) for p in before - protected] + \
                           [(p, mmap.PROT_READ) for p in protected - before]:
             _mprotect(base + (page << PAGE_SHIFT) - region.gpa, PAGE_SIZE, prot)
             self.toggles += 1
-        self._readonly_pages[region] = set(protected)
+        self._readonly_pages[region] = protected
+        return made
 
     def _make_view(self, region: Region) -> None:
         """Give KVM its own mapping of `region` so host protection never hits minivmm's view.
@@ -766,9 +816,9 @@ class EptShadow:
     def invept(self) -> None:
         """Make every batched permission change visible to the guest now (INVEPT, SDM 30.3)."""
         self._sync_regions()
-        pending, self._pending = self._pending, set()
-        for region in pending:
-            self._realise(region)
+        pending, self._pending = self._pending, {}
+        for region, pages in pending.items():
+            self._realise(region, pages)
 
     # -- permissions ----------------------------------------------------------------------
     def _pages(self, gpa: int, size: int) -> range:
@@ -830,11 +880,27 @@ class EptShadow:
             run_start, run_end, run_rights = page, page + 1, rights
         if run_start >= 0:
             self.tables.set_perms(run_start << PAGE_SHIFT, (run_end - run_start) << PAGE_SHIFT, run_rights)
-        if isinstance(pages, range):
+        self._mark(pages)
+
+    def _mark(self, pages: Iterable[int]) -> None:
+        """Queue `pages` for realisation at the next invept()."""
+        pending = self._pending
+        if isinstance(pages, range) and len(pages) > _COMPACT_PAGES:
             low, high = pages.start << PAGE_SHIFT, pages.stop << PAGE_SHIFT
-            self._pending.update(r for r in self._regions if r.gpa < high and low < r.end)
-        else:
-            self._pending.update(r for r in map(self._region, (p << PAGE_SHIFT for p in pages)) if r)
+            for region in self._regions:
+                if region.gpa < high and low < region.end:
+                    pending[region] = None
+            return
+        for page in pages:
+            region = self._region(page << PAGE_SHIFT)
+            if region is None:
+                continue
+            if region in pending:
+                queued = pending[region]
+                if queued is not None:
+                    queued.add(page)
+            else:
+                pending[region] = {page}
 
     # -- dirty tracking -------------------------------------------------------------------
     @property

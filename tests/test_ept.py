@@ -365,3 +365,44 @@ def test_bad_requests_are_refused(make_machine) -> None:
         m.ept.monitor(0x100000, 0x100010, "x", print)
     with pytest.raises(EptError, match="empty"):
         m.ept.monitor(0x100010, 0x100010, "r", print)
+
+
+@pytest.mark.parametrize("mode", ["long", "protected"])
+def test_hidden_execute_hook_at_cpl0(make_machine, mode) -> None:
+    """CPL-0 code (emulated by the host): the same hook, stepped with KVM single-step."""
+    m = make_machine(mode=mode)
+    m.load_asm(".globl _start\n_start:\n" + EXEC_GUEST.replace("%rbx", "%ebx").replace("%rax", "%eax"))
+    hooked = m.symbol("hooked")
+    calls = []
+    m.ept.hook_execute(hooked, lambda event: calls.append(event.vcpu.rbx & 0xFFFFFFFF))
+    result = m.run(timeout=20)
+    assert result.reason == "exit", result
+    assert calls == [0, 1, 2] and m.vcpu.rbx & 0xFFFFFFFF == 3
+
+
+def test_host_page_protection_backend_where_the_host_honours_it(make_machine) -> None:
+    """The mprotect backend (KVM's own view of RAM write-protected) with CPL-0 code.
+
+    On the project's nested host CPL-0 stores to PROT_READ pages exit as MMIO
+    but CPL-3 ones fail with EFAULT, so the probe picks memslots there.
+    """
+    from minivmm.ept_shadow import host_protection_works
+    if not host_protection_works("long"):
+        assert host_backend() == "memslot"
+        return
+    m = make_machine(mode="long")
+    m.load_asm(f""".globl _start
+_start:
+    movl $0x77, {DATA:#x}
+    mov $0, %al
+    out %al, $0xf4
+""")
+    ept = with_backend(m, "mprotect")
+    writes = []
+    ept.monitor(DATA, DATA + 4, "w", lambda e: writes.append(e.value))
+    ept.invept()
+    assert len(ept._regions[m.memory.regions[0]]) == 1        # no memslot was split
+    m.memory.write(DATA + 8, b"\x01")                 # minivmm's own view stays writable
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert writes == [0x77] and m.memory.read_u32(DATA) == 0x77
