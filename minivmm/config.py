@@ -7,10 +7,40 @@
 
 A config is read with yaml's node API (`yaml.compose`), so every value keeps
 the line it came from; every error names the file, the line and the dotted
-key and says what was expected. Unknown keys are errors (with a "did you
-mean" for near misses). Integers accept decimal, `0x` hex and K/M/G size
-suffixes; addresses also accept symbol names defined by the loaded images.
-The schema is summarised in `SCHEMA` below and in configs/README.md.
+key (`images[0].source`) and says what was expected. Unknown keys are errors
+(with a "did you mean" for near misses). Integers accept decimal, `0x` hex and
+K/M/G size suffixes; addresses also accept symbol names defined by the loaded
+images (assembly or ELF symbols), resolved after loading. `SCHEMA` below sums
+up the keys; the meaning of the less obvious ones:
+
+- `machine.entry` defaults to the first image's entry (asm: `_start` or the load
+  address; ELF/multiboot: the header's); `machine.registers` are set after the
+  mode setup (RAX..R15, RIP, RFLAGS); `timeout` (seconds, default 10) is the
+  run deadline and `max_exits` the exit limit.
+- images: `asm` sources are assembled with binutils (minivmm.inc on the include
+  path) at `address` (default: the mode's load address); `binary` is copied to
+  `address`; `elf` loads the PT_LOAD segments at their physical addresses, or
+  `build: {c: [...], cflags, link_address}` first compiles the C sources with
+  gcc -ffreestanding -nostdlib -static (cached beside the assembler cache);
+  `multiboot` checks the v1 header (magic, checksum, flags), loads the kernel
+  (header address fields, else ELF), writes the multiboot_info at 0x20000
+  (mem_lower/upper, memory map, command line, loader name) and starts it in
+  32-bit protected mode with EAX=0x2BADB002, EBX=0x20000 (mode defaults to
+  protected).
+- Paths are relative to the YAML file; so is a handler module.
+- Every rule has an optional `name` (its counter, `machine.counters[name]`,
+  also printed by `run --json`) and `log: true` (an event line, printed on
+  stderr by `minivmm run`). Actions: `count`/`log` observe and pass the exit
+  on (to the device, the real MSR, or minivmm's default); `stop` ends the run
+  with result "stopped"; `skip` moves RIP past the instruction; `ignore` drops
+  an OUT/MMIO write and reads all-ones (or `value`); `fixed` answers reads with
+  `value`; `deny` injects #GP; `allow` leaves an MSR unintercepted; `inject`
+  re-delivers an exception to the guest; `return` answers a hypercall with
+  RAX=`value`.
+- `expect` is what the test suite checks a run against: `result` is the
+  RunResult reason (exit, hlt, timeout, triple_fault, exception, error,
+  exit_limit, stopped), `console`/`message` are substrings, `counters` exact.
+- `fuzz` is validated here and handed to minivmm's fuzzer as `FuzzConfig`.
 """
 from __future__ import annotations
 
