@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import io
 import importlib.util
 import re
 import sys
@@ -1122,13 +1123,14 @@ from .machine import Machine, RunResult  # noqa: E402
 
 
 class _StreamSink:
-    """Console bytes to a binary stream, flushed at each newline."""
+    """Console bytes to a stream (binary, or text without a `.buffer`), flushed at each newline."""
 
     def __init__(self, stream) -> None:
-        self.stream = stream
+        self.stream = getattr(stream, "buffer", stream)
+        self.text = isinstance(self.stream, io.TextIOBase)
 
     def __call__(self, data: bytes) -> None:
-        self.stream.write(data)
+        self.stream.write(data.decode("latin-1") if self.text else data)
         if data == b"\n":
             self.stream.flush()
 
@@ -1210,9 +1212,9 @@ def build_machine(config: Config, *, capture_console: bool = False,
     opened = None
     if sink is None and not capture_console:
         if serial.output == "stdout":
-            sink = _StreamSink(sys.stdout.buffer)
+            sink = _StreamSink(sys.stdout)
         elif serial.output == "stderr":
-            sink = _StreamSink(sys.stderr.buffer)
+            sink = _StreamSink(sys.stderr)
         elif serial.output == "file":
             try:
                 opened = open(serial.path, "wb")
