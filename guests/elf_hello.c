@@ -1,7 +1,8 @@
 /* A freestanding C guest (long mode, CPL 0), built by the config's `build:` step:
  *   gcc -ffreestanding -nostdlib -static ... -Wl,-Ttext-segment=0x100000
- * `_start` receives the greeting in RDI (the config sets rdi: greeting, an ELF
- * symbol) and reports the number of characters printed as the exit code. */
+ * `_start` receives the text to print in RDI (the config sets rdi: greeting or
+ * rdi: buffer, ELF symbols) and reports the number of characters printed as
+ * the exit code. */
 
 static inline void outb(unsigned short port, unsigned char value)
 {
@@ -19,6 +20,7 @@ static int puts_serial(const char *text)
 }
 
 const char greeting[] = "Hello from C!\n";
+char buffer[64];            /* configs/elf_buffer.yaml loads a flat binary here */
 volatile int counter;
 
 __attribute__((noreturn)) void _start(const char *message)

@@ -18,7 +18,8 @@ def test_there_is_a_config_for_every_feature() -> None:
     names = {p.stem for p in ALL}
     assert {"hello_real", "hello_protected", "hello_long", "hello_user", "cpuid_demo", "msr_demo",
             "io_demo", "ept_monitor_demo", "exec_hook_demo", "elf_hello", "multiboot", "hypercall_demo",
-            "runaway_loop", "vmcall_hang", "triple_fault", "mmio_flood", "int3_storm"} <= names
+            "runaway_loop", "vmcall_hang", "triple_fault", "mmio_flood", "int3_storm", "elf_buffer",
+            "ept_protect_demo"} <= names
 
 
 @pytest.mark.parametrize("path", ALL, ids=[p.stem for p in ALL])
