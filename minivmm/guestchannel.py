@@ -174,7 +174,7 @@ def format_registers(regs: dict[str, int]) -> str:
 
 def _symbolizer(symbols: dict[str, int]) -> Callable[[int], str]:
     named = sorted((address, name) for name, address in symbols.items()
-                   if not name.startswith((".L", "__mv_", "MV_")))
+                   if not name.startswith((".L", "__mv_")) and not name.isupper())   # no .set constants
 
     def symbolize(address: int) -> str:
         import bisect
@@ -183,7 +183,7 @@ def _symbolizer(symbols: dict[str, int]) -> Callable[[int], str]:
             return ""
         base, name = named[index]
         offset = address - base
-        return f"<{name}+{offset:#x}>" if offset < 0x10000 else ""
+        return f"<{name}+{offset:#x}>" if offset < 0x4000 else ""
     return symbolize
 
 
@@ -207,6 +207,10 @@ def disassemble_around(machine: "Machine", rip: int | None = None, *, before: in
 
     window = 48
     start = max(0, linear - window)
+    symbol_starts = [a for a in machine.symbols.values() if start <= a <= linear]
+    if symbol_starts:                      # decoding from a symbol is decoding from a real instruction
+        start = min(symbol_starts)
+        window = linear - start
     code = b""
     for offset in range(0, window + 1, 4):
         code = fetch(start + offset, linear - start - offset + 16 * (after + 1))
@@ -333,7 +337,7 @@ class GuestAssertion:
         return text
 
     def describe(self, registers: bool = True) -> str:
-        text = f"{self.macro}({self.expression}) failed at {self.location}"
+        text = f"{self.macro} failed at {self.location}: {self.expression}"
         if self.left is not None:
             text += f"\n  left:  {self._value(self.left)}\n  right: {self._value(self.right or 0)}"
         if registers and self.registers:
@@ -487,8 +491,9 @@ class _RecordingExitInfo(ExitInfo):
     __slots__ = ("_recorder",)
 
     def reset(self, reason: ExitReason, *args, **kwargs) -> ExitInfo:   # type: ignore[override]
-        self._recorder._note(reason)
-        return ExitInfo.reset(self, reason, *args, **kwargs)
+        ExitInfo.reset(self, reason, *args, **kwargs)
+        self._recorder._note(self)
+        return self
 
 
 class ExitRecorder:
@@ -513,16 +518,19 @@ class ExitRecorder:
         info._recorder = self
         machine.info = info
 
-    def _note(self, reason: ExitReason) -> None:
+    def _note(self, info: ExitInfo) -> None:
+        reason = info.reason
         if reason in self.IGNORED:
             return
-        if reason == ExitReason.MONITOR_TRAP_FLAG and self.tracer is not None and self.tracer.active:
+        tracer = self.tracer
+        tracing = tracer is not None and tracer.active
+        if tracing and tracer.is_step(info):
             return
         name = ExitReason(reason).name
         self.reasons.append(name)
         self.total += 1
-        if self.tracer is not None and self.tracer.active:
-            self.tracer.note_exit(name)
+        if tracing:
+            tracer.note_exit(name)
 
     def since(self, mark: int) -> list[str]:
         """The reasons recorded after `total` was `mark` (as many as are still kept)."""
@@ -611,8 +619,22 @@ class MtfTracer:
         """Note the instruction the vCPU is about to execute (at the start of a run)."""
         self._record(self.machine.vcpu)
 
+    def is_step(self, info: ExitInfo) -> bool:
+        """Whether an exit is one of the tracer's own single steps."""
+        if info.reason == ExitReason.MONITOR_TRAP_FLAG:
+            return self._how == "mtf"
+        return (self._how == "tf" and info.reason == ExitReason.EXCEPTION_OR_NMI
+                and info.interruption_info & 0xFF == 1)
+
     def note_exit(self, name: str) -> None:
+        """An exit between steps; the instruction after it is recorded too (when RIP moved)."""
         self.steps.append(TraceStep(0, exit=name))
+        vcpu = self.machine.vcpu
+        previous = next((s.address for s in reversed(self.steps) if not s.exit), None)
+        bits = code_bits(vcpu)
+        linear = vcpu.rip if bits == 64 else data_address(vcpu, vcpu.rip, "cs")
+        if linear != previous:
+            self._record(vcpu)
 
     def _record(self, vcpu: "Vcpu") -> None:
         bits = code_bits(vcpu)
@@ -665,22 +687,20 @@ def _asm_string(text: str) -> str:
 def prepare_asm_source(text: str, file_label: str, first_line: int = 1) -> str:
     """Give the guest_test.inc macros their file and line.
 
-    Prefixes every line that uses a GUEST_ macro with `.set __mv_line, N ;`,
-    defines `__mv_file` and includes guest_test.inc on the first line, and adds a `# N "file"` line marker
-    so that assembler messages name the original file and lines.
+    Prefixes every line that uses a GUEST_ macro with `.set __mv_line, N ;`;
+    two lines ahead of the source define `__mv_file` and include
+    guest_test.inc, then a `# N "file"` line marker makes assembler messages
+    name the original file and lines.
     """
     lines = text.split("\n")
     label = _asm_string(file_label)
-    out = [f'# {first_line} "{label}"']
+    out = [f'.pushsection .text, 1 ; __mv_file: .asciz "{label}" ; .popsection ; .set __mv_line, 0',
+           '.include "guest_test.inc"',           # alone on its line: as drops what follows it
+           f'# {first_line} "{label}"']
     for index, line in enumerate(lines):
-        number = first_line + index
-        prefix = ""
-        if index == 0:
-            prefix = (f'.pushsection .text, 1 ; __mv_file: .asciz "{label}" ; .popsection ; '
-                      f'.set __mv_line, {number} ; .include "guest_test.inc" ; ')
         if _MACRO_USE.search(line):
-            prefix += f".set __mv_line, {number} ; "
-        out.append(prefix + line)
+            line = f".set __mv_line, {first_line + index} ; {line}"
+        out.append(line)
     return "\n".join(out)
 
 

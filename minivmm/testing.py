@@ -248,6 +248,7 @@ class GuestVM:
         last = self.last_run
         if last is None:
             lines.append("never ran")
+            return "\n".join(lines)
         else:
             lines.append(f"last run ended: {last}")
             sequence = self.exit_sequence
@@ -513,19 +514,19 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if marker is None and "guest_mode" not in metafunc.fixturenames:
         return
     modes = tuple(marker.args) if marker is not None and marker.args else ALL_MODES
-    for mode in modes:
-        if mode not in ALL_MODES:
-            raise pytest.UsageError(f"{metafunc.definition.nodeid}: unknown guest_mode {mode!r}; "
-                                    f"expected one of {', '.join(ALL_MODES)}")
     if "guest_mode" not in metafunc.fixturenames:
         metafunc.fixturenames.append("guest_mode")
-    metafunc.parametrize("guest_mode", modes, ids=list(modes))
+    metafunc.parametrize("guest_mode", modes, ids=[str(m) for m in modes], indirect=True)
 
 
 @pytest.fixture
 def guest_mode(request: pytest.FixtureRequest) -> str:
     """The CPU mode of this run of a `@pytest.mark.guest_mode(...)` test."""
-    return getattr(request, "param", "long")
+    mode = getattr(request, "param", "long")
+    if mode not in ALL_MODES:
+        pytest.fail(f"unknown guest_mode {mode!r} in @pytest.mark.guest_mode; expected one of "
+                    f"{', '.join(ALL_MODES)}", pytrace=False)
+    return mode
 
 
 @pytest.fixture
