@@ -183,6 +183,7 @@ class EptTables:
 
     def __init__(self) -> None:
         self._tables: dict[int, list[int]] = {}
+        self._stats: dict[int, dict[int, int]] = {}     # PT address -> {entry & 0x7F (-1: unmapped): count}
         self._next = _TABLE_SPACE
         self.root = self._alloc()
 
@@ -231,43 +232,53 @@ class EptTables:
                 pd[index] = self._leaf(gpa, perms, memory_type, True)
                 gpa += LARGE_PAGE_SIZE
                 continue
-            pt = self._pt(pd, index, True)
-            pt[(gpa >> 12) & 511] = self._leaf(gpa, perms, memory_type, False)
+            address, pt = self._pt(pd, index)
+            self._store(address, pt, (gpa >> 12) & 511, self._leaf(gpa, perms, memory_type, False))
             gpa += PAGE_SIZE
 
-    def _pt(self, pd: list[int], index: int, split: bool) -> list[int]:
+    def _store(self, address: int, pt: list[int], index: int, value: int) -> None:
+        """Write a PTE and keep the table's count of entries per (rights, memory type)."""
+        stats = self._stats[address]
+        old = pt[index]
+        key = old & 0x7F if old else -1
+        if stats[key] == 1:
+            del stats[key]
+        else:
+            stats[key] -= 1
+        key = value & 0x7F if value else -1
+        stats[key] = stats.get(key, 0) + 1
+        pt[index] = value
+
+    def _pt(self, pd: list[int], index: int) -> tuple[int, list[int]]:
         """The page table under `pd[index]`, splitting a 2 MiB leaf into 512 4 KiB leaves."""
         entry = pd[index]
         if entry & 7 and not entry & _LARGE:
-            return self._tables[entry & ADDRESS_MASK]
-        new = self._alloc()
-        pt = self._tables[new]
+            address = entry & ADDRESS_MASK
+            return address, self._tables[address]
+        address = self._alloc()
+        pt = self._tables[address]
         if entry & _LARGE:    # split: same rights and memory type per 4 KiB
             base = entry & ADDRESS_MASK
             low = entry & 0x7F      # R/W/X, memory type, ignore-PAT
-            for i in range(512):
-                pt[i] = base + (i << 12) | low
-        pd[index] = new | 7
-        return pt
+            pt[:] = range(base | low, (base | low) + LARGE_PAGE_SIZE, PAGE_SIZE)
+            self._stats[address] = {low: 512}
+        else:
+            self._stats[address] = {-1: 512}
+        pd[index] = address | 7
+        return address, pt
 
     def _try_merge(self, pd: list[int], index: int) -> bool:
-        """Turn a page table whose 512 leaves agree back into one 2 MiB leaf."""
+        """Turn a page table whose 512 leaves agree back into one 2 MiB leaf (an O(1) check)."""
         entry = pd[index]
         if not entry & 7 or entry & _LARGE:
             return False
-        pt = self._tables[entry & ADDRESS_MASK]
-        first = pt[0]
-        if not first:           # a hole in RAM under this 2 MiB: keep the table
+        address = entry & ADDRESS_MASK
+        stats = self._stats[address]
+        if len(stats) != 1 or -1 in stats:      # rights differ, or part of the 2 MiB is not RAM
             return False
-        base = first & ADDRESS_MASK
-        if base % LARGE_PAGE_SIZE:
-            return False
-        low = first & 0x7F
-        for i in range(1, 512):
-            if pt[i] & (ADDRESS_MASK | 0x7F) != (base + (i << 12)) | low:
-                return False
-        del self._tables[entry & ADDRESS_MASK]
-        pd[index] = base | low | _LARGE
+        pt = self._tables.pop(address)
+        del self._stats[address]
+        pd[index] = (pt[0] & ADDRESS_MASK) | (pt[0] & 0x7F) | _LARGE
         return True
 
     def set_perms(self, gpa: int, size: int, perms: int) -> None:
@@ -286,12 +297,14 @@ class EptTables:
             elif entry & _LARGE and entry & 7 == perms:
                 pass
             else:
-                pt = self._pt(pd, index, True)
+                address, pt = self._pt(pd, index)
                 for page in range(gpa, chunk_end, PAGE_SIZE):
                     i = (page >> 12) & 511
-                    if not pt[i]:
+                    old = pt[i]
+                    if not old:
                         raise EptError(f"guest-physical address {page:#x} is not mapped by the EPT")
-                    pt[i] = (pt[i] & ~7) | perms
+                    if old & 7 != perms:
+                        self._store(address, pt, i, (old & ~7) | perms)
                 self._try_merge(pd, index)
             gpa = chunk_end
 
@@ -374,12 +387,15 @@ class _Kind(IntEnum):
     HOLE = 2            # no memslot
 
 
+_KIND_OF = tuple(_Kind.NORMAL if p == 7 else _Kind.READONLY if p == 5 else _Kind.HOLE for p in range(8))
+_KIND_OF_MPROTECT = tuple(_Kind.NORMAL if k == _Kind.READONLY else k for k in _KIND_OF)
+_NORMAL_KIND, _READONLY_KIND, _HOLE_KIND = _Kind.NORMAL, _Kind.READONLY, _Kind.HOLE
+_MEM_LOG, _MEM_READONLY = int(MemoryFlag.LOG_DIRTY_PAGES), int(MemoryFlag.READONLY)
+
+
 def _kind(perms: int) -> _Kind:
-    if perms == 7:
-        return _Kind.NORMAL
-    if perms == Perm.R | Perm.X:
-        return _Kind.READONLY
-    return _Kind.HOLE
+    """How KVM must see a page with these EPT rights (see the module table)."""
+    return _KIND_OF[perms]
 
 
 @dataclass(eq=False)
@@ -562,6 +578,8 @@ _HANDLED: tuple[None, None] = (None, None)
 _QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
 _QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
 _RFLAGS_TF = 1 << 8
+_R, _W, _X, _RWX = 1, 2, 4, 7
+_AD = 0x300                  # EPT accessed | dirty
 _COMPACT_LIMIT = 64          # memslots per region before neighbours of one kind are merged
 _COMPACT_PAGES = 4096        # larger changes re-cut the whole region
 
@@ -583,6 +601,7 @@ class EptShadow:
         if self.backend not in ("memslot", "mprotect"):
             raise EptError(f"unknown EPT backend {self.backend!r}: expected 'memslot' or 'mprotect'")
         self._regions: dict[Region, list[_Slot]] = {}
+        self._last_region: tuple[int, int, Region | None] = (0, 0, None)
         self._original_slot: dict[Region, int] = {}
         self._region_starts: list[int] = []
         self._base: dict[int, int] = {}          # page -> rights from protect() (absent: rwx)
@@ -654,19 +673,27 @@ class EptShadow:
             flags = MemoryFlag.READONLY if region.readonly else 0
             self._regions[region] = [_Slot(slot, region.gpa, region.size, int(flags))]
             self._original_slot[region] = slot
-            self.tables.map(region.gpa, region.size, Perm.R | Perm.X if region.readonly else Perm.RWX)
+            self.tables.map(region.gpa, region.size, _R | _X if region.readonly else _RWX)
             if self._logging and not region.readonly:
                 self._set_logging(region, True)
 
     def _region(self, gpa: int) -> Region | None:
+        """The managed RAM region holding `gpa` (the last one found is checked first)."""
+        low, high, region = self._last_region
+        if low <= gpa < high:
+            return region
         region = self.machine.memory.region_at(gpa)
         if region is not None and region in self._regions:
+            self._last_region = (region.gpa, region.gpa + region.size, region)
             return region
         return None
 
     def _alloc_slot(self, region: Region) -> int:
         original = self._original_slot[region]
-        if all(s.slot != original for s in self._regions[region]):
+        for slot in self._regions[region]:
+            if slot.slot == original:
+                break
+        else:
             return original
         if self._free_slots:
             return self._free_slots.pop()
@@ -687,17 +714,17 @@ class EptShadow:
         self.toggles += 1
 
     def _delete(self, region: Region, slot: _Slot) -> None:
-        if slot.flags & MemoryFlag.LOG_DIRTY_PAGES:
+        if slot.flags & _MEM_LOG:
             self._harvest(slot, clear=False, out=self._harvested)
         self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, 0, 0, 0)
         self.toggles += 1
         if slot.slot != self._original_slot[region]:
             self._free_slots.append(slot.slot)
 
-    def _slot_flags(self, kind: _Kind) -> int:
-        if kind == _Kind.READONLY:
-            return int(MemoryFlag.READONLY)
-        return int(MemoryFlag.LOG_DIRTY_PAGES) if self._logging else 0
+    def _slot_flags(self, kind: int) -> int:
+        if kind == _READONLY_KIND:
+            return _MEM_READONLY
+        return _MEM_LOG if self._logging else 0
 
     def _kind_runs(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
         """[(gpa, size, kind)] covering [gpa, gpa+size), holes included, as KVM must see it."""
@@ -727,36 +754,42 @@ class EptShadow:
             self._regions[region] = []
             self._create_runs(region, [(region.gpa, region.size)])
             return
-        kinds = {p: _kind(self.tables.perms(p << PAGE_SHIFT)) for p in pages}
+        kind_of, perms = _KIND_OF, self.tables.perms
         if self.backend == "mprotect":
-            kinds = {p: _Kind.NORMAL if k == _Kind.READONLY else k for p, k in kinds.items()}
-        keep: list[_Slot] = []
-        redo: list[tuple[int, int]] = []
-        covered: set[int] = set()
-        for slot in slots:
-            first, stop = slot.gpa >> PAGE_SHIFT, (slot.gpa + slot.size) >> PAGE_SHIFT
-            inside = [p for p in pages if first <= p < stop]
-            kind = _Kind.READONLY if slot.flags & MemoryFlag.READONLY else _Kind.NORMAL
-            if any(kinds[p] != kind for p in inside) or slot.flags != self._slot_flags(kind):
-                self._delete(region, slot)
-                redo.append((slot.gpa, slot.size))
+            kind_of = _KIND_OF_MPROTECT
+        conflicts: list[_Slot] = []
+        uncovered: list[int] = []
+        for page in sorted(pages):
+            gpa = page << PAGE_SHIFT
+            kind = kind_of[perms(gpa)]
+            for slot in slots:
+                if slot.gpa <= gpa < slot.gpa + slot.size:
+                    if (_READONLY_KIND if slot.flags & _MEM_READONLY else _NORMAL_KIND) != kind \
+                            and slot not in conflicts:
+                        conflicts.append(slot)
+                    break
             else:
-                keep.append(slot)
-            covered.update(inside)
-        for page in sorted(pages - covered):
+                if kind != _HOLE_KIND:
+                    uncovered.append(page)
+        redo: list[tuple[int, int]] = []
+        for slot in conflicts:
+            self._delete(region, slot)
+            slots.remove(slot)
+            redo.append((slot.gpa, slot.size))
+        for page in uncovered:
             if redo and redo[-1][0] + redo[-1][1] == page << PAGE_SHIFT:
                 redo[-1] = (redo[-1][0], redo[-1][1] + PAGE_SIZE)
             else:
                 redo.append((page << PAGE_SHIFT, PAGE_SIZE))
-        self._regions[region] = keep
-        self._create_runs(region, redo)
+        if redo:
+            self._create_runs(region, redo)
 
     def _create_runs(self, region: Region, ranges: list[tuple[int, int]]) -> None:
         slots = self._regions[region]
         for gpa, size in ranges:
             for start, length, kind in self._kind_runs(gpa, size):
                 if kind != _Kind.HOLE:
-                    slot = _Slot(self._alloc_slot(region), start, length, self._slot_flags(_Kind(kind)))
+                    slot = _Slot(self._alloc_slot(region), start, length, self._slot_flags(kind))
                     self._create(region, slot)
                     slots.append(slot)
 
@@ -851,7 +884,7 @@ class EptShadow:
 
     def unprotect(self, gpa: int, size: int) -> None:
         """Give [gpa, gpa+size) back full rights (rwx)."""
-        self.protect(gpa, size, Perm.RWX)
+        self.protect(gpa, size, _RWX)
 
     def base_perms(self, gpa: int) -> Perm:
         """The rights `protect` gave the page of `gpa`, before hooks take any away."""
@@ -862,8 +895,8 @@ class EptShadow:
         if override is not None:
             return override
         rights = self._base.get(page, 7) & ~self._mask.get(page, 0)
-        if rights & Perm.W and not rights & Perm.R:
-            rights &= ~Perm.W       # -w- / -wx are misconfigurations: writes exit too
+        if rights & _W and not rights & _R:
+            rights &= ~_W       # -w- / -wx are misconfigurations: writes exit too
         return rights
 
     def _refresh(self, pages: Iterable[int]) -> None:
@@ -995,7 +1028,7 @@ class EptShadow:
             self._soft_dirty.add(gpa & ~0xFFF)
             self._soft_dirty.add((gpa + size - 1) & ~0xFFF)
         if self.ad:
-            self.tables.mark(gpa, EptFlag.ACCESSED | EptFlag.DIRTY)
+            self.tables.mark(gpa, _AD)
 
     # -- guest-linear addresses -------------------------------------------------------------
     def _linear_of(self, gpa: int) -> int | None:
@@ -1048,7 +1081,7 @@ class EptShadow:
             self._device_access(device, exit)
             return _HANDLED
         page = gpa >> PAGE_SHIFT
-        need = Perm.W if exit.is_write else Perm.R
+        need = _W if exit.is_write else _R
         if self.tables.perms(gpa) & need:
             self._emulate(exit)                 # a hole made for no-X, or a hidden hook's page
             return _HANDLED
@@ -1100,7 +1133,7 @@ class EptShadow:
             for hook in [h for h in hooks if h.start == gpa]:
                 hook.hits += 1
                 hook.callback(HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
-        if rights & Perm.X or self._base.get(page, 7) & Perm.X:
+        if rights & _X or self._base.get(page, 7) & _X:
             self._step_through(page)
             return _HANDLED
         qualification = _QUAL_FETCH | (rights << 3) | _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
@@ -1116,7 +1149,7 @@ class EptShadow:
         HyperDbg's pattern: restore the EPT entry, single-step (MTF), re-protect.
         """
         base = self._base.get(page, 7)
-        self._override[page] = base | Perm.R | Perm.X
+        self._override[page] = base | _R | _X
         self._refresh((page,))
 
         def restore(vcpu) -> None:
@@ -1162,7 +1195,7 @@ class EptShadow:
         else:
             self.machine.vcpu.fd.set_mmio_data(self.machine.memory.read(gpa, exit.length))
             if self.ad:
-                self.tables.mark(gpa, EptFlag.ACCESSED)
+                self.tables.mark(gpa, 0x100)
 
     def _monitored(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
         """Emulate a monitored access (joining the fragments KVM splits it into), then report it."""
@@ -1194,9 +1227,9 @@ class EptShadow:
             contiguous = nxt.phys_addr == end or (not end & 0xFFF and not nxt.phys_addr & 0xFFF)
             if (vcpu.rip != rip or nxt.is_write != is_write or not contiguous
                     or self._region(nxt.phys_addr) is None or self.tables.perms(nxt.phys_addr) & (
-                        Perm.W if is_write else Perm.R)
+                        _W if is_write else _R)
                     or page not in self._monitors
-                    or not self._base.get(page, 7) & (Perm.W if is_write else Perm.R)):
+                    or not self._base.get(page, 7) & (_W if is_write else _R)):
                 self._report(start, bytes(data), is_write, rip)
                 return self.translate_mmio(nxt) or self.machine._translate(ExitKind.MMIO, run)
             current = nxt
@@ -1208,7 +1241,7 @@ class EptShadow:
     def _report(self, gpa: int, data: bytes, is_write: bool, rip: int) -> None:
         """Call every monitor whose range and access type match the access [gpa, gpa+len(data))."""
         end = gpa + len(data)
-        want = Perm.W if is_write else Perm.R
+        want = _W if is_write else _R
         seen: set[int] = set()
         vcpu = self.machine.vcpu
         for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
@@ -1288,9 +1321,9 @@ class EptShadow:
         for page in pages:
             mask = 0
             for hook in self._monitors.get(page, ()):
-                mask |= Perm.W if hook.access == Perm.W else (Perm.R | Perm.W)
+                mask |= _W if hook.access == _W else (_R | _W)
             if self._exec_hidden.get(page):
-                mask |= Perm.X
+                mask |= _X
             if mask:
                 self._mask[page] = mask
             else:
@@ -1314,10 +1347,10 @@ class EptShadow:
         if end <= start:
             raise EptError(f"empty monitor range [{start:#x}, {end:#x})")
         self._pages(start, end - start)
-        rights = Perm.NONE
+        rights = 0
         for c in access:
-            rights |= Perm.R if c == "r" else Perm.W
-        hook = Hook("monitor", start, end, rights, callback)
+            rights |= _R if c == "r" else _W
+        hook = Hook("monitor", start, end, Perm(rights), callback)
         for page in hook.pages:
             self._monitors.setdefault(page, []).append(hook)
         self._update_masks(hook.pages)
