@@ -18,7 +18,7 @@ from typing import Any, TextIO
 
 from .disasm import disassemble
 from .actions import RETRY
-from .exits import ExitReason, Vector
+from .exits import ExitReason, Vector, vector_name
 from .modes import Mode
 
 RFLAGS_TF = 0x100
@@ -94,15 +94,29 @@ class Tracer:
         return insns[0][1], insns[0][2]
 
     def _record(self, exit: str | None) -> None:
+        """The instruction at the last entry's RIP has run (or exited): describe it."""
         previous = self._previous
+        if previous is None:
+            return
         now = self._state()
-        if previous is not None:
-            address, bits, before = previous
-            code, text = self._fetch(address, bits)
-            changes = {name: value for name, value in now[2].items() if before.get(name) != value}
-            self.count += 1
-            self.emit(TraceStep(self.count, address, code, text, changes, exit))
-        self._previous = now
+        address, bits, before = previous
+        code, text = self._fetch(address, bits)
+        changes = {name: value for name, value in now[2].items() if before.get(name) != value}
+        self.count += 1
+        self.emit(TraceStep(self.count, address, code, text, changes, exit))
+        self._previous = None
+
+    def _before_entry(self) -> None:
+        """Snapshot the state the next instruction starts from (after every handler ran)."""
+        if self._previous is not None:
+            now = self._state()
+            if now[0] != self._previous[0] or now[2] != self._previous[2]:
+                # an exit the tracer does not observe (an emulated EPT access, a hook that
+                # moved RIP) completed or skipped the instruction without a step
+                self._record("completed by the VMM")
+        if self.count >= self.max_steps:
+            raise _StepLimit()
+        self._previous = self._state()
 
     def _on_step(self, vcpu) -> None:
         self._record(None)
@@ -111,7 +125,8 @@ class Tracer:
     def _on_user_step(self, vcpu, info):
         """User mode: CPL-3 code runs natively, so steps come from RFLAGS.TF: a #DB trap
         through the built-in kernel after every instruction."""
-        if self._state()[0] != self._previous[0] or self._state()[2] != self._previous[2]:
+        previous = self._previous
+        if previous is not None and (self._state()[0] != previous[0] or self._state()[2] != previous[2]):
             self._record(None)
         vcpu.rflags |= RFLAGS_TF
         return RETRY
@@ -123,14 +138,13 @@ class Tracer:
             exit += f" {'out' if detail.is_out else 'in'} port={detail.port:#x}"
         elif info.reason in (ExitReason.EPT_VIOLATION, ExitReason.EPT_MISCONFIGURATION):
             exit += f" gpa={info.guest_physical_address:#x}"
-        if info.reason == ExitReason.VMX_PREEMPTION_TIMER_EXPIRED:
-            return None
+        if info.reason == ExitReason.EXCEPTION_OR_NMI:
+            vector = info.interruption_info & 0xFF
+            if vector == Vector.DB:
+                return None
+            exit += f" {vector_name(vector)}"
         self._record(exit)
         return None
-
-    def _check_limit(self) -> None:
-        if self.count >= self.max_steps:
-            raise _StepLimit()
 
     def run(self, timeout: float | None = None, max_exits: int | None = None) -> TraceResult:
         machine = self.machine
@@ -140,9 +154,10 @@ class Tracer:
                        ExitReason.EPT_MISCONFIGURATION, ExitReason.EXECUTE_VMCALL,
                        ExitReason.EXECUTE_RDMSR, ExitReason.EXECUTE_WRMSR, ExitReason.TRIPLE_FAULT):
             machine.on(reason, self._on_exit)
-        machine.pre_entry.append(self._check_limit)
-        self._previous = self._state()
+        machine.pre_entry.append(self._before_entry)
         if machine.mode is Mode.USER:
+            # every exception reaches the VMM in user mode anyway: observing them changes nothing
+            machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_exit)
             machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_user_step, vector=int(Vector.DB))
             machine.vcpu.rflags |= RFLAGS_TF
         else:
@@ -153,7 +168,7 @@ class Tracer:
             return TraceResult("step_limit", None, self.count, f"stopped after {self.count} instructions",
                                machine.serial.text)
         finally:
-            machine.pre_entry.remove(self._check_limit)
+            machine.pre_entry.remove(self._before_entry)
         return TraceResult(result.reason, result.exit_code, self.count, result.message, result.console)
 
 

@@ -250,3 +250,13 @@ def test_fuzz_commands_are_added_when_available(monkeypatch, capsys) -> None:
     monkeypatch.setattr(fuzz_package, "cli", module, raising=False)
     assert cli.main(["fuzz"]) == 77
     assert cli.main(["afl"]) == 78
+
+
+def test_trace_shows_exceptions_and_vmm_completed_instructions(capsys) -> None:
+    assert cli.main(["trace", str(CONFIGS / "int3_storm.yaml"), "--max", "4"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "int3" in lines[1] and "[EXCEPTION_OR_NMI #BP]" in lines[1]
+    assert lines[2].startswith("0x00100006") and "dec ecx" in lines[2] and "rcx=0x3e7" in lines[2]
+    assert cli.main(["trace", str(CONFIGS / "ept_monitor_demo.yaml"), "--max", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "mov dword ptr [0x101000], 1" in lines[0] and "[completed by the VMM]" in lines[0]
