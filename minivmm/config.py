@@ -603,6 +603,7 @@ class ExceptionRule:
     action: str = "count"                      # count | log | skip | stop | inject | pass
     name: str = ""
     log: bool = False
+    loc: Loc = Loc()
 
 
 @dataclass
@@ -985,7 +986,7 @@ class _Validator:
         from .exits import vector_name
         return ExceptionRule(vector, m.get("action", _choice("count", "log", "skip", "stop", "inject", "pass"),
                                            "count"),
-                             m.get("name", _str, vector_name(vector)), m.get("log", _bool, False))
+                             m.get("name", _str, vector_name(vector)), m.get("log", _bool, False), _loc(node))
 
     def msr_rule(self, node: Node) -> MsrRule:
         m = _Map(node, ("msr", "action", "value", "read", "write", "name", "log"))
@@ -1510,11 +1511,9 @@ class _Builder:
         for vector in config.exception_bitmap:
             vmcs.intercept_exception(vector)
         for rule in config.exceptions:
-            if config.exception_bitmap or machine.mode.value != "user":
-                try:
-                    machine.vmcs.intercept_exception(rule.vector)
-                except AttributeError:
-                    pass
+            if rule.action == "inject" and machine.mode.value == "user":
+                raise rule.loc.error("'inject' cannot work in user mode: the guest's IDT is minivmm's "
+                                     "built-in kernel, which reports the exception again")
             machine.on(ExitReason.EXCEPTION_OR_NMI, self.exception_handler(rule), vector=rule.vector)
         for rule in config.msrs:
             if rule.action == "allow":

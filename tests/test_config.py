@@ -246,3 +246,27 @@ def test_execute_hook_stop_rule() -> None:
         result = machine.run_config()
         assert machine.counters["tick"] == 1
     assert result.reason == "stopped" and "execution reached" in result.message
+
+
+@pytest.mark.kvm
+def test_mmio_rule_answers_reads(tmp_path: Path) -> None:
+    from minivmm.config import build_machine
+    guest = tmp_path / "mmio_read.S"
+    guest.write_text("mov $0x10000000, %rdi\nmov (%rdi), %eax\nout %al, $0xf4\nhlt\n")
+    config = parse_config(f"version: 1\nimages: [{{type: asm, source: {guest}}}]\n"
+                          "devices: {mmio: [{start: 0x10000000, end: 0x10001000, action: ignore, value: 0x2a,"
+                          " log: true, name: dev}]}\n")
+    with build_machine(config, capture_console=True) as machine:
+        result = machine.run_config()
+        assert machine.counters == {"dev": 1}
+        assert machine.events == ["dev: read at 0x10000000 rip=0x100007"]
+    assert (result.reason, result.exit_code) == ("exit", 0x2A)
+
+
+@pytest.mark.kvm
+def test_inject_is_refused_in_user_mode() -> None:
+    from minivmm.config import build_machine
+    config = parse_config(config_text("machine: {mode: user}\nvmcs:\n  exceptions:\n"
+                                      "    - {vector: UD, action: inject}\n"), path="u.yaml")
+    with pytest.raises(ConfigError, match=r"^u.yaml:7: vmcs.exceptions\[0\]: 'inject' cannot work in user mode"):
+        build_machine(config, capture_console=True)
