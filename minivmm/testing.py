@@ -386,10 +386,12 @@ class GuestFactory:
             return self.config(path, **kwargs)
         return self.elf(path, mode, memory, **kwargs)
 
-    def c(self, source: str | os.PathLike, mode: str | None = None, memory: int | str = "2M", *,
-          cflags: Sequence[str] = ()) -> GuestVM:
-        """Compile freestanding C (gcc -ffreestanding -nostdlib, with minivmm_test.h on the
-        include path) for `mode` (default user; long: -m64, protected: -m32) and load it."""
+    def c(self, source: str | os.PathLike | Sequence[str | os.PathLike], mode: str | None = None,
+          memory: int | str = "2M", *, cflags: Sequence[str] = ()) -> GuestVM:
+        """Compile freestanding C and load it: one source (inline text or a .c path) or a list
+        of .c paths, built with gcc -ffreestanding -nostdlib (`minivmm.loaders.build_c_elf`)
+        with minivmm_test.h on the include path; mode user (default), long (-m64) or
+        protected (-m32)."""
         from .guestchannel import GUEST_INCLUDE_DIR, header_digest
         try:
             from .loaders import build_c_elf
@@ -397,20 +399,24 @@ class GuestFactory:
             pytest.skip("minivmm.loaders (the C/ELF loader) is not available")
         mode = mode or (self.default_mode if self.mode_from_param else "user")
         if mode == "real":
-            raise ValueError("C guests need protected, long or user mode (gcc emits no 16-bit code here)")
+            raise ValueError("C guests need protected, long or user mode (no 16-bit C here)")
         bits = 32 if mode == "protected" else 64
-        if isinstance(source, os.PathLike) or ("\n" not in str(source) and str(source).endswith(".c")):
-            path = self._find(source)
-            description = _display_path(str(path))
+        if isinstance(source, (list, tuple)):
+            paths = [self._find(item) for item in source]
+            description = ", ".join(_display_path(str(p)) for p in paths)
+        elif isinstance(source, os.PathLike) or ("\n" not in str(source) and str(source).endswith(".c")):
+            paths = [self._find(source)]
+            description = _display_path(str(paths[0]))
         else:
             label, first = self._inline_origin(str(source))
-            path = _inline_c_file(str(source), label, first)
+            paths = [_inline_c_file(str(source), label, first)]
             description = f"inline C from {label}:{first}"
-        flags = ["-I", str(GUEST_INCLUDE_DIR), f"-DMINIVMM_TEST_HEADERS={header_digest()}",
-                 "-g", *cflags]
-        if not any(flag.startswith("-iquote") for flag in flags):
-            flags += ["-iquote", str(path.parent)]
-        elf = build_c_elf([path], cflags=flags, bits=bits)
+            if not label.startswith("<"):
+                cflags = ["-iquote", str(Path(label).resolve().parent), *cflags]
+        flags = ["-I", str(GUEST_INCLUDE_DIR), f"-DMINIVMM_TEST_HEADERS={header_digest()}", "-g", *cflags]
+        for directory in dict.fromkeys(str(p.parent) for p in paths):
+            flags += ["-iquote", directory]
+        elf = build_c_elf(paths, cflags=flags, bits=bits)
         return self.elf(elf, mode, memory, _description=description)
 
     def elf(self, path: str | os.PathLike, mode: str | None = None, memory: int | str = "2M", *,

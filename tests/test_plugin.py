@@ -21,6 +21,8 @@ pytestmark = pytest.mark.kvm
 
 ROOT = Path(__file__).resolve().parent.parent
 INCLUDE = ROOT / "minivmm" / "guest_include"
+# options of the inner pytest runs: no cache files, and no slow unrelated plugins if installed
+INNER = ("-p", "no:cacheprovider", "-p", "no:hypothesispytest", "-p", "no:benchmark")
 
 
 # -- host-side pieces without a guest ----------------------------------------------------------
@@ -279,7 +281,7 @@ def test_passing_guest_test(pytester):
         """)
             assert vm.done().reason == "done"
     ''')
-    pytester.runpytest_inprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
+    pytester.runpytest_inprocess(*INNER).assert_outcomes(passed=1)
 
 
 def test_failing_guest_assert_report(pytester):
@@ -296,7 +298,7 @@ def test_failing_guest_assert_report(pytester):
         def test_bad(guest):
             guest.file("bad.S").done()
     """)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess(*INNER)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "*GuestAssertionError: GUEST_ASSERT_EQ failed at guests/bad.S:5: %rax == $5",
@@ -327,7 +329,7 @@ def test_host_side_failure_report_has_exception_disassembly_and_console(pytester
             run = vm.run()
             assert run.reason == "exit"
     ''')
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess(*INNER)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines([
         "*assert 'exception' == 'exit'*",
@@ -359,7 +361,7 @@ def test_trace_option_writes_the_failing_tests_trace(pytester):
         def test_passes(guest):
             guest.asm("GUEST_DONE\n").done()
     ''')
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "--minivmm-trace",
+    result = pytester.runpytest_inprocess(*INNER, "--minivmm-trace",
                                           f"--minivmm-trace-dir={pytester.path / 'traces'}")
     result.assert_outcomes(failed=2, passed=1)
     result.stdout.fnmatch_lines(["*MTF trace: * instructions stepped*",
@@ -388,7 +390,7 @@ def test_kvm_marker_skips_with_the_reason_when_kvm_is_missing(pytester, monkeypa
         def test_plain():
             pass
     """)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-rs")
+    result = pytester.runpytest_inprocess(*INNER, "-rs")
     result.assert_outcomes(passed=1, skipped=2)
     result.stdout.fnmatch_lines(["SKIPPED [[]1[]] *:3: needs KVM: */missing-kvm does not exist*",
                                  "SKIPPED [[]1[]] *needs KVM: */missing-kvm does not exist*"])
@@ -404,7 +406,7 @@ def test_a_skipped_kvm_test_fails_in_ci(pytester, monkeypatch):
         def test_gives_up():
             pytest.skip("fixture broke")
     """)
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider")
+    result = pytester.runpytest_inprocess(*INNER)
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*KVM test skipped in CI although * is present*fixture broke*"])
 
@@ -432,7 +434,7 @@ def test_guest_mode_marker_parametrizes(pytester):
         def test_bad_mode(guest_mode):
             pass
     ''')
-    result = pytester.runpytest_inprocess("-p", "no:cacheprovider", "-v")
+    result = pytester.runpytest_inprocess(*INNER, "-v")
     result.stdout.fnmatch_lines_random([
         "*test_marked?real? PASSED*", "*test_marked?long? PASSED*",
         "*test_marker_without_the_fixture?protected? PASSED*",
@@ -459,6 +461,14 @@ def test_xdist_runs_twenty_guest_tests(pytester):
             assert vm.sync(1).value == n
             vm.done()
     ''')
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2")
+    result = pytester.runpytest_subprocess(*INNER, "-n", "2")
     result.assert_outcomes(passed=20)
     result.stdout.fnmatch_lines(["*2 workers [[]20 items[]]*"])
+
+
+def test_examples_pass(pytester):
+    """examples/ is part of the project's test run (it takes about a second)."""
+    if shutil.which("gcc") is None:
+        pytest.skip("the C example needs gcc")
+    result = pytester.runpytest_inprocess(*INNER, str(ROOT / "examples"))
+    result.assert_outcomes(passed=6)
