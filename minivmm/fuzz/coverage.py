@@ -67,6 +67,28 @@ def basic_blocks(code: bytes, address: int, bits: int = 64) -> list[int]:
     return sorted(s for s in starts if s in boundaries)
 
 
+def comparison_constants(code: bytes, address: int, bits: int = 64) -> list[bytes]:
+    """Immediate operands of `cmp` instructions in `code`, as little-endian byte strings.
+
+    A fuzzer uses them as a dictionary (like AFL++'s auto-dictionary): magic
+    values the target compares against are then a single mutation away.
+    """
+    tokens: list[bytes] = []
+    for _, _, text in disassemble(code, address, bits):
+        mnemonic, _, operands = text.partition(" ")
+        if mnemonic != "cmp":
+            continue
+        last = operands.rsplit(",", 1)[-1].strip()
+        if not _IMMEDIATE.match(last):
+            continue
+        value = int(last, 0)
+        width = 1 if value <= 0xFF else 2 if value <= 0xFFFF else 4 if value <= 0xFFFFFFFF else 8
+        token = value.to_bytes(width, "little")
+        if token not in tokens:
+            tokens.append(token)
+    return tokens
+
+
 @dataclass
 class Coverage:
     """One-shot breakpoint coverage over `ranges` ([start, end) guest addresses)."""
@@ -81,6 +103,7 @@ class Coverage:
     _snapshot: "Snapshot | None" = field(default=None, repr=False)
     _index: dict[int, int] = field(default_factory=dict, repr=False)
     _registration: object = field(default=None, repr=False)
+    constants: list[bytes] = field(default_factory=list)
 
     # -- setup ---------------------------------------------------------------------------
     def install(self, machine: "Machine", snapshot: "Snapshot | None" = None,
@@ -102,6 +125,9 @@ class Coverage:
             except ValueError as exc:
                 raise CoverageError(f"coverage range [{start:#x}, {end:#x}): {exc}") from None
             found.update(basic_blocks(code, start, bits))
+            for token in comparison_constants(code, start, bits):
+                if token not in self.constants:
+                    self.constants.append(token)
         self.blocks = sorted(found)
         self._index = {addr: i for i, addr in enumerate(self.blocks)}
         for addr in sorted(set(self.blocks) | self.crash_addresses):
@@ -166,4 +192,4 @@ class Coverage:
             self._registration = None
 
 
-__all__ = ["Coverage", "CoverageError", "basic_blocks", "INT3"]
+__all__ = ["Coverage", "CoverageError", "basic_blocks", "comparison_constants", "INT3"]

@@ -39,7 +39,8 @@ from time import perf_counter
 from ..actions import RESUME
 from ..disasm import disassemble
 from ..exits import ExitReason, vector_name
-from ..kvm import ExitKind
+from ..kvm import ExitKind, KvmRegs, SyncRegsFlag
+from ..machine import GuestFault
 from ..modes import CODE_BITS
 from ..snapshot import Snapshot
 from ..vcpu import GPR_NAMES, run_timer
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 
 _KIND_IO = int(ExitKind.IO)
+_SYNC_REGS = int(SyncRegsFlag.REGS)
 _KIND_RDMSR = int(ExitKind.X86_RDMSR)
 _KIND_WRMSR = int(ExitKind.X86_WRMSR)
 
@@ -175,6 +177,11 @@ class Harness:
         self.coverage.install(machine, self.snapshot, target.crash_addresses)
         self._previous_length = 0
         self.runs = 0
+        # The length register is written straight into the vCPU's register
+        # cache (kvm_run's sync_regs area when the host has it).
+        self._length_offset = (getattr(KvmRegs, target.length_register).offset
+                               if target.length_register is not None else None)
+        self._regs_address = ctypes.addressof(machine.vcpu._regs)
 
     @classmethod
     def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
@@ -203,15 +210,20 @@ class Harness:
         """Restore the snapshot and place `data` (cut to the maximum size) in the guest."""
         target = self.target
         machine = self.machine
-        data = bytes(data[: target.max_input_size])
+        if len(data) > target.max_input_size:
+            data = data[: target.max_input_size]
+        if data.__class__ is not bytes:
+            data = bytes(data)
         n = len(data)
         self.snapshot.restore(machine, fpu=self.restore_fpu)
         if self._previous_length > n:
             self.snapshot.restore_range(machine, target.input_address + n, self._previous_length - n)
         ctypes.memmove(self._input_host, data, n)
         self._previous_length = n
-        if target.length_register is not None:
-            setattr(machine.vcpu, target.length_register, n)
+        if self._length_offset is not None:
+            vcpu = machine.vcpu
+            ctypes.c_uint64.from_address(self._regs_address + self._length_offset).value = n
+            vcpu._dirty |= _SYNC_REGS
         elif target.length_address is not None:
             machine.memory.write(target.length_address, struct.pack(self._length_format, n))
         self.coverage.start_run()
@@ -219,7 +231,6 @@ class Harness:
 
     def run(self, data: bytes) -> RunOutcome:
         """Run one input from the snapshot and classify the run."""
-        from ..machine import GuestFault
         data = self.prepare(data)
         self.runs += 1
         target = self.target
