@@ -260,3 +260,13 @@ def test_trace_shows_exceptions_and_vmm_completed_instructions(capsys) -> None:
     assert cli.main(["trace", str(CONFIGS / "ept_monitor_demo.yaml"), "--max", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "mov dword ptr [0x101000], 1" in lines[0] and "[completed by the VMM]" in lines[0]
+
+
+def test_caps_fallback_without_the_vmcs_module() -> None:
+    from minivmm.kvm import Kvm
+    with Kvm() as kvm:
+        report, table = cli._fallback_capabilities(kvm)
+    assert report["kvm"]["api_version"] == 12
+    assert report["kvm"]["capabilities"]["SET_GUEST_DEBUG"] == 1
+    assert "IA32_VMX_PROCBASED_CTLS" in report["vmx_msrs"]
+    assert "KVM capabilities (KVM_CHECK_EXTENSION):" in table and "IA32_VMX_BASIC" in table
