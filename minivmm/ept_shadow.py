@@ -119,6 +119,21 @@ def parse_perms(perms: str | int) -> Perm:
 
     Write without read is an EPT misconfiguration (SDM 29.3.3.1) and is refused.
     """
+    if isinstance(perms, str):
+        cached = _PARSED.get(perms)
+        if cached is not None:
+            return cached
+        value = _parse_perms(perms)
+        if len(_PARSED) < 256:
+            _PARSED[perms] = value
+        return value
+    return _parse_perms(perms)
+
+
+_PARSED: dict[str, Perm] = {}
+
+
+def _parse_perms(perms: str | int) -> Perm:
     if isinstance(perms, int):
         if not 0 <= perms <= 7:
             raise EptError(f"bad permissions {perms!r}: expected bits of R=1, W=2, X=4")
@@ -184,13 +199,15 @@ class EptTables:
     def __init__(self) -> None:
         self._tables: dict[int, list[int]] = {}
         self._stats: dict[int, dict[int, int]] = {}     # PT address -> {entry & 0x7F (-1: unmapped): count}
+        self._spare: dict[int, tuple[int, list[int]]] = {}   # 2 MiB base -> (low bits, merged PT)
+        self._pds: dict[int, list[int]] = {}                 # gpa >> 30 -> its page directory
         self._next = _TABLE_SPACE
         self.root = self._alloc()
 
-    def _alloc(self) -> int:
+    def _alloc(self, table: list[int] | None = None) -> int:
         addr = self._next
         self._next += PAGE_SIZE
-        self._tables[addr] = [0] * 512
+        self._tables[addr] = [0] * 512 if table is None else table
         return addr
 
     def table(self, address: int) -> list[int]:
@@ -207,6 +224,9 @@ class EptTables:
 
     def _pd(self, gpa: int, create: bool) -> list[int] | None:
         """The page directory covering `gpa` (creating PDPT/PD tables when asked)."""
+        pd = self._pds.get(gpa >> 30)
+        if pd is not None:
+            return pd
         table = self._tables[self.root]
         for level in (0, 1):
             index = (gpa >> _SHIFTS[level]) & 511
@@ -219,6 +239,7 @@ class EptTables:
             elif level == 1 and entry & _LARGE:
                 raise EptError(f"{gpa:#x} lies in a 1 GiB EPT page; this model maps RAM with 2 MiB pages")
             table = self._tables[entry & ADDRESS_MASK]
+        self._pds[gpa >> 30] = table        # PDs are never freed: safe to remember
         return table
 
     def map(self, gpa: int, size: int, perms: int = Perm.RWX,
@@ -255,14 +276,19 @@ class EptTables:
         if entry & 7 and not entry & _LARGE:
             address = entry & ADDRESS_MASK
             return address, self._tables[address]
-        address = self._alloc()
-        pt = self._tables[address]
         if entry & _LARGE:    # split: same rights and memory type per 4 KiB
             base = entry & ADDRESS_MASK
             low = entry & 0x7F      # R/W/X, memory type, ignore-PAT
-            pt[:] = range(base | low, (base | low) + LARGE_PAGE_SIZE, PAGE_SIZE)
+            spare = self._spare.pop(base, None)
+            if spare is not None and spare[0] == low:
+                pt = spare[1]       # the table this 2 MiB page was merged from: still exact
+            else:
+                pt = list(range(base | low, (base | low) + LARGE_PAGE_SIZE, PAGE_SIZE))
+            address = self._alloc(pt)
             self._stats[address] = {low: 512}
         else:
+            address = self._alloc()
+            pt = self._tables[address]
             self._stats[address] = {-1: 512}
         pd[index] = address | 7
         return address, pt
@@ -278,7 +304,9 @@ class EptTables:
             return False
         pt = self._tables.pop(address)
         del self._stats[address]
-        pd[index] = (pt[0] & ADDRESS_MASK) | (pt[0] & 0x7F) | _LARGE
+        base, low = pt[0] & ADDRESS_MASK, pt[0] & 0x7F
+        pd[index] = base | low | _LARGE
+        self._spare[base] = (low, pt)     # kept to split again cheaply (512 new ints cost ~20 us)
         return True
 
     def set_perms(self, gpa: int, size: int, perms: int) -> None:
@@ -329,18 +357,17 @@ class EptTables:
         raise AssertionError("unreachable")
 
     def perms(self, gpa: int) -> int:
-        """The effective R/W/X bits for `gpa` (0 when unmapped): the hot-path walk."""
-        tables = self._tables
-        e = tables[self.root][(gpa >> 39) & 511]
-        if not e & 7:
+        """The effective R/W/X bits for `gpa` (0 when unmapped): the hot-path walk.
+
+        PML4E and PDPTE of RAM always grant R/W/X, so the walk starts at the PD.
+        """
+        pd = self._pds.get(gpa >> 30)
+        if pd is None:
             return 0
-        e = tables[e & ADDRESS_MASK][(gpa >> 30) & 511]
-        if not e & 7:
-            return 0
-        e = tables[e & ADDRESS_MASK][(gpa >> 21) & 511]
+        e = pd[(gpa >> 21) & 511]
         if e & _LARGE or not e & 7:
             return e & 7
-        return tables[e & ADDRESS_MASK][(gpa >> 12) & 511] & 7
+        return self._tables[e & ADDRESS_MASK][(gpa >> 12) & 511] & 7
 
     def mark(self, gpa: int, bits: int) -> None:
         """Set accessed/dirty bits in the leaf for `gpa` (as the processor does with A/D enabled)."""
@@ -504,6 +531,10 @@ class Hook:
     hits: int = 0
     active: bool = True
     original: bytes = b""
+    bits: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bits = int(self.access)
 
     @property
     def pages(self) -> range:
@@ -864,9 +895,14 @@ class EptShadow:
                 raise EptError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM "
                                f"(page {page << PAGE_SHIFT:#x} is not mapped)")
         pages = range(first, last + 1)
-        if any(self._region(p << PAGE_SHIFT) is None for p in pages):
-            raise EptError(f"[{gpa:#x}, {gpa + size:#x}) has a gap that is not guest RAM")
-        return pages
+        end = gpa + size
+        while True:                             # walk region by region: no gap may be left
+            region = self._region(gpa)
+            if region is None:
+                raise EptError(f"[{gpa:#x}, {end:#x}) has a gap at {gpa & ~0xFFF:#x} that is not guest RAM")
+            if region.gpa + region.size >= end:
+                return pages
+            gpa = region.gpa + region.size
 
     def protect(self, gpa: int, size: int, perms: str | int) -> None:
         """Set the EPT rights of every page touching [gpa, gpa+size) to `perms` ("r-x", "---", ...).
@@ -1185,17 +1221,26 @@ class EptShadow:
             callback(vcpu)
         return RETRY
 
-    def _emulate(self, exit: MmioExit) -> None:
-        """Carry out a data access KVM could not, against the backing RAM."""
+    def _emulate(self, exit: MmioExit) -> bytes:
+        """Carry out a data access KVM could not, against the backing RAM; returns the bytes moved."""
         self.emulations += 1
-        gpa = exit.phys_addr
+        gpa, length = exit.phys_addr, exit.length
+        region = self._region(gpa)
+        offset = gpa - region.gpa if region is not None else 0
+        inside = region is not None and offset + length <= region.size
         if exit.is_write:
-            self.machine.memory.write(gpa, exit.data)
-            self._note_write(gpa, exit.length)
+            data = exit.data
+            if inside:
+                region.mem[offset: offset + length] = data
+            else:
+                self.machine.memory.write(gpa, data)
+            self._note_write(gpa, length)
         else:
-            self.machine.vcpu.fd.set_mmio_data(self.machine.memory.read(gpa, exit.length))
+            data = region.mem[offset: offset + length] if inside else self.machine.memory.read(gpa, length)
+            self.machine.vcpu.fd.set_mmio_data(data)
             if self.ad:
                 self.tables.mark(gpa, 0x100)
+        return data
 
     def _monitored(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
         """Emulate a monitored access (joining the fragments KVM splits it into), then report it."""
@@ -1205,11 +1250,7 @@ class EptShadow:
         current = exit
         leftover: int | None = None
         while True:
-            self._emulate(current)
-            if current.is_write:
-                data += current.data
-            else:
-                data += self.machine.memory.read(current.phys_addr, current.length)
+            data += self._emulate(current)
             end = current.phys_addr + current.length
             if end & 0xFFF and current.length != 8:
                 break
@@ -1246,7 +1287,7 @@ class EptShadow:
         vcpu = self.machine.vcpu
         for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
             for hook in self._monitors.get(page, ()):
-                if id(hook) in seen or not hook.access & want or not (hook.start < end and gpa < hook.end):
+                if not hook.bits & want or not (hook.start < end and gpa < hook.end) or id(hook) in seen:
                     continue
                 seen.add(id(hook))
                 hook.hits += 1
