@@ -655,6 +655,7 @@ class EptShadow:
         self._readonly_pages: dict[Region, set[int]] = {}   # mprotect backend: protected pages
         self._views: dict[Region, tuple[mmap.mmap, int]] = {}
         self.access: EptAccess | None = None
+        self._open_read: tuple[EptAccess, MmioExit] | None = None
         self.violations = 0
         self.emulations = 0
         self.toggles = 0
@@ -872,6 +873,8 @@ class EptShadow:
         # the slots come back on the view at the end of _realise
 
     def _before_entry(self) -> None:
+        if self._open_read is not None:
+            self._finish_read()
         if len(self.machine._slots) != len(self._regions):
             self._sync_regions()
         if self._pending:
@@ -1135,12 +1138,27 @@ class EptShadow:
             qualification |= _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
         if not exit.is_write:
             vcpu.fd.set_mmio_data(bytes(8))     # what the guest reads unless a handler completes it
-        self.access = EptAccess(gpa, gla, exit.length, exit.is_write, False,
-                                exit.data if exit.is_write else b"", vcpu.rip)
+        access = self.access = EptAccess(gpa, gla, exit.length, exit.is_write, False,
+                                         exit.data if exit.is_write else b"", vcpu.rip)
         self.violations += 1
         info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                                       guest_linear_address=gla or 0, detail=exit)
+                                       guest_linear_address=gla or 0, detail=exit,
+                                       data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
+        if not exit.is_write:
+            self._open_read = (access, exit)
         return info, gpa
+
+    def _finish_read(self) -> None:
+        """Before the next entry: a read violation no handler completed reads `info.data`."""
+        access, exit = self._open_read
+        self._open_read = None
+        info = self.machine.info
+        if access.completed or info.detail is not exit:
+            return
+        size = access.size
+        data = (info.data & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.machine.vcpu.fd.set_mmio_data(data)
+        access.data = data
 
     def translate_fetch_fault(self, exit: InternalErrorExit) -> tuple[ExitInfo | None, int | None] | None:
         """Turn an emulation failure at an instruction in a page without X into an EPT violation.
@@ -1313,15 +1331,20 @@ class EptShadow:
             raise ValueError(f"complete_read: the guest reads {access.size} bytes, got {len(data)}")
         self.machine.vcpu.fd.set_mmio_data(bytes(data))
         access.data, access.completed = bytes(data), True
+        self.machine.info.data = int.from_bytes(data, "little")
 
     def complete_write(self, data: bytes | int | None = None) -> None:
-        """Apply the guest's write (or `data` instead) to RAM for the current violation."""
+        """Apply the guest's write to RAM for the current violation.
+
+        The value written is `data` if given, else `info.data` (the guest's
+        value unless a handler changed it).
+        """
         access = self._current("complete_write")
         if not access.is_write:
             raise RuntimeError("complete_write: the current EPT violation is not a write")
         if data is None:
-            data = access.data
-        elif isinstance(data, int):
+            data = self.machine.info.data
+        if isinstance(data, int):
             data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
         self.machine.memory.write(access.gpa, data)
         self._note_write(access.gpa, len(data))

@@ -406,3 +406,34 @@ _start:
     result = m.run(timeout=10)
     assert result.reason == "exit", result
     assert writes == [0x77] and m.memory.read_u32(DATA) == 0x77
+
+
+def test_handlers_can_use_info_data(make_machine) -> None:
+    """`info.data` carries the written value and takes the value a read should return."""
+    m = user_machine(make_machine, f"""
+    movl $0x41, {DATA + 0x40:#x}
+    movl {DATA2 + 0x40:#x}, %ebx
+    mov $0, %al
+    out %al, $0xf4
+""")
+    ept = m.ept
+    ept.protect(DATA, 0x1000, "r--")
+    ept.protect(DATA2, 0x1000, "---")
+    seen = []
+
+    def on_write(vcpu, info):
+        seen.append(info.data)
+        info.data += 1
+        ept.complete_write()
+        return RESUME
+
+    def on_read(vcpu, info):
+        info.data = 0xFEEDF00D
+        return RESUME
+
+    m.on(ExitReason.EPT_VIOLATION, on_write, address=range(DATA, DATA + 0x1000))
+    m.on(ExitReason.EPT_VIOLATION, on_read, address=range(DATA2, DATA2 + 0x1000))
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert seen == [0x41] and m.memory.read_u32(DATA + 0x40) == 0x42
+    assert m.vcpu.rbx == 0xFEEDF00D
