@@ -1,0 +1,172 @@
+"""`minivmm fuzz` and `minivmm afl`: the fuzzing commands of the command line.
+
+`add_commands(subparsers)` is called by `minivmm.cli`; each command's
+handler takes the parsed arguments and returns the exit status.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXIT_OK = 0
+EXIT_USAGE = 2
+
+
+def add_commands(subparsers: argparse._SubParsersAction) -> None:
+    raw = argparse.RawDescriptionHelpFormatter
+    fuzz = subparsers.add_parser(
+        "fuzz", help="coverage-guided snapshot fuzzing of a config's `fuzz:` target", formatter_class=raw,
+        description="Fuzz the target described by the config's `fuzz:` section: restore a snapshot, place "
+                    "a mutated input, run, keep inputs that reach new basic blocks, save crashes once per "
+                    "crash site. A status line (runs/s, coverage, crashes, timeouts, elapsed) goes to stderr.",
+        epilog="examples:\n"
+               "  minivmm fuzz configs/fuzz_parser.yaml --corpus corpus --crashes crashes --seconds 30\n"
+               "  minivmm fuzz configs/fuzz_parser.yaml --corpus corpus --crashes crashes --jobs 2 --runs 100000\n\n"
+               "Without --runs or --seconds it runs until interrupted (Ctrl-C).")
+    fuzz.add_argument("config", metavar="CONFIG", help="a YAML config with a `fuzz:` section")
+    fuzz.add_argument("--corpus", required=True, metavar="DIR", type=Path,
+                      help="seed inputs; inputs reaching new coverage are added here")
+    fuzz.add_argument("--crashes", required=True, metavar="DIR", type=Path,
+                      help="one input (and a .txt description) per crash site")
+    fuzz.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
+                      help="fuzzing processes, each with its own VM (default 1)")
+    fuzz.add_argument("--runs", type=_positive_int, metavar="N", help="stop after N runs (over all jobs)")
+    fuzz.add_argument("--seconds", type=_positive_float, metavar="S", help="stop after S seconds")
+    fuzz.add_argument("--seed", type=int, metavar="N", help="random seed (reproducible campaigns with --jobs 1)")
+    fuzz.add_argument("--no-coverage", action="store_true", help="blind fuzzing (no breakpoints)")
+    fuzz.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config value, e.g. fuzz.timeout=0.5; repeatable")
+    fuzz.set_defaults(handler=cmd_fuzz)
+
+    afl = subparsers.add_parser(
+        "afl", help="run a config's `fuzz:` target under afl-fuzz (forkserver with snapshot restores)",
+        formatter_class=raw,
+        description="An AFL++ target: speaks the forkserver protocol on fds 198/199, restores a snapshot "
+                    "instead of forking, reads the input from FILE (afl's @@) or stdin and writes "
+                    "coverage into __AFL_SHM_ID. Crashes are reported as SIGSEGV, minivmm's own "
+                    "deadline as SIGKILL.",
+        epilog="examples:\n"
+               "  minivmm afl configs/fuzz_parser.yaml --write-dict parser.dict\n"
+               "  AFL_SKIP_BIN_CHECK=1 afl-fuzz -i seeds -o out -x parser.dict -- "
+               "minivmm afl configs/fuzz_parser.yaml\n"
+               "  AFL_SKIP_BIN_CHECK=1 afl-fuzz -i seeds -o out -- minivmm afl configs/fuzz_parser.yaml @@\n"
+               "  minivmm afl configs/fuzz_parser.yaml crash.bin      # one run; SIGSEGV if it crashes")
+    afl.add_argument("config", metavar="CONFIG", help="a YAML config with a `fuzz:` section")
+    afl.add_argument("input", nargs="?", metavar="FILE", help="the input file (afl's @@); default stdin")
+    afl.add_argument("--timeout", type=_positive_float, metavar="S",
+                     help="minivmm's deadline per run (default: the config's fuzz.timeout); keep it above "
+                          "afl-fuzz -t")
+    afl.add_argument("--write-dict", metavar="FILE", type=Path,
+                     help="write the target's comparison constants as an AFL dictionary and exit")
+    afl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a config value; repeatable")
+    afl.set_defaults(handler=cmd_afl)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def _load(args: argparse.Namespace):
+    from ..config import load_config
+    config = load_config(args.config, overrides=args.overrides)
+    if config.fuzz is None:
+        print(f"minivmm: {args.config}: the config has no `fuzz:` section (input_symbol, length_register, ...)",
+              file=sys.stderr)
+        return None
+    return config
+
+
+def _seeds(corpus: Path) -> list[bytes]:
+    if not corpus.exists():
+        return []
+    return [p.read_bytes() for p in sorted(corpus.iterdir()) if p.is_file() and not p.name.startswith(".")]
+
+
+def cmd_fuzz(args: argparse.Namespace) -> int:
+    from .engine import Fuzzer, StatusLine, fuzz_jobs
+    from .harness import FuzzError, Harness
+    config = _load(args)
+    if config is None:
+        return EXIT_USAGE
+    status = StatusLine(sys.stderr)
+    args.corpus.mkdir(parents=True, exist_ok=True)
+    args.crashes.mkdir(parents=True, exist_ok=True)
+    try:
+        if args.jobs > 1:
+            if args.overrides:
+                print("minivmm: --set is not supported with --jobs > 1", file=sys.stderr)
+                return EXIT_USAGE
+            stats = fuzz_jobs(args.config, jobs=args.jobs, corpus_dir=args.corpus, crashes_dir=args.crashes,
+                              runs=args.runs, seconds=args.seconds, seed=args.seed,
+                              coverage=not args.no_coverage, status=status)
+        else:
+            try:
+                harness = Harness.from_config(config, coverage=not args.no_coverage)
+            except FuzzError as exc:
+                print(f"minivmm: {exc}", file=sys.stderr)
+                return EXIT_USAGE
+            with harness:
+                fuzzer = Fuzzer(harness, corpus_dir=args.corpus, crashes_dir=args.crashes, seed=args.seed,
+                                status=status)
+                try:
+                    stats = fuzzer.run(runs=args.runs, seconds=args.seconds)
+                except KeyboardInterrupt:
+                    stats = fuzzer.stats
+    except KeyboardInterrupt:
+        status.done()
+        print("minivmm: interrupted", file=sys.stderr)
+        return 130
+    status.done()
+    print(f"{stats.runs} runs in {stats.elapsed_s:.1f}s ({stats.runs_per_s:,.0f}/s), "
+          f"coverage {len(stats.hits)}/{stats.blocks} blocks, {stats.crashes} unique crashes, "
+          f"{stats.timeouts} timeouts")
+    for site in sorted(stats.crash_sites):
+        print(f"  crash {site}: {args.crashes / ('crash-' + site)}")
+    return EXIT_OK
+
+
+def cmd_afl(args: argparse.Namespace) -> int:
+    from .afl import AflError, main, write_dictionary
+    from .harness import FuzzError, Harness
+    config = _load(args)
+    if config is None:
+        return EXIT_USAGE
+    try:
+        harness = Harness.from_config(config)
+    except FuzzError as exc:
+        print(f"minivmm: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        if args.timeout is not None:
+            harness.target.timeout = args.timeout
+        if args.write_dict is not None:
+            count = write_dictionary(harness, args.write_dict)
+            print(f"wrote {count} tokens to {args.write_dict}")
+            return EXIT_OK
+        return main(harness, args.input)
+    except AflError as exc:
+        print(f"minivmm afl: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        harness.close()
+
+
+__all__ = ["add_commands", "cmd_fuzz", "cmd_afl"]
