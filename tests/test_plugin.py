@@ -193,6 +193,37 @@ _start:
     assert failure.rip == vm.symbols["_start"] + 6
 
 
+def test_failed_condition_code_assert_in_protected_mode(guest):
+    vm = guest.asm(r"""
+_start:
+    mov $7, %esi
+    cmp $8, %esi
+    GUEST_ASSERT ae
+    GUEST_DONE
+""", "protected")
+    run = vm.run(raise_on_assert=False)
+    assert run.reason == "assert_failed"
+    failure = run.assertion
+    assert (failure.macro, failure.expression, failure.left) == ("GUEST_ASSERT", "ae", None)
+    assert failure.line == _line_of("    GUEST_ASSERT ae")
+    assert failure.registers["rsi"] == 7 and failure.registers["rflags"] & 1     # CF from the cmp
+    assert "left" not in str(failure)
+
+
+def test_unknown_channel_hypercall_stops_with_an_error_and_others_pass_through(guest):
+    vm = guest.asm(r"""
+_start:
+    mov $0x1234, %eax
+    out %al, $0xf5                  /* not a channel number: minivmm's default answers -1000 */
+    GUEST_SYNC $1, %rax
+    mov $0x4d5600ff, %eax
+    out %al, $0xf5
+""")
+    assert vm.sync(1).value == (-1000) & (1 << 64) - 1
+    run = vm.run()
+    assert run.reason == "error" and "unknown minivmm test-channel hypercall 0x4d5600ff" in run.message
+
+
 @pytest.mark.guest_mode("real", "protected", "long", "user")
 def test_one_guest_in_every_mode(guest, guest_mode):
     reg = {"real": "%ax", "protected": "%eax"}.get(guest_mode, "%rax")

@@ -6,7 +6,6 @@ an EXECUTE_WRMSR exit with the value in `info.data`. Returning None lets
 minivmm's default handler perform the write; returning RESUME skips the
 instruction, so the write never happens; Inject(#GP) refuses it.
 """
-import pytest
 
 from minivmm.actions import RESUME, Inject
 from minivmm.exits import ExitReason, Vector
