@@ -875,6 +875,10 @@ class EptShadow:
     def _before_entry(self) -> None:
         if self._open_read is not None:
             self._finish_read()
+        if self._tf_callbacks:
+            vcpu = self.machine.vcpu
+            if not vcpu.rflags & _RFLAGS_TF:      # a completed MMIO (RETRY) drops TF on this host
+                vcpu.rflags |= _RFLAGS_TF
         if len(self.machine._slots) != len(self._regions):
             self._sync_regions()
         if self._pending:

@@ -437,3 +437,30 @@ def test_handlers_can_use_info_data(make_machine) -> None:
     assert result.reason == "exit", result
     assert seen == [0x41] and m.memory.read_u32(DATA + 0x40) == 0x42
     assert m.vcpu.rbx == 0xFEEDF00D
+
+
+def test_let_through_once_by_restoring_and_stepping(make_machine, backend) -> None:
+    """HyperDbg's pattern: give the page its rights back, step one instruction, re-protect."""
+    m = user_machine(make_machine, f"""
+    mov {DATA:#x}, %rbx
+    mov {DATA + 8:#x}, %rcx
+    mov $0, %al
+    out %al, $0xf4
+""")
+    ept = with_backend(m, backend)
+    m.memory.write(DATA, (0x1111).to_bytes(8, "little") + (0x2222).to_bytes(8, "little"))
+    ept.protect(DATA, 0x1000, "---")
+    rips = []
+
+    def handler(vcpu, info):
+        rips.append(vcpu.rip)
+        ept.protect(DATA, 0x1000, "rwx")
+        ept.step_once(lambda vcpu: ept.protect(DATA, 0x1000, "---"))
+        return RETRY                    # a read is reported before it executes: run it again
+
+    m.on(ExitReason.EPT_VIOLATION, handler)
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert (m.vcpu.rbx, m.vcpu.rcx) == (0x1111, 0x2222)
+    assert rips == [m.symbol("_start"), m.symbol("_start") + 8]     # each read faulted once
+    assert ept.perms(DATA) == Perm.NONE
