@@ -202,6 +202,14 @@ class GuestVM:
             self.tracer.record_position()
         try:
             result = machine.run(timeout=self.timeout if timeout is None else timeout, max_exits=max_exits)
+        except Exception as exc:         # keep the state for the failure report, then re-raise
+            self.runs.append(GuestRun(reason="error", exit_code=None,
+                                      message=f"{type(exc).__name__}: {exc}", console=machine.serial.text,
+                                      exit_sequence=self.recorder.since(exit_mark),
+                                      registers=register_state(machine.vcpu),
+                                      printed="".join(channel.output[printed_mark:])))
+            _drop_frame_locals(exc)
+            raise
         finally:
             if self.tracer is not None:
                 self.tracer.stop()
@@ -463,6 +471,21 @@ class GuestFactory:
                 vm.close()
             except Exception:
                 pass
+
+
+def _drop_frame_locals(exc: BaseException) -> None:
+    """Clear the locals of the finished frames of `exc` (and its causes).
+
+    pytest keeps a failing test's exception until the end of the session; the
+    frames of `Machine.run` hold ctypes views of the vCPU's kvm_run mapping,
+    which would keep the machine from closing (BufferError) and leak its fds.
+    """
+    import traceback
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def _load_asm_with_test_include(machine: "Machine", text: str, load_address: int | None,
