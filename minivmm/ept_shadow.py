@@ -46,7 +46,7 @@ from enum import IntEnum, IntFlag
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from .actions import RETRY, Action, Stop
-from .exits import ExitInfo, ExitReason, Vector
+from .exits import ExitInfo, ExitReason, InterruptionType, Vector
 from .kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Cap, ExitKind, InternalErrorExit,
                   InternalErrorKind, Kvm, KvmError, MemoryFlag, MmioExit, decode_exit)
 from .memory import PAGE_SHIFT, PAGE_SIZE, Region
@@ -1184,7 +1184,13 @@ class EptShadow:
         page = gpa >> PAGE_SHIFT
         rights = self.tables.perms(gpa)
         if _kind(rights) != _Kind.HOLE and page not in self._override:
-            return None                         # an ordinary emulation failure (int3, ...)
+            if gpa in self._exec_visible and region.mem[gpa - region.gpa] == 0xCC:
+                # CPL-0 int3 of a visible hook: report #BP here, whatever the failure data says
+                info = self.machine.info.reset(
+                    ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
+                    interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
+                return info, int(Vector.BP)
+            return None                         # an ordinary emulation failure
         vcpu = self.machine.vcpu
         hooks = self._exec_hidden.get(page)
         if hooks:

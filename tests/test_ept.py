@@ -367,14 +367,14 @@ def test_bad_requests_are_refused(make_machine) -> None:
         m.ept.monitor(0x100010, 0x100010, "r", print)
 
 
-@pytest.mark.parametrize("mode", ["long", "protected"])
-def test_hidden_execute_hook_at_cpl0(make_machine, mode) -> None:
-    """CPL-0 code (emulated by the host): the same hook, stepped with KVM single-step."""
+@pytest.mark.parametrize("mode,hidden", [("long", True), ("protected", True), ("long", False)])
+def test_execute_hook_at_cpl0(make_machine, mode, hidden) -> None:
+    """CPL-0 code (emulated by the host): the same hooks, stepped with KVM single-step."""
     m = make_machine(mode=mode)
     m.load_asm(".globl _start\n_start:\n" + EXEC_GUEST.replace("%rbx", "%ebx").replace("%rax", "%eax"))
     hooked = m.symbol("hooked")
     calls = []
-    m.ept.hook_execute(hooked, lambda event: calls.append(event.vcpu.rbx & 0xFFFFFFFF))
+    m.ept.hook_execute(hooked, lambda event: calls.append(event.vcpu.rbx & 0xFFFFFFFF), hidden=hidden)
     result = m.run(timeout=20)
     assert result.reason == "exit", result
     assert calls == [0, 1, 2] and m.vcpu.rbx & 0xFFFFFFFF == 3
