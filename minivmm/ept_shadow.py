@@ -1078,18 +1078,29 @@ class EptShadow:
         """The guest-linear address of `gpa` when it can be known, else None.
 
         KVM reports only the guest-physical address of an MMIO access. Without
-        paging linear = physical (flat segments); with paging the identity
-        mapping is checked by walking the guest's page tables.
+        paging linear = physical (flat segments). With paging: the identity
+        address if the guest's page tables map it to `gpa` (minivmm's modes
+        identity-map RAM), else the one linear address a reverse walk finds;
+        None when no or several linear addresses map the page. (An access
+        through an alias of an identity-mapped page is reported with the
+        identity address: KVM does not say which linear address was used.)
         """
         vcpu = self.machine.vcpu
-        if not vcpu.cr0 & (1 << 31):
+        cr0 = vcpu.cr0
+        if not cr0 & (1 << 31):
             return gpa
-        from .pagewalk import PageFault, translate
+        from .pagewalk import PageFault, linear_addresses, translate
+        memory, cr3, cr4, efer = self.machine.memory, vcpu.cr3, vcpu.cr4, vcpu.efer
         try:
-            tr = translate(self.machine.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, gpa)
+            if translate(memory, cr0, cr3, cr4, efer, gpa).gpa == gpa:
+                return gpa
         except (PageFault, ValueError):
+            pass
+        try:
+            found = linear_addresses(memory, cr0, cr3, cr4, efer, gpa, limit=2)
+        except ValueError:
             return None
-        return gpa if tr.gpa == gpa else None
+        return found[0] if len(found) == 1 else None
 
     def _fetch_gpa(self) -> tuple[int, int] | None:
         """(linear, physical) address of the instruction at RIP, or None if it does not translate."""

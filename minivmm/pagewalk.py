@@ -220,3 +220,61 @@ def write_virtual(memory: GuestMemory, regs: ControlRegisters, gva: int, data: b
         pos += n
     for gpa, start, n in chunks:
         memory.write(gpa, data[start: start + n])
+
+
+def linear_addresses(memory: GuestMemory, cr0: int, cr3: int, cr4: int, efer: int, gpa: int,
+                     limit: int = 4) -> list[int]:
+    """Guest-linear addresses whose translation is `gpa` (a reverse walk), at most `limit` of them.
+
+    Walks every present entry of the guest's paging structures (SDM vol. 3A
+    4.3-4.5) and returns the linear addresses of leaves that map the page of
+    `gpa`, in ascending order; canonical (sign-extended) under 4-level
+    paging. Without paging the linear address is the physical one.
+    """
+    if not cr0 & CR0_PG:
+        return [gpa]
+    found: list[int] = []
+    if efer & EFER_LMA:
+        if cr4 & CR4_LA57:
+            raise ValueError("5-level paging (CR4.LA57) is not modelled by the page walker")
+        _reverse(memory, cr3 & 0x000FFFFFFFFFF000, (39, 30, 21, 12), 8, gpa, 0, found, limit)
+        return [va | (~((1 << 48) - 1) & ((1 << 64) - 1)) if va >> 47 else va for va in found]
+    if cr4 & CR4_PAE:
+        pdptes = struct.unpack("<4Q", memory.read(cr3 & 0xFFFFFFE0, 32))
+        for i, pdpte in enumerate(pdptes):
+            if pdpte & PteFlag.P and len(found) < limit:
+                _reverse(memory, pdpte & 0x000FFFFFFFFFF000, (21, 12), 8, gpa, i << 30, found, limit)
+        return found
+    _reverse(memory, cr3 & 0xFFFFF000, (22, 12), 4, gpa, 0, found, limit, pse=bool(cr4 & CR4_PSE))
+    return found
+
+
+def _reverse(memory: GuestMemory, table: int, shifts: tuple[int, ...], entry_size: int, gpa: int,
+             prefix: int, found: list[int], limit: int, pse: bool = True) -> None:
+    count = PAGE_SIZE // entry_size
+    try:
+        entries = struct.unpack(f"<{count}{'Q' if entry_size == 8 else 'I'}", memory.read(table, PAGE_SIZE))
+    except GuestMemoryError:
+        return
+    shift = shifts[0]
+    last = len(shifts) == 1
+    for index, entry in enumerate(entries):
+        if not entry & PteFlag.P:
+            continue
+        va = prefix | (index << shift)
+        large = not last and entry & PteFlag.PS and shift != 39 and (entry_size == 8 or pse)
+        if last or large:
+            size = 1 << shift
+            if entry_size == 4 and large:
+                base = (entry & 0xFFC00000) | (((entry >> 13) & 0xFF) << 32)
+            else:
+                base = entry & 0x000FFFFFFFFFF000 & ~(size - 1)
+            if base <= gpa < base + size:
+                found.append(va | (gpa - base))
+                if len(found) >= limit:
+                    return
+            continue
+        _reverse(memory, entry & (0x000FFFFFFFFFF000 if entry_size == 8 else 0xFFFFF000), shifts[1:],
+                 entry_size, gpa, va, found, limit, pse)
+        if len(found) >= limit:
+            return

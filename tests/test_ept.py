@@ -464,3 +464,34 @@ def test_let_through_once_by_restoring_and_stepping(make_machine, backend) -> No
     assert (m.vcpu.rbx, m.vcpu.rcx) == (0x1111, 0x2222)
     assert rips == [m.symbol("_start"), m.symbol("_start") + 8]     # each read faulted once
     assert ept.perms(DATA) == Perm.NONE
+
+
+def test_gla_of_a_page_mapped_away_from_its_identity_address(make_machine) -> None:
+    """The guest maps GPA 0x200000 only at linear 0x40000000: the violation's GLA is found by a reverse walk."""
+    import struct
+    m = make_machine(mode="long", memory="4M")
+    m.load_asm(""".globl _start
+_start:
+    movl $0x99, 0x40000010
+    mov $0, %al
+    out %al, $0xf4
+""")
+    m.setup()
+    pd0, pd1 = 0x5000, 0x6000                  # page directories of the first and second GiB
+    m.memory.write(pd0 + 8, struct.pack("<Q", 0))                          # no identity 0x200000
+    m.memory.write(pd1, struct.pack("<Q", 0x200000 | 0x83))               # 0x40000000 -> 0x200000
+    ept = m.ept
+    ept.protect(0x200000, 0x1000, "r-x")
+    seen = []
+
+    def handler(vcpu, info):
+        seen.append((info.guest_physical_address, info.guest_linear_address, info.ept.gla_valid))
+        ept.complete_write()
+        return RESUME
+
+    m.on(ExitReason.EPT_VIOLATION, handler)
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert seen == [(0x200010, 0x40000010, True)]
+    assert m.memory.read_u32(0x200010) == 0x99
+    assert m.read_virtual(0x40000010, 4) == b"\x99\0\0\0"

@@ -199,3 +199,14 @@ def test_read_and_write_virtual_cross_pages(long_tables) -> None:
     with pytest.raises(PageFault, match=r"PTE\[0x7\] not present"):
         write_virtual(long_tables, regs, 0x6FFE, b"XYZW")
     assert long_tables.read(0x106FFE, 2) == b"\0\0"          # nothing written on a fault
+
+
+def test_linear_addresses_reverse_walk(long_tables, memory) -> None:
+    from minivmm.pagewalk import linear_addresses
+    # 0x103abc is mapped at 0x3abc (4 KiB page) and at 1 GiB + 0x103abc (the 1 GiB page onto 0)
+    assert linear_addresses(long_tables, **LONG, gpa=0x103ABC) == [0x3ABC, GiB + 0x103ABC]
+    assert linear_addresses(long_tables, **LONG, gpa=0x412345) == [0x212345, GiB + 0x412345]
+    assert linear_addresses(long_tables, **LONG, gpa=0x103ABC, limit=1) == [0x3ABC]
+    assert linear_addresses(memory, 1, 0, 0, 0, 0x5000) == [0x5000]          # no paging
+    d(memory, PD32, 1, 0x400000 | P | RW | PS)
+    assert linear_addresses(memory, CR0, PD32, CR4_PSE, 0, 0x400010) == [0x400010]
