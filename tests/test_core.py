@@ -289,6 +289,15 @@ def test_runaway_guest_is_stopped_at_its_deadline(make_machine, mode: str, sourc
     assert r2.reason == "timeout" and r2.elapsed_s < 0.5
 
 
+def test_vmcall_at_cpl3_returns_instead_of_hanging(make_machine) -> None:
+    """KVM answers a CPL-3 vmcall itself with -KVM_EPERM (-1) in RAX; only CPL 0 spins."""
+    m = make_machine(mode="user")
+    m.load_asm("mov $7, %eax\n vmcall\n mov %rax, %rbx\n EXIT 0\n1: jmp 1b")
+    r = m.run(timeout=1.0)
+    assert (r.reason, r.exit_code) == ("exit", 0), r
+    assert m.vcpu.rbx == (1 << 64) - 1
+
+
 def test_max_exits_bounds_a_run(make_machine) -> None:
     m = make_machine(mode="long")
     m.load_asm("1: out %al, $0x80\n jmp 1b")
