@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from minivmm.actions import RESUME, RETRY, Stop
+from minivmm.actions import RESUME, RETRY
 from minivmm.ept_shadow import EptError, EptFlag, EptTables, Perm, host_backend, parse_perms
 from minivmm.exits import EptViolationQualification
 from minivmm.exits import ExitReason
@@ -338,7 +338,7 @@ def test_fetch_violation_and_allow_once(make_machine, backend) -> None:
 
 def test_mmio_device_claims_unmapped_space(make_machine) -> None:
     m = make_machine(mode="long")
-    m.load_asm(f""".globl _start
+    m.load_asm(""".globl _start
 _start:
     movl $0x1234, 0x40000010
     mov 0x40000008, %rbx
