@@ -22,10 +22,15 @@ from stdin (AFL rewrites the file behind fd 0 for every run).
 
 Coverage goes into the shared memory named by `__AFL_SHM_ID` (shmat), of
 `AFL_MAP_SIZE` bytes (default 65536): one byte per basic block, at a hash of
-the block address (AFL's per-block id). Breakpoint coverage sees a block
-only the first time it runs, so the map is *cumulative*: every run reports
-all blocks seen so far. AFL therefore finds new bits exactly when an input
-reaches a block no input reached before, and calibration stays stable.
+the block address (AFL's per-block id). Breakpoint coverage sees a block only
+the first time any input runs it, so a run's map is: one fixed "ran" byte,
+plus the blocks this input discovered. The bridge remembers that map per
+input (by content), so AFL's calibration re-runs of an input see the same map
+(stability 100%), each queue entry owns the bits of the blocks it found (AFL's
+favoured-entry selection keeps all of them), and trimming keeps the bytes
+that the discovery needed (a trimmed variant shows a different map). The
+fixed byte keeps every map non-empty (afl-fuzz stops with "No
+instrumentation detected" on an empty map in its dry run).
 
 `minivmm afl CONFIG --write-dict FILE` writes the comparison constants of
 the covered code as an AFL dictionary (`-x FILE`), the equivalent of AFL++'s
@@ -55,9 +60,9 @@ per core:
 
 Each secondary imports the queue entries of the others every few minutes (or
 as soon as it idles), so a block one instance reaches becomes a seed for all.
-Coverage maps stay per instance; because minivmm's map is cumulative per
-process, an input synced from another instance is kept only if it reaches a
-block this instance has not seen, which is exactly AFL's rule. Use
+Coverage maps stay per instance: an input synced from another instance
+is kept only if it reaches a block this instance has not seen, which is
+exactly AFL's rule. Use
 `afl-whatsup sync` for the combined status. Each instance needs a CPU core
 (KVM_RUN runs on the caller's thread) and the guest's memory once more.
 """
@@ -123,10 +128,6 @@ class SharedMap:
             self._private = (ctypes.c_ubyte * size)()
             self.address = ctypes.addressof(self._private)
 
-    def write(self, data: ctypes.Array) -> None:
-        """Copy a ctypes byte array of the map's size into the map."""
-        ctypes.memmove(self.address, data, min(ctypes.sizeof(data), self.size))
-
     def read(self) -> bytes:
         return ctypes.string_at(self.address, self.size)
 
@@ -189,7 +190,9 @@ class AflBridge:
         self.harness = harness
         self.input_path = input_path
         self.map = SharedMap(map_size or map_size_from_env(), os.environ.get("__AFL_SHM_ID"))
-        self.sticky = (ctypes.c_ubyte * self.map.size)()
+        self.bytes = (ctypes.c_ubyte * self.map.size).from_address(self.map.address)
+        self.ran_slot = harness.coverage.block_id(0) % self.map.size
+        self.maps: dict[bytes, tuple[int, ...]] = {}
         self.runs = 0
         self.crashes = 0
 
@@ -218,9 +221,13 @@ class AflBridge:
         if outcome.new_blocks:
             coverage = self.harness.coverage
             size = self.map.size
-            for addr in outcome.new_blocks:
-                self.sticky[coverage.block_id(addr) % size] = 1
-        self.map.write(self.sticky)
+            slots = (self.ran_slot, *(coverage.block_id(addr) % size for addr in outcome.new_blocks))
+            self.maps[outcome.input] = slots
+        else:
+            slots = self.maps.get(outcome.input, (self.ran_slot,))
+        out = self.bytes
+        for slot in slots:
+            out[slot] = 1
         if outcome.status is Status.CRASH:
             self.crashes += 1
         return outcome
