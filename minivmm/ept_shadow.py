@@ -525,7 +525,7 @@ def host_protection_works(mode: str = "user", kvm_path: str = "/dev/kvm") -> boo
             shadow.protect(_PROBE_PAGE, PAGE_SIZE, "r-x")
             shadow.invept()
             machine.setup()
-            kind = machine.vcpu.run(timeout=2.0)
+            kind = machine.vcpu.run_once()     # no run timer: the store or the hlt exits at once
             if kind != ExitKind.MMIO:
                 return False
             exit = decode_exit(machine.vcpu.fd.run)
@@ -651,7 +651,6 @@ class EptShadow:
         self._regions: dict[Region, list[_Slot]] = {}
         self._last_region: tuple[int, int, Region | None] = (0, 0, None)
         self._original_slot: dict[Region, int] = {}
-        self._region_starts: list[int] = []
         self._base: dict[int, int] = {}          # page -> rights from protect() (absent: rwx)
         self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
         self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
@@ -698,8 +697,8 @@ class EptShadow:
     @property
     def eptp(self) -> int:
         """The EPT pointer (SDM 25.6.11): PML4 address | WB | walk length 4 | A/D enable."""
-        return (self.tables.root | EptPointerFlag.MEMORY_TYPE_WB | EptPointerFlag.WALK_LENGTH_4
-                | (EptPointerFlag.ACCESSED_DIRTY if self.ad else 0))
+        return int(self.tables.root | EptPointerFlag.MEMORY_TYPE_WB | EptPointerFlag.WALK_LENGTH_4
+                   | (EptPointerFlag.ACCESSED_DIRTY if self.ad else 0))
 
     def walk(self, gpa: int) -> EptWalk:
         """Walk the EPT model for `gpa`."""
