@@ -495,3 +495,45 @@ _start:
     assert seen == [(0x200010, 0x40000010, True)]
     assert m.memory.read_u32(0x200010) == 0x99
     assert m.read_virtual(0x40000010, 4) == b"\x99\0\0\0"
+
+
+def test_dirty_log_counts_emulated_writes_and_survives_compaction(make_machine) -> None:
+    m = user_machine(make_machine, f"""
+    movb $1, {DATA:#x}                  # a page without X: a memslot hole, the write is emulated
+    movb $2, {DATA2 + 0x1000:#x}
+    movb $3, {DATA2 + 0x81000:#x}
+    mov $0, %al
+    out %al, $0xf4
+""")
+    ept = m.ept
+    ept.enable_dirty_logging()
+    ept.protect(DATA, 0x1000, "rw-")
+    for i in range(80):                 # 80 read-only islands: more slots than _COMPACT_LIMIT
+        ept.protect(DATA2 + 0x2000 * i + 0x2000, 0x1000, "r-x")
+    ept.invept()
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert ept.emulations == 1 and m.memory.read(DATA, 1) == b"\x01"
+    assert guest_pages(ept.dirty_pages()) == [DATA, DATA2 + 0x1000, DATA2 + 0x81000]
+    for i in range(80):
+        ept.unprotect(DATA2 + 0x2000 * i + 0x2000, 0x1000)
+    ept.invept()
+    assert guest_pages(ept.dirty_pages()) == []
+    assert ept.walk(DATA2).page_size == 2 << 20          # merged back into a 2 MiB page
+
+
+def test_ram_added_after_the_ept_is_managed_too(make_machine) -> None:
+    m = make_machine(mode="long", memory="2M")
+    ept = m.ept
+    m.add_ram(0x1000000, "2M", name="high")
+    m.load_asm(""".globl _start
+_start:
+    movl $0x5a5a, 0x1000100
+    mov $0, %al
+    out %al, $0xf4
+""")
+    writes = []
+    ept.monitor(0x1000100, 0x1000104, "w", lambda e: writes.append((e.address, e.value)))
+    result = m.run(timeout=10)
+    assert result.reason == "exit", result
+    assert writes == [(0x1000100, 0x5A5A)] and m.memory.read_u32(0x1000100) == 0x5A5A
