@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
 
 __all__ = ["EptShadow", "EptTables", "EptWalk", "EptFlag", "EptMemoryType", "EptPointerFlag",
-           "Perm", "parse_perms", "Hook", "HookEvent", "EptAccess", "MmioDevice", "EptError",
+           "Perm", "parse_perms", "Hook", "HookEvent", "EptAccess", "MmioDevice", "EptError", "HookError",
            "host_backend"]
 
 LARGE_PAGE_SIZE = 2 << 20
@@ -85,6 +85,10 @@ _TABLE_SPACE = 1 << 51          # "host-physical" addresses of the model's table
 
 class EptError(ValueError):
     """A bad EPT request: unknown permissions, a range outside RAM, overlapping devices."""
+
+
+class HookError(RuntimeError):
+    """A hook callback raised; the run stopped (the original exception is the cause)."""
 
 
 class EptFlag(IntFlag):
@@ -620,6 +624,14 @@ class MmioDevice:
     @property
     def end(self) -> int:
         return self.start + self.size
+
+
+def _call(hook: Hook, event: HookEvent) -> None:
+    try:
+        hook.callback(event)
+    except Exception as exc:
+        raise HookError(f"{hook.kind} hook on [{hook.start:#x}, {hook.end:#x}) raised {type(exc).__name__}: "
+                        f"{exc} ({event.kind} at gpa {event.address:#x}, guest rip={event.rip:#x})") from exc
 
 
 _HANDLED: tuple[None, None] = (None, None)
@@ -1223,7 +1235,7 @@ class EptShadow:
         if hooks:
             for hook in [h for h in hooks if h.start == gpa]:
                 hook.hits += 1
-                hook.callback(HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+                _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
         if rights & _X or self._base.get(page, 7) & _X:
             self._step_through(page)
             return _HANDLED
@@ -1346,7 +1358,7 @@ class EptShadow:
                     continue
                 seen.add(id(hook))
                 hook.hits += 1
-                hook.callback(HookEvent(hook, "write" if is_write else "read", gpa, len(data),
+                _call(hook, HookEvent(hook, "write" if is_write else "read", gpa, len(data),
                                         int.from_bytes(data, "little"), rip, vcpu, data))
 
     # -- completing a violation from a handler --------------------------------------------------
@@ -1497,7 +1509,7 @@ class EptShadow:
             return None
         for hook in list(hooks):
             hook.hits += 1
-            hook.callback(HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+            _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
         memory = self.machine.memory
         memory.write(gpa, hooks[0].original)
 
