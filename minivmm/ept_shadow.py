@@ -942,7 +942,11 @@ class EptShadow:
     def protect(self, gpa: int, size: int, perms: str | int) -> None:
         """Set the EPT rights of every page touching [gpa, gpa+size) to `perms` ("r-x", "---", ...).
 
-        Takes effect at `invept()` or before the next VM entry.
+        Takes effect at `invept()` or before the next VM entry. Pages the
+        processor itself reads during the walk or event delivery (the guest's
+        page tables, GDT, IDT, TSS: minivmm's system area below 0x10000) are
+        accessed by KVM, not emulated here: taking R from them leaves the guest
+        unable to run, as on hardware without EPT paging-structure handling.
         """
         rights = int(parse_perms(perms))
         pages = self._pages(gpa, size)
@@ -1134,8 +1138,12 @@ class EptShadow:
         """(linear, physical) address of the instruction at RIP, or None if it does not translate."""
         vcpu = self.machine.vcpu
         linear = vcpu.rip
-        if not vcpu.efer & (1 << 10) or not vcpu._sregs.cs.l:
-            linear = (vcpu._sregs.cs.base + vcpu.rip) & 0xFFFFFFFF
+        if not vcpu.efer & (1 << 10):
+            linear = (vcpu.segment("cs").base + vcpu.rip) & 0xFFFFFFFF
+        else:
+            cs = vcpu.segment("cs")
+            if not cs.l:                        # compatibility mode
+                linear = (cs.base + vcpu.rip) & 0xFFFFFFFF
         if not vcpu.cr0 & (1 << 31):
             return linear, linear
         from .pagewalk import PageFault, translate
