@@ -551,3 +551,18 @@ def test_a_failing_hook_callback_names_the_hook(make_machine) -> None:
         m.run(timeout=10)
     assert isinstance(info.value.__cause__, KeyError)
     del info
+
+
+def test_self_modifying_code_under_a_write_monitor(make_machine) -> None:
+    """guests/ept_smc.S patches its own code page: each patch is reported and the new code runs."""
+    from conftest import GUESTS
+    m = make_machine(mode="user")
+    m.load_asm(GUESTS / "ept_smc.S")
+    patched = m.symbol("patched")
+    events = []
+    m.ept.monitor(patched & ~0xFFF, (patched & ~0xFFF) + 0x1000, "w",
+                  lambda e: events.append((e.address, e.size, e.value)))
+    result = m.run(timeout=10)
+    assert (result.reason, result.exit_code) == ("exit", 2), result
+    assert events == [(patched + 1, 1, 2)] * 2
+    assert m.ept.perms(patched) == Perm.R | Perm.X            # the code page keeps running natively
