@@ -73,7 +73,7 @@ if TYPE_CHECKING:
     from .vcpu import Vcpu
 
 __all__ = ["EptShadow", "EptTables", "EptWalk", "EptFlag", "EptMemoryType", "EptPointerFlag",
-           "Perm", "parse_perms", "Hook", "HookEvent", "EptAccess", "MmioDevice", "EptError", "HookError",
+           "Perm", "parse_perms", "Hook", "HookEvent", "EptAccess", "MmioDevice", "EptError",
            "host_backend"]
 
 LARGE_PAGE_SIZE = 2 << 20
@@ -85,10 +85,6 @@ _TABLE_SPACE = 1 << 51          # "host-physical" addresses of the model's table
 
 class EptError(ValueError):
     """A bad EPT request: unknown permissions, a range outside RAM, overlapping devices."""
-
-
-class HookError(RuntimeError):
-    """A hook callback raised; the run stopped (the original exception is the cause)."""
 
 
 class EptFlag(IntFlag):
@@ -627,11 +623,14 @@ class MmioDevice:
 
 
 def _call(hook: Hook, event: HookEvent) -> None:
+    """Run a hook callback; an exception it raises goes on unchanged (callers may stop runs with
+    their own exception types), with a note naming the hook and the access."""
     try:
         hook.callback(event)
     except Exception as exc:
-        raise HookError(f"{hook.kind} hook on [{hook.start:#x}, {hook.end:#x}) raised {type(exc).__name__}: "
-                        f"{exc} ({event.kind} at gpa {event.address:#x}, guest rip={event.rip:#x})") from exc
+        exc.add_note(f"in the {hook.kind} hook on [{hook.start:#x}, {hook.end:#x}) for a {event.kind} "
+                     f"at gpa {event.address:#x}, guest rip={event.rip:#x}")
+        raise
 
 
 _HANDLED: tuple[None, None] = (None, None)
