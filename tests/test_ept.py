@@ -565,3 +565,24 @@ def test_self_modifying_code_under_a_write_monitor(make_machine) -> None:
     assert (result.reason, result.exit_code) == ("exit", 2), result
     assert events == [(patched + 1, 1, 2)] * 2
     assert m.ept.perms(patched) == Perm.R | Perm.X            # the code page keeps running natively
+
+
+def test_hidden_hook_in_the_page_that_runs_the_loop(make_machine) -> None:
+    """Every instruction of the hooked page is stepped through; only the hooked one reports."""
+    m = user_machine(make_machine, f"""
+    xor %ebx, %ebx
+    mov $3, %ecx
+1:  add $2, %ebx
+target:
+    add $5, %ebx
+    movl %ebx, {DATA:#x}
+    loop 1b
+    mov $0, %al
+    out %al, $0xf4
+""")
+    seen = []
+    hook = m.ept.hook_execute(m.symbol("target"), lambda e: seen.append(e.vcpu.rbx))
+    result = m.run(timeout=20)
+    assert result.reason == "exit", result
+    assert seen == [2, 9, 16] and m.vcpu.rbx == 21 and m.memory.read_u32(DATA) == 21
+    assert hook.hits == 3
