@@ -178,3 +178,26 @@ def test_corrupt_or_foreign_files_are_rejected(make_machine, tmp_path) -> None:
 
     with pytest.raises(SnapshotError, match="cannot read"):
         Snapshot.load(tmp_path / "missing.snap")
+
+
+def test_restore_with_two_ram_regions(make_machine) -> None:
+    m = make_machine("long", "2M")
+    m.add_ram(0x1000000, "64K", name="high")
+    m.load_asm(r"""
+.include "minivmm.inc"
+.globl _start
+_start:
+    movl $0x12345678, 0x1000000
+    movl $0x9abcdef0, 0x100f000
+    movl $1, data
+    EXIT 1
+data: .long 0
+""")
+    snap = Snapshot.take(m)
+    assert m.run(timeout=10).exit_code == 1
+    assert m.memory.read_u32(0x1000000) == 0x12345678
+    assert snap.restore(m) >= 3
+    assert m.memory.read_u32(0x1000000) == 0 and m.memory.read_u32(0x100F000) == 0
+    assert m.memory.read_u32(m.symbol("data")) == 0
+    assert m.run(timeout=10).exit_code == 1
+    snap.close()
