@@ -238,7 +238,9 @@ def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> Non
         return None
 
     for reason in ExitReason:
-        if reason != ExitReason.EXCEPTION_OR_NMI:   # an unfiltered one would intercept every vector
+        # an unfiltered exception handler would intercept every vector; CPUID
+        # handlers are consulted while the CPUID table is built, not per exit
+        if reason not in (ExitReason.EXCEPTION_OR_NMI, ExitReason.EXECUTE_CPUID):
             machine.on(reason, observer)
 
 

@@ -57,12 +57,17 @@ class CpuidTable:
     def build(self, consult=None) -> list[KvmCpuidEntry2]:
         """The table: supported entries, overrides, then `consult(CpuidLeaf)` for each entry."""
         entries = [KvmCpuidEntry2.from_buffer_copy(e) for e in self.supported]
-        present = {(e.function, e.index) for e in entries}
-        for (leaf, subleaf), _ in self.overrides.items():
-            if (leaf, subleaf or 0) not in present:
+        present = {(e.function, e.index) for e in entries if e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX}
+        present |= {(e.function, None) for e in entries if not e.flags & KVM_CPUID_FLAG_SIGNIFCANT_INDEX}
+        added = []
+        for leaf, subleaf in self.overrides:
+            if (leaf, subleaf) not in present and (subleaf is not None or (leaf, 0) not in present):
                 flags = KVM_CPUID_FLAG_SIGNIFCANT_INDEX if subleaf is not None else 0
-                entries.append(KvmCpuidEntry2(function=leaf, index=subleaf or 0, flags=flags))
-                present.add((leaf, subleaf or 0))
+                added.append(KvmCpuidEntry2(function=leaf, index=subleaf or 0, flags=flags))
+                present.add((leaf, subleaf))
+        # KVM answers from the first matching entry: subleaf-specific ones go before
+        # an entry of the same leaf that matches every subleaf.
+        entries = added + entries
         for entry in entries:
             for key in ((entry.function, None), (entry.function, entry.index)):
                 for name, value in self.overrides.get(key, {}).items():

@@ -580,16 +580,14 @@ class InternalErrorExit:
     def instruction_bytes(self) -> bytes:
         """The instruction bytes KVM reports for an emulation failure, if any.
 
-        With KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES, data[0] is
-        the flag word, data[1] the byte count and data[2..] the bytes; older
-        kernels put the raw insn bytes into data[0..1] without a flag.
+        With KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES set in
+        data[0] (the `emulation_failure` view of the union), the low byte of
+        data[1] is the length and the bytes follow it.
         """
-        if self.suberror != InternalErrorKind.EMULATION or not self.data:
+        if self.suberror != InternalErrorKind.EMULATION or len(self.data) < 2 or not self.data[0] & 1:
             return b""
-        if len(self.data) >= 3 and self.data[0] & 1 and 0 < self.data[1] <= 15:
-            raw = b"".join(d.to_bytes(8, "little") for d in self.data[2:])
-            return raw[: self.data[1]]
-        return b"".join(d.to_bytes(8, "little") for d in self.data[:2])
+        raw = b"".join(d.to_bytes(8, "little") for d in self.data[1:3])
+        return raw[1: 1 + min(raw[0], 15)]
 
 
 @dataclass(slots=True)
@@ -726,7 +724,12 @@ class Kvm(_Fd):
             }.get(exc.errno or 0, f"cannot open {path}")
             raise KvmUnavailableError("open", exc.errno or 0, hint) from None
         super().__init__(fd)
-        version = self.get_api_version()
+        try:
+            version = self.get_api_version()
+        except KvmError as exc:
+            self.close()
+            raise KvmUnavailableError("KVM_GET_API_VERSION", exc.errno,
+                                      f"{path} is not a KVM device") from None
         if version != KVM_API_VERSION:
             self.close()
             raise KvmUnavailableError("KVM_GET_API_VERSION", errno.EINVAL,
@@ -855,8 +858,12 @@ class VcpuFd(_Fd):
         run_mmap = getattr(self, "run_mmap", None)
         if run_mmap is not None:
             self.run = None
-            run_mmap.close()
             self.run_mmap = None
+            try:
+                run_mmap.close()
+            except BufferError:
+                pass    # a ctypes view (e.g. in a traceback) still exists: unmapped when it goes
+
         super().close()
 
     def run_once(self) -> int:

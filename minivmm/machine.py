@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import os
+import struct
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from .handlers import Dispatcher, Registration
 from .cpuid import CpuidLeaf, CpuidTable
 from .vmcs import Vmcs
 from .vmcs_fields import VmcsField
-from .kvm import (DEFAULT_KVM_PATH, ExitKind, InternalErrorKind, Kvm, KvmError, MemoryFlag,
+from .kvm import (DEFAULT_KVM_PATH, ExitKind, InternalErrorKind, IoExit, Kvm, KvmError,
                   decode_exit)
 from .memory import PAGE_SIZE, GuestMemory, Region
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
@@ -148,6 +149,7 @@ class Machine:
         self.pre_entry: list[Callable[[], None]] = []
         self._step_callbacks: list[Callable[[Vcpu], None]] = []
         self._io_routes: dict[int, tuple] = {}
+        self._run_mmap = self.vcpu.fd.run_mmap
         self.vmcs = Vmcs(self)
         self.cpuid = CpuidTable(self.kvm.get_supported_cpuid())
         self._install_defaults()
@@ -246,8 +248,12 @@ class Machine:
     def apply_cpuid(self) -> None:
         """Give KVM the CPUID table (overrides and EXECUTE_CPUID handlers); before the first run only."""
         def consult(leaf: CpuidLeaf) -> None:
-            info = self.info.reset(ExitReason.EXECUTE_CPUID, instruction_length=2, detail=leaf)
-            self.dispatcher.dispatch(self.vcpu, info, leaf.leaf)
+            info = ExitInfo().reset(ExitReason.EXECUTE_CPUID, instruction_length=2, detail=leaf)
+            try:
+                self.dispatcher.dispatch(self.vcpu, info, leaf.leaf)
+            except Exception as exc:
+                raise HandlerError(f"EXECUTE_CPUID handler raised {type(exc).__name__}: {exc} "
+                                   f"(leaf {leaf.leaf:#x} subleaf {leaf.subleaf:#x})") from exc
         try:
             self.vcpu.fd.set_cpuid2(self.cpuid.build(consult))
         except KvmError as exc:
@@ -349,6 +355,8 @@ class Machine:
     def _default_io(self, vcpu: Vcpu, info: ExitInfo) -> Action | None:
         exit = info.detail
         device = self._ports.get(exit.port)
+        if device is None and exit.is_out:
+            return None
         data = self.vcpu.fd.io_data(exit)
         size = exit.size
         if exit.is_out:
@@ -401,10 +409,17 @@ class Machine:
         """
         if not self._started:
             self.setup()
+        if self.cpuid.dirty:
+            self.apply_cpuid()
         vcpu = self.vcpu
         fd = vcpu.fd
         run = fd.run
+        io = run.exit.io
+        io_exit = IoExit(0, 0, False, 0, 0)
+        io_info = self.info
+        run_mmap = fd.run_mmap
         vmcs = self.vmcs
+        io_routes = self._io_routes
         counts = [0] * 80
         start = time.perf_counter()
         action: Action | None = None
@@ -426,15 +441,33 @@ class Machine:
                 if vmcs.dirty:
                     vmcs.realise()
                 kind = vcpu.run_once()
-                if kind == ExitKind.IO:
-                    io = run.exit.io
+                if kind == _EXIT_IO:
                     port = io.port
-                    if port != EXCEPTION_PORT and port != HYPERCALL_PORT:
-                        counts[30] += 1
-                        info = self._translate_io(decode_exit(run))
-                        action = self._dispatch_io(vcpu, info, port)
+                    if port < _RESERVED_PORTS_LOW or port > _RESERVED_PORTS_HIGH:
+                        counts[_IO_INSTRUCTION] += 1
+                        size, is_out, count, offset = io.size, io.direction == 1, io.count, io.data_offset
+                        io_exit.port, io_exit.size, io_exit.is_out, io_exit.count, io_exit.data_offset = \
+                            port, size, is_out, count, offset
+                        qualification = (size - 1) | (port << 16)
+                        if not is_out:
+                            qualification |= 8
+                        if count > 1:
+                            qualification |= 0x30
+                        info = io_info.reset(_IO_INSTRUCTION_REASON, qualification, detail=io_exit,
+                                             data=_UNPACK[size](run_mmap, offset)[0] if is_out else 0)
+                        action = None
+                        try:
+                            for handler in io_routes.get(port) or self._io_route(port):
+                                action = handler(vcpu, info)
+                                if action is not None:
+                                    break
+                        except Exception as exc:
+                            raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: "
+                                               f"{exc} (guest rip={vcpu.rip:#x})") from exc
                         if action is None:
                             continue
+                        if not info.detail.is_out:
+                            self._complete_in(info)
                         if action.__class__ is Resume and action.advance:
                             continue
                         if self._apply(vcpu, info, action):
@@ -461,6 +494,7 @@ class Machine:
             action = Stop("interrupted", message="interrupted by the user (SIGINT)")
             raise
         finally:
+            run = io = io_exit = run_mmap = None    # no kvm_run views kept alive by a traceback
             if timeout is not None:
                 run_timer.disarm()
             elapsed = time.perf_counter() - start
@@ -472,15 +506,19 @@ class Machine:
             for handler in self._io_route(port):
                 action = handler(vcpu, info)
                 if action is not None:
-                    exit = info.detail
-                    if not exit.is_out:
-                        value = info.data.to_bytes(8, "little", signed=info.data < 0)[:exit.size]
-                        vcpu.fd.io_data(exit)[:] = value * exit.count
+                    if not info.detail.is_out:
+                        self._complete_in(info)
                     return action
         except Exception as exc:
             raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: {exc} "
                                f"(guest rip={vcpu.rip:#x})") from exc
         return None
+
+    def _complete_in(self, info: ExitInfo) -> None:
+        """A handler answered an IN: its `info.data` goes to every item KVM asks for."""
+        exit = info.detail
+        value = (info.data & ((1 << (8 * exit.size)) - 1)).to_bytes(exit.size, "little")
+        self.vcpu.fd.io_data(exit)[:] = value * exit.count
 
     @staticmethod
     def _complete_msr(vcpu: Vcpu, info: ExitInfo, action: Action | None) -> Action | None:
@@ -531,14 +569,14 @@ class Machine:
 
     # -- KVM exit -> VMX exit -----------------------------------------------------
     def _translate_io(self, exit) -> ExitInfo:
-        """I/O exit; KVM does not say whether a single-item access was a string instruction."""
-        string = exit.count > 1
-        qualification = ((exit.size - 1) | (0 if exit.is_out else 8) | (string << 4) | (string << 5)
-                         | (exit.port << 16))
-        data = 0
-        if exit.is_out:
-            start = exit.data_offset
-            data = int.from_bytes(self.vcpu.fd.run_mmap[start:start + exit.size], "little")
+        """I/O exit (SDM qualification); KVM does not say whether a single-item access
+        was a string instruction, so only multi-item (REP) accesses set bits 4-5."""
+        qualification = (exit.size - 1) | (exit.port << 16)
+        if not exit.is_out:
+            qualification |= 8
+        if exit.count > 1:
+            qualification |= 0x30
+        data = _UNPACK[exit.size](self._run_mmap, exit.data_offset)[0] if exit.is_out else 0
         return self.info.reset(ExitReason.IO_INSTRUCTION, qualification, detail=exit, data=data)
 
     def _translate(self, kind: int, run) -> tuple[ExitInfo | None, int | None]:
@@ -552,7 +590,11 @@ class Machine:
         if kind == ExitKind.IO:
             if exit.port == EXCEPTION_PORT and self.mode is Mode.USER and \
                     STUBS_ADDR <= vcpu.rip < STUBS_ADDR + 256 * STUB_SIZE:
-                return self._user_exception(exit), self.info.interruption_info & 0xFF
+                info = self._user_exception(exit)
+                vector = info.interruption_info & 0xFF
+                if vector == Vector.DB and self.vmcs.mtf:
+                    return self._single_step(exit)
+                return info, vector
             if exit.port == HYPERCALL_PORT and exit.is_out:
                 return info.reset(ExitReason.EXECUTE_VMCALL, detail=exit), vcpu.rax
             return self._translate_io(exit), exit.port
@@ -578,17 +620,7 @@ class Machine:
                               data=exit.data if exit.is_write else 0), exit.index
         if kind == ExitKind.DEBUG:
             if exit.exception == Vector.DB and (self._step_callbacks or self.vmcs.mtf):
-                callbacks, self._step_callbacks = self._step_callbacks, []
-                if callbacks:
-                    self.vmcs.mark_dirty()
-                for callback in callbacks:
-                    callback(vcpu)
-                if self.vmcs.mtf:
-                    previous, self._step_rip = self._step_rip, vcpu.rip
-                    if previous is not None and self.read_code(previous, 1) == b"\xf4":
-                        return info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit), None
-                    return info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit), None
-                return None, None
+                return self._single_step(exit)
             vector = exit.exception
             self._last_exception = ExceptionReport(vector, None, None, exit.pc)
             itype = InterruptionType.SOFTWARE_EXCEPTION if vector == Vector.BP else \
@@ -598,6 +630,21 @@ class Machine:
         if kind == ExitKind.SYSTEM_EVENT:
             return info.reset(ExitReason.TRIPLE_FAULT, detail=exit), None
         raise KvmError("KVM_RUN", 0, f"unexpected KVM exit {ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind}: {exit}")
+
+    def _single_step(self, exit) -> tuple[ExitInfo | None, None]:
+        """One instruction retired under single-step: step_once callbacks, then the MTF exit."""
+        vcpu, info = self.vcpu, self.info
+        callbacks, self._step_callbacks = self._step_callbacks, []
+        if callbacks:
+            self.vmcs.mark_dirty()
+        for callback in callbacks:
+            callback(vcpu)
+        if not self.vmcs.mtf:
+            return None, None
+        previous, self._step_rip = self._step_rip, vcpu.rip
+        if previous is not None and self.read_code(previous, 1) == b"\xf4":
+            return info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit), None
+        return info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit), None
 
     def _user_exception(self, exit) -> ExitInfo:
         """An IDT stub of the built-in kernel reported an exception: unwind its frame."""
@@ -642,6 +689,14 @@ class Machine:
         raise GuestFault(f"KVM could not emulate the instruction at rip={rip:#x} "
                          f"({_describe_code(code, self.mode)}); suberror "
                          f"{InternalErrorKind(exit.suberror).name if exit.suberror in (1, 2, 3, 4) else exit.suberror}")
+
+
+_EXIT_IO = int(ExitKind.IO)
+_IO_INSTRUCTION_REASON = ExitReason.IO_INSTRUCTION
+_UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
+           4: struct.Struct("<I").unpack_from}
+_IO_INSTRUCTION = int(ExitReason.IO_INSTRUCTION)
+_RESERVED_PORTS_LOW, _RESERVED_PORTS_HIGH = sorted((EXCEPTION_PORT, HYPERCALL_PORT))
 
 
 class GuestFault(RuntimeError):

@@ -591,7 +591,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     outcome = yield
     report = outcome.get_result()
-    if (report.skipped and item.get_closest_marker("kvm") is not None and in_ci()
+    if (report.skipped and not hasattr(report, "wasxfail") and item.get_closest_marker("kvm") is not None
+            and in_ci()
             and kvm_unavailable_reason() is None):
         report.outcome = "failed"
         reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr

@@ -9,15 +9,19 @@ sync_regs get the same interface through KVM_GET/SET_(S)REGS.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import signal
 import threading
 import time
 from dataclasses import dataclass
 
-from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
+from .kvm import (Cap, ExitKind, Ioctl, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
                   SyncRegsFlag, VcpuFd, VmFd)
 
 MASK64 = (1 << 64) - 1
+_ioctl = fcntl.ioctl
+_KVM_RUN = int(Ioctl.KVM_RUN)
+_EXIT_INTR = int(ExitKind.INTR)
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
@@ -132,10 +136,12 @@ class Vcpu:
             self._regs = self.fd.get_regs()
             self._sregs = self.fd.get_sregs()
         self._dirty = 0
+        self._fd = self.fd.fd
+        self._run = run
         self.fd.set_cpuid2(kvm.get_supported_cpuid())
 
     def close(self) -> None:
-        self._regs = self._sregs = None
+        self._regs = self._sregs = self._run = None
         self.fd.close()
 
     # -- register state -----------------------------------------------------------
@@ -219,12 +225,19 @@ class Vcpu:
     def run_once(self) -> int:
         """One KVM_RUN; returns the raw KVM exit kind (ExitKind.INTR on a signal)."""
         if self._dirty:
-            if self.synced:
-                self.fd.run.kvm_dirty_regs = self._dirty
+            if self.synced and not self._dirty & SyncRegsFlag.SREGS:
+                self._run.kvm_dirty_regs = self._dirty
                 self._dirty = 0
             else:
-                self.flush()
-        kind = self.fd.run_once()
+                self.flush()      # KVM_SET_SREGS names bad segment/control state; KVM_RUN would not
+        try:
+            _ioctl(self._fd, _KVM_RUN, 0)
+            kind = self._run.exit_reason
+        except InterruptedError:
+            self._run.immediate_exit = 0
+            kind = _EXIT_INTR
+        except OSError as exc:
+            raise KvmError("KVM_RUN", exc.errno or 0) from None
         if not self.synced:
             ctypes.pointer(self._regs)[0] = self.fd.get_regs()
             ctypes.pointer(self._sregs)[0] = self.fd.get_sregs()

@@ -90,6 +90,13 @@ class MsrBitmap:
         self.data = bytearray(4096)
         self.version = 0
         self.on_change = None
+        self._any, self._any_version = False, 0
+
+    def any(self) -> bool:
+        """Whether any bit is set (cached per version: the bitmap is 4 KiB)."""
+        if self._any_version != self.version:
+            self._any, self._any_version = any(self.data), self.version
+        return self._any
 
     def _position(self, msr: int, write: bool) -> tuple[int, int]:
         for base, offset in self.RANGES:
@@ -186,6 +193,7 @@ _MSR_FIELDS = {F.VMCS_GUEST_IA32_SYSENTER_CS: 0x174, F.VMCS_GUEST_IA32_SYSENTER_
 _TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMIT: ("gdt", "limit"),
                  F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
 IA32_TSC_ADJUST = 0x3B
+RFLAGS_TF = 1 << 8
 
 DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
                       | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
@@ -198,6 +206,7 @@ class _Realised:
     msr_filter: tuple | None = None
     guest_debug: int = -1
     tsc_offset: int | None = None
+    tf: bool = False
 
 
 class Vmcs:
@@ -357,13 +366,19 @@ class Vmcs:
         vcpu = machine.vcpu
         proc = self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
         if proc & ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS:
-            wanted = ("bitmap", self.msr_bitmap.version) if any(self.msr_bitmap.data) else None
+            wanted = ("bitmap", self.msr_bitmap.version) if self.msr_bitmap.any() else None
         else:
             wanted = ("all",)
         if wanted != self._realised.msr_filter:
             self._apply_msr_filter(wanted)
         debug = 0
-        if proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG or machine._step_callbacks:
+        mtf = bool(proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
+        if machine.mode == "user" and mtf != self._realised.tf:
+            # KVM's single-step does not stop CPL-3 code on every host: MTF traps with
+            # RFLAGS.TF instead, and the built-in kernel reports each #DB.
+            vcpu.rflags = vcpu.rflags | RFLAGS_TF if mtf else vcpu.rflags & ~RFLAGS_TF
+            self._realised.tf = mtf
+        if (mtf and machine.mode != "user") or machine._step_callbacks:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP
         if self.exception_bitmap & (1 << 3):
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP

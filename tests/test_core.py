@@ -366,9 +366,6 @@ def test_user_mode_exception_then_resume_elsewhere(make_machine) -> None:
     assert (r.reason, r.exit_code, r.exception) == ("exit", 9, None)
 
 
-@pytest.mark.xfail(reason="BUG: InternalErrorExit.instruction_bytes misreads kvm_run.emulation_failure: "
-                          "data[1] holds insn_size in its low byte followed by the bytes, so int3 at CPL 0 "
-                          "raises GuestFault instead of an exception report with vector 3", strict=True)
 @pytest.mark.parametrize("mode", ["long", "protected"])
 def test_int3_at_cpl0_is_reported_as_vector_3(make_machine, mode: str) -> None:
     from minivmm.machine import GuestFault
@@ -394,8 +391,6 @@ def test_emulation_failure_is_a_guest_fault_with_the_bytes(make_machine) -> None
     del excinfo
 
 
-@pytest.mark.xfail(reason="BUG: instruction_bytes reads data[1] as the byte count and data[2:] as the bytes",
-                   strict=True)
 def test_instruction_bytes_decoding() -> None:
     """kvm_run.emulation_failure: data[0] = flags, then insn_size (u8) and insn_bytes[15]."""
     from minivmm.kvm import InternalErrorExit
@@ -434,9 +429,6 @@ def test_keyboard_interrupt_during_a_run(make_machine, mode: str) -> None:
     assert m.vcpu is None and m.vm is None
 
 
-@pytest.mark.xfail(reason="BUG: Machine.run's frame keeps `run`/`io` (ctypes views of the kvm_run mmap) alive "
-                          "in the traceback, so close() inside `except KeyboardInterrupt` raises BufferError "
-                          "and leaves the machine half closed", strict=True)
 def test_close_while_handling_keyboard_interrupt() -> None:
     m = Machine("2M", "long")
     m.load_asm("1: jmp 1b")

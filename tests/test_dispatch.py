@@ -60,9 +60,6 @@ def test_cpuid_overrides_reach_the_guest(make_machine) -> None:
     assert ebx == 0x41414141 and eax >= 1 and (ecx, edx) != (0, 0)        # the rest stays the host's
 
 
-@pytest.mark.xfail(reason="BUG: CpuidTable.build appends a subleaf override of a leaf whose supported entry has no "
-                          "KVM_CPUID_FLAG_SIGNIFCANT_INDEX (e.g. 0x40000001); KVM and lookup() match the flagless "
-                          "entry first, so the override for subleaf 1 never takes effect", strict=True)
 def test_subleaf_override_of_a_non_indexed_supported_leaf(make_machine) -> None:
     m = make_machine(mode="long")
     m.load_asm(CPUID_GUEST)
@@ -653,8 +650,6 @@ def test_exception_in_a_handler_is_a_handler_error(make_machine, reason, filters
     assert m.run(timeout=5).reason == "hlt"
 
 
-@pytest.mark.xfail(reason="BUG: EXECUTE_CPUID handlers run inside setup()/apply_cpuid, where an exception "
-                          "escapes raw instead of as HandlerError", strict=True)
 def test_exception_in_a_cpuid_handler_is_a_handler_error(make_machine) -> None:
     m = make_machine(mode="long")
     m.load_asm("cpuid\n hlt")
@@ -669,8 +664,6 @@ def test_exception_in_a_cpuid_handler_is_a_handler_error(make_machine) -> None:
     assert outcome.startswith("HandlerError") and "EXECUTE_CPUID" in outcome, outcome
 
 
-@pytest.mark.xfail(reason="BUG: the HandlerError traceback keeps Machine.run's `run`/`io` ctypes views of the "
-                          "kvm_run mmap alive, so close() while handling it raises BufferError", strict=True)
 def test_close_while_handling_a_handler_error() -> None:
     from minivmm.machine import Machine
     m = Machine("2M", "long")

@@ -307,9 +307,6 @@ def test_cpuid_table_lookup_and_overrides(make_machine) -> None:
 
 
 @pytest.mark.kvm
-@pytest.mark.xfail(reason="BUG: Machine.run applies the CPUID table only in setup(); a later m.cpuid.set (or a new "
-                          "EXECUTE_CPUID handler) sets cpuid.dirty and is silently ignored, neither applied nor "
-                          "refused with apply_cpuid's 'only before the vCPU first runs' KvmError", strict=True)
 def test_cpuid_change_after_the_first_run(make_machine) -> None:
     """KVM refuses a different CPUID table once the vCPU ran: the change must not be silently lost."""
     m = make_machine(mode="long")
@@ -360,9 +357,6 @@ def test_invalid_sregs_are_refused_by_kvm_set_sregs(make_machine, what: str) -> 
 
 
 @pytest.mark.kvm
-@pytest.mark.xfail(reason="BUG: registers changed before a run go to KVM through sync_regs inside KVM_RUN, so an "
-                          "invalid CR0/CR4/EFER is reported as 'KVM_RUN failed: EINVAL' with no hint, not as "
-                          "KVM_SET_SREGS (nor as an entry failure with INVALID_GUEST_STATE)", strict=True)
 @pytest.mark.parametrize("what", INVALID_STATES)
 def test_invalid_guest_state_at_entry(make_machine, what: str) -> None:
     m = make_machine(mode="long")
