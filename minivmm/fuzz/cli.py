@@ -111,12 +111,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     args.crashes.mkdir(parents=True, exist_ok=True)
     try:
         if args.jobs > 1:
-            if args.overrides:
-                print("minivmm: --set is not supported with --jobs > 1", file=sys.stderr)
-                return EXIT_USAGE
             stats = fuzz_jobs(args.config, jobs=args.jobs, corpus_dir=args.corpus, crashes_dir=args.crashes,
                               runs=args.runs, seconds=args.seconds, seed=args.seed,
-                              coverage=not args.no_coverage, status=status)
+                              coverage=not args.no_coverage, overrides=args.overrides, status=status)
         else:
             try:
                 harness = Harness.from_config(config, coverage=not args.no_coverage)

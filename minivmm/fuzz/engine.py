@@ -228,7 +228,8 @@ def _job(index: int, config_path: str, options: dict, results: "multiprocessing.
     """One worker process: its own machine, fuzzing into the shared directories."""
     from ..config import load_config
     try:
-        harness = Harness.from_config(load_config(config_path), coverage=options["coverage"])
+        harness = Harness.from_config(load_config(config_path, options["overrides"]),
+                                      coverage=options["coverage"])
     except Exception as exc:                          # reported by the parent
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
         return
@@ -250,14 +251,14 @@ def _portable(stats: FuzzStats) -> dict:
 
 def fuzz_jobs(config_path: str | os.PathLike, *, jobs: int, corpus_dir: str | os.PathLike,
               crashes_dir: str | os.PathLike, runs: int | None = None, seconds: float | None = None,
-              seed: int | None = None, coverage: bool = True,
+              seed: int | None = None, coverage: bool = True, overrides: Iterable[str] = (),
               status: Callable[[FuzzStats], None] | None = None) -> FuzzStats:
     """Fuzz with `jobs` processes; `runs` is the total over all jobs. Returns the summed stats."""
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     per_job = None if runs is None else max(1, -(-runs // jobs))
     options = {"corpus": str(corpus_dir), "crashes": str(crashes_dir), "runs": per_job,
-               "seconds": seconds, "seed": seed, "coverage": coverage}
+               "seconds": seconds, "seed": seed, "coverage": coverage, "overrides": list(overrides)}
     workers = [ctx.Process(target=_job, args=(i, str(config_path), options, results), daemon=True)
                for i in range(jobs)]
     for w in workers:
