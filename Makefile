@@ -4,12 +4,13 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.stamp
-SYSTEM_TOOLS := as ld objcopy gcc
-SYSTEM_PACKAGES := binutils gcc
+# tool:Debian package; the tests need binutils and gcc for guests, AFL++ for the AFL++ bridge
+SYSTEM_TOOLS := as:binutils ld:binutils objcopy:binutils gcc:gcc afl-fuzz:afl++
+BENCH_TOOLS := qemu-system-x86_64:qemu-system-x86
 HELLO_CONFIGS := configs/hello_real.yaml configs/hello_protected.yaml \
                  configs/hello_long.yaml configs/hello_user.yaml
 
-.PHONY: all setup system-packages run test bench clean
+.PHONY: all setup system-packages install-tools run test bench clean
 
 all: test
 
@@ -21,16 +22,19 @@ $(STAMP): pyproject.toml | system-packages
 	touch $@
 
 system-packages:
+	@$(MAKE) --no-print-directory install-tools TOOLS="$(SYSTEM_TOOLS)"
+
+install-tools:
 	@missing=""; \
-	for tool in $(SYSTEM_TOOLS); do \
-		command -v $$tool >/dev/null 2>&1 || missing="$$missing $$tool"; \
+	for pair in $(TOOLS); do \
+		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
-			echo "missing:$$missing; installing $(SYSTEM_PACKAGES)"; \
-			apt-get update && apt-get install -y $(SYSTEM_PACKAGES); \
+			echo "installing:$$missing"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 		else \
-			echo "missing:$$missing; as root, run: apt-get install -y $(SYSTEM_PACKAGES)" >&2; \
+			echo "missing:$$missing; as root, run: apt-get install -y$$missing" >&2; \
 		fi; \
 	fi
 
@@ -44,6 +48,8 @@ test: setup
 	$(VENV)/bin/python -m pytest -n 2 -q
 
 bench: setup
+	@$(MAKE) --no-print-directory install-tools TOOLS="$(BENCH_TOOLS)"
+	$(VENV)/bin/python -m pip install --quiet -e '.[test,bench]'
 	$(VENV)/bin/python -m benchmarks
 
 clean:
