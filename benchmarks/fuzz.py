@@ -121,8 +121,8 @@ def measure_unicorn(code: bytes, code_addr: int, entry: int, stop: int, input_ad
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=float, default=0.5, help="per measurement (default 0.5)")
-    parser.add_argument("--rounds", type=int, default=6, help="alternating minivmm/C rounds (default 6)")
+    parser.add_argument("--seconds", type=float, default=0.3, help="per measurement (default 0.3)")
+    parser.add_argument("--rounds", type=int, default=10, help="alternating minivmm/C rounds (default 10)")
     parser.add_argument("--no-unicorn", action="store_true")
     args = parser.parse_args(argv)
 

@@ -205,16 +205,22 @@ def _write_new(path: Path, data: bytes) -> bool:
 
 # --- status line and jobs -------------------------------------------------------------------
 class StatusLine:
-    """Rewrites one line on a terminal (plain lines otherwise)."""
+    """Rewrites one line on a terminal; elsewhere (a log file) writes a line every `log_interval_s`."""
 
-    def __init__(self, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, stream: TextIO = sys.stderr, log_interval_s: float = 5.0) -> None:
         self.stream = stream
         self.tty = stream.isatty()
+        self.log_interval_s = log_interval_s
+        self._last_line = float("-inf")
 
     def __call__(self, stats: FuzzStats) -> None:
         if self.tty:
             self.stream.write("\r\x1b[2K" + stats.line())
         else:
+            now = time.monotonic()
+            if now - self._last_line < self.log_interval_s:
+                return
+            self._last_line = now
             self.stream.write(stats.line() + "\n")
         self.stream.flush()
 
