@@ -1425,11 +1425,7 @@ class _Builder:
                 self.plug(machine.debug_exit, "devices.debug_exit.port")
 
     def unplug(self, device) -> None:
-        for port in device.ports:
-            if self.machine._ports.get(port) is device:
-                del self.machine._ports[port]
-        if device in self.machine.devices:
-            self.machine.devices.remove(device)
+        self.machine.remove_device(device)
 
     def plug(self, device, key: str) -> None:
         try:

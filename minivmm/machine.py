@@ -19,13 +19,13 @@ from . import asm
 from .actions import Action, Inject, Resume, Stop
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason, InterruptionType, Vector, vector_name
-from .handlers import Dispatcher, Registration
+from .handlers import Dispatcher, Registration, install_defaults
 from .cpuid import CpuidLeaf, CpuidTable
 from .vmcs import Vmcs
 from .vmcs_fields import VmcsField
 from .kvm import (DEFAULT_KVM_PATH, ExitKind, InternalErrorKind, IoExit, Kvm, KvmError,
                   decode_exit)
-from .memory import PAGE_SIZE, GuestMemory, Region
+from .memory import GuestMemory, Region
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
                     HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
                     read_exception_frame, setup_mode)
@@ -33,7 +33,6 @@ from .vcpu import Vcpu, run_timer
 
 _SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 REAL_MODE_TSS_ADDR = 0xFFFBD000
-KVM_ENOSYS = 1000        # what KVM's own hypercall ABI answers for an unknown number
 
 
 def parse_size(value: int | str) -> int:
@@ -134,7 +133,7 @@ class Machine:
         self.serial = Serial16550(sink=console)
         self.debug_exit = DebugExit()
         self.devices: list[PortDevice] = []
-        self._ports: dict[int, PortDevice] = {}
+        self.port_devices: dict[int, PortDevice] = {}
         for device in (self.serial, self.debug_exit):
             self.add_device(device)
         self.dispatcher = Dispatcher()
@@ -152,7 +151,7 @@ class Machine:
         self._run_mmap = self.vcpu.fd.run_mmap
         self.vmcs = Vmcs(self)
         self.cpuid = CpuidTable(self.kvm.get_supported_cpuid())
-        self._install_defaults()
+        install_defaults(self)
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
@@ -184,12 +183,19 @@ class Machine:
 
     def add_device(self, device: PortDevice) -> None:
         for port in device.ports:
-            if port in self._ports:
+            if port in self.port_devices:
                 raise ValueError(f"port {port:#x} of {type(device).__name__} is taken by "
-                                 f"{type(self._ports[port]).__name__}")
+                                 f"{type(self.port_devices[port]).__name__}")
         for port in device.ports:
-            self._ports[port] = device
+            self.port_devices[port] = device
         self.devices.append(device)
+
+    def remove_device(self, device: PortDevice) -> None:
+        for port in device.ports:
+            if self.port_devices.get(port) is device:
+                del self.port_devices[port]
+        if device in self.devices:
+            self.devices.remove(device)
 
     # -- images ---------------------------------------------------------------------
     def load(self, data: bytes, address: int | None = None, *, entry: int | None = None) -> None:
@@ -335,70 +341,10 @@ class Machine:
             route = self._io_routes[port] = chain if self.vmcs.io_reaches_handlers(port) else chain[-1:]
         return route
 
-    def _install_defaults(self) -> None:
-        d = self.dispatcher
-        d.set_default(ExitReason.IO_INSTRUCTION, self._default_io)
-        d.set_default(ExitReason.EXECUTE_HLT, lambda vcpu, info: Stop("hlt"))
-        d.set_default(ExitReason.TRIPLE_FAULT, lambda vcpu, info: Stop("triple_fault", message="triple fault"))
-        d.set_default(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED,
-                      lambda vcpu, info: Stop("timeout", message="deadline reached"))
-        d.set_default(ExitReason.EXCEPTION_OR_NMI, self._default_exception)
-        d.set_default(ExitReason.EPT_MISCONFIGURATION, self._default_unmapped)
-        d.set_default(ExitReason.EXECUTE_VMCALL, self._default_hypercall)
-        d.set_default(ExitReason.EXECUTE_RDMSR, self._default_rdmsr)
-        d.set_default(ExitReason.EXECUTE_WRMSR, self._default_wrmsr)
-        d.set_default(ExitReason.MONITOR_TRAP_FLAG, lambda vcpu, info: None)
-        d.set_default(ExitReason.INVALID_GUEST_STATE,
-                      lambda vcpu, info: Stop("error", message=f"VM entry failed: invalid guest state "
-                                                               f"(hardware reason {info.qualification:#x})"))
-
-    def _default_io(self, vcpu: Vcpu, info: ExitInfo) -> Action | None:
-        exit = info.detail
-        device = self._ports.get(exit.port)
-        if device is None and exit.is_out:
-            return None
-        data = self.vcpu.fd.io_data(exit)
-        size = exit.size
-        if exit.is_out:
-            if device is not None:
-                for i in range(0, len(data), size):
-                    device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
-                if device is self.debug_exit and self.debug_exit.exit_requested:
-                    return Stop("exit", self.debug_exit.value)
-        else:
-            for i in range(0, len(data), size):
-                value = device.io_read(exit.port, size) if device is not None else (1 << (8 * size)) - 1
-                data[i:i + size] = value.to_bytes(size, "little")
-        return None
-
-    def _default_exception(self, vcpu: Vcpu, info: ExitInfo) -> Action:
-        return Stop("exception", message=str(self._last_exception))
-
-    @staticmethod
-    def _default_rdmsr(vcpu: Vcpu, info: ExitInfo) -> Action | None:
-        values = vcpu.fd.get_msrs([info.msr])
-        if info.msr not in values:
-            return Inject(Vector.GP, 0)
-        info.data = values[info.msr]
-        return None
-
-    @staticmethod
-    def _default_wrmsr(vcpu: Vcpu, info: ExitInfo) -> Action | None:
-        try:
-            vcpu.fd.set_msrs({info.msr: info.data})
-        except KvmError:
-            return Inject(Vector.GP, 0)
-        return None
-
-    @staticmethod
-    def _default_hypercall(vcpu: Vcpu, info: ExitInfo) -> None:
-        vcpu.rax = -KVM_ENOSYS
-
-    def _default_unmapped(self, vcpu: Vcpu, info: ExitInfo) -> Action:
-        exit = info.detail
-        what = "write to" if exit.is_write else "read from"
-        return Stop("error", message=f"EPT misconfiguration: {exit.length}-byte {what} unmapped "
-                                     f"guest-physical address {exit.phys_addr:#x} at rip={vcpu.rip:#x}")
+    @property
+    def last_exception(self) -> ExceptionReport | None:
+        """The exception of the last EXCEPTION_OR_NMI exit."""
+        return self._last_exception
 
     # -- running --------------------------------------------------------------------
     def run(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:

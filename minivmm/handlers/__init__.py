@@ -1,5 +1,9 @@
 """Exit dispatch: Python handlers chosen by VMX exit reason and a filter.
 
+The default handler of each family lives in its own module here (io, msr,
+hypercall, hlt, exception, ept, mtf, timer, triple_fault); CPUID has no exit
+on KVM (see `minivmm.cpuid`).
+
 A handler is `handler(vcpu, info) -> Action | None`. Handlers for a reason
 form a chain, newest first, that ends with minivmm's default handler for the
 family; each exit runs down the chain until a handler returns an action. A
@@ -103,3 +107,20 @@ class Dispatcher:
             if action is not None:
                 return action
         return None
+
+
+def install_defaults(machine) -> None:
+    """Register minivmm's default handler for every exit family on `machine`."""
+    from . import ept, exception, hlt, hypercall, io, msr, mtf, timer, triple_fault
+    d = machine.dispatcher
+    d.set_default(ExitReason.IO_INSTRUCTION, io.port_devices(machine))
+    d.set_default(ExitReason.EXECUTE_RDMSR, msr.passthrough_rdmsr)
+    d.set_default(ExitReason.EXECUTE_WRMSR, msr.passthrough_wrmsr)
+    d.set_default(ExitReason.EXECUTE_VMCALL, hypercall.unknown_hypercall)
+    d.set_default(ExitReason.EXECUTE_HLT, hlt.stop_on_hlt)
+    d.set_default(ExitReason.EXCEPTION_OR_NMI, exception.stop_on_exception(machine))
+    d.set_default(ExitReason.EPT_MISCONFIGURATION, ept.stop_on_unmapped)
+    d.set_default(ExitReason.MONITOR_TRAP_FLAG, mtf.continue_after_step)
+    d.set_default(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED, timer.stop_on_deadline)
+    d.set_default(ExitReason.TRIPLE_FAULT, triple_fault.stop_on_triple_fault)
+    d.set_default(ExitReason.INVALID_GUEST_STATE, triple_fault.stop_on_invalid_guest_state)

@@ -1,0 +1,33 @@
+"""Default I/O-instruction handler: the machine's port devices.
+
+Ports no device claims read as all ones; writes to them are dropped.
+A write to the debug-exit port ends the run with the guest's exit code.
+"""
+from __future__ import annotations
+
+from ..actions import Stop
+
+
+def port_devices(machine):
+    """The default IO_INSTRUCTION handler of `machine` (its `add_device` devices)."""
+    ports = machine.port_devices
+
+    def handle(vcpu, info):
+        exit = info.detail
+        device = ports.get(exit.port)
+        if device is None and exit.is_out:
+            return None
+        data = vcpu.fd.io_data(exit)
+        size = exit.size
+        if exit.is_out:
+            for i in range(0, len(data), size):
+                device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
+            if device is machine.debug_exit and device.exit_requested:
+                return Stop("exit", device.value)
+            return None
+        for i in range(0, len(data), size):
+            value = device.io_read(exit.port, size) if device is not None else (1 << (8 * size)) - 1
+            data[i:i + size] = value.to_bytes(size, "little")
+        return None
+
+    return handle
