@@ -12,7 +12,6 @@ import ctypes
 import fcntl
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
 from .kvm import (Cap, ExitKind, Ioctl, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
@@ -252,10 +251,3 @@ class Vcpu:
             return self.run_once()
         finally:
             run_timer.disarm()
-
-
-def now() -> float:
-    return time.perf_counter()
-
-
-__all__ = ["Vcpu", "Segment", "RunTimer", "run_timer", "GPR_NAMES", "KvmError", "ExitKind"]
