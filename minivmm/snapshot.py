@@ -513,8 +513,9 @@ class Snapshot:
             received.clear()
             received.extend(d.serial_received)
         de = machine.debug_exit
-        de.exit_requested, de.value, de.status = (d.debug_exit_requested, d.debug_exit_value,
-                                                  d.debug_exit_status)
+        if de.exit_requested is not d.debug_exit_requested or de.value != d.debug_exit_value:
+            de.exit_requested, de.value, de.status = (d.debug_exit_requested, d.debug_exit_value,
+                                                      d.debug_exit_status)
         machine._last_exception = None
 
     # -- files ----------------------------------------------------------------------------

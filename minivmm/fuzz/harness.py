@@ -29,7 +29,9 @@ the machine's normal path. `fast=False` runs through `Machine.run`.
 from __future__ import annotations
 
 import ctypes
+import signal
 import struct
+import threading
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Iterable
@@ -53,8 +55,39 @@ if TYPE_CHECKING:
 
 _KIND_IO = int(ExitKind.IO)
 _SYNC_REGS = int(SyncRegsFlag.REGS)
+_SYNC_SREGS = int(SyncRegsFlag.SREGS)
 _KIND_RDMSR = int(ExitKind.X86_RDMSR)
 _KIND_WRMSR = int(ExitKind.X86_WRMSR)
+
+
+class _Watchdog:
+    """Run deadlines without arming a timer per run.
+
+    A daemon thread wakes every `period` seconds; while the current run is
+    past its `deadline` it sends SIGALRM to the main thread, whose handler
+    (`vcpu.run_timer`'s) sets `immediate_exit` and makes KVM_RUN return, as
+    the machine's own timer does. Arming and disarming ITIMER_REAL around
+    every run costs about 5 us here (two syscalls and the kernel timer),
+    a few per cent of a short run. Deadlines are honoured to within a period.
+    """
+
+    def __init__(self, timeout: float) -> None:
+        self.period = max(0.005, min(0.05, timeout / 4))
+        self.deadline: float | None = None
+        self._main = threading.main_thread().ident
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="minivmm-fuzz-deadline", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stopped.wait(self.period):
+            deadline = self.deadline
+            if deadline is not None and perf_counter() > deadline:
+                signal.pthread_kill(self._main, signal.SIGALRM)
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 class FuzzError(ValueError):
@@ -182,6 +215,11 @@ class Harness:
         self._length_offset = (getattr(KvmRegs, target.length_register).offset
                                if target.length_register is not None else None)
         self._regs_address = ctypes.addressof(machine.vcpu._regs)
+        self._watchdog: _Watchdog | None = None
+        if fast and target.timeout is not None and threading.current_thread() is threading.main_thread():
+            run_timer.arm(machine.vcpu, 3600)          # installs the SIGALRM handler
+            run_timer.disarm()
+            self._watchdog = _Watchdog(target.timeout)
 
     @classmethod
     def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
@@ -195,7 +233,10 @@ class Harness:
             raise
 
     def close(self) -> None:
-        """Release the snapshot copy and the machine."""
+        """Stop the deadline thread, release the snapshot copy and the machine."""
+        if self._watchdog is not None:
+            self._watchdog.stop()
+            self._watchdog = None
         self.snapshot.close()
         self.machine.close()
 
@@ -237,6 +278,10 @@ class Harness:
         try:
             if self.fast:
                 reason, exit_code, message, elapsed = self._run_lean(target.timeout, target.max_exits)
+                if reason == "timeout" and elapsed < target.timeout / 2:
+                    # The deadline thread signalled a run that had just ended: run again.
+                    data = self.prepare(data)
+                    reason, exit_code, message, elapsed = self._run_lean(target.timeout, target.max_exits)
             else:
                 result = self.machine.run(timeout=target.timeout, max_exits=target.max_exits)
                 reason, exit_code, message, elapsed = (result.reason, result.exit_code, result.message,
@@ -262,13 +307,19 @@ class Harness:
         exit_port = m.debug_exit.port if self._plain_debug_exit() else -1
         pre_entry = m.pre_entry
         start = perf_counter()
-        m.debug_exit.reset()
+        # (The snapshot restore has reset the debug-exit device already.)
         m._last_exception = None
         m._step_rip = vcpu.rip
         limit = max_exits if max_exits is not None else -1
         action = None
+        watchdog = self._watchdog
         if timeout is not None:
-            run_timer.arm(vcpu, timeout)
+            if watchdog is not None:
+                run_timer.expired = False
+                run_timer.run = run
+                watchdog.deadline = start + timeout
+            else:
+                run_timer.arm(vcpu, timeout)
         try:
             while True:
                 if limit == 0:
@@ -278,6 +329,10 @@ class Harness:
                     hook()
                 if vmcs.dirty:
                     vmcs.realise()
+                dirty = vcpu._dirty
+                if dirty and not dirty & _SYNC_SREGS and vcpu.synced:
+                    run.kvm_dirty_regs = dirty         # what run_once does, without its enum test
+                    vcpu._dirty = 0
                 kind = vcpu.run_once()
                 if kind == _KIND_IO:
                     io = run.exit.io
@@ -303,7 +358,12 @@ class Harness:
                     return action.reason, action.exit_code, action.message, perf_counter() - start
         finally:
             if timeout is not None:
-                run_timer.disarm()
+                if watchdog is not None:
+                    watchdog.deadline = None
+                    run_timer.run = None       # a late signal must not touch this kvm_run
+                    run.immediate_exit = 0
+                else:
+                    run_timer.disarm()
 
     def _plain_debug_exit(self) -> bool:
         """True when nothing but the debug-exit device listens on its port."""
