@@ -87,6 +87,7 @@ def test_runs_are_classified(make_machine) -> None:
     assert (ud.status, ud.reason, ud.vector) == (Status.CRASH, "exception", 6)
     assert ud.rip == harness.machine.symbol("undefined")
     assert "ud2" in ud.disassembly and ud.crash_site == f"v6-{ud.rip:x}"
+    assert "int3" not in ud.disassembly                 # pending breakpoints shown as the original code
     assert ud.input == b"U"
 
     boom = harness.run(b"C")

@@ -1,5 +1,13 @@
 """Snapshot fuzzing: harness, breakpoint coverage, mutator, fuzz loop and AFL++ bridge.
 
+    from minivmm.config import load_config
+    from minivmm.fuzz import Harness
+    from minivmm.fuzz.engine import Fuzzer
+
+    with Harness.from_config(load_config("configs/fuzz_parser.yaml")) as harness:
+        print(harness.run(b"FUZZ\x02\x00\x80A").summary())      # crash: #PF ...
+        stats = Fuzzer(harness, corpus_dir="corpus", crashes_dir="crashes").run(seconds=10)
+
 * `Harness` / `FuzzTarget` / `RunOutcome` (`minivmm.fuzz.harness`): place an
   input, run from a snapshot with a deadline, classify the run.
 * `Coverage` (`minivmm.fuzz.coverage`): one-shot int3 breakpoints on basic blocks.

@@ -182,6 +182,17 @@ class Coverage:
             out[self.block_id(addr) % size] = 1
         return out
 
+    def unpatched(self, address: int, code: bytes) -> bytes:
+        """`code` read from guest memory at `address`, with pending breakpoints replaced by the original bytes."""
+        if not self._original:
+            return code
+        out = bytearray(code)
+        for i in range(len(out)):
+            original = self._original.get(address + i)
+            if original is not None:
+                out[i] = original
+        return bytes(out)
+
     def uninstall(self) -> None:
         """Remove every remaining breakpoint (guest memory and snapshot)."""
         for addr, original in list(self._original.items()):

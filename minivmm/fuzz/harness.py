@@ -32,6 +32,7 @@ import ctypes
 import signal
 import struct
 import threading
+import weakref
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Iterable
@@ -220,6 +221,7 @@ class Harness:
             run_timer.arm(machine.vcpu, 3600)          # installs the SIGALRM handler
             run_timer.disarm()
             self._watchdog = _Watchdog(target.timeout)
+            weakref.finalize(self, self._watchdog._stopped.set)   # a harness never closed
 
     @classmethod
     def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
@@ -406,7 +408,7 @@ class Harness:
         region = self.machine.memory.region_at(rip)
         if region is None:
             return f"  {rip:#x}: <not in guest RAM>"
-        code = self.machine.memory.read(rip, min(15 * count, region.end - rip))
+        code = self.coverage.unpatched(rip, self.machine.memory.read(rip, min(15 * count, region.end - rip)))
         lines = [f"  {a:#x}: {raw.hex(' '):<24} {text}"
                  for a, raw, text in disassemble(code, rip, CODE_BITS[self.machine.mode], count)]
         return "\n".join(lines) or f"  {rip:#x}: <undecodable: {code[:8].hex(' ')}>"
