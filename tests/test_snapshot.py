@@ -201,3 +201,18 @@ data: .long 0
     assert m.memory.read_u32(m.symbol("data")) == 0
     assert m.run(timeout=10).exit_code == 1
     snap.close()
+
+
+def test_restore_after_special_registers_changed(make_machine) -> None:
+    """A run that changes sregs (here: a host-side CR change) is undone too, events included."""
+    m = _machine(make_machine, "2M")
+    snap = Snapshot.take(m)
+    m.run(timeout=10)
+    m.vcpu.cr8 = 5
+    m.vcpu.flush()
+    snap.restore(m)
+    assert m.vcpu.cr8 == 0
+    result = m.run(timeout=10)
+    assert (result.reason, result.exit_code) == ("exit", 7)
+    assert m.vcpu.fd.get_sregs().cr8 == 0
+    snap.close()
