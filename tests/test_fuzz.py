@@ -6,7 +6,7 @@ import random
 import pytest
 
 from minivmm.fuzz import FuzzTarget, Harness, Status, basic_blocks
-from minivmm.fuzz.coverage import INT3, comparison_constants
+from minivmm.fuzz.coverage import INT3, CoverageError, comparison_constants, symbol_ranges
 from minivmm.fuzz.engine import Fuzzer
 from minivmm.fuzz.mutator import Mutator
 
@@ -55,6 +55,15 @@ input: .fill 64, 1, 0
 def test_basic_blocks_and_constants_from_capstone() -> None:
     assert basic_blocks(CODE, 0x1000) == [0x1000, 0x1005, 0x1007, 0x1008]
     assert comparison_constants(CODE, 0x1000) == [b"\x46", b"\x46\x55\x5a\x5a"]
+
+
+def test_symbol_ranges_end_at_the_next_symbol() -> None:
+    symbols = {"main": 0x1000, "helper": 0x1040, "data": 0x2000}
+    assert symbol_ranges(symbols, ["main", "helper"]) == [(0x1000, 0x1040), (0x1040, 0x2000)]
+    with pytest.raises(CoverageError, match="last symbol"):
+        symbol_ranges(symbols, ["data"])
+    with pytest.raises(CoverageError, match="no symbol"):
+        symbol_ranges(symbols, ["nope"])
 
 
 def test_mutator_stays_within_the_size_limit_and_is_reproducible() -> None:

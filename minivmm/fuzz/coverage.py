@@ -67,6 +67,25 @@ def basic_blocks(code: bytes, address: int, bits: int = 64) -> list[int]:
     return sorted(s for s in starts if s in boundaries)
 
 
+def symbol_ranges(symbols: dict[str, int], names: Iterable[str]) -> list[tuple[int, int]]:
+    """Coverage ranges for named code symbols (e.g. an ELF image's functions).
+
+    Symbol tables from minivmm's loaders give addresses, not sizes, so each
+    range runs from the symbol to the next higher symbol address.
+    """
+    addresses = sorted(set(symbols.values()))
+    ranges = []
+    for name in names:
+        if name not in symbols:
+            raise CoverageError(f"no symbol {name!r} in the loaded images")
+        start = symbols[name]
+        later = [a for a in addresses if a > start]
+        if not later:
+            raise CoverageError(f"symbol {name!r} is the last symbol: give its end as a range instead")
+        ranges.append((start, later[0]))
+    return ranges
+
+
 def comparison_constants(code: bytes, address: int, bits: int = 64) -> list[bytes]:
     """Immediate operands of `cmp` instructions in `code`, as little-endian byte strings.
 
@@ -203,4 +222,4 @@ class Coverage:
             self._registration = None
 
 
-__all__ = ["Coverage", "CoverageError", "basic_blocks", "comparison_constants", "INT3"]
+__all__ = ["Coverage", "CoverageError", "basic_blocks", "comparison_constants", "symbol_ranges", "INT3"]
