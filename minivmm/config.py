@@ -27,6 +27,22 @@ up the keys; the meaning of the less obvious ones:
   (mem_lower/upper, memory map, command line, loader name) and starts it in
   32-bit protected mode with EAX=0x2BADB002, EBX=0x20000 (mode defaults to
   protected).
+  A multiboot kernel may also be `build: {c: [entry.S, kernel.c], cflags}`: a 32-bit
+  ELF built with gcc -m32 -ffreestanding -nostdlib. Its command line is the kernel's
+  file name then `cmdline` (argv0 first, as QEMU's -kernel does). `modules` are
+  loaded page-aligned after the kernel and listed in the info structure; a module's
+  string is its file name then its `cmdline`, as QEMU's `-initrd "file args"` gives.
+  The info structure goes at 0x20000, or after the modules when something lands there.
+- `machine.vcpus: N` (default 1): one host thread per vCPU; N > 1 needs (and turns on)
+  the in-kernel irqchip; vCPU 0 starts at the entry, the others wait for INIT/SIPI
+  from the guest's LAPIC (see `minivmm.smp`).
+- `platform` (all off by default; `minivmm.platform`): `irqchip` KVM's in-kernel
+  LAPIC/IOAPIC/PIC (HLT then no longer exits: it waits in the kernel for an
+  interrupt), `pit` the in-kernel 8254, `fw_cfg` QEMU's fw_cfg at 0x510/0x511,
+  `acpi` RSDP/RSDT/FADT/MADT in 0xE0000-0xFFFFF plus the PM block at 0x600 (PM timer
+  at 0x608), `pci` ports 0xCF8-0xCFF with no device, `scratch` read-back registers,
+  `ram_windows` extra RAM regions, `strict_ports` stops the run (reason "error") on
+  an access to a port no device claims instead of reading all ones.
 - Paths are relative to the YAML file; so is a handler module.
 - Every rule has an optional `name` (its counter, `machine.counters[name]`,
   also printed by `run --json`) and `log: true` (an event line, printed on
@@ -66,11 +82,12 @@ SCHEMA = """\
 version: 1                        # required
 description: text
 machine:   {name, memory: 2M, mode: real|protected|long|user, entry: addr|symbol,
-            stack: addr|symbol, registers: {rax: ..}, timeout: seconds, max_exits: N}
+            stack: addr|symbol, registers: {rax: ..}, timeout: seconds, max_exits: N, vcpus: 1}
 images:    - {type: asm, source: file.S, address, entry, defines: {NAME: int}}
            - {type: binary, path: file.bin, address, entry}
            - {type: elf, path: file.elf | build: {c: [file.c], cflags: [..], link_address}, entry}
-           - {type: multiboot, path: kernel | source: kernel.S, cmdline: text, defines}
+           - {type: multiboot, path: kernel | source: kernel.S | build: {c: [..], cflags},
+              cmdline: text, defines, modules: [{path: file, cmdline: text}]}
 devices:   {serial: {port, output: stdout|stderr|capture|file|none, path},
             debug_exit: {port, width}, hypercall: {port, calls: [{number, action, value}]},
             mmio: [{start, end|size, action: ignore|count|log|stop, value}]}
@@ -83,6 +100,9 @@ vmcs:      {controls: [CPU_BASED_HLT_EXITING, ..] | {NAME: bool},
 ept:       {protect: [{start, end|size, perms: r-x}],
             monitors: [{start, end|size, access: rw, action: log|count|stop}],
             hooks: [{address, action: log|count|stop|skip, hidden: true}]}
+platform:  {irqchip: bool, pit: bool, fw_cfg: bool, acpi: bool | {pm_timer_32bit: bool},
+            pci: bool, scratch: port | {port, width} | [..], strict_ports: bool,
+            ram_windows: [{start, size, name}]}
 handlers:  ["module:function", "file.py:function"]
 expect:    {result, exit_code, console, message, counters: {name: N}}
 fuzz:      {input_symbol | input_address, max_input_size, length_register | length_address,
@@ -515,6 +535,7 @@ class MachineConfig:
     registers: dict[str, Address] = field(default_factory=dict)
     timeout: float | None = DEFAULT_TIMEOUT
     max_exits: int | None = None
+    vcpus: int = 1
 
 
 @dataclass
@@ -535,6 +556,15 @@ class ImageConfig:
     address: Address | None = None
     entry: Address | None = None
     defines: dict[str, int] = field(default_factory=dict)
+    cmdline: str = ""
+    modules: list["ModuleConfig"] = field(default_factory=list)
+    loc: Loc = Loc()
+
+
+@dataclass
+class ModuleConfig:
+    """A multiboot module: a file and the text after its name in the module's string."""
+    path: Path
     cmdline: str = ""
     loc: Loc = Loc()
 
@@ -736,6 +766,7 @@ class Config:
     handlers: list[tuple[str, Loc]] = field(default_factory=list)
     expect: ExpectConfig | None = None
     fuzz: FuzzConfig | None = None
+    platform: "PlatformConfig" = field(default_factory=lambda: _platform_config())
 
     @property
     def name(self) -> str:
@@ -772,7 +803,12 @@ def parse_config(text: str, *, path: str | Path = "<config>", overrides: Sequenc
 
 
 TOP_KEYS = ("version", "description", "machine", "image", "images", "devices", "vmcs", "ept",
-            "handlers", "expect", "fuzz")
+            "handlers", "expect", "fuzz", "platform")
+
+
+def _platform_config(**kwargs: Any) -> "PlatformConfig":
+    from .platform import PlatformConfig
+    return PlatformConfig(**kwargs)
 
 
 class _Validator:
@@ -815,10 +851,64 @@ class _Validator:
                                                   "a list of \"module:function\" strings"), [])
         config.expect = m.get("expect", self.expect)
         config.fuzz = m.get("fuzz", self.fuzz)
+        config.platform = m.get("platform", self.platform, _platform_config())
+        if config.machine.vcpus > 1:
+            platform_node = m.child("platform")
+            if platform_node is not None and isinstance(platform_node.value, dict) and \
+                    "irqchip" in platform_node.value and not config.platform.irqchip:
+                raise platform_node.value["irqchip"].error(
+                    f"machine.vcpus is {config.machine.vcpus}: more than one vCPU needs the in-kernel "
+                    "irqchip (the APs start on the LAPIC's INIT/SIPI); remove 'irqchip: false'")
+            config.platform.irqchip = True
         return config
 
+    def platform(self, node: Node) -> "PlatformConfig":
+        from .platform import RamWindow, ScratchConfig
+        m = _Map(node, ("irqchip", "pit", "fw_cfg", "acpi", "pci", "scratch", "ram_windows",
+                        "strict_ports"))
+        platform = _platform_config(irqchip=m.get("irqchip", _bool, False), pit=m.get("pit", _bool, False),
+                                    fw_cfg=m.get("fw_cfg", _bool, False), pci=m.get("pci", _bool, False),
+                                    strict_ports=m.get("strict_ports", _bool, False))
+        if platform.pit and not platform.irqchip:
+            raise m.items["pit"].error("the in-kernel PIT needs the in-kernel irqchip: add 'irqchip: true'")
+        acpi = m.child("acpi")
+        if acpi is not None:
+            if isinstance(acpi.value, dict):
+                a = _Map(acpi, ("pm_timer_32bit",))
+                platform.acpi = True
+                platform.pm_timer_32bit = a.get("pm_timer_32bit", _bool, True)
+            else:
+                platform.acpi = _bool(acpi)
+
+        def scratch(n: Node) -> ScratchConfig:
+            if isinstance(n.value, dict):
+                s = _Map(n, ("port", "width"))
+                width = s.get("width", _int, 4)
+                if width not in (1, 2, 4):
+                    raise s.items["width"].expected("1, 2 or 4")
+                return ScratchConfig(port=s.need("port", _port, "the register's I/O port"), width=width)
+            return ScratchConfig(port=_port(n))
+
+        node_scratch = m.child("scratch")
+        if node_scratch is not None:
+            platform.scratch = _list(scratch, "a list of scratch registers")(node_scratch) \
+                if isinstance(node_scratch.value, list) else [scratch(node_scratch)]
+
+        def window(n: Node) -> RamWindow:
+            w = _Map(n, ("start", "size", "name"))
+            start = w.need("start", _uint, "the window's guest-physical address")
+            size = w.need("size", _size, "the window's size")
+            if start % 4096 or size % 4096 or size == 0:
+                raise n.error(f"a RAM window needs a page-aligned start and a non-zero page-multiple size; "
+                              f"got start {start:#x} size {size:#x}")
+            return RamWindow(start, size, w.get("name", _str, f"window@{start:#x}"))
+
+        platform.ram_windows = m.get("ram_windows", _list(window, "a list of {start, size} RAM windows"), [])
+        return platform
+
     def machine(self, node: Node) -> MachineConfig:
-        m = _Map(node, ("name", "memory", "mode", "entry", "stack", "registers", "timeout", "max_exits"))
+        m = _Map(node, ("name", "memory", "mode", "entry", "stack", "registers", "timeout", "max_exits",
+                        "vcpus"))
         mc = MachineConfig()
         mc.name = m.get("name", _str, "")
         mc.memory = m.get("memory", _size, DEFAULT_MEMORY)
@@ -837,6 +927,9 @@ class _Validator:
         if m.has("timeout"):
             mc.timeout = _seconds(m.items["timeout"])
         mc.max_exits = m.get("max_exits", _size)
+        mc.vcpus = m.get("vcpus", _int, 1)
+        if not 1 <= mc.vcpus <= 64:
+            raise m.items["vcpus"].expected("a vCPU count from 1 to 64")
         return mc
 
     def image(self, node: Node) -> ImageConfig:
@@ -850,7 +943,7 @@ class _Validator:
         allowed = {"asm": ("type", "source", "address", "entry", "defines"),
                    "binary": ("type", "path", "address", "entry"),
                    "elf": ("type", "path", "build", "entry"),
-                   "multiboot": ("type", "path", "source", "cmdline", "defines")}[kind]
+                   "multiboot": ("type", "path", "source", "build", "cmdline", "defines", "modules")}[kind]
         m = _Map(node, allowed)
         image = ImageConfig(type=kind, loc=_loc(node))
         if kind == "asm":
@@ -865,13 +958,18 @@ class _Validator:
             else:
                 image.path = m.need("path", self.file, "the ELF file, or 'build' to compile C sources")
         else:
-            m.exclusive("path", "source")
+            m.exclusive("path", "source", "build")
             if m.has("source"):
                 image.path = self.file(m.items["source"])
                 image.assemble = True
+            elif m.has("build"):
+                image.build = self.build(m.items["build"])
+                image.path = image.build.c[0]
             else:
-                image.path = m.need("path", self.file, "the kernel file, or 'source' for an assembly kernel")
+                image.path = m.need("path", self.file, "the kernel file, 'source' for an assembly kernel "
+                                    "or 'build' to compile one")
             image.cmdline = m.get("cmdline", _str, "")
+            image.modules = m.get("modules", _list(self.module, "a list of modules {path, cmdline}"), [])
         if kind == "asm":
             image.address = m.get("address", _address)
         if kind in ("asm", "multiboot") and m.has("defines"):
@@ -880,6 +978,13 @@ class _Validator:
             image.defines = {name: _int(child) for name, child in defines.items.items()}
         image.entry = m.get("entry", _address)
         return image
+
+    def module(self, node: Node) -> ModuleConfig:
+        if isinstance(node.value, str):
+            return ModuleConfig(path=self.file(node), loc=_loc(node))
+        m = _Map(node, ("path", "cmdline"))
+        return ModuleConfig(path=m.need("path", self.file, "the module's file"),
+                            cmdline=m.get("cmdline", _str, ""), loc=_loc(node))
 
     def build(self, node: Node) -> BuildConfig:
         m = _Map(node, ("c", "cflags", "link_address"))
@@ -1153,7 +1258,9 @@ class ConfiguredMachine(Machine):
     def __init__(self, config: Config, *, console: Callable[[bytes], object] | None = None,
                  log: Callable[[str], None] | None = None) -> None:
         self._closables: list[Any] = []
-        super().__init__(config.machine.memory, config.machine.mode, console=console)
+        super().__init__(config.machine.memory, config.machine.mode, console=console,
+                         **({"vcpus": config.machine.vcpus, "irqchip": True}
+                            if config.platform.irqchip or config.machine.vcpus > 1 else {}))
         self.config = config
         self.counters: dict[str, int] = {}
         self.events: list[str] = []
@@ -1330,6 +1437,12 @@ class _Builder:
         config, machine = self.config, self.machine
         self.devices()
         entry = self.images()
+        if not config.platform.empty:
+            from .platform import install_platform
+            try:
+                install_platform(machine, config.platform)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(str(exc), str(config.path), "platform") from None
         mc = config.machine
         machine.entry = self.resolve(mc.entry, entry)
         machine.stack = self.resolve(mc.stack)
@@ -1401,11 +1514,26 @@ class _Builder:
                                            link_address=image.build.link_address,
                                            bits=CODE_BITS[mode])
             return loaders.load_elf(path)
-        data = image.path.read_bytes()
+        if image.build is not None:
+            path = loaders.build_c_elf(image.build.c, cflags=image.build.cflags,
+                                       link_address=image.build.link_address, bits=32)
+            data = path.read_bytes()
+        else:
+            data = image.path.read_bytes()
         if image.assemble:
             data = loaders.load_asm(image.path, code_bits=32, load_address=DEFAULT_LOAD_ADDRESS[mode],
                                     defines=image.defines).segments[0][1]
-        return loaders.load_multiboot(data, cmdline=image.cmdline, memory_size=self.config.machine.memory)
+        modules = []
+        for module in image.modules:
+            try:
+                content = module.path.read_bytes()
+            except OSError as exc:
+                raise module.loc.error(f"cannot read the module: {exc}") from None
+            text = f"{module.path.name} {module.cmdline}" if module.cmdline else module.path.name
+            modules.append(loaders.MultibootModule(content, text))
+        return loaders.load_multiboot(data, cmdline=image.cmdline, memory_size=self.config.machine.memory,
+                                      modules=modules,
+                                      kernel_name=image.path.parent.name if image.build else image.path.name)
 
     # -- devices ------------------------------------------------------------------------
     def devices(self) -> None:

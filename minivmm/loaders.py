@@ -21,7 +21,8 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 __all__ = ["LoaderError", "LoadedImage", "load_asm", "load_flat", "load_elf", "build_c_elf",
-           "load_multiboot", "MultibootHeader", "parse_multiboot_header", "MULTIBOOT_INFO_ADDRESS"]
+           "load_multiboot", "MultibootHeader", "MultibootModule", "parse_multiboot_header",
+           "build_multiboot_info", "MULTIBOOT_INFO_ADDRESS"]
 
 
 class LoaderError(ValueError):
@@ -67,27 +68,35 @@ def load_elf(path: str | os.PathLike) -> LoadedImage:
     """PT_LOAD segments at their physical addresses (bss zero-filled), entry from the header,
     symbols from .symtab."""
     path = Path(path)
+    with open(path, "rb") as stream:
+        return _read_elf(stream, str(path))[0]
+
+
+def _read_elf(stream, name: str) -> tuple[LoadedImage, list[tuple[int, int, int]]]:
+    """An ELF32/ELF64 x86 executable from a seekable stream: the image (segments by p_paddr)
+    and each PT_LOAD's (p_vaddr, p_paddr, p_memsz), for translating virtual entry points."""
     try:
-        with open(path, "rb") as stream:
-            elf = ELFFile(stream)
-            if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
-                raise LoaderError(f"{path}: ELF for {elf['e_machine']}, expected x86 (EM_386 or EM_X86_64)")
-            if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
-                raise LoaderError(f"{path}: ELF type {elf['e_type']}, expected an executable (ET_EXEC)")
-            segments = []
-            for segment in elf.iter_segments():
-                if segment["p_type"] != "PT_LOAD" or segment["p_memsz"] == 0:
-                    continue
-                data = segment.data()
-                if segment["p_memsz"] < len(data):
-                    raise LoaderError(f"{path}: a PT_LOAD segment has p_memsz < p_filesz")
-                segments.append((segment["p_paddr"], data + bytes(segment["p_memsz"] - len(data))))
-            if not segments:
-                raise LoaderError(f"{path}: no PT_LOAD segment")
-            symbols = _elf_symbols(elf)
-            return LoadedImage(segments, elf["e_entry"], symbols)
+        elf = ELFFile(stream)
+        if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
+            raise LoaderError(f"{name}: ELF for {elf['e_machine']}, expected x86 (EM_386 or EM_X86_64)")
+        if elf["e_type"] not in ("ET_EXEC", "ET_DYN"):
+            raise LoaderError(f"{name}: ELF type {elf['e_type']}, expected an executable (ET_EXEC)")
+        segments = []
+        layout = []
+        for segment in elf.iter_segments():
+            if segment["p_type"] != "PT_LOAD" or segment["p_memsz"] == 0:
+                continue
+            data = segment.data()
+            if segment["p_memsz"] < len(data):
+                raise LoaderError(f"{name}: a PT_LOAD segment has p_memsz < p_filesz")
+            segments.append((segment["p_paddr"], data + bytes(segment["p_memsz"] - len(data))))
+            layout.append((segment["p_vaddr"], segment["p_paddr"], segment["p_memsz"]))
+        if not segments:
+            raise LoaderError(f"{name}: no PT_LOAD segment")
+        symbols = _elf_symbols(elf)
+        return LoadedImage(segments, elf["e_entry"], symbols), layout
     except ELFError as exc:
-        raise LoaderError(f"{path}: not a valid ELF file: {exc}") from None
+        raise LoaderError(f"{name}: not a valid ELF file: {exc}") from None
 
 
 def _elf_symbols(elf: ELFFile) -> dict[str, int]:
@@ -164,7 +173,7 @@ MULTIBOOT_AOUT_KLUDGE = 1 << 16
 MULTIBOOT_INFO_ADDRESS = 0x20000
 """Where the info structure, memory map, command line and loader name go (below 640 KiB,
 above minivmm's system area)."""
-INFO_MEMORY, INFO_CMDLINE, INFO_MEM_MAP, INFO_LOADER_NAME = 1 << 0, 1 << 2, 1 << 6, 1 << 9
+INFO_MEMORY, INFO_CMDLINE, INFO_MODS, INFO_MEM_MAP, INFO_LOADER_NAME = 1 << 0, 1 << 2, 1 << 3, 1 << 6, 1 << 9
 LOADER_NAME = b"minivmm\0"
 _SUPPORTED_REQUIRED = MULTIBOOT_PAGE_ALIGN | MULTIBOOT_MEMORY_INFO
 
@@ -207,13 +216,33 @@ def parse_multiboot_header(data: bytes) -> MultibootHeader:
                       f"{MULTIBOOT_SEARCH} bytes of the kernel")
 
 
-def load_multiboot(data: bytes, *, cmdline: str = "", memory_size: int,
-                   info_address: int = MULTIBOOT_INFO_ADDRESS) -> LoadedImage:
-    """Load a multiboot v1 kernel (address fields of flags bit 16, else ELF) and build its info.
+@dataclass(frozen=True)
+class MultibootModule:
+    """A boot module (Multiboot 0.6.96 section 3.3, mods_*): its bytes and its string.
 
-    The result's registers are the spec's entry state EAX=0x2BADB002 and
-    EBX=info address; the machine must start in 32-bit protected mode with
-    paging off and flat segments (minivmm's protected mode).
+    `cmdline` is the module's string exactly as the kernel will read it (QEMU's
+    `-initrd "file args"` passes the file name first; the YAML schema does the same).
+    """
+    data: bytes
+    cmdline: str = ""
+
+
+def load_multiboot(data: bytes, *, cmdline: str = "", memory_size: int,
+                   info_address: int | None = None, modules: Sequence[MultibootModule] = (),
+                   kernel_name: str = "") -> LoadedImage:
+    """Load a multiboot v1 kernel (address fields of flags bit 16, else ELF32/ELF64 program
+    headers) and its modules, and build its info structure.
+
+    Modules go page-aligned after the kernel's highest byte, in order (the spec
+    asks for page alignment when flags bit 0 is set; minivmm always aligns).
+    The command line the kernel sees is `kernel_name` then `cmdline`, as QEMU's
+    `-kernel` builds it (argv0 first; always present, possibly just the name).
+    The info structure goes at `info_address` when given (an error if anything
+    lands there), else at MULTIBOOT_INFO_ADDRESS when that is free, else
+    page-aligned after the last module. The result's registers are the spec's
+    entry state (section 3.2) EAX=0x2BADB002 and EBX=info address; the machine
+    must start in 32-bit protected mode with paging off and flat segments
+    (minivmm's protected mode).
     """
     header = parse_multiboot_header(data)
     if header.flags & MULTIBOOT_AOUT_KLUDGE:
@@ -235,25 +264,63 @@ def load_multiboot(data: bytes, *, cmdline: str = "", memory_size: int,
         if data[:4] != b"\x7fELF":
             raise LoaderError("multiboot header without the address fields (flags bit 16) and the "
                               "kernel is not an ELF file")
-        with tempfile.NamedTemporaryFile(suffix=".elf") as tmp:
-            tmp.write(data)
-            tmp.flush()
-            loaded = load_elf(tmp.name)
-    info = build_multiboot_info(memory_size, cmdline, info_address)
+        import io
+        loaded, layout = _read_elf(io.BytesIO(data), kernel_name or "the multiboot kernel")
+        # An ELF64 kernel (GRUB accepts them; its entry code is still 32-bit) or one linked
+        # at virtual addresses: translate the entry point to where it was loaded.
+        for vaddr, paddr, memsz in layout:
+            if vaddr != paddr and vaddr <= loaded.entry < vaddr + memsz:
+                loaded.entry = loaded.entry - vaddr + paddr
+                break
     for address, segment in loaded.segments:
-        if address < info_address + len(info) and address + len(segment) > info_address:
-            raise LoaderError(f"the kernel segment at {address:#x} overlaps the multiboot info "
-                              f"structure at {info_address:#x}")
+        if address + len(segment) > 1 << 32:
+            raise LoaderError(f"multiboot kernel segment at {address:#x} is above 4 GiB: the kernel "
+                              "starts with paging off")
+    if loaded.entry is None or loaded.entry >= 1 << 32:
+        raise LoaderError(f"multiboot entry point {loaded.entry:#x} is not a 32-bit physical address")
+    placed: list[tuple[int, int, str]] = []
+    cursor = _page_up(loaded.end_address)
+    for module in modules:
+        placed.append((cursor, cursor + len(module.data), module.cmdline))
+        loaded.segments.append((cursor, bytes(module.data)))
+        cursor = _page_up(cursor + max(len(module.data), 1))
+    full_cmdline = f"{kernel_name} {cmdline}" if kernel_name and cmdline else (kernel_name or cmdline)
+    probe = build_multiboot_info(memory_size, full_cmdline, 0, placed)
+    busy = [(a, a + len(d)) for a, d in loaded.segments]
+
+    def free(at: int) -> bool:
+        return all(at + len(probe) <= start or at >= end for start, end in busy)
+
+    if info_address is None:
+        info_address = MULTIBOOT_INFO_ADDRESS if free(MULTIBOOT_INFO_ADDRESS) else cursor
+        if info_address + len(probe) > memory_size:
+            raise LoaderError(f"no room for the multiboot info structure: the kernel and modules end at "
+                              f"{cursor:#x} and guest RAM at {memory_size:#x}")
+    elif not free(info_address):
+        for address, segment in loaded.segments:
+            if address < info_address + len(probe) and address + len(segment) > info_address:
+                raise LoaderError(f"the kernel segment at {address:#x} overlaps the multiboot info "
+                                  f"structure at {info_address:#x}")
+    info = build_multiboot_info(memory_size, full_cmdline, info_address, placed)
     loaded.segments.append((info_address, info))
     loaded.registers = {"rax": MULTIBOOT_BOOTLOADER_MAGIC, "rbx": info_address}
     return loaded
 
 
-def build_multiboot_info(memory_size: int, cmdline: str, address: int) -> bytes:
-    """The multiboot_info structure (116 bytes) then the memory map, command line and loader name.
+def _page_up(value: int) -> int:
+    return (value + 0xFFF) & ~0xFFF
 
-    RAM is one region from 0; the map reports [0, 640K) and [1M, end) as
-    available, with minivmm's system area [0, 64K) reserved.
+
+def build_multiboot_info(memory_size: int, cmdline: str, address: int,
+                         modules: Sequence[tuple[int, int, str]] = ()) -> bytes:
+    """The multiboot_info structure (116 bytes, Multiboot 0.6.96 section 3.3), then the module
+    list (mod_start, mod_end, string, reserved; 16 bytes each), the memory map, the command
+    line, the module strings and the boot loader name.
+
+    `modules` are (start, end, string) triples. RAM is one region from 0; the map
+    reports [0, 640K) and [1M, end) as available, with minivmm's system area
+    [0, 64K) reserved; 640K-1M (VGA, option ROMs, ACPI tables, BIOS) is left out,
+    i.e. reserved.
     """
     from .modes import SYSTEM_AREA_END
     low_end = min(memory_size, 0xA0000)
@@ -262,16 +329,26 @@ def build_multiboot_info(memory_size: int, cmdline: str, address: int) -> bytes:
         entries.append((0x100000, memory_size - 0x100000, 1))
     mmap = b"".join(struct.pack("<IQQI", 20, base, length, kind) for base, length, kind in entries)
     info_size = 116
-    mmap_addr = address + info_size
+    mods_addr = address + info_size
+    mmap_addr = mods_addr + 16 * len(modules)
     cmdline_addr = mmap_addr + len(mmap)
     cmdline_bytes = cmdline.encode() + b"\0"
-    name_addr = cmdline_addr + len(cmdline_bytes)
+    strings = bytearray()
+    strings_addr = cmdline_addr + len(cmdline_bytes)
+    mods = bytearray()
+    for start, end, text in modules:
+        mods += struct.pack("<IIII", start, end, strings_addr + len(strings), 0)
+        strings += text.encode() + b"\0"
+    name_addr = strings_addr + len(strings)
     mem_lower = low_end // 1024
     mem_upper = max(0, memory_size - 0x100000) // 1024
     flags = INFO_MEMORY | INFO_CMDLINE | INFO_MEM_MAP | INFO_LOADER_NAME
+    if modules:
+        flags |= INFO_MODS
     info = bytearray(info_size)
     struct.pack_into("<IIII", info, 0, flags, mem_lower, mem_upper, 0xFFFFFFFF)   # boot_device: none
     struct.pack_into("<I", info, 16, cmdline_addr)
+    struct.pack_into("<II", info, 20, len(modules), mods_addr if modules else 0)
     struct.pack_into("<II", info, 44, len(mmap), mmap_addr)
     struct.pack_into("<I", info, 64, name_addr)
-    return bytes(info) + mmap + cmdline_bytes + LOADER_NAME
+    return bytes(info) + bytes(mods) + mmap + cmdline_bytes + bytes(strings) + LOADER_NAME

@@ -108,16 +108,26 @@ class HandlerError(RuntimeError):
 
 
 class Machine:
-    """A VM with guest RAM at GPA 0, one vCPU, a serial console and a debug-exit port."""
+    """A VM with guest RAM at GPA 0, one vCPU, a serial console and a debug-exit port.
+
+    `vcpus=N` adds application processors (vCPU 1..N-1, one host thread each
+    while running; see `minivmm.smp`); it needs, and turns on, `irqchip`: KVM's
+    in-kernel LAPIC/IOAPIC/PIC, created before the vCPUs. With the irqchip, HLT
+    is handled in the kernel and no longer exits.
+    """
 
     def __init__(self, memory: int | str = "2M", mode: Mode | str = Mode.LONG, *,
                  kvm_path: str = DEFAULT_KVM_PATH,
-                 console: Callable[[bytes], object] | None = None) -> None:
+                 console: Callable[[bytes], object] | None = None,
+                 vcpus: int = 1, irqchip: bool = False) -> None:
         self.mode = Mode(mode)
         self.kvm = Kvm(kvm_path)
         self.vm = None
         self.memory = GuestMemory()
         self.vcpu: Vcpu | None = None
+        self.vcpus: list[Vcpu] = []
+        self.irqchip = irqchip or vcpus > 1
+        self._smp = None
         try:
             self.vm = self.kvm.create_vm()
             try:
@@ -126,7 +136,12 @@ class Machine:
                 pass
             self._slots: dict[Region, int] = {}
             self.add_ram(0, parse_size(memory))
+            if self.irqchip:
+                self.vm.create_irqchip()          # before any vCPU (api.rst 4.24)
             self.vcpu = Vcpu(self.kvm, self.vm, 0)
+            self.vcpus.append(self.vcpu)
+            for index in range(1, vcpus):
+                self.vcpus.append(Vcpu(self.kvm, self.vm, index))
         except BaseException:
             self.close()
             raise
@@ -152,12 +167,18 @@ class Machine:
         self.vmcs = Vmcs(self)
         self.cpuid = CpuidTable(self.kvm.get_supported_cpuid())
         install_defaults(self)
+        if vcpus > 1:
+            from .smp import SmpRunner
+            self._smp = SmpRunner(self)
 
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
         """Release the vCPU, VM and KVM fds and every guest memory mapping."""
         if getattr(self, "_ept", None) is not None:
             self._ept.close()
+        for ap in getattr(self, "vcpus", [])[1:]:
+            ap.close()
+        self.vcpus = []
         if self.vcpu is not None:
             self.vcpu.close()
             self.vcpu = None
@@ -196,6 +217,13 @@ class Machine:
                 del self.port_devices[port]
         if device in self.devices:
             self.devices.remove(device)
+
+    def irq_line(self, irq: int, level: int | bool) -> None:
+        """Drive ISA IRQ / IOAPIC GSI line `irq` (KVM_IRQ_LINE; needs `irqchip`)."""
+        if not self.irqchip:
+            raise RuntimeError("irq_line needs the in-kernel irqchip: Machine(irqchip=True) "
+                               "or platform.irqchip: true")
+        self.vm.irq_line(irq, int(bool(level)))
 
     # -- images ---------------------------------------------------------------------
     def load(self, data: bytes, address: int | None = None, *, entry: int | None = None) -> None:
@@ -261,7 +289,12 @@ class Machine:
                 raise HandlerError(f"EXECUTE_CPUID handler raised {type(exc).__name__}: {exc} "
                                    f"(leaf {leaf.leaf:#x} subleaf {leaf.subleaf:#x})") from exc
         try:
-            self.vcpu.fd.set_cpuid2(self.cpuid.build(consult))
+            entries = self.cpuid.build(consult)
+            self.vcpu.fd.set_cpuid2(entries)
+            if len(self.vcpus) > 1:
+                from .smp import cpuid_for_vcpu
+                for ap in self.vcpus[1:]:
+                    ap.fd.set_cpuid2(cpuid_for_vcpu(entries, ap.index))
         except KvmError as exc:
             raise KvmError("KVM_SET_CPUID2", exc.errno, "KVM accepts CPUID changes only before the "
                                                        "vCPU first runs") from None
@@ -352,7 +385,10 @@ class Machine:
 
         `timeout` is a wall-clock deadline in seconds (VMX-preemption-timer
         exit when reached); `max_exits` bounds the number of exits.
+        With more than one vCPU each runs in its own thread (`minivmm.smp`).
         """
+        if self._smp is not None:
+            return self._smp.run(timeout, max_exits)
         if not self._started:
             self.setup()
         if self.cpuid.dirty:

@@ -21,6 +21,7 @@ MASK64 = (1 << 64) - 1
 _ioctl = fcntl.ioctl
 _KVM_RUN = int(Ioctl.KVM_RUN)
 _EXIT_INTR = int(ExitKind.INTR)
+_EAGAIN = 11            # errno.EAGAIN on Linux
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
@@ -236,6 +237,10 @@ class Vcpu:
             self._run.immediate_exit = 0
             kind = _EXIT_INTR
         except OSError as exc:
+            if exc.errno == _EAGAIN:
+                # An AP woken in MP state UNINITIALIZED (INIT/SIPI from the in-kernel LAPIC):
+                # KVM asks for KVM_RUN again, reported like a signal.
+                return _EXIT_INTR
             raise KvmError("KVM_RUN", exc.errno or 0) from None
         if not self.synced:
             ctypes.pointer(self._regs)[0] = self.fd.get_regs()

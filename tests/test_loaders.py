@@ -138,7 +138,7 @@ def test_multiboot_without_fields_must_be_elf() -> None:
 def test_multiboot_overlapping_info_is_refused() -> None:
     kernel = header(1 << 16, fields=(0x20000, 0x20000, 0, 0, 0x20020)).ljust(64, b"\0")
     with pytest.raises(LoaderError, match="overlaps the multiboot info"):
-        load_multiboot(kernel, memory_size=2 << 20)
+        load_multiboot(kernel, memory_size=2 << 20, info_address=MULTIBOOT_INFO_ADDRESS)
 
 
 @pytest.mark.kvm

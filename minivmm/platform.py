@@ -1,0 +1,430 @@
+"""PC platform pieces that kernels written for QEMU's `-kernel` expect: fw_cfg, ACPI tables
+and the ACPI PM timer, an empty PCI bus, a scratch register, extra RAM windows.
+
+Each piece is optional and off unless asked for (YAML `platform:` section, or
+`install_platform(machine, PlatformConfig(...))` from Python):
+
+| piece        | what the guest sees                                                     |
+|--------------|-------------------------------------------------------------------------|
+| `irqchip`    | KVM's in-kernel LAPIC (0xFEE00000), IOAPIC (0xFEC00000) and 8259 PICs;  |
+|              | created before the vCPUs (`Machine(irqchip=True)`), forced on by SMP.   |
+|              | HLT is then handled in the kernel: it no longer exits, a halted vCPU     |
+|              | waits in KVM_RUN for an interrupt (or the run deadline).                |
+| `pit`        | KVM's in-kernel 8254 PIT (needs the irqchip)                            |
+| `fw_cfg`     | QEMU's fw_cfg, port interface: selector 0x510 (16-bit write), data 0x511 |
+| `acpi`       | RSDP/RSDT/FADT/FACS/DSDT/MADT in 0xE0000-0xFFFFF and the PM1 block at    |
+|              | 0x600 with the PM timer at 0x608 (3.579545 MHz, 24 or 32 bits)          |
+| `pci`        | ports 0xCF8-0xCFF: configuration mechanism #1 with no device (all ones) |
+| `scratch`    | a register at a chosen port that reads back what was written            |
+| `ram_windows`| extra guest RAM regions (e.g. above the low RAM, as an MMIO-style window)|
+| `strict_ports`| an access to a port no device claims stops the run (reason "error")    |
+
+Without `strict_ports`, reads of unclaimed ports return all ones and writes are
+dropped, as on a PC's ISA bus (minivmm's default).
+
+References: QEMU docs/specs/fw_cfg.rst (selector/data ports, keys
+FW_CFG_SIGNATURE 0x00, FW_CFG_ID 0x01, FW_CFG_RAM_SIZE 0x03, FW_CFG_NB_CPUS
+0x05, FW_CFG_MAX_CPUS 0x0f, FW_CFG_FILE_DIR 0x19); ACPI 6.5 sections 5.2.5
+(RSDP), 5.2.7 (RSDT), 5.2.9 (FADT), 5.2.10 (FACS), 5.2.12 (MADT) and 4.8.3.3
+(PM timer).
+"""
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .machine import Machine
+
+__all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
+           "PlatformConfig", "RamWindow", "ScratchConfig", "install_platform", "acpi_checksum",
+           "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
+
+# ---------------------------------------------------------------------------
+# fw_cfg (QEMU docs/specs/fw_cfg.rst)
+
+FW_CFG_PORT = 0x510
+FW_CFG_SIGNATURE = 0x0000
+FW_CFG_ID = 0x0001
+FW_CFG_UUID = 0x0002
+FW_CFG_RAM_SIZE = 0x0003
+FW_CFG_NOGRAPHIC = 0x0004
+FW_CFG_NB_CPUS = 0x0005
+FW_CFG_MAX_CPUS = 0x000F
+FW_CFG_FILE_DIR = 0x0019
+FW_CFG_FILE_FIRST = 0x0020
+FW_CFG_ID_TRADITIONAL = 1 << 0          # the port interface (no DMA)
+
+
+@dataclass
+class FwCfg:
+    """QEMU's fw_cfg device, port interface: write a 16-bit key to `port`, then read the
+    item's bytes one at a time from `port + 1`. Reads past an item's end, and of unknown
+    keys, return 0 (as QEMU does). Files added with `add_file` appear in FW_CFG_FILE_DIR."""
+    cpus: int = 1
+    ram_size: int = 0
+    port: int = FW_CFG_PORT
+    ports: range = field(init=False)
+    items: dict[int, bytes] = field(init=False)
+    selector: int = field(default=0, init=False)
+    offset: int = field(default=0, init=False)
+
+    def __post_init__(self) -> None:
+        self.ports = range(self.port, self.port + 2)
+        self.items = {
+            FW_CFG_SIGNATURE: b"QEMU",
+            FW_CFG_ID: struct.pack("<I", FW_CFG_ID_TRADITIONAL),
+            FW_CFG_UUID: bytes(16),
+            FW_CFG_RAM_SIZE: struct.pack("<Q", self.ram_size),
+            FW_CFG_NOGRAPHIC: struct.pack("<H", 1),
+            FW_CFG_NB_CPUS: struct.pack("<H", self.cpus),
+            FW_CFG_MAX_CPUS: struct.pack("<H", self.cpus),
+        }
+        self._files: list[tuple[str, int, int]] = []
+        self._update_directory()
+
+    def add_file(self, name: str, data: bytes) -> int:
+        """Add a named item (e.g. "etc/minivmm/test"); returns its selector key."""
+        encoded = name.encode()
+        if len(encoded) > 55:
+            raise ValueError(f"fw_cfg file name {name!r} is longer than 55 bytes")
+        key = FW_CFG_FILE_FIRST + len(self._files)
+        self.items[key] = bytes(data)
+        self._files.append((name, key, len(data)))
+        self._update_directory()
+        return key
+
+    def _update_directory(self) -> None:
+        # struct FWCfgFiles: be32 count, then FWCfgFile {be32 size, be16 select, be16 reserved,
+        # char name[56]} per file, all big-endian.
+        entries = b"".join(struct.pack(">IHH56s", size, key, 0, name.encode())
+                           for name, key, size in self._files)
+        self.items[FW_CFG_FILE_DIR] = struct.pack(">I", len(self._files)) + entries
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        if port == self.port:
+            self.selector = value & 0xFFFF
+            self.offset = 0
+
+    def io_read(self, port: int, size: int) -> int:
+        if port != self.port + 1:
+            return (1 << (8 * size)) - 1
+        data = self.items.get(self.selector, b"")
+        chunk = data[self.offset:self.offset + size].ljust(size, b"\0")
+        self.offset += size
+        return int.from_bytes(chunk, "little")
+
+
+# ---------------------------------------------------------------------------
+# ACPI PM1 block and PM timer (ACPI 6.5 sections 4.8.3.1-4.8.3.3)
+
+PM_BASE = 0x600
+PM_TIMER_HZ = 3_579_545
+PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN = 4, 2, 4
+PM1_CNT_SCI_EN = 1 << 0
+
+
+@dataclass
+class AcpiPm:
+    """The PM1a event block (status/enable, `base`..+3), PM1a control (`base`+4..+5) and the
+    PM timer (`base`+8..+11): a free-running 3.579545 MHz counter, 24 bits wide unless
+    `timer_32bit` (the FADT's TMR_VAL_EXT flag says which). SCI_EN reads as set: the
+    machine is in ACPI mode from the start (the FADT has no SMI command port)."""
+    base: int = PM_BASE
+    timer_32bit: bool = True
+    ports: range = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ports = range(self.base, self.base + 12)
+        self._start_ns = time.monotonic_ns()
+        self._status = 0
+        self._enable = 0
+        self._control = PM1_CNT_SCI_EN
+
+    @property
+    def timer_port(self) -> int:
+        return self.base + 8
+
+    def ticks(self) -> int:
+        """The counter's current value."""
+        ticks = (time.monotonic_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000
+        return ticks & (0xFFFFFFFF if self.timer_32bit else 0xFFFFFF)
+
+    def io_read(self, port: int, size: int) -> int:
+        offset = port - self.base
+        if offset >= 8:
+            return (self.ticks() >> (8 * (offset - 8))) & ((1 << (8 * size)) - 1)
+        registers = struct.pack("<HHHH", self._status, self._enable, self._control, 0)
+        return int.from_bytes(registers[offset:offset + size].ljust(size, b"\xff"), "little")
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        offset = port - self.base
+        raw = bytearray(struct.pack("<HHHH", self._status, self._enable, self._control, 0))
+        if offset >= 6:
+            return                                           # the timer is read-only
+        new = value.to_bytes(size, "little")
+        if offset < 2:                                       # PM1_STS: write 1 to clear
+            status = bytearray(raw[0:2])
+            for i, byte in enumerate(new[:2 - offset]):
+                status[offset + i] &= ~byte & 0xFF
+            raw[0:2] = status
+            new = new[2 - offset:]
+            offset = 2
+        raw[offset:offset + len(new)] = new[:6 - offset]
+        self._status, self._enable, self._control, _ = struct.unpack("<HHHH", raw)
+        self._control |= PM1_CNT_SCI_EN
+
+
+# ---------------------------------------------------------------------------
+# PCI configuration mechanism #1 with nothing behind it, and a scratch register
+
+
+@dataclass
+class PciNoDevices:
+    """Ports 0xCF8-0xCFF: CONFIG_ADDRESS (0xCF8, 32-bit) latches and reads back what was
+    written; CONFIG_DATA (0xCFC-0xCFF) reads all ones ("no device") and drops writes."""
+    ports: range = field(default=range(0xCF8, 0xD00), init=False)
+    address: int = field(default=0, init=False)
+
+    def io_read(self, port: int, size: int) -> int:
+        if port == 0xCF8 and size == 4:
+            return self.address
+        return (1 << (8 * size)) - 1
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        if port == 0xCF8 and size == 4:
+            self.address = value & 0xFFFFFFFC
+
+
+@dataclass
+class ScratchRegister:
+    """A `width`-byte register at `port` that reads back what was last written (narrower
+    accesses at an offset act on those bytes)."""
+    port: int = 0x520
+    width: int = 4
+    value: int = 0
+    ports: range = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.width not in (1, 2, 4):
+            raise ValueError(f"scratch register width must be 1, 2 or 4, not {self.width}")
+        self.ports = range(self.port, self.port + self.width)
+
+    def io_read(self, port: int, size: int) -> int:
+        shift = 8 * (port - self.port)
+        value = self.value >> shift & ((1 << (8 * size)) - 1)
+        missing = size - (self.width - (port - self.port))
+        if missing > 0:                 # bytes past the register read as an open bus
+            value |= ((1 << (8 * missing)) - 1) << (8 * (size - missing))
+        return value
+
+    def io_write(self, port: int, size: int, value: int) -> None:
+        shift = 8 * (port - self.port)
+        mask = ((1 << (8 * size)) - 1) << shift & ((1 << (8 * self.width)) - 1)
+        self.value = (self.value & ~mask) | (value << shift & mask)
+
+
+# ---------------------------------------------------------------------------
+# ACPI tables
+
+ACPI_BASE = 0xE0000
+ACPI_END = 0x100000
+LAPIC_ADDRESS = 0xFEE00000
+IOAPIC_ADDRESS = 0xFEC00000
+SCI_IRQ = 9
+OEM_ID = b"MINVMM"
+OEM_TABLE_ID = b"MINIVMM "
+CREATOR_ID = b"MVMM"
+FADT_WBINVD = 1 << 0
+FADT_TMR_VAL_EXT = 1 << 8
+MADT_PCAT_COMPAT = 1 << 0
+
+
+def acpi_checksum(data: bytes) -> int:
+    """The byte that makes `data` (with its checksum byte 0) sum to 0 mod 256."""
+    return -sum(data) & 0xFF
+
+
+def _table(signature: bytes, revision: int, body: bytes) -> bytes:
+    """An ACPI system description table: the 36-byte header (ACPI 5.2.6) and `body`."""
+    length = 36 + len(body)
+    header = struct.pack("<4sIBB6s8sI4sI", signature, length, revision, 0, OEM_ID, OEM_TABLE_ID, 1,
+                         CREATOR_ID, 1)
+    table = bytearray(header + body)
+    table[9] = acpi_checksum(table)
+    return bytes(table)
+
+
+@dataclass
+class AcpiTables:
+    """The tables as laid out from `base`: `blob` goes to guest-physical `base`."""
+    base: int
+    blob: bytes
+    addresses: dict[str, int]
+
+    @property
+    def rsdp(self) -> int:
+        return self.addresses["RSDP"]
+
+
+def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BASE,
+                      timer_32bit: bool = True, sci_irq: int = SCI_IRQ) -> AcpiTables:
+    """RSDP (revision 0, ACPI 1.0 style, pointing at the RSDT), FACS, an empty DSDT, a
+    revision-1 FADT (PM1a event/control blocks, PM_TMR_BLK = pm_base + 8, SCI on
+    `sci_irq`) and the MADT: one processor-local-APIC entry per vCPU (APIC ID = vCPU
+    index, enabled), an IOAPIC at 0xFEC00000 (GSI base 0) and the interrupt source
+    overrides QEMU's pc machine has (IRQ0 -> GSI2, the SCI level-triggered)."""
+    if not 1 <= cpus <= 255:
+        raise ValueError(f"cpus must be 1..255, not {cpus}")
+    blob = bytearray()
+    addresses: dict[str, int] = {}
+
+    def place(name: str, data: bytes, align: int = 16) -> int:
+        blob.extend(bytes(-len(blob) % align))
+        addresses[name] = base + len(blob)
+        blob.extend(data)
+        return addresses[name]
+
+    place("RSDP", bytes(20))                                # filled in at the end
+    facs = place("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"), 64)
+    dsdt = place("DSDT", _table(b"DSDT", 1, b""))
+    fadt_body = bytearray(116 - 36)
+
+    def put(offset: int, fmt: str, *values: int) -> None:
+        struct.pack_into(fmt, fadt_body, offset - 36, *values)
+
+    put(36, "<II", facs, dsdt)
+    put(46, "<H", sci_irq)
+    put(48, "<I", 0)                                        # SMI_CMD 0: always in ACPI mode
+    put(56, "<I", pm_base)                                  # PM1a_EVT_BLK
+    put(64, "<I", pm_base + 4)                              # PM1a_CNT_BLK
+    put(76, "<I", pm_base + 8)                              # PM_TMR_BLK
+    put(88, "<BBBB", PM1_EVT_LEN, PM1_CNT_LEN, 0, PM_TMR_LEN)
+    put(96, "<HH", 101, 1001)                               # no C2/C3
+    put(112, "<I", FADT_WBINVD | (FADT_TMR_VAL_EXT if timer_32bit else 0))
+    fadt = place("FACP", _table(b"FACP", 1, bytes(fadt_body)))
+    entries = b"".join(struct.pack("<BBBBI", 0, 8, i, i, 1) for i in range(cpus))
+    entries += struct.pack("<BBBBII", 1, 12, 0, 0, IOAPIC_ADDRESS, 0)
+    entries += struct.pack("<BBBBIH", 2, 10, 0, 0, 2, 0)               # IRQ0 -> GSI2
+    entries += struct.pack("<BBBBIH", 2, 10, 0, sci_irq, sci_irq, 0xD)  # SCI: level, active high
+    madt = place("APIC", _table(b"APIC", 1, struct.pack("<II", LAPIC_ADDRESS, MADT_PCAT_COMPAT) + entries))
+    rsdt = place("RSDT", _table(b"RSDT", 1, struct.pack("<II", fadt, madt)))
+    rsdp = bytearray(struct.pack("<8sB6sBI", b"RSD PTR ", 0, OEM_ID, 0, rsdt))
+    rsdp[8] = acpi_checksum(rsdp)
+    blob[0:20] = rsdp
+    if base + len(blob) > ACPI_END and base < ACPI_END:
+        raise ValueError("the ACPI tables do not fit below 1 MiB")
+    return AcpiTables(base, bytes(blob), addresses)
+
+
+# ---------------------------------------------------------------------------
+# Configuration and installation
+
+
+@dataclass
+class RamWindow:
+    start: int
+    size: int
+    name: str = "window"
+
+
+@dataclass
+class ScratchConfig:
+    port: int = 0x520
+    width: int = 4
+
+
+@dataclass
+class PlatformConfig:
+    """What `install_platform` adds; everything is off by default. `irqchip` and `pit`
+    must be known when the Machine is created (`Machine(irqchip=True)`)."""
+    irqchip: bool = False
+    pit: bool = False
+    fw_cfg: bool = False
+    acpi: bool = False
+    pm_timer_32bit: bool = True
+    pci: bool = False
+    scratch: list[ScratchConfig] = field(default_factory=list)
+    ram_windows: list[RamWindow] = field(default_factory=list)
+    strict_ports: bool = False
+
+    @property
+    def empty(self) -> bool:
+        return self == PlatformConfig()
+
+
+@dataclass
+class InstalledPlatform:
+    """The devices `install_platform` added (None where not asked for)."""
+    fw_cfg: FwCfg | None = None
+    acpi_pm: AcpiPm | None = None
+    acpi_tables: AcpiTables | None = None
+    pci: PciNoDevices | None = None
+    scratch: list[ScratchRegister] = field(default_factory=list)
+
+
+def enable_strict_ports(machine: "Machine") -> None:
+    """Make an access to a port that no device claims stop the run with reason "error" and a
+    message naming the port, the direction and RIP (instead of all-ones reads and dropped
+    writes). Wraps the default I/O handler only: handlers the user registered still see
+    their ports first, and claimed ports cost nothing extra."""
+    from .actions import Stop
+    from .exits import ExitReason
+    dispatcher = machine.dispatcher
+    default = dispatcher._defaults.get(ExitReason.IO_INSTRUCTION)
+    if getattr(default, "strict_ports", False):
+        return
+    ports = machine.port_devices if hasattr(machine, "port_devices") else machine._ports
+
+    def strict(vcpu, info):
+        exit = info.detail
+        if exit.port not in ports:
+            what = "write to" if exit.is_out else "read from"
+            return Stop("error", message=f"strict ports: {exit.size}-byte {what} unclaimed port "
+                                         f"{exit.port:#x} at rip={vcpu.rip:#x} (vCPU {vcpu.index})")
+        return default(vcpu, info)
+
+    strict.strict_ports = True
+    dispatcher.set_default(ExitReason.IO_INSTRUCTION, strict)
+    machine.invalidate_io_routes()
+    machine.strict_ports = True
+
+
+def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPlatform:
+    """Add the asked-for pieces to `machine` (see the module docstring); the result is also
+    kept as `machine.platform`."""
+    installed = InstalledPlatform()
+    ram_size = sum(region.size for region in machine.memory.regions)
+    if config.pit:
+        if not getattr(machine, "irqchip", False):
+            raise ValueError("the in-kernel PIT needs the in-kernel irqchip (platform.irqchip: true)")
+        machine.vm.create_pit2()
+    for window in config.ram_windows:
+        machine.add_ram(window.start, window.size, name=window.name)
+    if config.fw_cfg:
+        installed.fw_cfg = FwCfg(cpus=len(getattr(machine, "vcpus", [machine.vcpu])), ram_size=ram_size)
+        machine.add_device(installed.fw_cfg)
+    if config.acpi:
+        tables = build_acpi_tables(len(getattr(machine, "vcpus", [machine.vcpu])),
+                                   timer_32bit=config.pm_timer_32bit)
+        region = machine.memory.region_at(tables.base)
+        if region is None or region.end < tables.base + len(tables.blob):
+            raise ValueError(f"the ACPI tables go at {tables.base:#x}: guest RAM must cover "
+                             f"[{tables.base:#x}, {tables.base + len(tables.blob):#x}) (machine.memory >= 1M)")
+        machine.memory.write(tables.base, tables.blob)
+        installed.acpi_tables = tables
+        installed.acpi_pm = AcpiPm(timer_32bit=config.pm_timer_32bit)
+        machine.add_device(installed.acpi_pm)
+    if config.pci:
+        installed.pci = PciNoDevices()
+        machine.add_device(installed.pci)
+    for scratch in config.scratch:
+        device = ScratchRegister(port=scratch.port, width=scratch.width)
+        machine.add_device(device)
+        installed.scratch.append(device)
+    if config.strict_ports:
+        enable_strict_ports(machine)
+    machine.platform = installed
+    return installed

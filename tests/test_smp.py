@@ -1,0 +1,195 @@
+"""More than one vCPU (issue 8): one thread per vCPU, APs started by the guest's INIT-SIPI-SIPI
+through KVM's in-kernel LAPIC, per-vCPU exit info/VMCS/statistics, and one vCPU's stop (or the
+deadline) ending the whole machine."""
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import CONFIGS
+from minivmm.asm import assemble
+from minivmm.config import ConfigError, build_machine, load_config, parse_config
+from minivmm.exits import ExitReason
+from minivmm.kvm import KvmCpuidEntry2, MpState
+from minivmm.machine import HandlerError
+from minivmm.smp import cpuid_for_vcpu
+
+pytestmark = pytest.mark.kvm
+
+TRAMPOLINE = 0x70000
+FLAG = TRAMPOLINE + 0x100
+
+# The BSP wakes vCPU 1 (APIC ID 1) with INIT and a STARTUP IPI for vector 0x70 (CS=0x7000, IP=0).
+START_AP = """
+    movl $0x1ff, 0xfee000f0         /* SVR: software-enable the LAPIC */
+    movl $0x01000000, 0xfee00310    /* ICR high: destination APIC ID 1 */
+    movl $0x00004500, 0xfee00300    /* INIT */
+    movl $0x00004670, 0xfee00300    /* STARTUP, vector 0x70 */
+"""
+WAIT_FOR_FLAG = f"""
+    mov $3000000, %ecx
+1:  cmpb $1, {FLAG:#x}
+    je 2f
+    dec %ecx
+    jnz 1b
+    EXIT 1
+2:  EXIT 0
+"""
+SPIN = "3: jmp 3b\n"
+
+AP_REPORTS = """
+    mov $0xaa, %al
+    out %al, $0x80
+    movb $1, %cs:0x100
+    cli
+4:  hlt
+    jmp 4b
+"""
+AP_EXITS = """
+    mov $7, %al
+    out %al, $0xf4
+5:  jmp 5b
+"""
+AP_UNCLAIMED_PORT = """
+    out %al, $0x99              /* no device: stops the run in strict mode */
+6:  jmp 6b
+"""
+AP_CANNOT_BE_EMULATED = """
+    ud2                         /* KVM on this host cannot emulate it at CPL 0 */
+"""
+
+
+def smp_machine(make_machine, bsp: str, ap: str, **kwargs):
+    machine = make_machine(mode="protected", memory="2M", vcpus=2, **kwargs)
+    machine.load_asm(bsp)
+    machine.memory.write(TRAMPOLINE, assemble(ap, code_bits=16, load_address=0).data)
+    return machine
+
+
+def vcpu_threads() -> list[str]:
+    return [t.name for t in threading.enumerate() if t.name.startswith("minivmm-vcpu")]
+
+
+def test_cpuid_apic_id_per_vcpu() -> None:
+    entries = [KvmCpuidEntry2(function=1, ebx=0x00010800), KvmCpuidEntry2(function=0xB, index=0, edx=0)]
+    copy = cpuid_for_vcpu(entries, 3)
+    assert copy[0].ebx == 0x03010800 and copy[1].edx == 3
+    assert entries[0].ebx == 0x00010800           # the original is untouched
+
+
+def test_single_vcpu_machine_keeps_the_plain_path(make_machine) -> None:
+    machine = make_machine(mode="protected")
+    assert machine.vcpus == [machine.vcpu] and machine._smp is None and not machine.irqchip
+
+
+def test_aps_wait_for_init_sipi(make_machine) -> None:
+    machine = make_machine(mode="protected", vcpus=3)
+    assert machine.irqchip and [v.index for v in machine.vcpus] == [0, 1, 2]
+    assert machine.vcpus[0].fd.get_mp_state() == MpState.RUNNABLE
+    assert machine.vcpus[1].fd.get_mp_state() == MpState.UNINITIALIZED
+
+
+def test_c_kernel_starts_its_ap() -> None:
+    config = load_config(CONFIGS / "mb_smp.yaml")
+    with build_machine(config, capture_console=True) as machine:
+        result = machine.run_config()
+        ap_state = machine.vcpus[1].fd.get_mp_state()
+    assert (result.reason, result.exit_code) == ("exit", 2), result
+    lines = result.console.splitlines()
+    assert "fw_cfg: signature QEMU, cpus 2, ram 8 MiB" in lines
+    assert "acpi: MADT, 2 cpus, 1 ioapic" in lines
+    assert "smp: 1 of 1 APs started" in lines
+    assert lines[-1] == "mbkernel: ok, 2 cpus online"
+    assert ap_state == MpState.HALTED                   # the AP halted in the kernel (no HLT exit)
+    assert result.elapsed_s < 10
+    assert not vcpu_threads()
+
+
+def test_each_vcpu_has_its_own_exit_info_vmcs_and_stats(make_machine) -> None:
+    machine = smp_machine(make_machine, START_AP + WAIT_FOR_FLAG, AP_REPORTS)
+    seen = []
+
+    def on_port_80(vcpu, info):
+        seen.append((vcpu.index, info.vcpu_index, info.data, threading.current_thread().name))
+
+    machine.on(ExitReason.IO_INSTRUCTION, on_port_80, port=0x80)
+    result = machine.run(timeout=20)
+    assert (result.reason, result.exit_code) == ("exit", 0), result
+    assert seen == [(1, 1, 0xAA, "minivmm-vcpu1")]
+    bsp, ap = machine.smp.states
+    assert ap.vmcs is not bsp.vmcs and ap.info is not bsp.info and ap.vcpu is machine.vcpus[1]
+    assert ap.stats["IO_INSTRUCTION"].count == 1
+    assert bsp.stats is machine.stats and machine.stats["IO_INSTRUCTION"].count == 1   # EXIT 0
+    assert result.exits == {"IO_INSTRUCTION": 2}          # summed over the vCPUs
+    assert [r.reason for r in machine.smp.results] == ["exit", "error"]   # the AP was kicked
+    assert not vcpu_threads()
+
+
+def test_an_ap_ends_the_run_and_the_bsp_is_kicked(make_machine) -> None:
+    machine = smp_machine(make_machine, START_AP + SPIN, AP_EXITS)
+    start = time.perf_counter()
+    result = machine.run(timeout=20)
+    assert (result.reason, result.exit_code) == ("exit", 7), result
+    assert time.perf_counter() - start < 10
+    assert not vcpu_threads()
+
+
+def test_a_fatal_exit_on_an_ap_stops_the_machine(make_machine) -> None:
+    from minivmm.platform import PlatformConfig, install_platform
+    machine = smp_machine(make_machine, START_AP + SPIN, AP_UNCLAIMED_PORT)
+    install_platform(machine, PlatformConfig(strict_ports=True))
+    result = machine.run(timeout=20)
+    assert result.reason == "error", result
+    assert result.message.startswith("vCPU 1: strict ports:") and "port 0x99" in result.message
+    assert not vcpu_threads()
+
+
+def test_a_guest_fault_on_an_ap_reaches_the_caller(make_machine) -> None:
+    from minivmm.machine import GuestFault
+    machine = smp_machine(make_machine, START_AP + SPIN, AP_CANNOT_BE_EMULATED)
+    try:
+        result = machine.run(timeout=20)
+    except GuestFault as exc:                   # hosts that cannot emulate ud2 (PVM)
+        assert "ud2" in str(exc)
+    else:                                       # hosts that deliver #UD: no IVT entry, a fault loop
+        assert result.reason in ("triple_fault", "timeout"), result
+    assert not vcpu_threads()
+
+
+def test_deadline_stops_every_vcpu(make_machine) -> None:
+    machine = smp_machine(make_machine, SPIN, AP_REPORTS)        # the AP is never started
+    start = time.perf_counter()
+    result = machine.run(timeout=0.5)
+    assert result.reason == "timeout", result
+    assert 0.4 < time.perf_counter() - start < 5
+    assert not vcpu_threads()
+
+
+def test_a_handler_error_on_an_ap_reaches_the_caller(make_machine) -> None:
+    machine = smp_machine(make_machine, START_AP + SPIN, AP_REPORTS)
+
+    def broken(vcpu, info):
+        raise ValueError("boom")
+
+    machine.on(ExitReason.IO_INSTRUCTION, broken, port=0x80)
+    with pytest.raises(HandlerError, match="boom"):
+        machine.run(timeout=20)
+    assert not vcpu_threads()
+
+
+def test_vcpus_in_yaml(tmp_path: Path) -> None:
+    base = "version: 1\nmachine: {mode: protected, vcpus: %s}\nimages:\n  - {type: asm, source: g.S}\n"
+    (tmp_path / "g.S").write_text('.include "minivmm.inc"\nEXIT 0\n')
+    with pytest.raises(ConfigError, match=r":2: machine.vcpus: expected a vCPU count from 1 to 64"):
+        parse_config(base % 0, path=tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match=r":6: platform.irqchip: .*needs the in-kernel irqchip"):
+        parse_config(base % 2 + "platform:\n  irqchip: false\n", path=tmp_path / "c.yaml")
+    config = parse_config(base % 2, path=tmp_path / "c.yaml")
+    assert config.machine.vcpus == 2 and config.platform.irqchip
+    with build_machine(config, capture_console=True) as machine:
+        assert len(machine.vcpus) == 2
+        result = machine.run_config()
+    assert (result.reason, result.exit_code) == ("exit", 0), result
