@@ -75,7 +75,6 @@ import signal
 import struct
 import sys
 from pathlib import Path
-from typing import BinaryIO
 
 from .harness import Harness, RunOutcome, Status
 
@@ -286,7 +285,7 @@ def write_dictionary(harness: Harness, path: str | os.PathLike) -> int:
     return len(lines)
 
 
-def main(harness: Harness, input_path: str | None, stream: BinaryIO | None = None) -> int:
+def main(harness: Harness, input_path: str | None) -> int:
     """Serve AFL if started by afl-fuzz, else run the input once."""
     bridge = AflBridge(harness, input_path=input_path)
     try:
