@@ -51,7 +51,7 @@ from .coverage import Coverage
 
 if TYPE_CHECKING:
     from ..config import Config
-    from ..machine import Machine, RunResult
+    from ..machine import Machine
 
 
 _KIND_IO = int(ExitKind.IO)
