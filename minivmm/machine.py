@@ -128,6 +128,7 @@ class Machine:
         self.vcpus: list[Vcpu] = []
         self.irqchip = irqchip or vcpus > 1
         self._smp = None
+        self.smp = None           # the `minivmm.smp.SmpRunner` (per-vCPU state) when vcpus > 1
         try:
             self.vm = self.kvm.create_vm()
             try:
@@ -389,10 +390,31 @@ class Machine:
         """
         if self._smp is not None:
             return self._smp.run(timeout, max_exits)
+        counts = [0] * 80
+        start = time.perf_counter()
+        action: Stop | None = None
+        try:
+            action = self.run_raw(timeout, max_exits, counts)
+        except KeyboardInterrupt:
+            action = Stop("interrupted", message="interrupted by the user (SIGINT)")
+            raise
+        finally:
+            self.last_result = self._result(action, counts, time.perf_counter() - start)
+        return self.last_result
+
+    def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
+                counts: list[int] | None = None) -> Stop:
+        """The exit loop of `run` without building a RunResult; returns the Stop that ended it.
+
+        For harnesses that run a guest thousands of times a second. `counts`,
+        a list of 80 ints indexed by basic exit reason, collects exit counts.
+        """
         if not self._started:
             self.setup()
         if self.cpuid.dirty:
             self.apply_cpuid()
+        if counts is None:
+            counts = [0] * 80
         vcpu = self.vcpu
         fd = vcpu.fd
         run = fd.run
@@ -402,8 +424,6 @@ class Machine:
         run_mmap = fd.run_mmap
         vmcs = self.vmcs
         io_routes = self._io_routes
-        counts = [0] * 80
-        start = time.perf_counter()
         action: Action | None = None
         self.debug_exit.reset()
         self._last_exception = None
@@ -472,16 +492,11 @@ class Machine:
                     action = Resume()
                 if self._apply(vcpu, info, action):
                     break
-        except KeyboardInterrupt:
-            action = Stop("interrupted", message="interrupted by the user (SIGINT)")
-            raise
         finally:
             run = io = io_exit = run_mmap = None    # no kvm_run views kept alive by a traceback
             if timeout is not None:
                 run_timer.disarm()
-            elapsed = time.perf_counter() - start
-            self.last_result = self._result(action, counts, elapsed)
-        return self.last_result
+        return action
 
     def _dispatch_io(self, vcpu: Vcpu, info: ExitInfo, port: int) -> Action | None:
         try:

@@ -22,27 +22,24 @@ Outcomes:
 * ``timeout``: the deadline (or the exit limit) was reached.
 
 User-mode (CPL 3) targets are the fast path: their code runs natively.
-With `fast=True` (the default) a run skips building `Machine.run`'s
-RunResult and handles the debug-exit `out` inline; every other exit takes
-the machine's normal path. `fast=False` runs through `Machine.run`.
+With `fast=True` (the default) a run goes through `Machine.run_raw`, which
+skips building a RunResult, and deadlines come from `run_timer`'s watchdog
+thread instead of a timer armed per run; `fast=False` runs `Machine.run`.
 """
 from __future__ import annotations
 
 import ctypes
-import signal
 import struct
 import threading
-import weakref
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import TYPE_CHECKING, Iterable
 
 from time import perf_counter
 
-from ..actions import RESUME
 from ..disasm import disassemble
-from ..exits import ExitReason, vector_name
-from ..kvm import ExitKind, KvmRegs, SyncRegsFlag
+from ..exits import vector_name
+from ..kvm import KvmRegs, SyncRegsFlag
 from ..machine import GuestFault
 from ..modes import CODE_BITS
 from ..snapshot import Snapshot
@@ -54,41 +51,7 @@ if TYPE_CHECKING:
     from ..machine import Machine
 
 
-_KIND_IO = int(ExitKind.IO)
 _SYNC_REGS = int(SyncRegsFlag.REGS)
-_SYNC_SREGS = int(SyncRegsFlag.SREGS)
-_KIND_RDMSR = int(ExitKind.X86_RDMSR)
-_KIND_WRMSR = int(ExitKind.X86_WRMSR)
-
-
-class _Watchdog:
-    """Run deadlines without arming a timer per run.
-
-    A daemon thread wakes every `period` seconds; while the current run is
-    past its `deadline` it sends SIGALRM to the main thread, whose handler
-    (`vcpu.run_timer`'s) sets `immediate_exit` and makes KVM_RUN return, as
-    the machine's own timer does. Arming and disarming ITIMER_REAL around
-    every run costs about 5 us here (two syscalls and the kernel timer),
-    a few per cent of a short run. Deadlines are honoured to within a period.
-    """
-
-    def __init__(self, timeout: float) -> None:
-        self.period = max(0.005, min(0.05, timeout / 4))
-        self.deadline: float | None = None
-        self._main = threading.main_thread().ident
-        self._stopped = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="minivmm-fuzz-deadline", daemon=True)
-        self._thread.start()
-
-    def _loop(self) -> None:
-        while not self._stopped.wait(self.period):
-            deadline = self.deadline
-            if deadline is not None and perf_counter() > deadline:
-                signal.pthread_kill(self._main, signal.SIGALRM)
-
-    def stop(self) -> None:
-        self._stopped.set()
-        self._thread.join()
 
 
 class FuzzError(ValueError):
@@ -216,12 +179,11 @@ class Harness:
         self._length_offset = (getattr(KvmRegs, target.length_register).offset
                                if target.length_register is not None else None)
         self._regs_address = ctypes.addressof(machine.vcpu._regs)
-        self._watchdog: _Watchdog | None = None
+        self._counts = [0] * 80
+        self._watchdog = False
         if fast and target.timeout is not None and threading.current_thread() is threading.main_thread():
-            run_timer.arm(machine.vcpu, 3600)          # installs the SIGALRM handler
-            run_timer.disarm()
-            self._watchdog = _Watchdog(target.timeout)
-            weakref.finalize(self, self._watchdog._stopped.set)   # a harness never closed
+            run_timer.start_watchdog(max(0.005, min(0.05, target.timeout / 4)))
+            self._watchdog = True
 
     @classmethod
     def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
@@ -236,9 +198,9 @@ class Harness:
 
     def close(self) -> None:
         """Stop the deadline thread, release the snapshot copy and the machine."""
-        if self._watchdog is not None:
-            self._watchdog.stop()
-            self._watchdog = None
+        if self._watchdog:
+            run_timer.stop_watchdog()
+            self._watchdog = False
         self.snapshot.close()
         self.machine.close()
 
@@ -279,11 +241,11 @@ class Harness:
         target = self.target
         try:
             if self.fast:
-                reason, exit_code, message, elapsed = self._run_lean(target.timeout, target.max_exits)
+                reason, exit_code, message, elapsed = self._run_raw()
                 if reason == "timeout" and elapsed < target.timeout / 2:
                     # The deadline thread signalled a run that had just ended: run again.
                     data = self.prepare(data)
-                    reason, exit_code, message, elapsed = self._run_lean(target.timeout, target.max_exits)
+                    reason, exit_code, message, elapsed = self._run_raw()
             else:
                 result = self.machine.run(timeout=target.timeout, max_exits=target.max_exits)
                 reason, exit_code, message, elapsed = (result.reason, result.exit_code, result.message,
@@ -295,88 +257,10 @@ class Harness:
                               new_blocks=tuple(self.coverage.new_blocks))
         return self.classify(reason, exit_code, message, elapsed, data)
 
-    def _run_lean(self, timeout: float | None, max_exits: int | None) -> tuple[str, int | None, str, float]:
-        """`Machine.run` without building a RunResult, with the debug-exit `out` handled inline.
-
-        Every other exit goes through the machine's own translation, dispatch
-        and action code, in the same order as `Machine.run` (keep the two in
-        step; tests compare both paths).
-        """
-        m = self.machine
-        vcpu = m.vcpu
-        run = vcpu.fd.run
-        vmcs = m.vmcs
-        exit_port = m.debug_exit.port if self._plain_debug_exit() else -1
-        pre_entry = m.pre_entry
+    def _run_raw(self) -> tuple[str, int | None, str, float]:
         start = perf_counter()
-        # (The snapshot restore has reset the debug-exit device already.)
-        m._last_exception = None
-        m._step_rip = vcpu.rip
-        limit = max_exits if max_exits is not None else -1
-        action = None
-        watchdog = self._watchdog
-        if timeout is not None:
-            if watchdog is not None:
-                run_timer.expired = False
-                run_timer.run = run
-                watchdog.deadline = start + timeout
-            else:
-                run_timer.arm(vcpu, timeout)
-        try:
-            while True:
-                if limit == 0:
-                    return "exit_limit", None, f"exit limit {max_exits} reached", perf_counter() - start
-                limit -= 1
-                for hook in pre_entry:
-                    hook()
-                if vmcs.dirty:
-                    vmcs.realise()
-                dirty = vcpu._dirty
-                if dirty and not dirty & _SYNC_SREGS and vcpu.synced:
-                    run.kvm_dirty_regs = dirty         # what run_once does, without its enum test
-                    vcpu._dirty = 0
-                kind = vcpu.run_once()
-                if kind == _KIND_IO:
-                    io = run.exit.io
-                    if io.port == exit_port and io.direction == 1:
-                        value = int.from_bytes(vcpu.fd.run_mmap[io.data_offset: io.data_offset + io.size],
-                                               "little")
-                        return "exit", value, "", perf_counter() - start
-                info, key = m._translate(kind, run)
-                if info is None:
-                    continue
-                reason = info.reason
-                if reason == ExitReason.IO_INSTRUCTION:
-                    action = m._dispatch_io(vcpu, info, key)
-                elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
-                    action = m.dispatcher.chain(reason, key)[-1](vcpu, info)
-                else:
-                    action = m._dispatch(vcpu, info, key)
-                if kind == _KIND_RDMSR or kind == _KIND_WRMSR:
-                    action = m._complete_msr(vcpu, info, action)
-                if action is None:
-                    action = RESUME
-                if m._apply(vcpu, info, action):
-                    return action.reason, action.exit_code, action.message, perf_counter() - start
-        finally:
-            if timeout is not None:
-                if watchdog is not None:
-                    watchdog.deadline = None
-                    run_timer.run = None       # a late signal must not touch this kvm_run
-                    run.immediate_exit = 0
-                else:
-                    run_timer.disarm()
-
-    def _plain_debug_exit(self) -> bool:
-        """True when nothing but the debug-exit device listens on its port."""
-        m = self.machine
-        version = m.dispatcher.version
-        if version != self._route_version:
-            port = m.debug_exit.port
-            self._plain = (m.debug_exit.width == 1
-                           and not m.dispatcher.has_handlers(ExitReason.IO_INSTRUCTION, port))
-            self._route_version = version
-        return self._plain
+        stop = self.machine.run_raw(self.target.timeout, self.target.max_exits, self._counts)
+        return stop.reason, stop.exit_code, stop.message, perf_counter() - start
 
     def classify(self, reason: str, exit_code: int | None, message: str, elapsed: float,
                  data: bytes) -> RunOutcome:
