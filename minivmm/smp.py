@@ -123,6 +123,8 @@ class SmpRunner:
         self._winner: tuple[VcpuState, BaseException | None] | None = None
         self._view_classes: dict[type, type] = {}
         machine.smp = self
+        if threading.current_thread() is threading.main_thread():
+            install_kick_handler()          # so that later runs may come from any thread
 
     @property
     def results(self) -> list["RunResult | None"]:

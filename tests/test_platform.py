@@ -284,3 +284,60 @@ def test_hlt_does_not_exit_with_the_in_kernel_lapic(make_machine) -> None:
     chip.load_asm("cli\nhlt")
     r = chip.run(timeout=0.3)
     assert r.reason == "timeout" and "EXECUTE_HLT" not in r.exits, r
+
+
+# -- YAML ----------------------------------------------------------------------------------
+PLATFORM_YAML = """\
+version: 1
+machine: {mode: protected, memory: 2M}
+images:
+  - {type: asm, source: g.S}
+platform:
+  irqchip: true
+  pit: true
+  fw_cfg: true
+  acpi: {pm_timer_32bit: false}
+  pci: true
+  scratch: [0x520, {port: 0x530, width: 2}]
+  ram_windows: [{start: 0x40000000, size: 64K}]
+  strict_ports: true
+"""
+
+
+def test_platform_yaml(tmp_path) -> None:
+    from minivmm.config import parse_config
+    (tmp_path / "g.S").write_text("")
+    config = parse_config(PLATFORM_YAML, path=tmp_path / "p.yaml")
+    p = config.platform
+    assert (p.irqchip, p.pit, p.fw_cfg, p.acpi, p.pm_timer_32bit, p.pci, p.strict_ports) == \
+        (True, True, True, True, False, True, True)
+    assert [(s.port, s.width) for s in p.scratch] == [(0x520, 4), (0x530, 2)]
+    assert [(w.start, w.size) for w in p.ram_windows] == [(0x40000000, 0x10000)]
+    assert not parse_config(PLATFORM_YAML.split("platform:")[0], path=tmp_path / "p.yaml").platform.fw_cfg
+
+
+@pytest.mark.parametrize("change, line, message", [
+    (("  irqchip: true\n", ""), 6, "platform.pit: the in-kernel PIT needs the in-kernel irqchip"),
+    (("{port: 0x530, width: 2}", "{port: 0x530, width: 3}"), 11, "platform.scratch[1].width: expected 1, 2 or 4"),
+    (("size: 64K", "size: 100"), 12, "platform.ram_windows[0]: a RAM window needs a page-aligned start"),
+    (("  pci: true\n", "  pcie: true\n"), 10, "platform.pcie: unknown key"),
+])
+def test_platform_yaml_errors(tmp_path, change, line, message) -> None:
+    from minivmm.config import ConfigError, parse_config
+    (tmp_path / "g.S").write_text("")
+    with pytest.raises(ConfigError) as info:
+        parse_config(PLATFORM_YAML.replace(*change), path=tmp_path / "p.yaml")
+    assert f"p.yaml:{line}: {message}" in str(info.value)
+
+
+@pytest.mark.kvm
+def test_platform_yaml_builds(tmp_path) -> None:
+    from minivmm.config import build_machine, parse_config
+    (tmp_path / "g.S").write_text('.include "minivmm.inc"\n'
+                                  'movw $0xbeef, %ax\nmovw $0x530, %dx\noutw %ax, %dx\ninw %dx, %ax\n'
+                                  'cmpw $0xbeef, %ax\njne 1f\nEXIT 0\n1: EXIT 1\n')
+    config = parse_config(PLATFORM_YAML, path=tmp_path / "p.yaml")
+    with build_machine(config, capture_console=True) as machine:
+        assert machine.irqchip and machine.platform.acpi_tables is not None
+        result = machine.run_config()
+    assert (result.reason, result.exit_code) == ("exit", 0), result
