@@ -1,4 +1,4 @@
-"""The `minivmm` command line: run, check, trace and caps (plus fuzz/afl when installed).
+"""The `minivmm` command line: run, check, trace, caps, fuzz and afl.
 
 Exit status of `minivmm run`: the guest's debug-exit code when it reports one
 (a rule's `stop` without one: 0); 0 when it halts; 124 on timeout; 125 on a
@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                "125 on a triple fault, invalid guest state, unhandled exception, exit limit\n"
                "or other VM failure; 2 on a config or usage error.")
     _config_arguments(run)
-    run.add_argument("--timeout", type=_positive_float, metavar="S", help="deadline in seconds (overrides "
+    run.add_argument("--timeout", type=positive_seconds, metavar="S", help="deadline in seconds (overrides "
                      "machine.timeout)")
     run.add_argument("--max-exits", type=int, metavar="N", help="exit limit (overrides machine.max_exits)")
     run.add_argument("--json", action="store_true", help="print one JSON object with the result instead of "
@@ -98,12 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     caps.add_argument("--json", action="store_true", help="JSON instead of a table")
     caps.set_defaults(handler=cmd_caps)
 
-    try:
-        from .fuzz import cli as fuzz_cli
-    except ImportError:
-        fuzz_cli = None
-    if fuzz_cli is not None and hasattr(fuzz_cli, "add_commands"):
-        fuzz_cli.add_commands(commands)
+    from .fuzz import cli as fuzz_cli
+    fuzz_cli.add_commands(commands)
     return parser
 
 
@@ -114,7 +110,7 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
                              "repeatable")
 
 
-def _positive_float(text: str) -> float:
+def positive_seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
@@ -289,36 +285,11 @@ def _json_default(value: Any) -> Any:
 
 
 def host_capabilities() -> tuple[dict[str, Any], str]:
-    """(report, table): the lead's `minivmm.vmcs.capability_report/table` when present,
-    else KVM_CHECK_EXTENSION for every `Cap` plus the computed VMX capability MSRs."""
+    """(report, table) of this host's KVM capabilities and VMX capability MSRs."""
     from .kvm import Kvm
-    try:
-        from .vmcs import capability_report, capability_table
-    except ImportError:
-        capability_report = capability_table = None
+    from .vmcs import capability_report, capability_table
     with Kvm() as kvm:
-        if capability_report is not None:
-            return capability_report(kvm), capability_table(kvm)
-        return _fallback_capabilities(kvm)
-
-
-def _fallback_capabilities(kvm) -> tuple[dict[str, Any], str]:
-    from .controls import HostCapabilities, compute_capability_msrs, format_capability_table
-    from .kvm import Cap
-    caps = {cap.name: kvm.check_extension(cap) for cap in sorted(Cap, key=lambda c: c.name)}
-    host = HostCapabilities(
-        msr_filter=bool(caps.get("X86_MSR_FILTER")), user_space_msr=bool(caps.get("X86_USER_SPACE_MSR")),
-        guest_debug=bool(caps.get("SET_GUEST_DEBUG")), hw_breakpoints=caps.get("GUEST_DEBUG_HW_BPS", 0) > 0,
-        readonly_mem=bool(caps.get("READONLY_MEM")), dirty_log=True, sync_regs=bool(caps.get("SYNC_REGS")),
-        tsc_control=bool(caps.get("TSC_CONTROL")))
-    msrs = compute_capability_msrs(host)
-    report = {"kvm": {"api_version": kvm.get_api_version(), "capabilities": caps},
-              "vmx_msrs": {msr.name: {"index": int(msr), "value": value} for msr, value in sorted(msrs.items())}}
-    width = max(len(name) for name in caps)
-    lines = [f"KVM API version {report['kvm']['api_version']}", "", "KVM capabilities (KVM_CHECK_EXTENSION):"]
-    lines += [f"  {name:<{width}}  {value}" for name, value in caps.items()]
-    lines += ["", "VMX capability MSRs (what this host can honour):", format_capability_table(msrs)]
-    return report, "\n".join(lines)
+        return capability_report(kvm), capability_table(kvm)
 
 
 if __name__ == "__main__":      # pragma: no cover

@@ -9,6 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from ..cli import positive_seconds
+
 EXIT_OK = 0
 EXIT_USAGE = 2
 
@@ -32,7 +34,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fuzz.add_argument("--jobs", type=_positive_int, default=1, metavar="N",
                       help="fuzzing processes, each with its own VM (default 1)")
     fuzz.add_argument("--runs", type=_positive_int, metavar="N", help="stop after N runs (over all jobs)")
-    fuzz.add_argument("--seconds", type=_positive_float, metavar="S", help="stop after S seconds")
+    fuzz.add_argument("--seconds", type=positive_seconds, metavar="S", help="stop after S seconds")
     fuzz.add_argument("--seed", type=int, metavar="N", help="random seed (reproducible campaigns with --jobs 1)")
     fuzz.add_argument("--no-coverage", action="store_true", help="blind fuzzing (no breakpoints)")
     fuzz.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -54,7 +56,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                "  minivmm afl configs/fuzz_parser.yaml crash.bin      # one run; SIGSEGV if it crashes")
     afl.add_argument("config", metavar="CONFIG", help="a YAML config with a `fuzz:` section")
     afl.add_argument("input", nargs="?", metavar="FILE", help="the input file (afl's @@); default stdin")
-    afl.add_argument("--timeout", type=_positive_float, metavar="S",
+    afl.add_argument("--timeout", type=positive_seconds, metavar="S",
                      help="minivmm's deadline per run (default: the config's fuzz.timeout); keep it above "
                           "afl-fuzz -t")
     afl.add_argument("--write-dict", metavar="FILE", type=Path,
@@ -71,16 +73,6 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
     return value
 
 
