@@ -22,6 +22,9 @@ own result is in `machine.smp.results`.
 
 The single-vCPU path does not come here: `Machine.run` checks once per run.
 
+`max_exits` bounds each vCPU's exits separately. A vCPU kicked out because
+another one stopped the machine reports reason "stopped" ("stopped by vCPU 0").
+
 Limits: EPT hooks, `step_once` and `pre_entry` hooks apply to vCPU 0 only; an
 AP's VMCS model starts as a copy of vCPU 0's controls when the AP first runs.
 """
@@ -269,10 +272,18 @@ class SmpRunner:
             chosen = self._winner[0] if self._winner is not None else states[0]
             result = chosen.result or RunResult(reason="error", message="the vCPU thread ended without a result")
             result = replace(result)
+            if result.reason == "exception" and result.exception is not None:
+                result.message = str(result.exception)       # the default handler sees vCPU 0's
             if chosen.index and result.message:
                 result.message = f"vCPU {chosen.index}: {result.message}"
             elif chosen.index and result.reason not in ("exit",):
                 result.message = f"vCPU {chosen.index} stopped the machine"
+        for state in states:
+            if state.kicked and state.result is not None:
+                why = "the deadline" if self.deadline_expired and chosen is None else \
+                    f"vCPU {chosen.index}" if chosen is not None else "the user"
+                state.result = replace(state.result, reason="stopped", exit_code=None,
+                                       message=f"stopped by {why}")
         exits: dict[str, int] = {}
         for state in states:
             if state.result is not None:
