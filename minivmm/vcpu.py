@@ -26,7 +26,8 @@ _EAGAIN = 11            # errno.EAGAIN on Linux
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
-_SYNC = SyncRegsFlag.REGS | SyncRegsFlag.SREGS
+_REGS, _SREGS = int(SyncRegsFlag.REGS), int(SyncRegsFlag.SREGS)     # plain ints: IntFlag ops are slow
+_SYNC = _REGS | _SREGS
 
 
 class RunTimer:
@@ -142,7 +143,7 @@ def _gpr(name: str) -> property:
 
     def set(self: "Vcpu", value: int) -> None:
         setattr(self._regs, name, value & MASK64)
-        self._dirty |= SyncRegsFlag.REGS
+        self._dirty |= _REGS
 
     return property(get, set, doc=f"Guest {name.upper()}.")
 
@@ -153,7 +154,7 @@ def _sreg(name: str) -> property:
 
     def set(self: "Vcpu", value: int) -> None:
         setattr(self._sregs, name, value & MASK64)
-        self._dirty |= SyncRegsFlag.SREGS
+        self._dirty |= _SREGS
 
     return property(get, set, doc=f"Guest {name.upper()}.")
 
@@ -203,18 +204,18 @@ class Vcpu:
 
     def set_regs(self, regs: KvmRegs) -> None:
         ctypes.pointer(self._regs)[0] = regs
-        self._dirty |= SyncRegsFlag.REGS
+        self._dirty |= _REGS
 
     def set_sregs(self, sregs: KvmSregs) -> None:
         ctypes.pointer(self._sregs)[0] = sregs
-        self._dirty |= SyncRegsFlag.SREGS
+        self._dirty |= _SREGS
 
     def segment(self, name: str) -> Segment:
         return Segment.from_kvm(getattr(self._sregs, name))
 
     def set_segment(self, name: str, segment: Segment) -> None:
         segment.to_kvm(getattr(self._sregs, name))
-        self._dirty |= SyncRegsFlag.SREGS
+        self._dirty |= _SREGS
 
     def descriptor_table(self, name: str) -> tuple[int, int]:
         """(base, limit) of "gdt" or "idt"."""
@@ -224,7 +225,7 @@ class Vcpu:
     def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
         table = getattr(self._sregs, name)
         table.base, table.limit = base, limit
-        self._dirty |= SyncRegsFlag.SREGS
+        self._dirty |= _SREGS
 
     @property
     def cpl(self) -> int:
@@ -255,9 +256,9 @@ class Vcpu:
         """Write changed registers to KVM now (normally done at the next entry)."""
         if not self._dirty:
             return
-        if self._dirty & SyncRegsFlag.REGS:
+        if self._dirty & _REGS:
             self.fd.set_regs(self._regs)
-        if self._dirty & SyncRegsFlag.SREGS:
+        if self._dirty & _SREGS:
             self.fd.set_sregs(self._sregs)
         self._dirty = 0
 
@@ -265,7 +266,7 @@ class Vcpu:
     def run_once(self) -> int:
         """One KVM_RUN; returns the raw KVM exit kind (ExitKind.INTR on a signal)."""
         if self._dirty:
-            if self.synced and not self._dirty & SyncRegsFlag.SREGS:
+            if self.synced and not self._dirty & _SREGS:
                 self._run.kvm_dirty_regs = self._dirty
                 self._dirty = 0
             else:
