@@ -50,6 +50,7 @@ def parse_size(value: int | str) -> int:
 
 @dataclass
 class ExitStat:
+    """Exits of one basic reason: how many, and the time spent in their handlers."""
     count: int = 0
     handler_seconds: float = 0.0
 
@@ -390,24 +391,25 @@ class Machine:
         """
         if self._smp is not None:
             return self._smp.run(timeout, max_exits)
-        counts = [0] * 80
+        counts, seconds = [0] * 80, [0.0] * 80
         start = time.perf_counter()
         action: Stop | None = None
         try:
-            action = self.run_raw(timeout, max_exits, counts)
+            action = self.run_raw(timeout, max_exits, counts, seconds)
         except KeyboardInterrupt:
             action = Stop("interrupted", message="interrupted by the user (SIGINT)")
             raise
         finally:
-            self.last_result = self._result(action, counts, time.perf_counter() - start)
+            self.last_result = self._result(action, counts, seconds, time.perf_counter() - start)
         return self.last_result
 
     def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
-                counts: list[int] | None = None) -> Stop:
+                counts: list[int] | None = None, seconds: list[float] | None = None) -> Stop:
         """The exit loop of `run` without building a RunResult; returns the Stop that ended it.
 
-        For harnesses that run a guest thousands of times a second. `counts`,
-        a list of 80 ints indexed by basic exit reason, collects exit counts.
+        For harnesses that run a guest thousands of times a second. `counts`
+        and `seconds`, lists of 80 indexed by basic exit reason, collect the
+        number of exits and the time spent in their handlers.
         """
         if not self._started:
             self.setup()
@@ -415,6 +417,9 @@ class Machine:
             self.apply_cpuid()
         if counts is None:
             counts = [0] * 80
+        if seconds is None:
+            seconds = [0.0] * 80
+        clock = time.perf_counter
         vcpu = self.vcpu
         fd = vcpu.fd
         run = fd.run
@@ -458,6 +463,7 @@ class Machine:
                         info = io_info.reset(_IO_INSTRUCTION_REASON, qualification, detail=io_exit,
                                              data=_UNPACK[size](run_mmap, offset)[0] if is_out else 0)
                         action = None
+                        began = clock()
                         try:
                             for handler in io_routes.get(port) or self._io_route(port):
                                 action = handler(vcpu, info)
@@ -466,6 +472,7 @@ class Machine:
                         except Exception as exc:
                             raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: "
                                                f"{exc} (guest rip={vcpu.rip:#x})") from exc
+                        seconds[_IO_INSTRUCTION] += clock() - began
                         if action is None:
                             continue
                         if not info.detail.is_out:
@@ -478,14 +485,16 @@ class Machine:
                 info, key = self._translate(kind, run)
                 if info is None:
                     continue
-                counts[info.reason] += 1
                 reason = info.reason
+                counts[reason] += 1
+                began = clock()
                 if reason == ExitReason.IO_INSTRUCTION:
                     action = self._dispatch_io(vcpu, info, key)
                 elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
                     action = self.dispatcher.chain(reason, key)[-1](vcpu, info)
                 else:
                     action = self._dispatch(vcpu, info, key)
+                seconds[reason] += clock() - began
                 if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
                     action = self._complete_msr(vcpu, info, action)
                 if action is None:
@@ -533,17 +542,20 @@ class Machine:
             raise HandlerError(f"{info.reason.name} handler raised {type(exc).__name__}: {exc} "
                                f"(guest rip={vcpu.rip:#x})") from exc
 
-    def _result(self, action: Stop | None, counts: list[int], elapsed: float) -> RunResult:
+    def _result(self, action: Stop | None, counts: list[int], seconds: list[float],
+                elapsed: float) -> RunResult:
         if not isinstance(action, Stop):
             action = Stop("error", message="run ended without a result")
-        exits = {ExitReason(i).name: n for i, n in enumerate(counts) if n}
-        for name, n in exits.items():
-            self.stats.setdefault(name, ExitStat()).count += n
+        stats = {ExitReason(i).name: ExitStat(n, seconds[i]) for i, n in enumerate(counts) if n}
+        for name, stat in stats.items():
+            total = self.stats.setdefault(name, ExitStat())
+            total.count += stat.count
+            total.handler_seconds += stat.handler_seconds
         return RunResult(reason=action.reason, exit_code=action.exit_code,
-                         console=self.serial.text, exits=exits, elapsed_s=elapsed,
-                         rip=self.vcpu.rip if self.vcpu else 0, message=action.message,
+                         console=self.serial.text, exits={name: s.count for name, s in stats.items()},
+                         elapsed_s=elapsed, rip=self.vcpu.rip if self.vcpu else 0, message=action.message,
                          exception=self._last_exception if action.reason == "exception" else None,
-                         stats=dict(self.stats), last_exit=str(self.info))
+                         stats=stats, last_exit=str(self.info))
 
     def _apply(self, vcpu: Vcpu, info: ExitInfo, action: Action) -> bool:
         """Carry out a handler's action; True when the run ends."""

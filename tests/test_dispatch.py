@@ -700,9 +700,13 @@ def test_exit_statistics(make_machine) -> None:
     assert (r.reason, r.exit_code) == ("exit", 4)
     assert r.exits == {"IO_INSTRUCTION": 4, "EXECUTE_VMCALL": 1, "EXECUTE_HLT": 1}
     assert r.stats["IO_INSTRUCTION"].count == 4
+    assert all(stat.handler_seconds > 0 for stat in r.stats.values())
     m.vcpu.rip = m.entry
     r2 = m.run(timeout=5)
-    assert r2.exits == r.exits                     # per run
-    assert r2.stats["IO_INSTRUCTION"].count == 8   # accumulated over the machine's life
+    assert r2.exits == r.exits                                # per run
+    assert r2.stats["IO_INSTRUCTION"].count == 4
+    assert m.stats["IO_INSTRUCTION"].count == 8               # accumulated over the machine's life
     assert m.stats["EXECUTE_VMCALL"].count == 2
+    assert m.stats["EXECUTE_HLT"].handler_seconds == (r.stats["EXECUTE_HLT"].handler_seconds
+                                                      + r2.stats["EXECUTE_HLT"].handler_seconds)
     assert "IO_INSTRUCTION" in r2.last_exit
