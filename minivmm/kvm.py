@@ -21,6 +21,12 @@ u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_u
 
 KVM_API_VERSION = 12
 DEFAULT_KVM_PATH = "/dev/kvm"
+KVM_PATH_ENV = "MINIVMM_KVM_PATH"      # points minivmm (and its pytest plugin) at another device
+
+
+def kvm_path() -> str:
+    """The KVM device to open: `$MINIVMM_KVM_PATH`, else /dev/kvm."""
+    return os.environ.get(KVM_PATH_ENV) or DEFAULT_KVM_PATH
 
 
 class _Struct(ctypes.Structure):
@@ -710,7 +716,8 @@ class _Fd:
 class Kvm(_Fd):
     """The KVM system fd (`/dev/kvm`)."""
 
-    def __init__(self, path: str = DEFAULT_KVM_PATH) -> None:
+    def __init__(self, path: str | None = None) -> None:
+        path = path or kvm_path()
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:

@@ -23,7 +23,7 @@ from .handlers import Dispatcher, Registration, install_defaults
 from .cpuid import CpuidLeaf, CpuidTable
 from .vmcs import Vmcs
 from .vmcs_fields import VmcsField
-from .kvm import (DEFAULT_KVM_PATH, ExitKind, InternalErrorKind, IoExit, Kvm, KvmError,
+from .kvm import (ExitKind, InternalErrorKind, IoExit, Kvm, KvmError,
                   decode_exit)
 from .memory import GuestMemory, Region
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
@@ -118,7 +118,7 @@ class Machine:
     """
 
     def __init__(self, memory: int | str = "2M", mode: Mode | str = Mode.LONG, *,
-                 kvm_path: str = DEFAULT_KVM_PATH,
+                 kvm_path: str | None = None,
                  console: Callable[[bytes], object] | None = None,
                  vcpus: int = 1, irqchip: bool = False) -> None:
         self.mode = Mode(mode)
@@ -429,6 +429,8 @@ class Machine:
         run_mmap = fd.run_mmap
         vmcs = self.vmcs
         io_routes = self._io_routes
+        pre_entry = self.pre_entry
+        run_once = vcpu.run_once
         action: Action | None = None
         self.debug_exit.reset()
         self._last_exception = None
@@ -442,12 +444,12 @@ class Machine:
                     action = Stop("exit_limit", message=f"exit limit {max_exits} reached")
                     break
                 limit -= 1
-                if self.pre_entry:
-                    for hook in self.pre_entry:
+                if pre_entry:
+                    for hook in pre_entry:
                         hook()
                 if vmcs.dirty:
                     vmcs.realise()
-                kind = vcpu.run_once()
+                kind = run_once()
                 if kind == _EXIT_IO:
                     port = io.port
                     if port < _RESERVED_PORTS_LOW or port > _RESERVED_PORTS_HIGH:

@@ -43,13 +43,12 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pytest
 
-from .kvm import DEFAULT_KVM_PATH
+from .kvm import kvm_path
 
 if TYPE_CHECKING:
     from .guestchannel import GuestAssertion, SyncPoint
     from .machine import Machine, RunResult
 
-KVM_PATH_ENV = "MINIVMM_KVM_PATH"
 ALL_MODES = ("real", "protected", "long", "user")
 DEFAULT_TIMEOUT = 10.0
 _GUEST_FIXTURES = frozenset({"guest", "guest_mode"})
@@ -57,11 +56,6 @@ _VMS_KEY = pytest.StashKey[list]()
 
 
 # -- KVM availability ------------------------------------------------------------------------
-def kvm_path() -> str:
-    """The KVM device to use: `$MINIVMM_KVM_PATH`, else /dev/kvm."""
-    return os.environ.get(KVM_PATH_ENV) or DEFAULT_KVM_PATH
-
-
 def kvm_unavailable_reason(path: str | None = None) -> str | None:
     """Why KVM cannot be used here, or None when it can."""
     path = kvm_path() if path is None else path
