@@ -18,10 +18,11 @@ class CBuildError(RuntimeError):
 
 def build_c(source: Path, *, extra_flags: Sequence[str] = ()) -> Path:
     """Compile ``source`` to ``benchmarks/build/<stem>`` unless that binary is
-    newer than the source; return the binary's path."""
+    newer than the source and the headers beside it; return the binary's path."""
     source = Path(source).resolve()
     binary = BUILD_DIR / source.stem
-    if binary.exists() and binary.stat().st_mtime_ns >= source.stat().st_mtime_ns:
+    inputs = [source, *source.parent.glob("*.h")]
+    if binary.exists() and binary.stat().st_mtime_ns >= max(p.stat().st_mtime_ns for p in inputs):
         return binary
     gcc = shutil.which("gcc")
     if gcc is None:

@@ -31,6 +31,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvm_util.h"
+
 #define MEMORY_SIZE (2u << 20)
 #define PAGE 0x101000u
 #define CODE 0x100000u
@@ -39,31 +41,19 @@ static int vm_fd, vcpu_fd;
 static uint8_t *memory;
 static struct kvm_run *run;
 
-static void die(const char *what)
-{
-	fprintf(stderr, "ept: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static void xioctl(int fd, unsigned long request, void *arg, const char *name)
-{
-	if (ioctl(fd, request, arg) < 0)
-		die(name);
-}
-
 static void set_slot(uint32_t slot, uint64_t gpa, uint64_t size, uint32_t flags)
 {
 	struct kvm_userspace_memory_region region = {
 		.slot = slot, .flags = flags, .guest_phys_addr = gpa, .memory_size = size,
 		.userspace_addr = size ? (uintptr_t)(memory + gpa) : 0,
 	};
-	xioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
+	checked_ioctl(vm_fd, KVM_SET_USER_MEMORY_REGION, &region, "KVM_SET_USER_MEMORY_REGION");
 }
 
 static void protected_mode(void)
 {
 	struct kvm_sregs sregs;
-	xioctl(vcpu_fd, KVM_GET_SREGS, &sregs, "KVM_GET_SREGS");
+	checked_ioctl(vcpu_fd, KVM_GET_SREGS, &sregs, "KVM_GET_SREGS");
 	struct kvm_segment code = {
 		.base = 0, .limit = 0xffffffff, .selector = 0x18, .type = 0xb, .present = 1,
 		.dpl = 0, .db = 1, .s = 1, .l = 0, .g = 1,
@@ -76,13 +66,13 @@ static void protected_mode(void)
 	sregs.cr0 = 0x33; /* PE, MP, ET, NE */
 	sregs.cr4 = 0;
 	sregs.efer = 0;
-	xioctl(vcpu_fd, KVM_SET_SREGS, &sregs, "KVM_SET_SREGS");
+	checked_ioctl(vcpu_fd, KVM_SET_SREGS, &sregs, "KVM_SET_SREGS");
 	struct kvm_regs regs;
 	memset(&regs, 0, sizeof(regs));
 	regs.rip = CODE;
 	regs.rsp = MEMORY_SIZE;
 	regs.rflags = 2;
-	xioctl(vcpu_fd, KVM_SET_REGS, &regs, "KVM_SET_REGS");
+	checked_ioctl(vcpu_fd, KVM_SET_REGS, &regs, "KVM_SET_REGS");
 }
 
 static unsigned kvm_run_once(void)
@@ -99,14 +89,7 @@ static void set_debug(uint32_t control)
 	struct kvm_guest_debug debug;
 	memset(&debug, 0, sizeof(debug));
 	debug.control = control;
-	xioctl(vcpu_fd, KVM_SET_GUEST_DEBUG, &debug, "KVM_SET_GUEST_DEBUG");
-}
-
-static double now(void)
-{
-	struct timespec t;
-	clock_gettime(CLOCK_MONOTONIC, &t);
-	return (double)t.tv_sec + (double)t.tv_nsec / 1e9;
+	checked_ioctl(vcpu_fd, KVM_SET_GUEST_DEBUG, &debug, "KVM_SET_GUEST_DEBUG");
 }
 
 int main(int argc, char **argv)
@@ -154,7 +137,7 @@ int main(int argc, char **argv)
 		die("mmap kvm_run");
 	protected_mode();
 
-	double start = now();
+	double start = now_s();
 	if (!strcmp(mode, "toggle")) {
 		for (long i = 0; i < n; i++) {
 			set_slot(2, PAGE, 0, 0);
@@ -190,7 +173,7 @@ int main(int argc, char **argv)
 		fprintf(stderr, "ept: unknown mode %s\n", mode);
 		return 1;
 	}
-	double seconds = now() - start;
+	double seconds = now_s() - start;
 	printf("mode=%s n=%ld seconds=%.6f us_per_op=%.3f\n", mode, n, seconds, seconds * 1e6 / (double)n);
 	munmap(run, (size_t)run_size);
 	munmap(memory, MEMORY_SIZE);

@@ -23,22 +23,10 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvm_util.h"
+
 #define GUEST_MEMORY_SIZE (2u << 20)
 #define GUEST_LOAD_ADDRESS 0x8000u
-
-static void die(const char *what)
-{
-	fprintf(stderr, "exit_rate: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static int checked_ioctl(int fd, unsigned long request, void *arg, const char *name)
-{
-	int result = ioctl(fd, request, arg);
-	if (result < 0)
-		die(name);
-	return result;
-}
 
 static size_t load_guest(const char *path, uint8_t *memory)
 {

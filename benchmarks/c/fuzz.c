@@ -31,21 +31,9 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "kvm_util.h"
+
 #define PAGE_SIZE 4096u
-
-static void die(const char *what)
-{
-	fprintf(stderr, "fuzz: %s: %s\n", what, strerror(errno));
-	exit(1);
-}
-
-static int checked_ioctl(int fd, unsigned long request, void *arg, const char *name)
-{
-	int result = ioctl(fd, request, arg);
-	if (result < 0)
-		die(name);
-	return result;
-}
 
 static void *read_file(const char *path, size_t *size)
 {
@@ -68,13 +56,6 @@ static void *read_file(const char *path, size_t *size)
 	close(fd);
 	*size = done;
 	return data;
-}
-
-static double now_s(void)
-{
-	struct timespec ts;
-	clock_gettime(CLOCK_MONOTONIC, &ts);
-	return (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
 }
 
 int main(int argc, char **argv)
