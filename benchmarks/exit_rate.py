@@ -63,7 +63,7 @@ def run_c_loop(code: bytes, n: int) -> float:
 def main(argv: list[str] | None = None) -> float:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("-n", "--exits", type=int, default=200_000)
-    parser.add_argument("--rounds", type=int, default=3, help="best of this many runs each")
+    parser.add_argument("--rounds", type=int, default=5, help="best of this many interleaved runs each")
     args = parser.parse_args(argv)
     code = guest(args.exits)
     c_rate = py_rate = 0.0
