@@ -25,6 +25,7 @@ from .vmcs import Vmcs
 from .vmcs_fields import VmcsField
 from .kvm import (ExitKind, InternalErrorKind, IoExit, Kvm, KvmError, KvmRun,
                   decode_exit)
+from .disasm import disassemble
 from .memory import GuestMemory, Region
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
                     HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
@@ -532,6 +533,36 @@ class Machine:
                                f"(guest rip={vcpu.rip:#x})") from exc
         return None
 
+    def _io_instruction_start(self, info: ExitInfo) -> int:
+        """RIP of the I/O instruction of the current exit.
+
+        KVM reports RIP at the instruction on most hosts, but after it for an
+        OUT on some (PVM): find the IN/OUT/INS/OUTS of the exit's direction at
+        RIP or ending at RIP.
+        """
+        rip = self.vcpu.rip
+        wanted = _OUT_MNEMONICS if info.detail.is_out else _IN_MNEMONICS
+        window = self.read_code(rip - 4, 8) if rip >= 4 else b""
+        if len(window) < 8:
+            return rip
+        bits = self.code_bits()
+        for start in (rip, rip - 1, rip - 2, rip - 3, rip - 4):
+            insn = disassemble(window[start - (rip - 4):], start, bits, 1)
+            if not insn:
+                continue
+            words = insn[0][2].split()
+            mnemonic = words[1] if words[0].startswith("rep") and len(words) > 1 else words[0]
+            if mnemonic in wanted and (start == rip or start + len(insn[0][1]) == rip):
+                return start
+        return rip
+
+    def code_bits(self) -> int:
+        """16, 32 or 64: the operand size the CPU decodes guest code with now."""
+        cs = self.vcpu.segment("cs")
+        if not self.vcpu.cr0 & 1:
+            return 16
+        return 64 if cs.l else 32 if cs.db else 16
+
     def _complete_in(self, info: ExitInfo) -> None:
         """A handler answered an IN: its `info.data` goes to every item KVM asks for."""
         exit = info.detail
@@ -581,7 +612,8 @@ class Machine:
                 if info.reason in _ADVANCE_BY_LENGTH and info.instruction_length:
                     vcpu.rip += info.instruction_length
             elif info.reason in _COMPLETED_BY_KVM:
-                rip = vcpu.rip
+                rip = self._io_instruction_start(info) if info.reason == ExitReason.IO_INSTRUCTION \
+                    else vcpu.rip
                 vcpu.fd.run.immediate_exit = 1
                 vcpu.run_once()
                 vcpu.rip = rip
@@ -713,6 +745,8 @@ class Machine:
 
 
 _EXIT_IO = int(ExitKind.IO)
+_IN_MNEMONICS = frozenset({"in", "insb", "insw", "insd"})
+_OUT_MNEMONICS = frozenset({"out", "outsb", "outsw", "outsd"})
 _unpack_io = struct.Struct("<BBHIQ").unpack_from       # kvm_run.io: direction, size, port, count, data_offset
 _IO_EXIT_OFFSET = KvmRun.exit.offset
 _TIME_EVERY_EXIT, _TIME_SAMPLE_MASK = 64, 15
