@@ -469,6 +469,19 @@ class ExitInfo:
         self.msr = msr
         return self
 
+    def reset_io(self, qualification: int, detail: object, data: int) -> ExitInfo:
+        """`reset` for an I/O-instruction exit, positional for the exit loop's hot path."""
+        self.reason = ExitReason.IO_INSTRUCTION
+        self.entry_failure = False
+        self.qualification = qualification
+        self.guest_physical_address = self.guest_linear_address = 0
+        self.instruction_length = self.instruction_info = 0
+        self.interruption_info = self.interruption_error_code = 0
+        self.detail = detail
+        self.data = data
+        self.msr = 0
+        return self
+
     @property
     def full_reason(self) -> int:
         """The 32-bit exit-reason field: basic reason plus bit 31 for VM-entry failures (SDM 25.9.1)."""

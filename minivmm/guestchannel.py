@@ -495,6 +495,11 @@ class _RecordingExitInfo(ExitInfo):
         self._recorder._note(self)
         return self
 
+    def reset_io(self, qualification: int, detail: object, data: int) -> ExitInfo:
+        ExitInfo.reset_io(self, qualification, detail, data)
+        self._recorder._note(self)
+        return self
+
 
 class ExitRecorder:
     """Records the VMX exit reasons of a machine's exits in order, without handlers.

@@ -26,6 +26,7 @@ from .vmcs_fields import VmcsField
 from .kvm import (ExitKind, InternalErrorKind, IoExit, Kvm, KvmError, KvmRun,
                   decode_exit)
 from .disasm import disassemble
+from .fastpath import IO_TAG
 from .memory import GuestMemory, Region
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
                     HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
@@ -433,7 +434,8 @@ class Machine:
         vmcs = self.vmcs
         io_routes = self._io_routes
         pre_entry = self.pre_entry
-        run_once = vcpu.run_once
+        enter = vcpu.enter
+        pio_offset = None
         action: Action | None = None
         self.debug_exit.reset()
         self._last_exception = None
@@ -452,21 +454,24 @@ class Machine:
                         hook()
                 if vmcs.dirty:
                     vmcs.realise()
-                kind = run_once()
-                if kind == _EXIT_IO:
-                    direction, size, port, count, offset = _unpack_io(run_mmap, _IO_EXIT_OFFSET)
+                kind = enter()
+                if kind >= IO_TAG:
+                    port = kind >> 32 & 0xFFFF
                     if port < _RESERVED_PORTS_LOW or port > _RESERVED_PORTS_HIGH:
                         n = counts[_IO_INSTRUCTION] = counts[_IO_INSTRUCTION] + 1
-                        is_out = direction == 1
+                        size = kind >> 48 & 0xF
+                        is_out = kind >> 52 & 1
+                        count = 1
+                        if not is_out or kind >> 53 & 1 or pio_offset is None:
+                            _, _, _, count, pio_offset = _unpack_io(run_mmap, _IO_EXIT_OFFSET)
                         io_exit.port, io_exit.size, io_exit.is_out, io_exit.count, io_exit.data_offset = \
-                            port, size, is_out, count, offset
+                            port, size, is_out == 1, count, pio_offset
                         qualification = (size - 1) | (port << 16)
                         if not is_out:
                             qualification |= 8
                         if count > 1:
                             qualification |= 0x30
-                        info = io_info.reset(_IO_INSTRUCTION_REASON, qualification, detail=io_exit,
-                                             data=_UNPACK[size](run_mmap, offset)[0] if is_out else 0)
+                        info = io_info.reset_io(qualification, io_exit, kind & 0xFFFFFFFF)
                         action = None
                         timed = n < _TIME_EVERY_EXIT or not n & _TIME_SAMPLE_MASK
                         if timed:
@@ -491,6 +496,7 @@ class Machine:
                         if self._apply(vcpu, info, action):
                             break
                         continue
+                    kind = _EXIT_IO
                 info, key = self._translate(kind, run)
                 if info is None:
                     continue

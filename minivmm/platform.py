@@ -376,7 +376,7 @@ def enable_strict_ports(machine: "Machine") -> None:
     default = dispatcher._defaults.get(ExitReason.IO_INSTRUCTION)
     if getattr(default, "strict_ports", False):
         return
-    ports = machine.port_devices if hasattr(machine, "port_devices") else machine._ports
+    ports = machine.port_devices
 
     def strict(vcpu, info):
         exit = info.detail

@@ -9,20 +9,19 @@ sync_regs get the same interface through KVM_GET/SET_(S)REGS.
 from __future__ import annotations
 
 import ctypes
-import fcntl
+import errno
 import signal
 import threading
 import time
 from dataclasses import dataclass
 
-from .kvm import (Cap, ExitKind, Ioctl, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
+from .fastpath import IO_TAG, run_packed_for
+from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
                   SyncRegsFlag, VcpuFd, VmFd)
 
 MASK64 = (1 << 64) - 1
-_ioctl = fcntl.ioctl
-_KVM_RUN = int(Ioctl.KVM_RUN)
 _EXIT_INTR = int(ExitKind.INTR)
-_EAGAIN = 11            # errno.EAGAIN on Linux
+_EXIT_IO = int(ExitKind.IO)
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
@@ -179,10 +178,11 @@ class Vcpu:
         self._dirty = 0
         self._fd = self.fd.fd
         self._run = run
+        self._run_packed, self._run_arg = run_packed_for(self.fd.run_mmap)
         self.fd.set_cpuid2(kvm.get_supported_cpuid())
 
     def close(self) -> None:
-        self._regs = self._sregs = self._run = None
+        self._regs = self._sregs = self._run = self._run_arg = None
         self.fd.close()
 
     # -- register state -----------------------------------------------------------
@@ -263,30 +263,39 @@ class Vcpu:
         self._dirty = 0
 
     # -- running ------------------------------------------------------------------
-    def run_once(self) -> int:
-        """One KVM_RUN; returns the raw KVM exit kind (ExitKind.INTR on a signal)."""
+    def enter(self) -> int:
+        """One KVM_RUN, in the packed form of `minivmm.fastpath`: an I/O exit is
+        tagged with IO_TAG and carries its port, size, direction and OUT data;
+        any other exit is its KVM exit reason (ExitKind.INTR on a signal).
+        """
         if self._dirty:
             if self.synced and not self._dirty & _SREGS:
                 self._run.kvm_dirty_regs = self._dirty
                 self._dirty = 0
             else:
                 self.flush()      # KVM_SET_SREGS names bad segment/control state; KVM_RUN would not
-        try:
-            _ioctl(self._fd, _KVM_RUN, 0)
-            kind = self._run.exit_reason
-        except InterruptedError:
-            self._run.immediate_exit = 0
-            kind = _EXIT_INTR
-        except OSError as exc:
-            if exc.errno == _EAGAIN:
-                # An AP woken in MP state UNINITIALIZED (INIT/SIPI from the in-kernel LAPIC):
-                # KVM asks for KVM_RUN again, reported like a signal.
-                return _EXIT_INTR
-            raise KvmError("KVM_RUN", exc.errno or 0) from None
+        packed = self._run_packed(self._fd, self._run_arg)
+        if packed < 0:
+            packed = self._entry_failed(-packed)
         if not self.synced:
             ctypes.pointer(self._regs)[0] = self.fd.get_regs()
             ctypes.pointer(self._sregs)[0] = self.fd.get_sregs()
-        return kind
+        return packed
+
+    def _entry_failed(self, err: int) -> int:
+        if err == errno.EINTR:
+            self._run.immediate_exit = 0
+            return _EXIT_INTR
+        if err == errno.EAGAIN:
+            # An AP woken in MP state UNINITIALIZED (INIT/SIPI from the in-kernel LAPIC):
+            # KVM asks for KVM_RUN again, reported like a signal.
+            return _EXIT_INTR
+        raise KvmError("KVM_RUN", err)
+
+    def run_once(self) -> int:
+        """One KVM_RUN; returns the raw KVM exit kind (ExitKind.INTR on a signal)."""
+        packed = self.enter()
+        return _EXIT_IO if packed >= IO_TAG else packed
 
     def run(self, timeout: float | None = None) -> int:
         """One KVM_RUN bounded by `timeout` seconds; ExitKind.INTR when it expired."""

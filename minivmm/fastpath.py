@@ -1,0 +1,125 @@
+"""KVM_RUN and the decoding of its exit in C: the exit loop's measured hot path.
+
+On the project's hosts a Python loop around `fcntl.ioctl(KVM_RUN)` spends
+about 3 us of interpreter time per exit against 10-12 us in the kernel; the
+same loop calling this C function through cffi spends about 1.7 us. The
+function enters the guest once and returns one integer:
+
+- a negative errno when KVM_RUN failed (-EINTR for a signal or immediate_exit),
+- the KVM exit reason (0..255) for every exit but KVM_EXIT_IO,
+- for KVM_EXIT_IO, `IO_TAG | (count > 1) << 53 | is_out << 52 | size << 48 |
+  port << 32 | data`, where data is the first item an OUT wrote (32 bits).
+
+It is compiled with cffi on first use into minivmm's cache directory (gcc and
+the Python headers are needed, as for any cffi module); where that is not
+possible, `run_packed` is a Python function with the same contract.
+"""
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import hashlib
+import importlib.util
+import os
+import shutil
+import struct
+import sys
+from pathlib import Path
+from typing import Callable
+
+from .asm import cache_dir
+from .kvm import ExitKind, Ioctl, KvmRun
+
+IO_TAG = 1 << 56
+_EXIT_IO = int(ExitKind.IO)
+
+_CDEF = "long long minivmm_run_packed(int fd, void *run);"
+_SOURCE = r"""
+#include <errno.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <linux/kvm.h>
+
+long long minivmm_run_packed(int fd, void *p)
+{
+	struct kvm_run *run = p;
+	unsigned int data = 0;
+
+	if (ioctl(fd, KVM_RUN, 0) < 0)
+		return -errno;
+	if (run->exit_reason != KVM_EXIT_IO)
+		return run->exit_reason;
+	if (run->io.direction == KVM_EXIT_IO_OUT && run->io.size <= sizeof(data))
+		memcpy(&data, (char *)run + run->io.data_offset, run->io.size);
+	return (1LL << 56) | ((long long)(run->io.count > 1) << 53) |
+	       ((long long)(run->io.direction == KVM_EXIT_IO_OUT) << 52) |
+	       ((long long)run->io.size << 48) | ((long long)run->io.port << 32) | data;
+}
+"""
+
+RunPacked = Callable[[int, object], int]
+
+
+def _python_run_packed(fd: int, run_mmap, _unpack_io=struct.Struct("<BBHIQ").unpack_from,
+                       _unpack_reason=struct.Struct("<I").unpack_from, _ioctl=fcntl.ioctl,
+                       _request=int(Ioctl.KVM_RUN), _io_offset=KvmRun.exit.offset,
+                       _reason_offset=KvmRun.exit_reason.offset) -> int:
+    """The same contract in Python, reading the kvm_run mapping `run_mmap`."""
+    try:
+        _ioctl(fd, _request, 0)
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
+    reason = _unpack_reason(run_mmap, _reason_offset)[0]
+    if reason != _EXIT_IO:
+        return reason
+    direction, size, port, count, offset = _unpack_io(run_mmap, _io_offset)
+    data = int.from_bytes(run_mmap[offset:offset + size], "little") if direction == 1 else 0
+    return IO_TAG | (count > 1) << 53 | (direction == 1) << 52 | size << 48 | port << 32 | data
+
+
+def _build() -> tuple[RunPacked, Callable[[int], object]] | None:
+    """(run_packed, pointer_from_address) from the compiled module, or None."""
+    try:
+        from cffi import FFI
+    except ImportError:
+        return None
+    digest = hashlib.sha256((_CDEF + _SOURCE + sys.version).encode()).hexdigest()[:16]
+    name = f"_minivmm_fastpath_{digest}"
+    directory = cache_dir().parent / "cffi"
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        built = next(directory.glob(f"{name}*.so"), None)
+        if built is None:
+            ffi = FFI()
+            ffi.cdef(_CDEF)
+            ffi.set_source(name, _SOURCE)
+            scratch = directory / f".build-{os.getpid()}"
+            try:
+                compiled = Path(ffi.compile(tmpdir=str(scratch), verbose=False))
+                built = directory / compiled.name
+                os.replace(compiled, built)
+            finally:
+                shutil.rmtree(scratch, ignore_errors=True)
+        spec = importlib.util.spec_from_file_location(name, built)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception:          # no compiler, no headers, read-only cache: the Python path serves
+        return None
+    ffi, lib = module.ffi, module.lib
+    return lib.minivmm_run_packed, lambda address: ffi.cast("void *", address)
+
+
+_compiled = _build()
+COMPILED = _compiled is not None
+
+
+def run_packed_for(run_mmap) -> tuple[RunPacked, object]:
+    """(function, its second argument) that enter the guest whose kvm_run mapping is `run_mmap`."""
+    if _compiled is not None:
+        function, pointer = _compiled
+        view = ctypes.c_char.from_buffer(run_mmap)
+        address = ctypes.addressof(view)
+        del view
+        return function, pointer(address)
+    return _python_run_packed, run_mmap
