@@ -153,6 +153,7 @@ class Machine:
         self.debug_exit = DebugExit()
         self.devices: list[PortDevice] = []
         self.port_devices: dict[int, PortDevice] = {}
+        self._io_routes: dict[int, tuple] = {}
         for device in (self.serial, self.debug_exit):
             self.add_device(device)
         self.dispatcher = Dispatcher()
@@ -166,7 +167,6 @@ class Machine:
         self._ept = None
         self.pre_entry: list[Callable[[], None]] = []
         self._step_callbacks: list[Callable[[Vcpu], None]] = []
-        self._io_routes: dict[int, tuple] = {}
         self._run_mmap = self.vcpu.fd.run_mmap
         self.vmcs = Vmcs(self)
         self.cpuid = CpuidTable(self.kvm.get_supported_cpuid())
@@ -214,6 +214,7 @@ class Machine:
         for port in device.ports:
             self.port_devices[port] = device
         self.devices.append(device)
+        self.invalidate_io_routes()
 
     def remove_device(self, device: PortDevice) -> None:
         for port in device.ports:
@@ -221,6 +222,7 @@ class Machine:
                 del self.port_devices[port]
         if device in self.devices:
             self.devices.remove(device)
+        self.invalidate_io_routes()
 
     def irq_line(self, irq: int, level: int | bool) -> None:
         """Drive ISA IRQ / IOAPIC GSI line `irq` (KVM_IRQ_LINE; needs `irqchip`)."""
@@ -371,11 +373,20 @@ class Machine:
     def invalidate_io_routes(self) -> None:
         self._io_routes.clear()
 
-    def _io_route(self, port: int) -> tuple:
-        route = self._io_routes.get(port)
+    def _io_route(self, port: int, is_out: bool) -> tuple:
+        """The handlers an access to `port` goes through: the user's when the I/O bitmap (or
+        unconditional I/O exiting) selects the port, then the default, which is left out for
+        writes to a port no device claims when it would drop them anyway."""
+        key = port << 1 | is_out
+        route = self._io_routes.get(key)
         if route is None:
             chain = self.dispatcher.chain(ExitReason.IO_INSTRUCTION, port)
-            route = self._io_routes[port] = chain if self.vmcs.io_reaches_handlers(port) else chain[-1:]
+            if not self.vmcs.io_reaches_handlers(port):
+                chain = chain[-1:]
+            if (is_out and chain and port not in self.port_devices
+                    and getattr(chain[-1], "drops_unclaimed_writes", False)):
+                chain = chain[:-1]
+            route = self._io_routes[key] = chain
         return route
 
     @property
@@ -435,6 +446,7 @@ class Machine:
         io_routes = self._io_routes
         pre_entry = self.pre_entry
         enter = vcpu.enter
+        run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
         pio_offset = None
         action: Action | None = None
         self.debug_exit.reset()
@@ -454,7 +466,12 @@ class Machine:
                         hook()
                 if vmcs.dirty:
                     vmcs.realise()
-                kind = enter()
+                if vcpu._dirty or not synced:
+                    kind = enter()
+                else:                                       # vcpu.enter(), inlined
+                    kind = run_packed(vcpu_fd, run_arg)
+                    if kind < 0:
+                        kind = vcpu._entry_failed(-kind)
                 if kind >= IO_TAG:
                     port = kind >> 32 & 0xFFFF
                     if port < _RESERVED_PORTS_LOW or port > _RESERVED_PORTS_HIGH:
@@ -477,7 +494,7 @@ class Machine:
                         if timed:
                             began = clock()
                         try:
-                            for handler in io_routes.get(port) or self._io_route(port):
+                            for handler in io_routes.get(port << 1 | is_out) or self._io_route(port, is_out):
                                 action = handler(vcpu, info)
                                 if action is not None:
                                     break
@@ -518,7 +535,7 @@ class Machine:
                 if self._apply(vcpu, info, action):
                     break
         finally:
-            run = io_exit = run_mmap = None    # no kvm_run views kept alive by a traceback
+            run = io_exit = run_mmap = run_arg = None    # no kvm_run views kept alive by a traceback
             if timeout is not None:
                 run_timer.disarm()
             for reason, sampled in enumerate(samples):
@@ -528,7 +545,7 @@ class Machine:
 
     def _dispatch_io(self, vcpu: Vcpu, info: ExitInfo, port: int) -> Action | None:
         try:
-            for handler in self._io_route(port):
+            for handler in self._io_route(port, info.detail.is_out):
                 action = handler(vcpu, info)
                 if action is not None:
                     if not info.detail.is_out:

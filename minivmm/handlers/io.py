@@ -30,4 +30,5 @@ def port_devices(machine):
             data[i:i + size] = value.to_bytes(size, "little")
         return None
 
+    handle.drops_unclaimed_writes = True
     return handle
