@@ -448,6 +448,8 @@ class Machine:
         enter = vcpu.enter
         run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
         pio_offset = None
+        io_tag, io_reason, reserved_low, reserved_high = IO_TAG, _IO_INSTRUCTION, _RESERVED_PORTS_LOW, \
+            _RESERVED_PORTS_HIGH
         action: Action | None = None
         self.debug_exit.reset()
         self._last_exception = None
@@ -472,10 +474,10 @@ class Machine:
                     kind = run_packed(vcpu_fd, run_arg)
                     if kind < 0:
                         kind = vcpu._entry_failed(-kind)
-                if kind >= IO_TAG:
+                if kind >= io_tag:
                     port = kind >> 32 & 0xFFFF
-                    if port < _RESERVED_PORTS_LOW or port > _RESERVED_PORTS_HIGH:
-                        n = counts[_IO_INSTRUCTION] = counts[_IO_INSTRUCTION] + 1
+                    if port < reserved_low or port > reserved_high:
+                        n = counts[io_reason] = counts[io_reason] + 1
                         size = kind >> 48 & 0xF
                         is_out = kind >> 52 & 1
                         count = 1
@@ -490,7 +492,7 @@ class Machine:
                             qualification |= 0x30
                         info = io_info.reset_io(qualification, io_exit, kind & 0xFFFFFFFF)
                         action = None
-                        timed = n < _TIME_EVERY_EXIT or not n & _TIME_SAMPLE_MASK
+                        timed = n < 64 or not n & 15             # see the docstring
                         if timed:
                             began = clock()
                         try:
@@ -502,8 +504,8 @@ class Machine:
                             raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: "
                                                f"{exc} (guest rip={vcpu.rip:#x})") from exc
                         if timed:
-                            timed_seconds[_IO_INSTRUCTION] += clock() - began
-                            samples[_IO_INSTRUCTION] += 1
+                            timed_seconds[io_reason] += clock() - began
+                            samples[io_reason] += 1
                         if action is None:
                             continue
                         if not info.detail.is_out:
@@ -772,7 +774,6 @@ _IN_MNEMONICS = frozenset({"in", "insb", "insw", "insd"})
 _OUT_MNEMONICS = frozenset({"out", "outsb", "outsw", "outsd"})
 _unpack_io = struct.Struct("<BBHIQ").unpack_from       # kvm_run.io: direction, size, port, count, data_offset
 _IO_EXIT_OFFSET = KvmRun.exit.offset
-_TIME_EVERY_EXIT, _TIME_SAMPLE_MASK = 64, 15
 _IO_INSTRUCTION_REASON = ExitReason.IO_INSTRUCTION
 _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
            4: struct.Struct("<I").unpack_from}
