@@ -434,7 +434,7 @@ class Machine:
             counts = [0] * 80
         if seconds is None:
             seconds = [0.0] * 80
-        samples, timed_seconds, counts_before = [0] * 80, [0.0] * 80, counts[:]
+        io_samples, io_timed, io_first = 0, 0.0, counts[_IO_INSTRUCTION]
         clock = time.perf_counter
         vcpu = self.vcpu
         fd = vcpu.fd
@@ -448,6 +448,7 @@ class Machine:
         enter = vcpu.enter
         run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
         pio_offset = None
+        n = io_first
         io_tag, io_reason, reserved_low, reserved_high = IO_TAG, _IO_INSTRUCTION, _RESERVED_PORTS_LOW, \
             _RESERVED_PORTS_HIGH
         action: Action | None = None
@@ -504,8 +505,8 @@ class Machine:
                             raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: "
                                                f"{exc} (guest rip={vcpu.rip:#x})") from exc
                         if timed:
-                            timed_seconds[io_reason] += clock() - began
-                            samples[io_reason] += 1
+                            io_timed += clock() - began
+                            io_samples += 1
                         if action is None:
                             continue
                         if not info.detail.is_out:
@@ -522,14 +523,13 @@ class Machine:
                 reason = info.reason
                 counts[reason] += 1
                 began = clock()
-                samples[reason] += 1
                 if reason == ExitReason.IO_INSTRUCTION:
                     action = self._dispatch_io(vcpu, info, key)
                 elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
                     action = self.dispatcher.chain(reason, key)[-1](vcpu, info)
                 else:
                     action = self._dispatch(vcpu, info, key)
-                timed_seconds[reason] += clock() - began
+                seconds[reason] += clock() - began
                 if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
                     action = self._complete_msr(vcpu, info, action)
                 if action is None:
@@ -540,9 +540,8 @@ class Machine:
             run = io_exit = run_mmap = run_arg = None    # no kvm_run views kept alive by a traceback
             if timeout is not None:
                 run_timer.disarm()
-            for reason, sampled in enumerate(samples):
-                if sampled:
-                    seconds[reason] += timed_seconds[reason] * (counts[reason] - counts_before[reason]) / sampled
+            if io_samples:          # fast-path I/O exits: counts[IO] grew by n - io_first of them
+                seconds[_IO_INSTRUCTION] += io_timed * (n - io_first) / io_samples
         return action
 
     def _dispatch_io(self, vcpu: Vcpu, info: ExitInfo, port: int) -> Action | None:
