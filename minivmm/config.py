@@ -68,11 +68,14 @@ import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
 from .exits import Vector
+
+if TYPE_CHECKING:
+    from .platform import PlatformConfig
 
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 10.0

@@ -773,7 +773,6 @@ _IN_MNEMONICS = frozenset({"in", "insb", "insw", "insd"})
 _OUT_MNEMONICS = frozenset({"out", "outsb", "outsw", "outsd"})
 _unpack_io = struct.Struct("<BBHIQ").unpack_from       # kvm_run.io: direction, size, port, count, data_offset
 _IO_EXIT_OFFSET = KvmRun.exit.offset
-_IO_INSTRUCTION_REASON = ExitReason.IO_INSTRUCTION
 _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
            4: struct.Struct("<I").unpack_from}
 _IO_INSTRUCTION = int(ExitReason.IO_INSTRUCTION)

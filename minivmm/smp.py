@@ -36,7 +36,6 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Iterable
 
-from .actions import Stop
 from .exits import ExitInfo, ExitReason
 from .kvm import ExitKind, KvmCpuidEntry2
 

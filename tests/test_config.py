@@ -166,7 +166,7 @@ def test_image_kinds_validate_their_keys() -> None:
     assert "images[0].address: required key 'address' is missing" in str(error)
     error = error_of(f"version: 1\nimages:\n  - {{type: binary, path: {HELLO}, address: 1, cmdline: x}}\n")
     assert "images[0].cmdline: unknown key" in str(error)
-    error = error_of(f"version: 1\nimage: {{type: elf}}\n")
+    error = error_of("version: 1\nimage: {type: elf}\n")
     assert "image.path: required key 'path' is missing" in str(error)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import ctypes
 import gc
 import os
-from pathlib import Path
 import shutil
 import subprocess
 import time
@@ -44,7 +43,6 @@ def test_kvm_run_layout() -> None:
 
 
 def test_exit_union_member_layouts() -> None:
-    union = KvmRun.exit.__class__  # noqa: F841 (the descriptor; members are checked below)
     io = kvm._ExitIo
     assert (io.direction.offset, io.size.offset, io.port.offset, io.count.offset, io.data_offset.offset) == \
         (0, 1, 2, 4, 8)

@@ -3,7 +3,6 @@ capability MSRs, MSR and I/O bitmaps, the CPUID table, and entry with invalid gu
 from __future__ import annotations
 
 import random
-from dataclasses import replace
 
 import pytest
 
