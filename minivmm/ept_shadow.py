@@ -62,6 +62,7 @@ from dataclasses import dataclass, field
 from enum import IntEnum, IntFlag
 from typing import TYPE_CHECKING, Callable, Iterable
 
+from . import fastpath
 from .actions import RETRY, Action, Stop
 from .exits import ExitInfo, ExitReason, InterruptionType, Vector
 from .kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Cap, ExitKind, InternalErrorExit,
@@ -1124,6 +1125,32 @@ class EptShadow:
         elif not self._manual_protect:
             self._harvested |= fresh       # KVM_GET_DIRTY_LOG cleared them: keep them here
         return sorted(found)
+
+    def restore_dirty_pages(self, copy_address: int) -> int | None:
+        """Copy every page the guest dirtied back from a full copy of guest RAM at
+        `copy_address` (host address of GPA 0) and restart the log, in C: the
+        memory part of a snapshot restore. None where it does not apply (the C
+        code is not built, more than one region or memslot, pages minivmm
+        emulated writes into); then use `dirty_pages` instead.
+        """
+        if not (self._logging and self._manual_protect and fastpath.COMPILED) or \
+                self._harvested or self._soft_dirty:
+            return None
+        self._sync_regions()
+        if len(self._regions) != 1:
+            return None
+        (region, slots), = self._regions.items()
+        if len(slots) != 1 or not slots[0].flags & MemoryFlag.LOG_DIRTY_PAGES:
+            return None
+        slot = slots[0]
+        npages = slot.size >> PAGE_SHIFT
+        if slot.bitmap is None:
+            slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
+        pages = fastpath.restore_dirty(self.machine.vm.fd, slot.slot, ctypes.addressof(slot.bitmap), npages,
+                                       region.host_addr, copy_address + slot.gpa, True)
+        if pages < 0:
+            raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -pages)
+        return pages
 
     def _note_write(self, gpa: int, size: int) -> None:
         if self._logging:

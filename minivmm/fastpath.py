@@ -10,7 +10,11 @@ function enters the guest once and returns one integer:
 - for KVM_EXIT_IO, `IO_TAG | (count > 1) << 53 | is_out << 52 | size << 48 |
   port << 32 | data`, where data is the first item an OUT wrote (32 bits).
 
-It is compiled with cffi on first use into minivmm's cache directory (gcc and
+`restore_dirty` does a snapshot restore's memory part the same way: read a
+memslot's dirty log, copy each dirty page back from the snapshot copy, and
+re-protect the span that held them (manual dirty-log protect).
+
+Both are compiled with cffi on first use into minivmm's cache directory (gcc and
 the Python headers are needed, as for any cffi module); where that is not
 possible, `run_packed` is a Python function with the same contract.
 """
@@ -34,7 +38,11 @@ from .kvm import ExitKind, Ioctl, KvmRun
 IO_TAG = 1 << 56
 _EXIT_IO = int(ExitKind.IO)
 
-_CDEF = "long long minivmm_run_packed(int fd, void *run);"
+_CDEF = """
+long long minivmm_run_packed(int fd, void *run);
+long long minivmm_restore_dirty(int vm_fd, unsigned int slot, void *bitmap, unsigned long long npages,
+                                void *guest, void *copy, int clear);
+"""
 _SOURCE = r"""
 #include <errno.h>
 #include <string.h>
@@ -55,6 +63,40 @@ long long minivmm_run_packed(int fd, void *p)
 	return (1LL << 56) | ((long long)(run->io.count > 1) << 53) |
 	       ((long long)(run->io.direction == KVM_EXIT_IO_OUT) << 52) |
 	       ((long long)run->io.size << 48) | ((long long)run->io.port << 32) | data;
+}
+
+long long minivmm_restore_dirty(int vm_fd, unsigned int slot, void *bitmap_p, unsigned long long npages,
+				void *guest, void *copy, int clear)
+{
+	unsigned long long *bitmap = bitmap_p;
+	unsigned long long words = (npages + 63) / 64, first = words, last = 0, pages = 0;
+	struct kvm_dirty_log log = { .slot = slot, .dirty_bitmap = bitmap };
+
+	if (ioctl(vm_fd, KVM_GET_DIRTY_LOG, &log) < 0)
+		return -errno;
+	for (unsigned long long w = 0; w < words; w++) {
+		unsigned long long bits = bitmap[w];
+		if (!bits)
+			continue;
+		if (first == words)
+			first = w;
+		last = w;
+		while (bits) {
+			unsigned long long page = w * 64 + __builtin_ctzll(bits);
+			memcpy((char *)guest + page * 4096, (char *)copy + page * 4096, 4096);
+			bits &= bits - 1;
+			pages++;
+		}
+	}
+	if (clear && pages) {
+		unsigned long long end = (last + 1) * 64 < npages ? (last + 1) * 64 : npages;
+		struct kvm_clear_dirty_log c = { .slot = slot, .first_page = first * 64,
+						 .num_pages = (unsigned int)(end - first * 64),
+						 .dirty_bitmap = bitmap + first };
+		if (ioctl(vm_fd, KVM_CLEAR_DIRTY_LOG, &c) < 0)
+			return -errno;
+	}
+	return (long long)pages;
 }
 """
 
@@ -78,8 +120,8 @@ def _python_run_packed(fd: int, run_mmap, _unpack_io=struct.Struct("<BBHIQ").unp
     return IO_TAG | (count > 1) << 53 | (direction == 1) << 52 | size << 48 | port << 32 | data
 
 
-def _build() -> tuple[RunPacked, Callable[[int], object]] | None:
-    """(run_packed, pointer_from_address) from the compiled module, or None."""
+def _build():
+    """The compiled cffi module, or None."""
     try:
         from cffi import FFI
     except ImportError:
@@ -106,12 +148,26 @@ def _build() -> tuple[RunPacked, Callable[[int], object]] | None:
         spec.loader.exec_module(module)
     except Exception:          # no compiler, no headers, read-only cache: the Python path serves
         return None
-    ffi, lib = module.ffi, module.lib
-    return lib.minivmm_run_packed, lambda address: ffi.cast("void *", address)
+    return module
 
 
-_compiled = _build()
-COMPILED = _compiled is not None
+_module = _build()
+COMPILED = _module is not None
+_compiled = (_module.lib.minivmm_run_packed, lambda address: _module.ffi.cast("void *", address)) \
+    if COMPILED else None
+
+
+def restore_dirty(vm_fd: int, slot: int, bitmap_address: int, npages: int, guest_address: int,
+                  copy_address: int, clear: bool) -> int | None:
+    """Copy the pages of `slot` that its dirty log marks from `copy_address` to
+    `guest_address` (both the slot's first byte) and re-protect them when `clear`;
+    the number of pages, a negative errno, or None where the C code is not built."""
+    if _module is None:
+        return None
+    cast = _module.ffi.cast
+    return _module.lib.minivmm_restore_dirty(vm_fd, slot, cast("void *", bitmap_address), npages,
+                                              cast("void *", guest_address), cast("void *", copy_address),
+                                              int(clear))
 
 
 def run_packed_for(run_mmap) -> tuple[RunPacked, object]:

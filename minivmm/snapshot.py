@@ -426,8 +426,14 @@ class Snapshot:
                 ctypes.addressof(state.sregs), ctypes.addressof(state.events))
 
     def _restore_dirty(self, machine: "Machine") -> int:
-        pages = machine.ept.dirty_pages(clear=True)
         lookup = self._lookup
+        if len(lookup) == 1:
+            start, _, src, _ = lookup[0]
+            copied = machine.ept.restore_dirty_pages(src - start)
+            if copied is not None:
+                self._restore_extra_dirty(machine)
+                return copied
+        pages = machine.ept.dirty_pages(clear=True)
         memmove = ctypes.memmove
         if len(lookup) == 1:
             start, end, src, _ = lookup[0]
@@ -439,11 +445,14 @@ class Snapshot:
         else:
             for gpa in pages:
                 self.restore_range(machine, gpa, PAGE_SIZE)
+        self._restore_extra_dirty(machine)
+        return len(pages)
+
+    def _restore_extra_dirty(self, machine: "Machine") -> None:
         if self._extra_dirty:
             for gpa, length in self._extra_dirty:
                 self.restore_range(machine, gpa, length)
             self._extra_dirty.clear()
-        return len(pages)
 
     def _bind(self, machine: "Machine") -> None:
         """Copy all memory into a machine this snapshot does not track yet."""

@@ -59,3 +59,30 @@ def test_errors_come_back_as_negative_errno(make_machine) -> None:
     assert function(vcpu.fd.fd, argument) == -4          # EINTR
     vcpu.fd.run.immediate_exit = 1
     assert fastpath._python_run_packed(vcpu.fd.fd, vcpu.fd.run_mmap) == -4
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_snapshot_restore_in_c_and_in_python_agree(make_machine, monkeypatch, compiled: bool) -> None:
+    from minivmm.snapshot import Snapshot
+    if not compiled:
+        monkeypatch.setattr(fastpath, "COMPILED", False)
+    machine = make_machine(mode="user", memory="8M")
+    machine.load_asm("""
+        mov $0x300000, %rdi
+        mov $5, %ecx
+    1:  movq %rcx, (%rdi)
+        add $0x1000, %rdi
+        dec %ecx
+        jnz 1b
+        movq $7, 0x700ff8           # the last page of RAM
+        EXIT 0
+    """)
+    machine.setup()
+    snapshot = Snapshot.take(machine)
+    before = machine.memory.read(0, 8 << 20)
+    assert machine.run(timeout=5).exit_code == 0
+    assert machine.memory.read(0x300000, 8) == (5).to_bytes(8, "little")
+    pages = snapshot.restore(machine)
+    assert machine.memory.read(0, 8 << 20) == before
+    assert 6 <= pages <= 16                      # the guest's pages, page tables and stack
+    assert machine.run(timeout=5).exit_code == 0   # and it runs again from the snapshot
