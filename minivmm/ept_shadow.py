@@ -452,6 +452,7 @@ class _Slot:
     bitmap: ctypes.Array | None = None
 
 
+_LOG_DIRTY_PAGES = int(MemoryFlag.LOG_DIRTY_PAGES)
 _ZERO_CHUNK = bytes(512)
 _ZERO_BLOCK = bytes(4096)
 
@@ -1140,7 +1141,7 @@ class EptShadow:
         if len(self._regions) != 1:
             return None
         (region, slots), = self._regions.items()
-        if len(slots) != 1 or not slots[0].flags & MemoryFlag.LOG_DIRTY_PAGES:
+        if len(slots) != 1 or not slots[0].flags & _LOG_DIRTY_PAGES:
             return None
         slot = slots[0]
         npages = slot.size >> PAGE_SHIFT

@@ -40,8 +40,9 @@ _EXIT_IO = int(ExitKind.IO)
 
 _CDEF = """
 long long minivmm_run_packed(int fd, void *run);
-long long minivmm_restore_dirty(int vm_fd, unsigned int slot, void *bitmap, unsigned long long npages,
-                                void *guest, void *copy, int clear);
+long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap,
+                                unsigned long long npages, unsigned long long guest,
+                                unsigned long long copy, int clear);
 """
 _SOURCE = r"""
 #include <errno.h>
@@ -65,10 +66,12 @@ long long minivmm_run_packed(int fd, void *p)
 	       ((long long)run->io.size << 48) | ((long long)run->io.port << 32) | data;
 }
 
-long long minivmm_restore_dirty(int vm_fd, unsigned int slot, void *bitmap_p, unsigned long long npages,
-				void *guest, void *copy, int clear)
+long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap_address,
+				unsigned long long npages, unsigned long long guest_address,
+				unsigned long long copy_address, int clear)
 {
-	unsigned long long *bitmap = bitmap_p;
+	unsigned long long *bitmap = (unsigned long long *)bitmap_address;
+	char *guest = (char *)guest_address, *copy = (char *)copy_address;
 	unsigned long long words = (npages + 63) / 64, first = words, last = 0, pages = 0;
 	struct kvm_dirty_log log = { .slot = slot, .dirty_bitmap = bitmap };
 
@@ -83,7 +86,7 @@ long long minivmm_restore_dirty(int vm_fd, unsigned int slot, void *bitmap_p, un
 		last = w;
 		while (bits) {
 			unsigned long long page = w * 64 + __builtin_ctzll(bits);
-			memcpy((char *)guest + page * 4096, (char *)copy + page * 4096, 4096);
+			memcpy(guest + page * 4096, copy + page * 4096, 4096);
 			bits &= bits - 1;
 			pages++;
 		}
@@ -157,17 +160,12 @@ _compiled = (_module.lib.minivmm_run_packed, lambda address: _module.ffi.cast("v
     if COMPILED else None
 
 
-def restore_dirty(vm_fd: int, slot: int, bitmap_address: int, npages: int, guest_address: int,
-                  copy_address: int, clear: bool) -> int | None:
-    """Copy the pages of `slot` that its dirty log marks from `copy_address` to
-    `guest_address` (both the slot's first byte) and re-protect them when `clear`;
-    the number of pages, a negative errno, or None where the C code is not built."""
-    if _module is None:
-        return None
-    cast = _module.ffi.cast
-    return _module.lib.minivmm_restore_dirty(vm_fd, slot, cast("void *", bitmap_address), npages,
-                                              cast("void *", guest_address), cast("void *", copy_address),
-                                              int(clear))
+restore_dirty = _module.lib.minivmm_restore_dirty if COMPILED else None
+"""`restore_dirty(vm_fd, slot, bitmap_address, npages, guest_address, copy_address, clear)`:
+copy the pages of `slot` that its dirty log marks from `copy_address` to
+`guest_address` (both host addresses of the slot's first byte), re-protect
+them when `clear`; the number of pages or a negative errno. None where the C
+code is not built."""
 
 
 def run_packed_for(run_mmap) -> tuple[RunPacked, object]:
