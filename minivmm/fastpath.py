@@ -124,36 +124,42 @@ def _python_run_packed(fd: int, run_mmap, _unpack_io=struct.Struct("<BBHIQ").unp
 
 
 def _build():
-    """The compiled cffi module, or None."""
+    """The compiled cffi module, or None (the reason is kept in BUILD_ERROR)."""
+    global BUILD_ERROR
     try:
         from cffi import FFI
-    except ImportError:
+    except ImportError as exc:
+        BUILD_ERROR = f"cffi is not installed: {exc}"
         return None
     digest = hashlib.sha256((_CDEF + _SOURCE + sys.version).encode()).hexdigest()[:16]
     name = f"_minivmm_fastpath_{digest}"
     directory = cache_dir().parent / "cffi"
     try:
         directory.mkdir(parents=True, exist_ok=True)
-        built = next(directory.glob(f"{name}*.so"), None)
-        if built is None:
-            ffi = FFI()
-            ffi.cdef(_CDEF)
-            ffi.set_source(name, _SOURCE)
-            scratch = directory / f".build-{os.getpid()}"
-            try:
-                compiled = Path(ffi.compile(tmpdir=str(scratch), verbose=False))
-                built = directory / compiled.name
-                os.replace(compiled, built)
-            finally:
-                shutil.rmtree(scratch, ignore_errors=True)
+        with open(directory / ".lock", "w") as lock:      # one builder at a time (pytest-xdist)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            built = next(directory.glob(f"{name}*.so"), None)
+            if built is None:
+                ffi = FFI()
+                ffi.cdef(_CDEF)
+                ffi.set_source(name, _SOURCE)
+                scratch = directory / f".build-{os.getpid()}"
+                try:
+                    compiled = Path(ffi.compile(tmpdir=str(scratch), verbose=False))
+                    built = directory / compiled.name
+                    os.replace(compiled, built)
+                finally:
+                    shutil.rmtree(scratch, ignore_errors=True)
         spec = importlib.util.spec_from_file_location(name, built)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
-    except Exception:          # no compiler, no headers, read-only cache: the Python path serves
+    except Exception as exc:   # no compiler, no headers, read-only cache: the Python path serves
+        BUILD_ERROR = f"{type(exc).__name__}: {exc}"
         return None
     return module
 
 
+BUILD_ERROR = ""
 _module = _build()
 COMPILED = _module is not None
 _compiled = (_module.lib.minivmm_run_packed, lambda address: _module.ffi.cast("void *", address)) \

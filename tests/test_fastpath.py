@@ -35,7 +35,7 @@ def packed_exits(make_machine, function_for) -> list[int]:
 
 
 def test_compiled_function_is_built_here() -> None:
-    assert fastpath.COMPILED, "cffi could not build minivmm.fastpath (gcc and Python headers are needed)"
+    assert fastpath.COMPILED, f"cffi could not build minivmm.fastpath: {fastpath.BUILD_ERROR}"
 
 
 def test_compiled_and_python_agree_on_every_exit(make_machine) -> None:
