@@ -73,6 +73,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import yaml
 
 from .exits import Vector
+from .memory import parse_size
 
 if TYPE_CHECKING:
     from .platform import PlatformConfig
@@ -283,17 +284,10 @@ def _int(node: Node) -> int:
 
 
 def _parse_number(text: str) -> int:
-    text = text.strip().replace("_", "")
-    negative = text.startswith("-")
-    text = text.lstrip("-")
-    upper = text.upper().removesuffix("B").removesuffix("I")
-    multiplier = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(upper[-1:], 1) if upper else 1
-    if multiplier != 1:
-        upper = upper[:-1]
-    if not upper:
-        raise ValueError(text)
-    value = int(upper, 0) * multiplier
-    return -value if negative else value
+    text = text.strip()
+    if text.startswith("-"):
+        return -parse_size(text[1:])
+    return parse_size(text)
 
 
 def _uint(node: Node) -> int:

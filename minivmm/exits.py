@@ -128,10 +128,14 @@ class Vector(IntEnum):
     XM = 19
     VE = 20
     CP = 21
+    HV = 28
+    VC = 29
+    SX = 30
 
 
 EXCEPTIONS_WITH_ERROR_CODE: frozenset[Vector] = frozenset(
-    {Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF, Vector.AC, Vector.CP}
+    {Vector.DF, Vector.TS, Vector.NP, Vector.SS, Vector.GP, Vector.PF, Vector.AC, Vector.CP, Vector.VC,
+     Vector.SX}
 )
 """Exceptions that push an error code when delivered (SDM vol. 3A 6.13, table 6-1)."""
 

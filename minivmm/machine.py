@@ -18,7 +18,8 @@ from typing import Callable
 from . import asm
 from .actions import Action, Inject, Resume, Stop
 from .devices import DebugExit, PortDevice, Serial16550
-from .exits import ExitInfo, ExitReason, InterruptionType, Vector, vector_name
+from .exits import (EXCEPTIONS_WITH_ERROR_CODE, ExitInfo, ExitReason, InterruptionInfo,
+                    InterruptionType, Vector, vector_name)
 from .handlers import Dispatcher, Registration, install_defaults
 from .cpuid import CpuidLeaf, CpuidTable
 from .vmcs import Vmcs
@@ -27,27 +28,13 @@ from .kvm import (ExitKind, InternalErrorKind, IoExit, Kvm, KvmError, KvmRun,
                   decode_exit)
 from .disasm import disassemble
 from .fastpath import IO_TAG
-from .memory import GuestMemory, Region
-from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT, EXCEPTIONS_WITH_ERROR_CODE,
+from .memory import GuestMemory, Region, parse_size
+from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT,
                     HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
                     read_exception_frame, setup_mode)
 from .vcpu import Vcpu, run_timer
 
-_SIZE_SUFFIXES = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 REAL_MODE_TSS_ADDR = 0xFFFBD000
-
-
-def parse_size(value: int | str) -> int:
-    """`2M`, `1G`, `0x200000`, `4096` -> bytes."""
-    if isinstance(value, int):
-        return value
-    text = value.strip().upper().removesuffix("B").removesuffix("I")
-    suffix = text[-1:] if text[-1:] in "KMG" else ""
-    number = text[: len(text) - len(suffix)]
-    try:
-        return int(number, 0) * _SIZE_SUFFIXES[suffix]
-    except ValueError:
-        raise ValueError(f"bad size {value!r}: expected a number with an optional K/M/G suffix") from None
 
 
 @dataclass
@@ -702,8 +689,8 @@ class Machine:
             self._last_exception = ExceptionReport(vector, None, None, exit.pc)
             itype = InterruptionType.SOFTWARE_EXCEPTION if vector == Vector.BP else \
                 InterruptionType.HARDWARE_EXCEPTION
-            return info.reset(ExitReason.EXCEPTION_OR_NMI, interruption_info=_intr_info(vector, itype),
-                              detail=exit), vector
+            return info.reset(ExitReason.EXCEPTION_OR_NMI, detail=exit,
+                              interruption_info=InterruptionInfo(vector, itype).encode()), vector
         if kind == ExitKind.SYSTEM_EVENT:
             return info.reset(ExitReason.TRIPLE_FAULT, detail=exit), None
         raise KvmError("KVM_RUN", 0, f"unexpected KVM exit {ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind}: {exit}")
@@ -746,7 +733,7 @@ class Machine:
             length = 1
         self._last_exception = ExceptionReport(vector, error_code, cr2, rip)
         return self.info.reset(ExitReason.EXCEPTION_OR_NMI,
-                               interruption_info=_intr_info(vector, itype, has_error),
+                               interruption_info=InterruptionInfo(vector, itype, has_error).encode(),
                                interruption_error_code=error_code or 0,
                                instruction_length=length, detail=exit)
 
@@ -760,9 +747,9 @@ class Machine:
         rip = self.vcpu.rip
         if exit.suberror == InternalErrorKind.EMULATION and code[:1] == b"\xcc":
             self._last_exception = ExceptionReport(Vector.BP, None, None, rip)
-            return info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1,
-                              interruption_info=_intr_info(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION),
-                              detail=exit), int(Vector.BP)
+            breakpoint = InterruptionInfo(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION)
+            return info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
+                              interruption_info=breakpoint.encode()), int(Vector.BP)
         raise GuestFault(f"KVM could not emulate the instruction at rip={rip:#x} "
                          f"({_describe_code(code, self.mode)}); suberror "
                          f"{InternalErrorKind(exit.suberror).name if exit.suberror in (1, 2, 3, 4) else exit.suberror}")
@@ -787,10 +774,6 @@ _ADVANCE_BY_LENGTH = frozenset({ExitReason.EXCEPTION_OR_NMI, ExitReason.EXECUTE_
 _COMPLETED_BY_KVM = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.EXECUTE_RDMSR,
                                ExitReason.EXECUTE_WRMSR, ExitReason.EPT_VIOLATION,
                                ExitReason.EPT_MISCONFIGURATION})
-
-
-def _intr_info(vector: int, itype: InterruptionType, error_code_valid: bool = False) -> int:
-    return vector | (int(itype) << 8) | (int(error_code_valid) << 11) | (1 << 31)
 
 
 def _describe_code(code: bytes, mode: Mode) -> str:

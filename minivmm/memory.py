@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import re
 import ctypes
 import mmap
 import struct
@@ -9,6 +10,24 @@ from dataclasses import dataclass, field
 
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
+
+
+_SIZE = re.compile(r"(?P<number>.+?)(?P<unit>[KMG])(?:I?B)?", re.IGNORECASE)
+_UNITS = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+
+
+def parse_size(value: int | str) -> int:
+    """`2M`, `1GiB`, `64k`, `0x200000`, `4096` -> bytes (ValueError otherwise)."""
+    if isinstance(value, int):
+        return value
+    text = value.strip().replace("_", "")
+    match = _SIZE.fullmatch(text)
+    try:
+        if match:
+            return int(match["number"], 0) * _UNITS[match["unit"].upper()]
+        return int(text, 0)
+    except ValueError:
+        raise ValueError(f"bad size {value!r}: expected a number with an optional K/M/G suffix") from None
 
 
 class GuestMemoryError(ValueError):

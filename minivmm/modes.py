@@ -29,6 +29,7 @@ from __future__ import annotations
 import struct
 from enum import Enum
 
+from .exits import EXCEPTIONS_WITH_ERROR_CODE
 from .memory import GuestMemory, GuestMemoryError
 from .vcpu import Segment, Vcpu
 
@@ -71,7 +72,6 @@ EFER_SCE, EFER_LME, EFER_LMA, EFER_NXE = 1, 1 << 8, 1 << 10, 1 << 11
 RFLAGS_FIXED, RFLAGS_IF, RFLAGS_IOPL3 = 0x2, 0x200, 0x3000
 PTE_P, PTE_RW, PTE_US, PTE_PS = 1, 2, 4, 0x80
 
-EXCEPTIONS_WITH_ERROR_CODE = frozenset({8, 10, 11, 12, 13, 14, 17, 21, 29, 30})
 IDENTITY_MAP_LIMIT = 4 << 30
 
 

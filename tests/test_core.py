@@ -263,6 +263,7 @@ def test_machine_memory_size_parsing(make_machine) -> None:
     from minivmm.machine import parse_size
     assert parse_size("2M") == 2 << 20 and parse_size("64k") == 65536 and parse_size("0x2000") == 0x2000
     assert parse_size("1GiB") == 1 << 30
+    assert parse_size("0x1B") == 0x1B and parse_size("2MB") == 2 << 20     # a hex B is a digit
     with pytest.raises(ValueError, match="bad size"):
         parse_size("lots")
 

@@ -127,7 +127,7 @@ def test_interruption_info_gp_with_error_code() -> None:
 def test_vectors() -> None:
     vectors = (Vector.DE, Vector.UD, Vector.DF, Vector.GP, Vector.PF, Vector.VE, Vector.CP)
     assert vectors == (0, 6, 8, 13, 14, 20, 21)
-    assert EXCEPTIONS_WITH_ERROR_CODE == {8, 10, 11, 12, 13, 14, 17, 21}
+    assert EXCEPTIONS_WITH_ERROR_CODE == {8, 10, 11, 12, 13, 14, 17, 21, 29, 30}   # SDM table 6-1: #VC, #SX too
 
 
 def test_mov_cr_qualification() -> None:
