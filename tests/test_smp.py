@@ -103,7 +103,9 @@ def test_c_kernel_starts_its_ap() -> None:
     assert "acpi: MADT, 2 cpus, 1 ioapic" in lines
     assert "smp: 1 of 1 APs started" in lines
     assert lines[-1] == "mbkernel: ok, 2 cpus online"
-    assert ap_state == MpState.HALTED                   # the AP halted in the kernel (no HLT exit)
+    # INIT/SIPI took the AP out of its wait state; whether it reached its final `hlt`
+    # before the BSP's debug-exit stopped the machine is a race the guest cannot close.
+    assert ap_state in (MpState.RUNNABLE, MpState.HALTED)
     assert result.elapsed_s < 10
     assert not vcpu_threads()
 
