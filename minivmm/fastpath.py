@@ -7,8 +7,10 @@ function enters the guest once and returns one integer:
 
 - a negative errno when KVM_RUN failed (-EINTR for a signal or immediate_exit),
 - the KVM exit reason (0..255) for every exit but KVM_EXIT_IO,
-- for KVM_EXIT_IO, `IO_TAG | (count > 1) << 53 | is_out << 52 | size << 48 |
-  port << 32 | data`, where data is the first item an OUT wrote (32 bits).
+- for KVM_EXIT_IO, `IO_TAG | (count > 1) << 52 | size << 49 | port << 33 |
+  is_out << 32 | data`, where data is the first item an OUT wrote (32 bits).
+  The upper half (`packed >> 32`) names the access completely, so the exit
+  loop finds its route with one shift and one dict lookup.
 
 `restore_dirty` does a snapshot restore's memory part the same way: read a
 memslot's dirty log, copy each dirty page back from the snapshot copy, and
@@ -61,9 +63,9 @@ long long minivmm_run_packed(int fd, void *p)
 		return run->exit_reason;
 	if (run->io.direction == KVM_EXIT_IO_OUT && run->io.size <= sizeof(data))
 		memcpy(&data, (char *)run + run->io.data_offset, run->io.size);
-	return (1LL << 56) | ((long long)(run->io.count > 1) << 53) |
-	       ((long long)(run->io.direction == KVM_EXIT_IO_OUT) << 52) |
-	       ((long long)run->io.size << 48) | ((long long)run->io.port << 32) | data;
+	return (1LL << 56) | ((long long)(run->io.count > 1) << 52) | ((long long)run->io.size << 49) |
+	       ((long long)run->io.port << 33) | ((long long)(run->io.direction == KVM_EXIT_IO_OUT) << 32) |
+	       data;
 }
 
 long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap_address,
@@ -120,7 +122,13 @@ def _python_run_packed(fd: int, run_mmap, _unpack_io=struct.Struct("<BBHIQ").unp
         return reason
     direction, size, port, count, offset = _unpack_io(run_mmap, _io_offset)
     data = int.from_bytes(run_mmap[offset:offset + size], "little") if direction == 1 else 0
-    return IO_TAG | (count > 1) << 53 | (direction == 1) << 52 | size << 48 | port << 32 | data
+    return IO_TAG | (count > 1) << 52 | size << 49 | port << 33 | (direction == 1) << 32 | data
+
+
+def unpack_io(packed: int) -> tuple[int, int, bool, bool, int]:
+    """(port, size, is_out, multi_item, data) of a packed I/O exit."""
+    return (packed >> 33 & 0xFFFF, packed >> 49 & 7, bool(packed >> 32 & 1), bool(packed >> 52 & 1),
+            packed & 0xFFFFFFFF)
 
 
 def _build():

@@ -486,27 +486,12 @@ def _pretty_path(path: str) -> str:
 
 
 # -- exit sequence --------------------------------------------------------------------------------
-class _RecordingExitInfo(ExitInfo):
-    """The machine's ExitInfo, noting each exit's reason as it is filled in."""
-    __slots__ = ("_recorder",)
-
-    def reset(self, reason: ExitReason, *args, **kwargs) -> ExitInfo:   # type: ignore[override]
-        ExitInfo.reset(self, reason, *args, **kwargs)
-        self._recorder._note(self)
-        return self
-
-    def reset_io(self, qualification: int, detail: object, data: int) -> ExitInfo:
-        ExitInfo.reset_io(self, qualification, detail, data)
-        self._recorder._note(self)
-        return self
-
-
 class ExitRecorder:
     """Records the VMX exit reasons of a machine's exits in order, without handlers.
 
     Handlers would change what the machine does (a handler for every port sets
-    every I/O-bitmap bit), so the recorder swaps the machine's `ExitInfo` for a
-    subclass whose `reset` notes the reason. The last `limit` reasons are kept.
+    every I/O-bitmap bit), so the recorder is one of the machine's `observers`.
+    The last `limit` reasons are kept.
     """
 
     IGNORED = frozenset({ExitReason.EXECUTE_CPUID})      # CPUID is consulted at setup, not an exit here
@@ -516,14 +501,9 @@ class ExitRecorder:
         self.reasons: collections.deque[str] = collections.deque(maxlen=limit)
         self.total = 0
         self.tracer: MtfTracer | None = None
-        info = _RecordingExitInfo.__new__(_RecordingExitInfo)
-        old = machine.info
-        for name in ExitInfo.__dataclass_fields__:
-            setattr(info, name, getattr(old, name))
-        info._recorder = self
-        machine.info = info
+        machine.observers.append(self._note)
 
-    def _note(self, info: ExitInfo) -> None:
+    def _note(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         reason = info.reason
         if reason in self.IGNORED:
             return

@@ -19,7 +19,7 @@ from . import asm
 from .actions import Action, Inject, Resume, Stop
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import (EXCEPTIONS_WITH_ERROR_CODE, ExitInfo, ExitReason, InterruptionInfo,
-                    InterruptionType, Vector, vector_name)
+                    InterruptionType, IoQualification, Vector, vector_name)
 from .handlers import Dispatcher, Registration, install_defaults
 from .cpuid import CpuidLeaf, CpuidTable
 from .vmcs import Vmcs
@@ -27,7 +27,7 @@ from .vmcs_fields import VmcsField
 from .kvm import (ExitKind, InternalErrorKind, IoExit, Kvm, KvmError, KvmRun,
                   decode_exit)
 from .disasm import disassemble
-from .fastpath import IO_TAG
+from .fastpath import IO_TAG, unpack_io
 from .memory import GuestMemory, Region, parse_size
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT,
                     HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
@@ -153,6 +153,7 @@ class Machine:
         self._last_exception: ExceptionReport | None = None
         self._ept = None
         self.pre_entry: list[Callable[[], None]] = []
+        self.observers: list[Callable[[Vcpu, ExitInfo], None]] = []
         self._step_callbacks: list[Callable[[Vcpu], None]] = []
         self._run_mmap = self.vcpu.fd.run_mmap
         self.vmcs = Vmcs(self)
@@ -363,7 +364,8 @@ class Machine:
     def _io_route(self, port: int, is_out: bool) -> tuple:
         """The handlers an access to `port` goes through: the user's when the I/O bitmap (or
         unconditional I/O exiting) selects the port, then the default, which is left out for
-        writes to a port no device claims when it would drop them anyway."""
+        writes to a port no device claims when it would drop them anyway. Cached in
+        `_io_routes` under `port << 1 | is_out`."""
         key = port << 1 | is_out
         route = self._io_routes.get(key)
         if route is None:
@@ -374,6 +376,20 @@ class Machine:
                     and getattr(chain[-1], "drops_unclaimed_writes", False)):
                 chain = chain[:-1]
             route = self._io_routes[key] = chain
+        return route
+
+    def _io_fast_route(self, high: int) -> tuple[int, IoExit, tuple] | None:
+        """(qualification, detail, handlers) of the single-item I/O exits whose packed form
+        (`minivmm.fastpath`) has upper half `high`, cached in `_io_routes` under `high`
+        (above 2**24, clear of the `_io_route` keys). None for the exits the general path
+        takes: multi-item (REP) accesses and the built-in kernel's ports."""
+        port, size, is_out, multi, _ = unpack_io(high << 32)
+        if multi or _RESERVED_PORTS_LOW <= port <= _RESERVED_PORTS_HIGH:
+            return None
+        data_offset = _unpack_io(self._run_mmap, _IO_EXIT_OFFSET)[4]
+        route = self._io_routes[high] = (_io_qualification(port, size, is_out, 1),
+                                         IoExit(port, size, is_out, 1, data_offset),
+                                         self._io_route(port, is_out))
         return route
 
     @property
@@ -426,18 +442,16 @@ class Machine:
         vcpu = self.vcpu
         fd = vcpu.fd
         run = fd.run
-        io_exit = IoExit(0, 0, False, 0, 0)
-        io_info = self.info
-        run_mmap = fd.run_mmap
+        info = self.info
         vmcs = self.vmcs
         io_routes = self._io_routes
         pre_entry = self.pre_entry
+        observers = self.observers
         enter = vcpu.enter
         run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
-        pio_offset = None
-        n = io_first
-        io_tag, io_reason, reserved_low, reserved_high = IO_TAG, _IO_INSTRUCTION, _RESERVED_PORTS_LOW, \
-            _RESERVED_PORTS_HIGH
+        n = io_first              # counts[IO] plus the fast-path I/O exits of this run
+        io_ready = False          # info holds a fast-path I/O exit: only three fields change
+        io_tag = IO_TAG
         action: Action | None = None
         self.debug_exit.reset()
         self._last_exception = None
@@ -463,28 +477,25 @@ class Machine:
                     if kind < 0:
                         kind = vcpu._entry_failed(-kind)
                 if kind >= io_tag:
-                    port = kind >> 32 & 0xFFFF
-                    if port < reserved_low or port > reserved_high:
-                        n = counts[io_reason] = counts[io_reason] + 1
-                        size = kind >> 48 & 0xF
-                        is_out = kind >> 52 & 1
-                        count = 1
-                        if not is_out or kind >> 53 & 1 or pio_offset is None:
-                            _, _, _, count, pio_offset = _unpack_io(run_mmap, _IO_EXIT_OFFSET)
-                        io_exit.port, io_exit.size, io_exit.is_out, io_exit.count, io_exit.data_offset = \
-                            port, size, is_out == 1, count, pio_offset
-                        qualification = (size - 1) | (port << 16)
-                        if not is_out:
-                            qualification |= 8
-                        if count > 1:
-                            qualification |= 0x30
-                        info = io_info.reset_io(qualification, io_exit, kind & 0xFFFFFFFF)
+                    route = io_routes.get(kind >> 32) or self._io_fast_route(kind >> 32)
+                    if route is not None:
+                        n += 1
+                        qualification, detail, chain = route
+                        if io_ready:
+                            info.qualification, info.detail, info.data = qualification, detail, \
+                                kind & 0xFFFFFFFF
+                        else:
+                            info.reset_io(qualification, detail, kind & 0xFFFFFFFF)
+                            io_ready = True
+                        if observers:
+                            for observer in observers:
+                                observer(vcpu, info)
                         action = None
                         timed = n < 64 or not n & 15             # see the docstring
                         if timed:
                             began = clock()
                         try:
-                            for handler in io_routes.get(port << 1 | is_out) or self._io_route(port, is_out):
+                            for handler in chain:
                                 action = handler(vcpu, info)
                                 if action is not None:
                                     break
@@ -496,7 +507,8 @@ class Machine:
                             io_samples += 1
                         if action is None:
                             continue
-                        if not info.detail.is_out:
+                        io_ready = False
+                        if not detail.is_out:
                             self._complete_in(info)
                         if action.__class__ is Resume and action.advance:
                             continue
@@ -504,30 +516,35 @@ class Machine:
                             break
                         continue
                     kind = _EXIT_IO
-                info, key = self._translate(kind, run)
-                if info is None:
+                io_ready = False
+                exit_info, key = self._translate(kind, run)
+                if exit_info is None:
                     continue
-                reason = info.reason
+                if observers:
+                    for observer in observers:
+                        observer(vcpu, exit_info)
+                reason = exit_info.reason
                 counts[reason] += 1
                 began = clock()
                 if reason == ExitReason.IO_INSTRUCTION:
-                    action = self._dispatch_io(vcpu, info, key)
+                    action = self._dispatch_io(vcpu, exit_info, key)
                 elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
-                    action = self.dispatcher.chain(reason, key)[-1](vcpu, info)
+                    action = self.dispatcher.chain(reason, key)[-1](vcpu, exit_info)
                 else:
-                    action = self._dispatch(vcpu, info, key)
+                    action = self._dispatch(vcpu, exit_info, key)
                 seconds[reason] += clock() - began
                 if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
-                    action = self._complete_msr(vcpu, info, action)
+                    action = self._complete_msr(vcpu, exit_info, action)
                 if action is None:
                     action = Resume()
-                if self._apply(vcpu, info, action):
+                if self._apply(vcpu, exit_info, action):
                     break
         finally:
-            run = io_exit = run_mmap = run_arg = None    # no kvm_run views kept alive by a traceback
+            run = run_arg = None    # no kvm_run views kept alive by a traceback
             if timeout is not None:
                 run_timer.disarm()
-            if io_samples:          # fast-path I/O exits: counts[IO] grew by n - io_first of them
+            counts[_IO_INSTRUCTION] += n - io_first
+            if io_samples:
                 seconds[_IO_INSTRUCTION] += io_timed * (n - io_first) / io_samples
         return action
 
@@ -633,15 +650,10 @@ class Machine:
 
     # -- KVM exit -> VMX exit -----------------------------------------------------
     def _translate_io(self, exit) -> ExitInfo:
-        """I/O exit (SDM qualification); KVM does not say whether a single-item access
-        was a string instruction, so only multi-item (REP) accesses set bits 4-5."""
-        qualification = (exit.size - 1) | (exit.port << 16)
-        if not exit.is_out:
-            qualification |= 8
-        if exit.count > 1:
-            qualification |= 0x30
         data = _UNPACK[exit.size](self._run_mmap, exit.data_offset)[0] if exit.is_out else 0
-        return self.info.reset(ExitReason.IO_INSTRUCTION, qualification, detail=exit, data=data)
+        return self.info.reset(ExitReason.IO_INSTRUCTION,
+                               _io_qualification(exit.port, exit.size, exit.is_out, exit.count),
+                               detail=exit, data=data)
 
     def _translate(self, kind: int, run) -> tuple[ExitInfo | None, int | None]:
         info = self.info
@@ -764,6 +776,12 @@ _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_fro
            4: struct.Struct("<I").unpack_from}
 _IO_INSTRUCTION = int(ExitReason.IO_INSTRUCTION)
 _RESERVED_PORTS_LOW, _RESERVED_PORTS_HIGH = sorted((EXCEPTION_PORT, HYPERCALL_PORT))
+
+
+def _io_qualification(port: int, size: int, is_out: bool, count: int) -> int:
+    """SDM 27.2.1 I/O qualification; KVM does not say whether a single-item access was a
+    string instruction, so only multi-item (REP) accesses set bits 4-5."""
+    return IoQualification(size, not is_out, count > 1, count > 1, True, port).encode()
 
 
 class GuestFault(RuntimeError):

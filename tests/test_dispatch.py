@@ -379,6 +379,35 @@ def test_observer_sees_console_bytes_and_the_device_still_gets_them(make_machine
     assert r.console == "Hello from long mode!\n" == seen.decode()
 
 
+def test_observers_see_every_exit_with_all_its_fields(make_machine) -> None:
+    m = make_machine(mode="long")
+    m.load_asm("""
+        mov $0x11, %al
+        out %al, $0x80
+        mov $0x1234, %dx
+        inw %dx, %ax
+        mov $0x10, %ecx
+        rdmsr
+        mov $0x22, %al
+        out %al, $0x80
+        hlt
+    """)
+    m.on(ExitReason.EXECUTE_RDMSR, lambda vcpu, info: None, msr=0x10)
+    fields = ("reason", "qualification", "data", "msr", "instruction_length")
+    seen = []
+    m.observers.append(lambda vcpu, info: seen.append(tuple(getattr(info, f) for f in fields)))
+    r = m.run(timeout=5)
+    assert r.reason == "hlt", r
+    io = ExitReason.IO_INSTRUCTION
+    assert seen == [
+        (io, 0x80 << 16, 0x11, 0, 0),                         # 1-byte OUT
+        (io, 0x1234 << 16 | 8 | 1, 0, 0, 0),                  # 2-byte IN
+        (ExitReason.EXECUTE_RDMSR, 0, 0, 0x10, 2),
+        (io, 0x80 << 16, 0x22, 0, 0),                         # nothing left over from the RDMSR exit
+        (ExitReason.EXECUTE_HLT, 0, 0, 0, 1),
+    ]
+
+
 def test_io_handler_on_unclaimed_port_and_default_reads_all_ones(make_machine) -> None:
     m = make_machine(mode="long")
     m.load_asm("mov $0x1234, %dx\n xor %eax, %eax\n inw %dx, %ax\n mov %eax, %ebx\n EXIT 0")

@@ -43,7 +43,7 @@ def test_compiled_and_python_agree_on_every_exit(make_machine) -> None:
     python = packed_exits(make_machine, lambda mm: (fastpath._python_run_packed, mm))
     assert compiled == python
     io = [p for p in compiled if p >= fastpath.IO_TAG]
-    decoded = [(p >> 32 & 0xFFFF, p >> 48 & 0xF, p >> 52 & 1, p & 0xFFFFFFFF) for p in io]
+    decoded = [(port, size, int(is_out), data) for port, size, is_out, _, data in map(fastpath.unpack_io, io)]
     assert decoded == [(0x80, 1, 1, 0x34), (0x3F8, 2, 1, 0x1234), (0x84, 4, 1, 0xDEADBEEF), (0x81, 1, 0, 0)]
     assert compiled[-1] == 5                 # KVM_EXIT_HLT
 
