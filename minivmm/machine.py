@@ -27,7 +27,8 @@ from .vmcs_fields import VmcsField
 from .kvm import (ExitKind, InternalErrorKind, IoExit, Kvm, KvmError, KvmRun,
                   decode_exit)
 from .disasm import disassemble
-from .fastpath import IO_TAG, unpack_io
+from . import fastpath
+from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
 from .memory import GuestMemory, Region, parse_size
 from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, EXCEPTION_PORT,
                     HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, STUBS_ADDR, STUB_SIZE, Mode,
@@ -154,6 +155,7 @@ class Machine:
         self._ept = None
         self.pre_entry: list[Callable[[], None]] = []
         self.observers: list[Callable[[Vcpu, ExitInfo], None]] = []
+        self._io_loop: fastpath.IoLoop | None = None
         self._step_callbacks: list[Callable[[Vcpu], None]] = []
         self._run_mmap = self.vcpu.fd.run_mmap
         self.vmcs = Vmcs(self)
@@ -449,6 +451,7 @@ class Machine:
         observers = self.observers
         enter = vcpu.enter
         run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
+        io_loop = self._c_io_loop(info, vcpu, vmcs) if synced and fastpath.COMPILED else None
         n = io_first              # counts[IO] plus the fast-path I/O exits of this run
         io_ready = False          # info holds a fast-path I/O exit: only three fields change
         io_tag = IO_TAG
@@ -472,6 +475,22 @@ class Machine:
                     vmcs.realise()
                 if vcpu._dirty or not synced:
                     kind = enter()
+                elif io_ready and io_loop is not None and not pre_entry and not observers:
+                    kind, n, limit = io_loop.enter(vcpu_fd, run_arg, n, limit)
+                    if kind == LOOP_YIELD:
+                        status = io_loop.status
+                        if status == LOOP_STATE:
+                            continue
+                        outcome = io_loop.out.pop()
+                        if status == LOOP_ERROR:
+                            raise _handler_error(vcpu, outcome)
+                        io_ready = False
+                        if self._finish_io(vcpu, info, outcome):
+                            action = outcome
+                            break
+                        continue
+                    if kind < 0:
+                        kind = vcpu._entry_failed(-kind)
                 else:                                       # vcpu.enter(), inlined
                     kind = run_packed(vcpu_fd, run_arg)
                     if kind < 0:
@@ -500,19 +519,14 @@ class Machine:
                                 if action is not None:
                                     break
                         except Exception as exc:
-                            raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: "
-                                               f"{exc} (guest rip={vcpu.rip:#x})") from exc
+                            raise _handler_error(vcpu, exc)
                         if timed:
                             io_timed += clock() - began
                             io_samples += 1
                         if action is None:
                             continue
                         io_ready = False
-                        if not detail.is_out:
-                            self._complete_in(info)
-                        if action.__class__ is Resume and action.advance:
-                            continue
-                        if self._apply(vcpu, info, action):
+                        if self._finish_io(vcpu, info, action):
                             break
                         continue
                     kind = _EXIT_IO
@@ -543,10 +557,30 @@ class Machine:
             run = run_arg = None    # no kvm_run views kept alive by a traceback
             if timeout is not None:
                 run_timer.disarm()
+            if io_loop is not None:
+                c_seconds, c_samples = io_loop.take_stats()
+                io_timed += c_seconds
+                io_samples += c_samples
             counts[_IO_INSTRUCTION] += n - io_first
             if io_samples:
                 seconds[_IO_INSTRUCTION] += io_timed * (n - io_first) / io_samples
         return action
+
+    def _c_io_loop(self, info: ExitInfo, vcpu: Vcpu, vmcs: Vmcs) -> fastpath.IoLoop:
+        """The C exit loop over these objects (one per vCPU, kept while they stay the same)."""
+        objects = (self._io_routes, info, vcpu, vmcs, self.pre_entry, self.observers)
+        loop = self._io_loop
+        if loop is None or not loop.serves(*objects):
+            loop = self._io_loop = fastpath.IoLoop(*objects)
+        return loop
+
+    def _finish_io(self, vcpu: Vcpu, info: ExitInfo, action: Action) -> bool:
+        """Carry out a handler's action on an I/O exit; True when the run ends."""
+        if not info.detail.is_out:
+            self._complete_in(info)
+        if action.__class__ is Resume and action.advance:
+            return False
+        return self._apply(vcpu, info, action)
 
     def _dispatch_io(self, vcpu: Vcpu, info: ExitInfo, port: int) -> Action | None:
         try:
@@ -557,8 +591,7 @@ class Machine:
                         self._complete_in(info)
                     return action
         except Exception as exc:
-            raise HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: {exc} "
-                               f"(guest rip={vcpu.rip:#x})") from exc
+            raise _handler_error(vcpu, exc)
         return None
 
     def _io_instruction_start(self, info: ExitInfo) -> int:
@@ -782,6 +815,16 @@ def _io_qualification(port: int, size: int, is_out: bool, count: int) -> int:
     """SDM 27.2.1 I/O qualification; KVM does not say whether a single-item access was a
     string instruction, so only multi-item (REP) accesses set bits 4-5."""
     return IoQualification(size, not is_out, count > 1, count > 1, True, port).encode()
+
+
+def _handler_error(vcpu: Vcpu, exc: BaseException | None) -> BaseException:
+    """What a raising I/O handler stops the run with: HandlerError for an Exception (chained
+    to it); KeyboardInterrupt and other BaseExceptions pass through."""
+    if exc is not None and not isinstance(exc, Exception):
+        return exc
+    error = HandlerError(f"IO_INSTRUCTION handler raised {type(exc).__name__}: {exc} (guest rip={vcpu.rip:#x})")
+    error.__cause__ = exc
+    return error
 
 
 class GuestFault(RuntimeError):
