@@ -147,8 +147,8 @@ ENDLESS_FLOOD = "1: out %al, $0x80\n jmp 1b"             # to a port nothing cla
 def test_a_deadline_stops_an_endless_flood(make_machine, loop) -> None:
     m = flood_machine(make_machine, ENDLESS_FLOOD)
     start = time.perf_counter()
-    r = m.run(timeout=0.5)
-    assert r.reason == "timeout" and time.perf_counter() - start < 0.75, r
+    r = m.run(timeout=1.0)
+    assert r.reason == "timeout" and time.perf_counter() - start < 1.5, r        # issue 2: within 1.5x
     assert r.exits["IO_INSTRUCTION"] > 100
 
 
