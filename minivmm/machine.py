@@ -428,8 +428,13 @@ class Machine:
         For harnesses that run a guest thousands of times a second. `counts`
         and `seconds`, lists of 80 indexed by basic exit reason, collect the
         number of exits and the time spent in their handlers. Past the first
-        64 I/O exits of a run, one in 16 is timed and the time scaled up: two
-        clock reads per exit cost about 2 us here, more than many handlers.
+        64 I/O exits counted in `counts`, one in 16 is timed and the time scaled
+        up: two clock reads per exit cost about 2 us here, more than many handlers.
+
+        Single-item port I/O takes a fast path: after the first exit to a port
+        its qualification, detail and handler chain come from one dict lookup,
+        and further such exits are handled by `fastpath.IoLoop` in C until an
+        exit, action or state change needs this loop.
         """
         if not self._started:
             self.setup()
