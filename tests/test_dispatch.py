@@ -358,6 +358,20 @@ def test_rep_outsb_delivers_the_bytes_in_order(make_machine) -> None:
     assert m.vcpu.rcx == 0 and r.exits["IO_INSTRUCTION"] >= 2
 
 
+def test_rep_outsb_to_the_serial_console(make_machine) -> None:
+    m = make_machine(mode="long")
+    m.load_asm("""
+        mov $0x3f8, %dx
+        lea msg(%rip), %rsi
+        mov $6, %ecx
+        rep outsb
+        EXIT 0
+    msg: .ascii "hello\\n"
+    """)
+    r = m.run(timeout=5)
+    assert (r.reason, r.console) == ("exit", "hello\n"), r
+
+
 @pytest.mark.xfail(reason="BUG: Machine._translate_io never sets qualification bit 6 (operand encoding: 1 = "
                           "immediate port), so `out %al, $0x80` is reported as a DX-port access", strict=True)
 def test_immediate_port_operand_encoding(make_machine) -> None:

@@ -17,14 +17,18 @@ def port_devices(machine):
         device = ports.get(exit.port)
         if device is None and exit.is_out:
             return None
-        data = vcpu.fd.io_data(exit)
         size = exit.size
         if exit.is_out:
-            for i in range(0, len(data), size):
-                device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
+            if exit.count == 1:
+                device.io_write(exit.port, size, info.data)
+            else:
+                data = vcpu.fd.io_data(exit)
+                for i in range(0, len(data), size):
+                    device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
             if device is machine.debug_exit and device.exit_requested:
                 return Stop("exit", device.value)
             return None
+        data = vcpu.fd.io_data(exit)
         for i in range(0, len(data), size):
             value = device.io_read(exit.port, size) if device is not None else (1 << (8 * size)) - 1
             data[i:i + size] = value.to_bytes(size, "little")
