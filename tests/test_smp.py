@@ -131,6 +131,40 @@ def test_each_vcpu_has_its_own_exit_info_vmcs_and_stats(make_machine) -> None:
     assert not vcpu_threads()
 
 
+BSP_FLOOD = """
+    xor %ecx, %ecx
+9:  mov %ecx, %eax
+    out %ax, $0x80
+    inc %ecx
+    cmp $500, %ecx
+    jne 9b
+"""
+AP_FLOOD = """
+    xor %cx, %cx
+7:  mov %cx, %ax
+    out %ax, $0x81
+    inc %cx
+    cmp $500, %cx
+    jne 7b
+    movb $1, %cs:0x100
+    cli
+8:  hlt
+    jmp 8b
+"""
+
+
+def test_port_floods_on_two_vcpus_at_once(make_machine) -> None:
+    machine = smp_machine(make_machine, START_AP + BSP_FLOOD + WAIT_FOR_FLAG, AP_FLOOD)
+    seen: dict[int, list[int]] = {0: [], 1: []}
+    machine.on(ExitReason.IO_INSTRUCTION, lambda vcpu, info: seen[vcpu.index].append(info.data),
+               port=range(0x80, 0x82))
+    result = machine.run(timeout=20)
+    assert (result.reason, result.exit_code) == ("exit", 0), result
+    assert seen == {0: list(range(500)), 1: list(range(500))}
+    assert [state.stats["IO_INSTRUCTION"].count for state in machine.smp.states] == [501, 500]
+    assert not vcpu_threads()
+
+
 def test_an_ap_ends_the_run_and_the_bsp_is_kicked(make_machine) -> None:
     machine = smp_machine(make_machine, START_AP + SPIN, AP_EXITS)
     start = time.perf_counter()
