@@ -408,6 +408,8 @@ class IoLoop:
         self.out: list = []
         self.counters = ffi.new("long long[3]")
         self.stats = ffi.new("double[2]")
+        # The C code gets the objects themselves: id() is the PyObject address in CPython,
+        # and self.objects keeps them alive as long as the loop.
         self._arguments = (*(ffi.cast("void *", id(o)) for o in (*self.objects, self.out)),
                            self.counters, self.stats)
 
