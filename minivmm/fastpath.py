@@ -39,6 +39,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from .actions import RESUME
 from .asm import cache_dir
 from .kvm import ExitKind, Ioctl, KvmRun
 
@@ -48,8 +49,8 @@ _EXIT_IO = int(ExitKind.IO)
 _CDEF = """
 long long minivmm_run_packed(int fd, void *run);
 long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcpu, void *vmcs,
-                          void *pre_entry, void *observers, void *out, long long *counters,
-                          double *stats);
+                          void *pre_entry, void *observers, void *resume, void *out,
+                          long long *counters, double *stats);
 long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap,
                                 unsigned long long npages, unsigned long long guest,
                                 unsigned long long copy, int clear);
@@ -128,11 +129,11 @@ static void keep_exception(PyObject *out)
 
 /* One I/O exit with the GIL held. 0: handled, enter again; 1: no cached route, Python
  * takes the exit; 2: back to Python with *status set. */
-static int handle_io(long long packed, PyObject **objects, long long *n, double *stats,
-		     long long *status)
+static int handle_io(struct kvm_run *run, long long packed, PyObject **objects, long long *n,
+		     double *stats, long long *status)
 {
 	PyObject *routes = objects[0], *info = objects[1], *vcpu = objects[2], *vmcs = objects[3];
-	PyObject *pre_entry = objects[4], *observers = objects[5], *out = objects[6];
+	PyObject *pre_entry = objects[4], *observers = objects[5], *resume = objects[6], *out = objects[7];
 	PyObject *key, *route, *chain, *data, *action = NULL, *args[2] = { vcpu, info };
 	double began = 0.0;
 	int timed, state;
@@ -187,6 +188,22 @@ static int handle_io(long long packed, PyObject **objects, long long *n, double 
 		stats[1] += 1.0;
 	}
 	Py_DECREF(route);
+	if (action == resume) {           /* RESUME: an IN reads the handler's info.data */
+		Py_DECREF(action);
+		action = NULL;
+		if (!(packed >> 32 & 1)) {
+			PyObject *value = PyObject_GetAttr(info, s_data);
+			unsigned long long bytes;
+
+			if (!value)
+				goto error;
+			bytes = PyLong_AsUnsignedLongLongMask(value);
+			Py_DECREF(value);
+			if (PyErr_Occurred())
+				goto error;
+			memcpy((char *)run + run->io.data_offset, &bytes, packed >> 49 & 7);
+		}
+	}
 	if (action) {
 		int appended = PyList_Append(out, action);
 
@@ -221,9 +238,10 @@ error:
  * after the first, -1 for no limit (in/out), [2] status (out). stats: [0] seconds in
  * sampled handlers, [1] samples (accumulated). cffi calls this without the GIL. */
 long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcpu, void *vmcs,
-			  void *pre_entry, void *observers, void *out, long long *counters, double *stats)
+			  void *pre_entry, void *observers, void *resume, void *out, long long *counters,
+			  double *stats)
 {
-	PyObject *objects[7] = { routes, info, vcpu, vmcs, pre_entry, observers, out };
+	PyObject *objects[8] = { routes, info, vcpu, vmcs, pre_entry, observers, resume, out };
 	long long n = counters[0], limit = counters[1], status = 0, packed;
 
 	for (int first = 1;; first = 0) {
@@ -246,7 +264,7 @@ long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcp
 		if (packed < IO_TAG || (packed >> 52 & 1))
 			break;
 		gil = PyGILState_Ensure();
-		handled = handle_io(packed, objects, &n, stats, &status);
+		handled = handle_io(run, packed, objects, &n, stats, &status);
 		PyGILState_Release(gil);
 		if (handled == 1)
 			break;
@@ -395,8 +413,9 @@ class IoLoop:
     single-item I/O exit with a route in `routes` (`packed >> 32` ->
     `(qualification, detail, handlers)`), fills `info.qualification`,
     `info.detail` and `info.data` and calls the handlers with the GIL held, as
-    the Python loop does. It comes back at the first other exit, at a handler's
-    action or exception, and when a handler leaves work for the next entry
+    the Python loop does (an IN answered with `RESUME` gets `info.data` here
+    too). It comes back at the first other exit, at any other action, at an
+    exception, and when a handler leaves work for the next entry
     (`vcpu._dirty`, `vmcs.dirty`, a `pre_entry` hook or an observer). The
     Python loop spends about 1 us more interpreter time per exit than this on
     the project's hosts, where a flood of port I/O is the common exit.
@@ -410,7 +429,7 @@ class IoLoop:
         self.stats = ffi.new("double[2]")
         # The C code gets the objects themselves: id() is the PyObject address in CPython,
         # and self.objects keeps them alive as long as the loop.
-        self._arguments = (*(ffi.cast("void *", id(o)) for o in (*self.objects, self.out)),
+        self._arguments = (*(ffi.cast("void *", id(o)) for o in (*self.objects, RESUME, self.out)),
                            self.counters, self.stats)
 
     def serves(self, *objects) -> bool:

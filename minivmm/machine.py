@@ -489,7 +489,7 @@ class Machine:
                         outcome = io_loop.out.pop()
                         if status == LOOP_ERROR:
                             raise _handler_error(vcpu, outcome)
-                        io_ready = False
+                        io_ready = outcome.__class__ is Resume and outcome.advance   # info stays as is
                         if self._finish_io(vcpu, info, outcome):
                             action = outcome
                             break
@@ -530,7 +530,7 @@ class Machine:
                             io_samples += 1
                         if action is None:
                             continue
-                        io_ready = False
+                        io_ready = action.__class__ is Resume and action.advance   # info stays as is
                         if self._finish_io(vcpu, info, action):
                             break
                         continue
