@@ -1,6 +1,10 @@
-"""Shared fixtures: machines that are always closed, and the repository paths."""
+"""Shared fixtures: machines that are always closed, the repository paths, Ctrl-C in a run."""
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -25,6 +29,26 @@ def make_machine():
     yield make
     for machine in machines:
         machine.close()
+
+
+def sigint_after(seconds: float) -> threading.Timer:
+    """Send this process SIGINT (Ctrl-C) in `seconds`; cancel the returned timer when done."""
+    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
+    timer.start()
+    return timer
+
+
+def interrupted_run(machine, after: float = 0.3) -> float:
+    """Run `machine` (deadline 5 s), press Ctrl-C after `after` seconds, expect
+    KeyboardInterrupt; the seconds the run took."""
+    timer = sigint_after(after)
+    start = time.perf_counter()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            machine.run(timeout=5)
+    finally:
+        timer.cancel()
+    return time.perf_counter() - start
 
 
 @pytest.hookimpl(tryfirst=True)

@@ -2,14 +2,12 @@
 guest memory, deadlines, faults and Ctrl-C."""
 from __future__ import annotations
 
-import os
 import signal
-import threading
 import time
 
 import pytest
 
-from conftest import GUESTS
+from conftest import GUESTS, interrupted_run, sigint_after
 from minivmm.machine import Machine, RunResult
 from minivmm.memory import GuestMemory, GuestMemoryError
 from minivmm.vcpu import Segment
@@ -402,25 +400,12 @@ def test_instruction_bytes_decoding() -> None:
 
 
 # -- Ctrl-C ------------------------------------------------------------------------------
-def _sigint_after(seconds: float) -> threading.Timer:
-    timer = threading.Timer(seconds, os.kill, (os.getpid(), signal.SIGINT))
-    timer.start()
-    return timer
-
-
 @pytest.mark.parametrize("mode", ["long", "user"])
 def test_keyboard_interrupt_during_a_run(make_machine, mode: str) -> None:
     m = make_machine(mode=mode)
     m.load_asm("1: jmp 1b")
     m.setup()
-    timer = _sigint_after(0.3)
-    start = time.perf_counter()
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            m.run(timeout=5)
-    finally:
-        timer.cancel()
-    assert time.perf_counter() - start < 1.0
+    assert interrupted_run(m) < 1.0
     assert m.last_result.reason == "interrupted"
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
     # Still usable: the guest goes on from where it was and stops at a new deadline.
@@ -435,7 +420,7 @@ def test_close_while_handling_keyboard_interrupt() -> None:
     m.load_asm("1: jmp 1b")
     m.setup()
     failure = None
-    timer = _sigint_after(0.2)
+    timer = sigint_after(0.2)
     try:
         try:
             m.run(timeout=5)
