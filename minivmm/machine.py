@@ -456,7 +456,8 @@ class Machine:
         observers = self.observers
         enter = vcpu.enter
         run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
-        io_loop = self._c_io_loop(info, vcpu, vmcs) if synced and fastpath.COMPILED else None
+        io_loop = None            # the C loop, fetched at the first exit it can take
+        c_loop = synced and fastpath.COMPILED
         n = io_first              # counts[IO] plus the fast-path I/O exits of this run
         io_ready = False          # info holds a fast-path I/O exit: only three fields change
         io_tag = IO_TAG
@@ -480,7 +481,9 @@ class Machine:
                     vmcs.realise()
                 if vcpu._dirty or not synced:
                     kind = enter()
-                elif io_ready and io_loop is not None and not pre_entry and not observers:
+                elif io_ready and c_loop and not pre_entry and not observers:
+                    if io_loop is None:
+                        io_loop = self._c_io_loop(info, vcpu, vmcs)
                     kind, n, limit = io_loop.enter(vcpu_fd, run_arg, n, limit)
                     if kind == LOOP_YIELD:
                         status = io_loop.status

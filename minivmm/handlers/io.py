@@ -11,6 +11,7 @@ from ..actions import Stop
 def port_devices(machine):
     """The default IO_INSTRUCTION handler of `machine` (its `add_device` devices)."""
     ports = machine.port_devices
+    exits: dict[int, Stop] = {}           # Stop is immutable and costs about 0.7 us to build
 
     def handle(vcpu, info):
         exit = info.detail
@@ -26,7 +27,10 @@ def port_devices(machine):
                 for i in range(0, len(data), size):
                     device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
             if device is machine.debug_exit and device.exit_requested:
-                return Stop("exit", device.value)
+                stop = exits.get(device.value)
+                if stop is None:
+                    stop = exits[device.value] = Stop("exit", device.value)
+                return stop
             return None
         data = vcpu.fd.io_data(exit)
         for i in range(0, len(data), size):
