@@ -168,6 +168,7 @@ class Machine:
     # -- lifetime -----------------------------------------------------------------
     def close(self) -> None:
         """Release the vCPU, VM and KVM fds and every guest memory mapping."""
+        self._io_loop = None
         if getattr(self, "_ept", None) is not None:
             self._ept.close()
         for ap in getattr(self, "vcpus", [])[1:]:
