@@ -671,7 +671,7 @@ class EptShadow:
 
     Changes through `protect`, hooks and `remove` are batched: they reach KVM at
     `invept()` or automatically before the next VM entry (a `machine.pre_entry`
-    hook), like an INVEPT after editing EPT entries.
+    hook, there only while it has work), like an INVEPT after editing EPT entries.
     """
 
     def __init__(self, machine: "Machine", *, ad: bool = True, backend: str | None = None) -> None:
@@ -709,8 +709,8 @@ class EptShadow:
         self.emulations = 0
         self.toggles = 0
         self._closed = False
+        self._hooked = False
         self._sync_regions()
-        machine.pre_entry.append(self._before_entry)
         machine.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
 
     # -- lifetime -------------------------------------------------------------------------
@@ -921,6 +921,14 @@ class EptShadow:
         self._views[region] = (view, view_addr)
         # the slots come back on the view at the end of _realise
 
+    def before_next_entry(self) -> None:
+        """Have the pre-entry work (batched changes, an open read, TF for a step, new
+        memory regions) done before the next VM entry; the hook leaves when it is idle,
+        so that an idle EPT costs the exit loop nothing."""
+        if not self._hooked:
+            self._hooked = True
+            self.machine.pre_entry.append(self._before_entry)
+
     def _before_entry(self) -> None:
         if self._open_read is not None:
             self._finish_read()
@@ -932,6 +940,9 @@ class EptShadow:
             self._sync_regions()
         if self._pending:
             self.invept()
+        if self._open_read is None and not self._tf_callbacks and not self._pending:
+            self.machine.pre_entry.remove(self._before_entry)
+            self._hooked = False
 
     def invept(self) -> None:
         """Make every batched permission change visible to the guest now (INVEPT, SDM 30.3)."""
@@ -1013,6 +1024,7 @@ class EptShadow:
 
     def _mark(self, pages: Iterable[int]) -> None:
         """Queue `pages` for realisation at the next invept()."""
+        self.before_next_entry()
         pending = self._pending
         if isinstance(pages, range) and len(pages) > _COMPACT_PAGES:
             low, high = pages.start << PAGE_SHIFT, pages.stop << PAGE_SHIFT
@@ -1252,6 +1264,7 @@ class EptShadow:
                                        data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
         if not exit.is_write:
             self._open_read = (access, exit)
+            self.before_next_entry()
         return info, gpa
 
     def _finish_read(self) -> None:
@@ -1337,6 +1350,7 @@ class EptShadow:
             machine.step_once(callback)
             return
         self._tf_callbacks.append(callback)
+        self.before_next_entry()
         machine.vcpu.rflags |= _RFLAGS_TF
         if self._db_registration is None:
             self._db_registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_debug_trap,

@@ -195,6 +195,8 @@ class Machine:
         slot = len(self._slots)
         self.vm.set_user_memory_region(slot, region.gpa, region.size, region.host_addr, 0)
         self._slots[region] = slot
+        if getattr(self, "_ept", None) is not None:
+            self._ept.before_next_entry()           # the EPT takes the new region over
         return region
 
     def add_device(self, device: PortDevice) -> None:
@@ -476,7 +478,7 @@ class Machine:
                     break
                 limit -= 1
                 if pre_entry:
-                    for hook in pre_entry:
+                    for hook in tuple(pre_entry):          # a hook may remove itself
                         hook()
                 if vmcs.dirty:
                     vmcs.realise()

@@ -164,3 +164,33 @@ def test_ctrl_c_stops_an_endless_flood(make_machine, loop) -> None:
     m.setup()
     assert interrupted_run(m) < 1.0
     assert m.last_result.reason == "interrupted"
+
+
+def test_ept_changes_made_by_a_handler_mid_flood(make_machine, monkeypatch, loop) -> None:
+    """An EPT in use costs a flood nothing; a protect() from a handler is realised before the
+    next entry and the C loop goes on after it."""
+    data_page = 0x1F0000
+    entries = count_entries(monkeypatch)
+    m = flood_machine(make_machine, FLOOD.replace("hlt", f"movb $7, {data_page + 0x10:#x}\n hlt"))
+    ept = m.ept
+    assert m.pre_entry == []                                  # idle: no hook in the exit loop
+
+    def on_out(vcpu, info):
+        if info.data == 500:
+            ept.protect(data_page, 0x1000, "r-x")
+
+    violations = []
+
+    def on_violation(vcpu, info):
+        violations.append((info.guest_physical_address, ept.access.value))
+        ept.complete_write()
+        return RESUME
+
+    m.on(IO, on_out, port=0x80)
+    m.on(ExitReason.EPT_VIOLATION, on_violation)
+    r = m.run(timeout=10)
+    assert r.reason == "hlt", r
+    assert violations == [(data_page + 0x10, 7)] and m.memory.read(data_page + 0x10, 1) == b"\x07"
+    assert r.exits["IO_INSTRUCTION"] == 1000
+    assert len(entries) == (2 if loop == "c" else 0)          # out of C for the change, back in after
+    assert m.pre_entry == []
