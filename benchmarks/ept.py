@@ -36,7 +36,7 @@ def machine(code: bytes) -> tuple[Machine, EptShadow]:
     m.load(code, CODE)
     m.memory.write(PAGE, b"\xc3")
     ept = EptShadow(m, backend="memslot")      # the C baseline drives memslots
-    m._ept = ept
+    m.use_ept(ept)
     return m, ept
 
 

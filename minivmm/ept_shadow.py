@@ -543,7 +543,7 @@ def host_protection_works(mode: str = "user", kvm_path: str = "/dev/kvm") -> boo
         with Machine("2M", mode, kvm_path=kvm_path) as machine:
             machine.load(_PROBE_CODE, 0x100000)
             shadow = EptShadow(machine, backend="mprotect")
-            machine._ept = shadow
+            machine.use_ept(shadow)
             shadow.protect(_PROBE_PAGE, PAGE_SIZE, "r-x")
             shadow.invept()
             machine.setup()
@@ -692,7 +692,6 @@ class EptShadow:
         self._manual_protect = False
         self._harvested: set[int] = set()
         self._soft_dirty: set[int] = set()
-        self._next_slot = 512
         self._free_slots: list[int] = []
         self._monitors: dict[int, list[Hook]] = {}
         self._exec_hidden: dict[int, list[Hook]] = {}
@@ -745,7 +744,7 @@ class EptShadow:
 
     # -- regions and memslots -------------------------------------------------------------
     def _sync_regions(self) -> None:
-        slots = self.machine._slots
+        slots = self.machine.vm.slots.base
         if len(slots) == len(self._regions):
             return
         for region, slot in slots.items():
@@ -778,11 +777,7 @@ class EptShadow:
             return original
         if self._free_slots:
             return self._free_slots.pop()
-        used = set(self.machine._slots.values())
-        while self._next_slot in used:
-            self._next_slot += 1
-        self._next_slot += 1
-        return self._next_slot - 1
+        return self.machine.vm.slots.allocate()
 
     def _host_addr(self, region: Region, gpa: int) -> int:
         view = self._views.get(region)
@@ -790,14 +785,14 @@ class EptShadow:
         return base + (gpa - region.gpa)
 
     def _create(self, region: Region, slot: _Slot) -> None:
-        self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, slot.size,
+        self.machine.vm.fd.set_user_memory_region(slot.slot, slot.gpa, slot.size,
                                                self._host_addr(region, slot.gpa), slot.flags)
         self.toggles += 1
 
     def _delete(self, region: Region, slot: _Slot) -> None:
         if slot.flags & _MEM_LOG:
             self._harvest(slot, clear=False, out=self._harvested)
-        self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, 0, 0, 0)
+        self.machine.vm.fd.set_user_memory_region(slot.slot, slot.gpa, 0, 0, 0)
         self.toggles += 1
         if slot.slot != self._original_slot[region]:
             self._free_slots.append(slot.slot)
@@ -936,7 +931,7 @@ class EptShadow:
             vcpu = self.machine.vcpu
             if not vcpu.rflags & _RFLAGS_TF:      # a completed MMIO (RETRY) drops TF on this host
                 vcpu.rflags |= _RFLAGS_TF
-        if len(self.machine._slots) != len(self._regions):
+        if len(self.machine.vm.slots.base) != len(self._regions):
             self._sync_regions()
         if self._pending:
             self.invept()
@@ -1058,7 +1053,7 @@ class EptShadow:
         self._sync_regions()
         if self._logging:
             return
-        vm = self.machine.vm
+        vm = self.machine.vm.fd
         if not self._manual_protect and vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & \
                 KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
             try:
@@ -1097,7 +1092,7 @@ class EptShadow:
         if slot.bitmap is None:
             slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
         bitmap = slot.bitmap
-        vm = self.machine.vm
+        vm = self.machine.vm.fd
         vm.get_dirty_log(slot.slot, bitmap)
         raw = ctypes.string_at(ctypes.addressof(bitmap), ctypes.sizeof(bitmap))
         chunks = _dirty_chunks(raw)
@@ -1159,7 +1154,7 @@ class EptShadow:
         npages = slot.size >> PAGE_SHIFT
         if slot.bitmap is None:
             slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
-        pages = fastpath.restore_dirty(self.machine.vm.fd, slot.slot, ctypes.addressof(slot.bitmap), npages,
+        pages = fastpath.restore_dirty(self.machine.vm.fd.fd, slot.slot, ctypes.addressof(slot.bitmap), npages,
                                        region.host_addr, copy_address + slot.gpa, True)
         if pages < 0:
             raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -pages)
@@ -1416,11 +1411,11 @@ class EptShadow:
                     or page not in self._monitors
                     or not self._base.get(page, 7) & (_W if is_write else _R)):
                 self._report(start, bytes(data), is_write, rip)
-                return self.translate_mmio(nxt) or self.machine._translate(ExitKind.MMIO, run)
+                return self.translate_mmio(nxt) or self.machine.context.translate_exit(ExitKind.MMIO, run)
             current = nxt
         self._report(start, bytes(data), is_write, rip)
         if leftover is not None:
-            return self.machine._translate(leftover, vcpu.fd.run)
+            return self.machine.context.translate_exit(leftover, vcpu.fd.run)
         return _HANDLED
 
     def _report(self, gpa: int, data: bytes, is_write: bool, rip: int) -> None:

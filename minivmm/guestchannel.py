@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from .actions import RESUME, Action, Stop
 from .exits import ExitInfo, ExitReason
+from .hooks import HookKind
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -490,7 +491,7 @@ class ExitRecorder:
     """Records the VMX exit reasons of a machine's exits in order, without handlers.
 
     Handlers would change what the machine does (a handler for every port sets
-    every I/O-bitmap bit), so the recorder is one of the machine's `observers`.
+    every I/O-bitmap bit), so the recorder is an OBSERVE hook (`machine.hooks`).
     The last `limit` reasons are kept.
     """
 
@@ -501,7 +502,7 @@ class ExitRecorder:
         self.reasons: collections.deque[str] = collections.deque(maxlen=limit)
         self.total = 0
         self.tracer: MtfTracer | None = None
-        machine.observers.append(self._note)
+        machine.hooks.add(HookKind.OBSERVE, self._note)
 
     def _note(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         reason = info.reason

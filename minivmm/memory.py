@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import heapq
 import re
 import ctypes
 import mmap
@@ -167,3 +168,25 @@ class GuestMemory:
 
     def write_u64(self, gpa: int, value: int) -> None:
         self.write(gpa, struct.pack("<Q", value))
+
+
+class SlotTable:
+    """KVM memslot numbers: the one allocator of a VM.
+
+    `base[region]` is the slot that maps a RAM region whole; the EPT takes
+    further slots (`allocate`) when it splits a region by permission. The
+    lowest free number is given out first."""
+
+    def __init__(self) -> None:
+        self.base: dict[Region, int] = {}
+        self._free: list[int] = []
+        self._next = 0
+
+    def allocate(self) -> int:
+        if self._free:
+            return heapq.heappop(self._free)
+        self._next += 1
+        return self._next - 1
+
+    def release(self, slot: int) -> None:
+        heapq.heappush(self._free, slot)

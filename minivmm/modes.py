@@ -27,6 +27,7 @@ NULL dereference is a page fault.
 from __future__ import annotations
 
 import struct
+from dataclasses import dataclass
 from enum import Enum
 
 from .exits import EXCEPTIONS_WITH_ERROR_CODE
@@ -207,8 +208,21 @@ def setup_mode(vcpu: Vcpu, memory: GuestMemory, mode: Mode, entry: int, stack: i
     vcpu.rip, vcpu.rsp, vcpu.rflags = entry, stack, rflags
 
 
-def read_exception_frame(memory: GuestMemory, rsp: int) -> dict[str, int]:
-    """The frame a user-mode IDT stub leaves at `rsp` when it reports through EXCEPTION_PORT."""
-    vector, error_code, rip, cs, rflags, user_rsp, ss = struct.unpack("<7Q", memory.read(rsp, 56))
-    return {"vector": vector, "error_code": error_code, "rip": rip, "cs": cs, "rflags": rflags,
-            "rsp": user_rsp, "ss": ss}
+@dataclass(frozen=True, slots=True)
+class StubFrame:
+    """The frame a user-mode IDT stub leaves on the kernel stack when it reports through
+    EXCEPTION_PORT: the vector and error code it pushed, then the CPU's interrupt frame."""
+    vector: int
+    error_code: int
+    rip: int
+    cs: int
+    rflags: int
+    rsp: int
+    ss: int
+
+    SIZE = 56
+
+
+def decode_stub_frame(raw: bytes) -> StubFrame:
+    """The StubFrame in the StubFrame.SIZE bytes at the kernel stack pointer."""
+    return StubFrame(*struct.unpack("<7Q", raw[:StubFrame.SIZE]))

@@ -400,7 +400,7 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
     if config.pit:
         if not getattr(machine, "irqchip", False):
             raise ValueError("the in-kernel PIT needs the in-kernel irqchip (platform.irqchip: true)")
-        machine.vm.create_pit2()
+        machine.vm.fd.create_pit2()
     for window in config.ram_windows:
         machine.add_ram(window.start, window.size, name=window.name)
     if config.fw_cfg:

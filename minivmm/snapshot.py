@@ -533,7 +533,7 @@ class Snapshot:
         if de.exit_requested is not d.debug_exit_requested or de.value != d.debug_exit_value:
             de.exit_requested, de.value, de.status = (d.debug_exit_requested, d.debug_exit_value,
                                                       d.debug_exit_status)
-        machine._last_exception = None
+        machine.context.last_exception = None
 
     # -- files ----------------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> None:

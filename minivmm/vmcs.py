@@ -26,17 +26,18 @@ from __future__ import annotations
 import ctypes
 from dataclasses import dataclass, replace
 from enum import IntFlag
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinBasedControls, ProcBasedControls,
                        SecondaryControls, UnsupportedControlError, VmEntryControls, VmExitControls,
                        VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
-from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag
+from .exits import ExitInfo
+from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag, VmFd
 from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
                           field_group)
 
 if TYPE_CHECKING:
-    from .machine import Machine
+    from .vcpu import Vcpu
 
 F = VmcsField
 
@@ -152,11 +153,16 @@ class IoBitmaps:
         return (self.a, port) if port < 0x8000 else (self.b, port - 0x8000)
 
     def intercept(self, port: int, enabled: bool = True) -> None:
-        bitmap, bit = self._bitmap(port)
-        if enabled:
-            bitmap[bit // 8] |= 1 << (bit % 8)
-        else:
-            bitmap[bit // 8] &= ~(1 << (bit % 8))
+        self.intercept_range(port, port, enabled)
+
+    def intercept_range(self, first: int, last: int, enabled: bool = True) -> None:
+        """Set (or clear) the bits of ports `first`..`last` inclusive."""
+        for port in range(first, last + 1):
+            bitmap, bit = self._bitmap(port)
+            if enabled:
+                bitmap[bit // 8] |= 1 << (bit % 8)
+            else:
+                bitmap[bit // 8] &= ~(1 << (bit % 8))
         self.version += 1
         if self.on_change is not None:
             self.on_change()
@@ -201,33 +207,99 @@ DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControl
 DEFAULT_SECONDARY = SecondaryControls.SECONDARY_ENABLE_EPT | SecondaryControls.SECONDARY_UNRESTRICTED_GUEST
 
 
+class VmxVmState:
+    """The VM-wide half of the VMX model: the capability MSRs, the I/O bitmaps and the MSR
+    bitmap (one for every vCPU, as a hypervisor shares them), and the KVM MSR filter that
+    realises the MSR bitmap (KVM_X86_SET_MSR_FILTER is a VM ioctl)."""
+
+    def __init__(self, kvm: Kvm, vm: VmFd) -> None:
+        self.vm = vm
+        self.capabilities = vmx_capability_msrs(kvm)
+        self.msr_bitmap = MsrBitmap()
+        self.msr_bitmap.on_change = self._mark_all_dirty
+        self.io_bitmap = IoBitmaps()
+        self.vmcses: list["Vmcs"] = []
+        self.eptp: Callable[[], int] = lambda: 0
+        self._msr_filter: tuple | None = None
+        self._user_msr_enabled = False
+        self._filter_buffers: list = []
+
+    def _mark_all_dirty(self) -> None:
+        for vmcs in self.vmcses:
+            vmcs.mark_dirty()
+
+    def realise_msr_filter(self, use_bitmaps: bool) -> None:
+        """The MSR filter for CPU_BASED_USE_MSR_BITMAPS = `use_bitmaps` (SDM 25.6.9: without
+        bitmaps every RDMSR/WRMSR exits)."""
+        if use_bitmaps:
+            wanted = ("bitmap", self.msr_bitmap.version) if self.msr_bitmap.any() else None
+        else:
+            wanted = ("all",)
+        if wanted == self._msr_filter:
+            return
+        vm = self.vm
+        if wanted is not None and not self._user_msr_enabled:
+            if not vm.check_extension(Cap.X86_MSR_FILTER) or not vm.check_extension(Cap.X86_USER_SPACE_MSR):
+                raise UnsupportedControlError(
+                    "MSR exits need KVM_CAP_X86_MSR_FILTER and KVM_CAP_X86_USER_SPACE_MSR, "
+                    "which this host lacks", 0, 0)
+            vm.enable_cap(Cap.X86_USER_SPACE_MSR, MsrExitReasonFlag.FILTER)
+            self._user_msr_enabled = True
+        if wanted is None:
+            vm.set_msr_filter(False, [])
+        elif wanted[0] == "all":
+            vm.set_msr_filter(True, [])
+        else:
+            ranges = []
+            self._filter_buffers = []
+            for flag, base, bits, count in self.msr_bitmap.kvm_filter_ranges():
+                buf = (ctypes.c_uint8 * len(bits)).from_buffer_copy(bits)
+                self._filter_buffers.append(buf)
+                ranges.append((flag, base, buf, count))
+            vm.set_msr_filter(False, ranges)
+        self._msr_filter = wanted
+
+
 @dataclass
 class _Realised:
-    msr_filter: tuple | None = None
     guest_debug: int = -1
     tsc_offset: int | None = None
     tf: bool = False
 
 
 class Vmcs:
-    """The VMCS of the machine's vCPU."""
+    """The VMCS of one vCPU: its controls and exception bitmap, its guest state (the vCPU's
+    registers), its exit information (`info`), over the VM-wide bitmaps of `vmx`.
 
-    def __init__(self, machine: "Machine") -> None:
-        self.machine = machine
-        self.capabilities = vmx_capability_msrs(machine.kvm)
+    `step_requested` is set by the vCPU's step service while a step callback waits; the
+    realisation then asks KVM for a single step as it does for MTF."""
+
+    def __init__(self, vcpu: "Vcpu", info: ExitInfo, vmx: VmxVmState, user_mode: bool,
+                 on_routing_change: Callable[[], None] = lambda: None) -> None:
+        self.vcpu = vcpu
+        self.info = info
+        self.vmx = vmx
+        self.user_mode = user_mode
+        self.on_routing_change = on_routing_change
+        self.capabilities = vmx.capabilities
         self.controls: dict[VmcsField, int] = {}
         for cls, (field, msr) in _CONTROL_FIELDS.items():
             default = {ProcBasedControls: DEFAULT_PROC_BASED, SecondaryControls: DEFAULT_SECONDARY}.get(cls, 0)
             self.controls[field] = adjust_controls(default, self.capabilities[msr])
         self.exception_bitmap = 0
         self.tsc_offset = 0
-        self.msr_bitmap = MsrBitmap()
-        self.msr_bitmap.on_change = self.mark_dirty
-        self.io_bitmap = IoBitmaps()
-        self.io_bitmap.on_change = machine.invalidate_io_routes
+        self.step_requested = False
         self._realised = _Realised()
-        self._user_msr_enabled = False
         self.dirty = True
+        vmx.vmcses.append(self)
+
+    @property
+    def msr_bitmap(self) -> MsrBitmap:
+        return self.vmx.msr_bitmap
+
+    @property
+    def io_bitmap(self) -> IoBitmaps:
+        return self.vmx.io_bitmap
 
     def mark_dirty(self) -> None:
         """Realise the controls again before the next entry."""
@@ -267,8 +339,8 @@ class Vmcs:
     def read(self, field: VmcsField | int) -> int:
         """VMREAD."""
         field = VmcsField(field)
-        vcpu = self.machine.vcpu
-        info = self.machine.info
+        vcpu = self.vcpu
+        info = self.info
         if field in self.controls:
             return self.controls[field]
         if field == F.VMCS_CTRL_EXCEPTION_BITMAP:
@@ -276,7 +348,7 @@ class Vmcs:
         if field == F.VMCS_CTRL_TSC_OFFSET:
             return self.tsc_offset
         if field == F.VMCS_CTRL_EPT_POINTER:
-            return self.machine.ept.eptp
+            return self.vmx.eptp()
         if field in _REGISTER_FIELDS:
             return getattr(vcpu, _REGISTER_FIELDS[field])
         if field in _SEGMENT_FIELDS:
@@ -313,7 +385,7 @@ class Vmcs:
     def write(self, field: VmcsField | int, value: int) -> None:
         """VMWRITE; control fields are checked against the capability MSRs."""
         field = VmcsField(field)
-        vcpu = self.machine.vcpu
+        vcpu = self.vcpu
         group = field_group(field)
         if group == FieldGroup.EXIT_INFO:
             raise VmcsError(f"{field.name} is a read-only exit-information field (VMWRITE fails, SDM 31.3)")
@@ -323,7 +395,7 @@ class Vmcs:
             cls, msr = _FIELD_CONTROLS[field]
             check_controls(value, self.capabilities[msr], cls, msr)
             self.controls[field] = value
-            self.machine.invalidate_io_routes()
+            self.on_routing_change()
         elif field == F.VMCS_CTRL_EXCEPTION_BITMAP:
             self.exception_bitmap = value & 0xFFFFFFFF
         elif field == F.VMCS_CTRL_TSC_OFFSET:
@@ -362,23 +434,17 @@ class Vmcs:
     def realise(self) -> None:
         """Apply changed controls to KVM; runs before the next VM entry."""
         self.dirty = False
-        machine = self.machine
-        vcpu = machine.vcpu
+        vcpu = self.vcpu
         proc = self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
-        if proc & ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS:
-            wanted = ("bitmap", self.msr_bitmap.version) if self.msr_bitmap.any() else None
-        else:
-            wanted = ("all",)
-        if wanted != self._realised.msr_filter:
-            self._apply_msr_filter(wanted)
+        self.vmx.realise_msr_filter(bool(proc & ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS))
         debug = 0
         mtf = bool(proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
-        if machine.mode == "user" and mtf != self._realised.tf:
+        if self.user_mode and mtf != self._realised.tf:
             # KVM's single-step does not stop CPL-3 code on every host: MTF traps with
             # RFLAGS.TF instead, and the built-in kernel reports each #DB.
             vcpu.rflags = vcpu.rflags | RFLAGS_TF if mtf else vcpu.rflags & ~RFLAGS_TF
             self._realised.tf = mtf
-        if (mtf and machine.mode != "user") or machine._step_callbacks:
+        if (mtf and not self.user_mode) or self.step_requested:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP
         if self.exception_bitmap & (1 << 3):
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP
@@ -390,29 +456,6 @@ class Vmcs:
             vcpu.fd.set_msrs({IA32_TSC_ADJUST: offset & (1 << 64) - 1})
             self._realised.tsc_offset = offset
 
-    def _apply_msr_filter(self, wanted: tuple | None) -> None:
-        vm = self.machine.vm
-        if wanted is not None and not self._user_msr_enabled:
-            if not vm.check_extension(Cap.X86_MSR_FILTER) or not vm.check_extension(Cap.X86_USER_SPACE_MSR):
-                raise UnsupportedControlError(
-                    "MSR exits need KVM_CAP_X86_MSR_FILTER and KVM_CAP_X86_USER_SPACE_MSR, "
-                    "which this host lacks", 0, 0)
-            vm.enable_cap(Cap.X86_USER_SPACE_MSR, MsrExitReasonFlag.FILTER)
-            self._user_msr_enabled = True
-        if wanted is None:
-            vm.set_msr_filter(False, [])
-        elif wanted[0] == "all":
-            vm.set_msr_filter(True, [])
-        else:
-            ranges = []
-            self._filter_buffers = []
-            for flag, base, bits, count in self.msr_bitmap.kvm_filter_ranges():
-                buf = (ctypes.c_uint8 * len(bits)).from_buffer_copy(bits)
-                self._filter_buffers.append(buf)
-                ranges.append((flag, base, buf, count))
-            vm.set_msr_filter(False, ranges)
-        self._realised.msr_filter = wanted
-
 
 def control_class_for(name: str) -> IntFlag:
     """The control flag with this SDM name (e.g. "CPU_BASED_HLT_EXITING")."""
@@ -422,5 +465,5 @@ def control_class_for(name: str) -> IntFlag:
     raise KeyError(f"no VMX control named {name!r}")
 
 
-__all__ = ["Vmcs", "VmcsError", "MsrBitmap", "IoBitmaps", "capability_report", "capability_table",
+__all__ = ["Vmcs", "VmxVmState", "VmcsError", "MsrBitmap", "IoBitmaps", "capability_report", "capability_table",
            "vmx_capability_msrs", "host_capabilities", "control_class_for", "CONTROLS_FOR_MSR"]

@@ -258,7 +258,7 @@ def test_machine_add_ram_rejects_overlap(make_machine) -> None:
 
 
 def test_machine_memory_size_parsing(make_machine) -> None:
-    from minivmm.machine import parse_size
+    from minivmm.memory import parse_size
     assert parse_size("2M") == 2 << 20 and parse_size("64k") == 65536 and parse_size("0x2000") == 0x2000
     assert parse_size("1GiB") == 1 << 30
     assert parse_size("0x1B") == 0x1B and parse_size("2MB") == 2 << 20     # a hex B is a digit

@@ -398,7 +398,7 @@ def test_observers_see_every_exit_with_all_its_fields(make_machine) -> None:
     m.on(ExitReason.EXECUTE_RDMSR, lambda vcpu, info: None, msr=0x10)
     fields = ("reason", "qualification", "data", "msr", "instruction_length")
     seen = []
-    m.observers.append(lambda vcpu, info: seen.append(tuple(getattr(info, f) for f in fields)))
+    m.hooks.add("observe", lambda vcpu, info: seen.append(tuple(getattr(info, f) for f in fields)))
     r = m.run(timeout=5)
     assert r.reason == "hlt", r
     io = ExitReason.IO_INSTRUCTION

@@ -125,7 +125,7 @@ def backend(request) -> str:
 
 def with_backend(m, backend: str):
     from minivmm.ept_shadow import EptShadow
-    m._ept = EptShadow(m, backend=backend)
+    m.use_ept(EptShadow(m, backend=backend))
     return m.ept
 
 

@@ -121,7 +121,7 @@ def test_each_vcpu_has_its_own_exit_info_vmcs_and_stats(make_machine) -> None:
     result = machine.run(timeout=20)
     assert (result.reason, result.exit_code) == ("exit", 0), result
     assert seen == [(1, 1, 0xAA, "minivmm-vcpu1")]
-    bsp, ap = machine.smp.states
+    bsp, ap = machine.contexts
     assert ap.vmcs is not bsp.vmcs and ap.info is not bsp.info and ap.vcpu is machine.vcpus[1]
     assert ap.stats["IO_INSTRUCTION"].count == 1
     assert bsp.stats is machine.stats and machine.stats["IO_INSTRUCTION"].count == 1   # EXIT 0
@@ -161,7 +161,7 @@ def test_port_floods_on_two_vcpus_at_once(make_machine) -> None:
     result = machine.run(timeout=20)
     assert (result.reason, result.exit_code) == ("exit", 0), result
     assert seen == {0: list(range(500)), 1: list(range(500))}
-    assert [state.stats["IO_INSTRUCTION"].count for state in machine.smp.states] == [501, 500]
+    assert [state.stats["IO_INSTRUCTION"].count for state in machine.contexts] == [501, 500]
     assert not vcpu_threads()
 
 

@@ -274,7 +274,7 @@ class Harness:
         if reason in ("timeout", "exit_limit"):
             return RunOutcome(Status.TIMEOUT, reason, data, rip, message=message, new_blocks=new,
                               elapsed_s=elapsed)
-        exc = self.machine._last_exception
+        exc = self.machine.last_exception
         if reason == "exception" and exc is not None:
             crash = not target.crash_vectors or exc.vector in target.crash_vectors
             return RunOutcome(Status.CRASH if crash else Status.OK, reason, data, exc.rip, exc.vector,

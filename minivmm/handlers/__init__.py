@@ -16,10 +16,13 @@ leaf (CPUID).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from ..actions import Action
 from ..exits import ExitInfo, ExitReason
+
+if TYPE_CHECKING:
+    from ..devices.bus import PortBus
 
 Handler = Callable[..., Optional[Action]]
 _ANY = (0, (1 << 64) - 1)
@@ -57,12 +60,26 @@ class Dispatcher:
     def __init__(self) -> None:
         self._registrations: dict[ExitReason, list[Registration]] = {}
         self._defaults: dict[ExitReason, Handler] = {}
+        self._drops_unclaimed_writes: set[ExitReason] = set()
         self._cache: dict[tuple[int, int | None], tuple[Handler, ...]] = {}
         self.version = 0
 
-    def set_default(self, reason: ExitReason, handler: Handler) -> None:
+    def set_default(self, reason: ExitReason, handler: Handler, *,
+                    drops_unclaimed_writes: bool = False) -> None:
+        """The handler at the end of every chain of `reason`. `drops_unclaimed_writes`: it
+        ignores writes to ports no device claims, so the exit loop may leave it out of them."""
         self._defaults[reason] = handler
+        if drops_unclaimed_writes:
+            self._drops_unclaimed_writes.add(reason)
+        else:
+            self._drops_unclaimed_writes.discard(reason)
         self._changed()
+
+    def default(self, reason: ExitReason) -> Handler | None:
+        return self._defaults.get(reason)
+
+    def drops_unclaimed_writes(self, reason: ExitReason) -> bool:
+        return reason in self._drops_unclaimed_writes
 
     def on(self, reason: ExitReason, handler: Handler, **filters) -> Registration:
         unknown = set(filters) - set(FILTER_NAMES)
@@ -109,16 +126,16 @@ class Dispatcher:
         return None
 
 
-def install_defaults(machine) -> None:
-    """Register minivmm's default handler for every exit family on `machine`."""
+def install_defaults(dispatcher: Dispatcher, ports: "PortBus") -> None:
+    """Register minivmm's default handler for every exit family."""
     from . import ept, exception, hlt, hypercall, io, msr, mtf, timer, triple_fault
-    d = machine.dispatcher
-    d.set_default(ExitReason.IO_INSTRUCTION, io.port_devices(machine))
+    d = dispatcher
+    d.set_default(ExitReason.IO_INSTRUCTION, io.port_devices(ports), drops_unclaimed_writes=True)
     d.set_default(ExitReason.EXECUTE_RDMSR, msr.passthrough_rdmsr)
     d.set_default(ExitReason.EXECUTE_WRMSR, msr.passthrough_wrmsr)
     d.set_default(ExitReason.EXECUTE_VMCALL, hypercall.unknown_hypercall)
     d.set_default(ExitReason.EXECUTE_HLT, hlt.stop_on_hlt)
-    d.set_default(ExitReason.EXCEPTION_OR_NMI, exception.stop_on_exception(machine))
+    d.set_default(ExitReason.EXCEPTION_OR_NMI, exception.stop_on_exception)
     d.set_default(ExitReason.EPT_MISCONFIGURATION, ept.stop_on_unmapped)
     d.set_default(ExitReason.MONITOR_TRAP_FLAG, mtf.continue_after_step)
     d.set_default(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED, timer.stop_on_deadline)

@@ -1,0 +1,555 @@
+"""`VcpuContext`: one vCPU's VMX state and its exit loop.
+
+A context owns its vCPU, its VMCS model, its `ExitInfo`, its exit statistics,
+its step service, its pre-entry hooks and observers, and the last exception it
+saw; it shares a `minivmm.vm.Vm` with the other vCPUs of the machine. The exit
+loop goes through these stages for every exit:
+
+1. prepare: pre-entry hooks, VMCS realisation, register write-back;
+2. enter: KVM_RUN (`Vcpu.enter`, or `fastpath.IoLoop` for floods of port I/O);
+3. translate: KVM exit -> VMX exit (`minivmm.translate`, pure);
+4. observe: observers see the exit;
+5. dispatch: the handler chain of the exit reason picks an action;
+6. complete: the action is carried out (`_complete`), the only place that
+   writes replies, moves RIP and finishes an exit without entering the guest.
+"""
+from __future__ import annotations
+
+import struct
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from . import fastpath
+from .actions import Action, Inject, Resume, Stop
+from .exits import ExitInfo, ExitReason, Vector
+from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
+from .kvm import ExitKind, IoExit, KvmRun, decode_exit
+from .modes import CODE_BITS, EXCEPTION_PORT, HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
+from .translate import ExceptionReport, RestoreUserFrame, Translator, io_qualification
+from .vcpu import Vcpu, run_timer
+from .vmcs import Vmcs
+
+if TYPE_CHECKING:
+    from .vm import Vm
+
+__all__ = ["ExitStat", "HandlerError", "RunResult", "VcpuContext"]
+
+
+@dataclass
+class ExitStat:
+    """Exits of one basic reason: how many, and the time spent in their handlers."""
+    count: int = 0
+    handler_seconds: float = 0.0
+
+
+@dataclass
+class RunResult:
+    """How a run ended.
+
+    `reason`: exit (debug-exit port), hlt, timeout, triple_fault, exception,
+    error, exit_limit, stopped (a handler's Stop), interrupted (Ctrl-C).
+    `exit_code` is the value the guest wrote to the debug-exit port;
+    `exit_status` is QEMU's isa-debug-exit status for it, (code << 1) | 1.
+    """
+    reason: str
+    exit_code: int | None = None
+    console: str = ""
+    exits: dict[str, int] = field(default_factory=dict)
+    elapsed_s: float = 0.0
+    rip: int = 0
+    message: str = ""
+    exception: ExceptionReport | None = None
+    stats: dict[str, ExitStat] = field(default_factory=dict)
+    last_exit: str = ""
+
+    @property
+    def exit_status(self) -> int | None:
+        return None if self.exit_code is None else (self.exit_code << 1) | 1
+
+    def __str__(self) -> str:
+        text = f"{self.reason}"
+        if self.exit_code is not None:
+            text += f" code={self.exit_code}"
+        if self.message:
+            text += f": {self.message}"
+        return text
+
+
+class HandlerError(RuntimeError):
+    """An exception raised inside an exit handler; the run stopped."""
+
+
+class Kicked(Exception):
+    """Another vCPU stopped the machine: this vCPU's loop ends."""
+
+
+_EXIT_IO = int(ExitKind.IO)
+_IO_INSTRUCTION = int(ExitReason.IO_INSTRUCTION)
+_unpack_io = struct.Struct("<BBHIQ").unpack_from       # kvm_run.io: direction, size, port, count, data_offset
+_IO_EXIT_OFFSET = KvmRun.exit.offset
+_UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
+           4: struct.Struct("<I").unpack_from}
+_RESERVED_PORTS_LOW, _RESERVED_PORTS_HIGH = sorted((EXCEPTION_PORT, HYPERCALL_PORT))
+_ADVANCE_BY_LENGTH = frozenset({ExitReason.EXCEPTION_OR_NMI})
+_COMPLETED_BY_KVM = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.EXECUTE_RDMSR,
+                               ExitReason.EXECUTE_WRMSR, ExitReason.EPT_VIOLATION,
+                               ExitReason.EPT_MISCONFIGURATION})
+
+
+def handler_error(vcpu: Vcpu, info: ExitInfo, exc: BaseException) -> BaseException:
+    """What a raising callback stops the run with: a HandlerError chained to an Exception;
+    KeyboardInterrupt and other BaseExceptions pass through."""
+    if not isinstance(exc, Exception):
+        return exc
+    error = HandlerError(f"{info.reason.name} handler raised {type(exc).__name__}: {exc} "
+                         f"(guest rip={vcpu.rip:#x})")
+    error.__cause__ = exc
+    return error
+
+
+class VcpuContext:
+    """One vCPU of a machine and everything that is its own (see the module docstring)."""
+
+    def __init__(self, vm: "Vm", vcpu: Vcpu, mode: Mode) -> None:
+        self.vm = vm
+        self.vcpu = vcpu
+        self.index = vcpu.index
+        self.mode = Mode(mode)
+        self.info = ExitInfo()
+        self.info.vcpu_index = vcpu.index
+        self._io_routes = vm.route_cache()
+        self.vmcs = Vmcs(vcpu, self.info, vm.vmx, self.mode is Mode.USER,
+                         on_routing_change=self._io_routes.clear)
+        self.translator = Translator(self.mode)
+        self.stats: dict[str, ExitStat] = {}
+        self.pre_entry: list[Callable[[], None]] = []
+        self.observers: list[Callable[[Vcpu, ExitInfo], None]] = []
+        self.last_exception: ExceptionReport | None = None
+        self.last_result: RunResult | None = None
+        self.ept = None                  # the machine's EptShadow, once it has one
+        self.deadline_expired: Callable[[], bool] = lambda: run_timer.expired
+        self.stop_requested: Callable[[], bool] = lambda: False
+        self._io_loop: fastpath.IoLoop | None = None
+        self._steps: list[Callable[[Vcpu], None]] = []
+        self._step_rip: int | None = None
+        self._run_mmap = vcpu.fd.run_mmap
+
+    def close(self) -> None:
+        self._io_loop = None
+        self.vcpu.close()
+
+    # -- what the translation may read (minivmm.translate.CpuView) -------------------
+    @property
+    def rip(self) -> int:
+        return self.vcpu.rip
+
+    @property
+    def rsp(self) -> int:
+        return self.vcpu.rsp
+
+    @property
+    def rax(self) -> int:
+        return self.vcpu.rax
+
+    @property
+    def cr2(self) -> int:
+        return self.vcpu.cr2
+
+    def code_bits(self) -> int:
+        """16, 32 or 64: the operand size the CPU decodes guest code with now."""
+        cs = self.vcpu.segment("cs")
+        if not self.vcpu.cr0 & 1:
+            return 16
+        return 64 if cs.l else 32 if cs.db else 16
+
+    def read_code(self, rip: int, length: int) -> bytes:
+        """Guest code bytes at CS:rip (empty when unmapped); identity paging assumed when no
+        walker applies."""
+        from .pagewalk import read_virtual
+        linear = self.vcpu.segment("cs").base + rip if self.mode is Mode.REAL else rip
+        try:
+            return read_virtual(self.vm.memory, self.vcpu, linear, length)
+        except Exception:
+            return b""
+
+    def read_physical(self, gpa: int, length: int) -> bytes:
+        return self.vm.memory.read(gpa, length)
+
+    # -- the step service -----------------------------------------------------------
+    def step_once(self, callback: Callable[[Vcpu], None]) -> None:
+        """Run `callback(vcpu)` right after this vCPU's next instruction (one single step)."""
+        self._steps.append(callback)
+        self.vmcs.step_requested = True
+        self.vmcs.mark_dirty()
+
+    @property
+    def stepping(self) -> bool:
+        return bool(self._steps) or self.vmcs.mtf
+
+    def _stepped(self, info: ExitInfo) -> bool:
+        """One instruction retired under single-step: run the step callbacks; True when the
+        step is an exit (MTF, or the HLT the step went over), False when it was the step
+        service's alone."""
+        vcpu = self.vcpu
+        callbacks, self._steps = self._steps, []
+        if callbacks:
+            self.vmcs.step_requested = False
+            self.vmcs.mark_dirty()
+        for callback in callbacks:
+            callback(vcpu)
+        if not self.vmcs.mtf:
+            return False
+        previous, self._step_rip = self._step_rip, vcpu.rip
+        if previous is not None and self.read_code(previous, 1) == b"\xf4":
+            info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=info.detail)
+        return True
+
+    # -- I/O routes -------------------------------------------------------------------
+    def _io_route(self, port: int, is_out: bool) -> tuple:
+        """The handlers an access to `port` goes through: the user's when the I/O bitmap (or
+        unconditional I/O exiting) selects the port, then the default, which is left out for
+        writes to a port no device claims when it would drop them anyway. Cached under
+        `port << 1 | is_out`."""
+        key = port << 1 | is_out
+        route = self._io_routes.get(key)
+        if route is None:
+            chain = self.vm.dispatcher.chain(ExitReason.IO_INSTRUCTION, port)
+            if not self.vmcs.io_reaches_handlers(port):
+                chain = chain[-1:]
+            if (is_out and chain and port not in self.vm.ports.by_port
+                    and self.vm.dispatcher.drops_unclaimed_writes(ExitReason.IO_INSTRUCTION)):
+                chain = chain[:-1]
+            route = self._io_routes[key] = chain
+        return route
+
+    def _io_fast_route(self, high: int) -> tuple[int, IoExit, tuple] | None:
+        """(qualification, detail, handlers) of the single-item I/O exits whose packed form
+        (`minivmm.fastpath`) has upper half `high`, cached under `high` (above 2**24, clear
+        of the `_io_route` keys). None for the exits the general path takes: multi-item
+        (REP) accesses and the built-in kernel's ports."""
+        port, size, is_out, multi, _ = unpack_io(high << 32)
+        if multi or _RESERVED_PORTS_LOW <= port <= _RESERVED_PORTS_HIGH:
+            return None
+        data_offset = _unpack_io(self._run_mmap, _IO_EXIT_OFFSET)[4]
+        route = self._io_routes[high] = (io_qualification(port, size, is_out, 1),
+                                         IoExit(port, size, is_out, 1, data_offset),
+                                         self._io_route(port, is_out))
+        return route
+
+    def _c_io_loop(self) -> fastpath.IoLoop:
+        """The C exit loop over this context's objects (kept while they stay the same)."""
+        objects = (self._io_routes, self.info, self.vcpu, self.vmcs, self.pre_entry, self.observers)
+        loop = self._io_loop
+        if loop is None or not loop.serves(*objects):
+            loop = self._io_loop = fastpath.IoLoop(*objects)
+        return loop
+
+    # -- running ----------------------------------------------------------------------
+    def run(self, timeout: float | None = None, max_exits: int | None = None,
+            console: Callable[[], str] = lambda: "") -> RunResult:
+        """`run_raw`, then the RunResult (also kept as `last_result`)."""
+        counts, seconds = [0] * 80, [0.0] * 80
+        start = time.perf_counter()
+        action: Stop | None = None
+        try:
+            action = self.run_raw(timeout, max_exits, counts, seconds)
+        except KeyboardInterrupt:
+            action = Stop("interrupted", message="interrupted by the user (SIGINT)")
+            raise
+        finally:
+            self.last_result = self._result(action, counts, seconds, time.perf_counter() - start,
+                                            console())
+        return self.last_result
+
+    def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
+                counts: list[int] | None = None, seconds: list[float] | None = None) -> Stop:
+        """The exit loop without building a RunResult; returns the Stop that ended it.
+
+        `counts` and `seconds`, lists of 80 indexed by basic exit reason, collect the
+        number of exits and the time spent in their handlers. Past the first 64 I/O
+        exits counted in `counts`, one in 16 is timed and the time scaled up (two
+        clock reads per exit would cost more than many handlers).
+
+        Single-item port I/O takes a fast path: after the first exit to a port its
+        qualification, detail and handler chain come from one dict lookup, and further
+        such exits are handled by `fastpath.IoLoop` in C until an exit, action or state
+        change needs this loop.
+        """
+        if counts is None:
+            counts = [0] * 80
+        if seconds is None:
+            seconds = [0.0] * 80
+        io_samples, io_timed, io_first = 0, 0.0, counts[_IO_INSTRUCTION]
+        clock = time.perf_counter
+        vcpu = self.vcpu
+        fd = vcpu.fd
+        run = fd.run
+        info = self.info
+        vmcs = self.vmcs
+        io_routes = self._io_routes
+        pre_entry = self.pre_entry
+        observers = self.observers
+        enter = vcpu.enter
+        run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
+        io_loop = None            # the C loop, fetched at the first exit it can take
+        c_loop = synced and fastpath.COMPILED
+        n = io_first              # counts[IO] plus the fast-path I/O exits of this run
+        io_ready = False          # info holds a fast-path I/O exit: only three fields change
+        io_tag = IO_TAG
+        action: Action | None = None
+        self.last_exception = None
+        self._step_rip = vcpu.rip
+        limit = max_exits if max_exits is not None else -1
+        if timeout is not None:
+            run_timer.arm(vcpu, timeout)
+        try:
+            while True:
+                if limit == 0:
+                    action = Stop("exit_limit", message=f"exit limit {max_exits} reached")
+                    break
+                limit -= 1
+                if pre_entry:
+                    for hook in tuple(pre_entry):          # a hook may remove itself
+                        hook()
+                if vmcs.dirty:
+                    vmcs.realise()
+                if vcpu._dirty or not synced:
+                    kind = enter()
+                elif io_ready and c_loop and not pre_entry and not observers:
+                    if io_loop is None:
+                        io_loop = self._c_io_loop()
+                    kind, n, limit = io_loop.enter(vcpu_fd, run_arg, n, limit)
+                    if kind == LOOP_YIELD:
+                        status = io_loop.status
+                        if status == LOOP_STATE:
+                            continue
+                        outcome = io_loop.out.pop()
+                        if status == LOOP_ERROR:
+                            raise handler_error(vcpu, info, outcome)
+                        io_ready = outcome.__class__ is Resume and outcome.advance   # info stays as is
+                        if self._finish_io(info, outcome):
+                            action = outcome
+                            break
+                        continue
+                    if kind < 0:
+                        kind = vcpu._entry_failed(-kind)
+                else:                                       # vcpu.enter(), inlined
+                    kind = run_packed(vcpu_fd, run_arg)
+                    if kind < 0:
+                        kind = vcpu._entry_failed(-kind)
+                if kind >= io_tag:
+                    route = io_routes.get(kind >> 32) or self._io_fast_route(kind >> 32)
+                    if route is not None:
+                        n += 1
+                        qualification, detail, chain = route
+                        if io_ready:
+                            info.qualification, info.detail, info.data = qualification, detail, \
+                                kind & 0xFFFFFFFF
+                        else:
+                            info.reset_io(qualification, detail, kind & 0xFFFFFFFF)
+                            io_ready = True
+                        if observers:
+                            for observer in observers:
+                                observer(vcpu, info)
+                        action = None
+                        timed = n < 64 or not n & 15             # see the docstring
+                        if timed:
+                            began = clock()
+                        try:
+                            for handler in chain:
+                                action = handler(vcpu, info)
+                                if action is not None:
+                                    break
+                        except Exception as exc:
+                            raise handler_error(vcpu, info, exc)
+                        if timed:
+                            io_timed += clock() - began
+                            io_samples += 1
+                        if action is None:
+                            continue
+                        io_ready = action.__class__ is Resume and action.advance   # info stays as is
+                        if self._finish_io(info, action):
+                            break
+                        continue
+                    out_data = kind & 0xFFFFFFFF
+                    kind = _EXIT_IO
+                else:
+                    out_data = 0
+                io_ready = False
+                key = self._translate(kind, run, out_data)
+                if key is _NO_EXIT:
+                    continue
+                if observers:
+                    for observer in observers:
+                        observer(vcpu, info)
+                reason = info.reason
+                counts[reason] += 1
+                began = clock()
+                if reason == ExitReason.IO_INSTRUCTION:
+                    action = self._dispatch_io(info, key)
+                elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
+                    action = self._dispatch_chain(self.vm.dispatcher.chain(reason, key)[-1:], info)
+                else:
+                    action = self._dispatch_chain(self.vm.dispatcher.chain(reason, key), info)
+                seconds[reason] += clock() - began
+                if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
+                    action = self._complete_msr(info, action)
+                if action is None:
+                    action = Resume()
+                if self._complete(info, action):
+                    break
+        finally:
+            run = run_arg = None    # no kvm_run views kept alive by a traceback
+            if timeout is not None:
+                run_timer.disarm()
+            if io_loop is not None:
+                c_seconds, c_samples = io_loop.take_stats()
+                io_timed += c_seconds
+                io_samples += c_samples
+            counts[_IO_INSTRUCTION] += n - io_first
+            if io_samples:
+                seconds[_IO_INSTRUCTION] += io_timed * (n - io_first) / io_samples
+        return action
+
+    # -- translate ----------------------------------------------------------------------
+    def _translate(self, kind: int, run, out_data: int) -> int | None | object:
+        """Fill `self.info` for the exit; its dispatch key, or _NO_EXIT when there is no VMX
+        exit to report (a signal, or a step the step service took)."""
+        info = self.info
+        if kind == ExitKind.INTR:
+            if self.deadline_expired():
+                info.reset(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED)
+                return None
+            if self.stop_requested():
+                raise Kicked()
+            return _NO_EXIT
+        exit = decode_exit(run)
+        ept = self.ept
+        if ept is not None:
+            translated = None
+            if kind == ExitKind.MMIO:
+                translated = ept.translate_mmio(exit)
+            elif kind == ExitKind.INTERNAL_ERROR:
+                translated = ept.translate_fetch_fault(exit)
+            if translated is not None:
+                return _NO_EXIT if translated[0] is None else translated[1]
+        translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
+                                                out_data=out_data)
+        if translation is None:
+            return _NO_EXIT
+        if translation.restore is not None:
+            self._restore_user_frame(translation.restore)
+        if translation.exception is not None:
+            self.last_exception = translation.exception
+        if translation.step and not self._stepped(info):
+            return _NO_EXIT
+        return translation.key
+
+    def translate_exit(self, kind: int, run) -> tuple[ExitInfo | None, int | None]:
+        """(info, key) for an exit the EPT took from KVM_RUN itself; info None for no exit."""
+        key = self._translate(kind, run, 0)
+        return (None, None) if key is _NO_EXIT else (self.info, key)
+
+    def _restore_user_frame(self, frame: RestoreUserFrame) -> None:
+        vcpu = self.vcpu
+        vcpu.rip, vcpu.rsp, vcpu.rflags = frame.rip, frame.rsp, frame.rflags
+        sregs = vcpu.sregs
+        sregs.cs.selector, sregs.cs.dpl, sregs.cs.l, sregs.cs.db = SEL_USER_CODE64, 3, 1, 0
+        sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
+        vcpu.set_sregs(sregs)
+
+    # -- dispatch ---------------------------------------------------------------------
+    def _dispatch_io(self, info: ExitInfo, port: int) -> Action | None:
+        vcpu = self.vcpu
+        try:
+            for handler in self._io_route(port, info.detail.is_out):
+                action = handler(vcpu, info)
+                if action is not None:
+                    if not info.detail.is_out:
+                        self._complete_in(info)
+                    return action
+        except Exception as exc:
+            raise handler_error(vcpu, info, exc)
+        return None
+
+    def _dispatch_chain(self, chain: tuple, info: ExitInfo) -> Action | None:
+        vcpu = self.vcpu
+        try:
+            for handler in chain:
+                action = handler(vcpu, info)
+                if action is not None:
+                    return action
+        except Exception as exc:
+            raise handler_error(vcpu, info, exc)
+        return None
+
+    # -- complete ---------------------------------------------------------------------
+    def _finish_io(self, info: ExitInfo, action: Action) -> bool:
+        """Carry out a handler's action on a fast-path I/O exit; True when the run ends."""
+        if not info.detail.is_out:
+            self._complete_in(info)
+        if action.__class__ is Resume and action.advance:
+            return False
+        return self._complete(info, action)
+
+    def _complete_in(self, info: ExitInfo) -> None:
+        """A handler answered an IN: its `info.data` goes to every item KVM asks for."""
+        exit = info.detail
+        value = (info.data & ((1 << (8 * exit.size)) - 1)).to_bytes(exit.size, "little")
+        self.vcpu.fd.io_data(exit)[:] = value * exit.count
+
+    def _complete_msr(self, info: ExitInfo, action: Action | None) -> Action | None:
+        """Give KVM the RDMSR/WRMSR outcome; a #GP becomes KVM's own error reply."""
+        fd = self.vcpu.fd
+        if isinstance(action, Inject) and action.vector == Vector.GP:
+            fd.set_msr_reply(0, error=True)
+            return Resume()
+        fd.set_msr_reply(info.data & (1 << 64) - 1)
+        return action
+
+    def _complete(self, info: ExitInfo, action: Action) -> bool:
+        """Carry out a handler's action; True when the run ends."""
+        vcpu = self.vcpu
+        if isinstance(action, Stop):
+            return True
+        if isinstance(action, Inject):
+            vcpu.inject_exception(action.vector, action.error_code, action.cr2)
+            return False
+        if isinstance(action, Resume):
+            if action.advance:
+                if info.reason in _ADVANCE_BY_LENGTH and info.instruction_length:
+                    vcpu.rip += info.instruction_length
+            elif info.reason in _COMPLETED_BY_KVM:
+                rip = self._io_instruction_start(info) if info.reason == ExitReason.IO_INSTRUCTION \
+                    else vcpu.rip
+                vcpu.fd.run.immediate_exit = 1
+                vcpu.run_once()
+                vcpu.rip = rip
+            return False
+        raise TypeError(f"a handler returned {action!r}; expected Resume, Inject, Stop or None")
+
+    def _io_instruction_start(self, info: ExitInfo) -> int:
+        """RIP of the I/O instruction of the current exit (some hosts report an OUT with RIP
+        past it)."""
+        insn = self.translator.io_instruction(self, info.detail.is_out)
+        return self.vcpu.rip if insn is None else insn.start
+
+    def _result(self, action: Stop | None, counts: list[int], seconds: list[float],
+                elapsed: float, console: str) -> RunResult:
+        if not isinstance(action, Stop):
+            action = Stop("error", message="run ended without a result")
+        stats = {ExitReason(i).name: ExitStat(n, seconds[i]) for i, n in enumerate(counts) if n}
+        for name, stat in stats.items():
+            total = self.stats.setdefault(name, ExitStat())
+            total.count += stat.count
+            total.handler_seconds += stat.handler_seconds
+        return RunResult(reason=action.reason, exit_code=action.exit_code, console=console,
+                         exits={name: s.count for name, s in stats.items()}, elapsed_s=elapsed,
+                         rip=self.vcpu.rip if self.vcpu._regs is not None else 0,
+                         message=action.message,
+                         exception=self.last_exception if action.reason == "exception" else None,
+                         stats=stats, last_exit=str(self.info))
+
+
+_NO_EXIT = object()

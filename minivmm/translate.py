@@ -1,0 +1,283 @@
+"""KVM exit -> VMX exit: the translation, and nothing else.
+
+`Translator.translate` takes a decoded KVM exit (`minivmm.kvm`), a read-only view
+of the vCPU (`CpuView`) and fills the vCPU's `ExitInfo` with the VMX basic exit
+reason, qualification, instruction length and interruption information that a
+VT-x processor would report (SDM vol. 3C 27.2, appendix C). What the exit loop
+must do because of the translation is returned as a continuation, never done
+here: this module issues no ioctl and changes no guest state, so every exit kind
+and host quirk is tested with fabricated exits and no VM (tests/test_translate.py).
+
+Host facts the translation depends on (see the README's host section):
+- VMCALL cannot reach user space on KVM; minivmm's hypercall ABI is an OUT to
+  HYPERCALL_PORT, reported as EXECUTE_VMCALL.
+- In user mode every exception goes through an IDT stub of the built-in kernel
+  that reports with an OUT to EXCEPTION_PORT; the frame it leaves on the kernel
+  stack is unwound into the exception the user code raised (`RestoreUserFrame`).
+- KVM reports some hosts' OUT exits with RIP already past the instruction; the
+  instruction is found by decoding around RIP (`find_io_instruction`).
+- An `int3` that KVM cannot emulate at CPL 0 arrives as an emulation failure
+  whose instruction bytes start with 0xcc: a #BP exception exit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from .disasm import disassemble
+from .exits import (EXCEPTIONS_WITH_ERROR_CODE, ExitInfo, ExitReason, InterruptionInfo,
+                    InterruptionType, IoQualification, Vector, vector_name)
+from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, InternalErrorKind, IoExit,
+                  KvmError, MmioExit, MsrExit)
+from .modes import EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, Mode, StubFrame, decode_stub_frame
+
+__all__ = ["CpuView", "ExceptionReport", "GuestFault", "IoInstruction", "RestoreUserFrame",
+           "Translation", "Translator", "find_io_instruction", "io_qualification"]
+
+
+class GuestFault(RuntimeError):
+    """The host could not go on with the guest (e.g. an emulation failure)."""
+
+
+class CpuView(Protocol):
+    """What the translation may read of a vCPU: registers, guest code and memory."""
+
+    @property
+    def rip(self) -> int: ...
+
+    @property
+    def rsp(self) -> int: ...
+
+    @property
+    def rax(self) -> int: ...
+
+    @property
+    def cr2(self) -> int: ...
+
+    def code_bits(self) -> int:
+        """16, 32 or 64: the operand size guest code is decoded with now."""
+
+    def read_code(self, rip: int, length: int) -> bytes:
+        """Guest code at CS:rip, empty where nothing is mapped."""
+
+    def read_physical(self, gpa: int, length: int) -> bytes:
+        """Guest-physical memory."""
+
+
+@dataclass(frozen=True, slots=True)
+class ExceptionReport:
+    """An exception the guest raised: what `Machine.last_exception` and RunResult show."""
+    vector: int
+    error_code: int | None
+    cr2: int | None
+    rip: int
+
+    def __str__(self) -> str:
+        text = f"{vector_name(self.vector)} (vector {self.vector}) at rip={self.rip:#x}"
+        if self.error_code is not None:
+            text += f" error_code={self.error_code:#x}"
+        if self.cr2 is not None:
+            text += f" cr2={self.cr2:#x}"
+        return text
+
+
+@dataclass(frozen=True, slots=True)
+class RestoreUserFrame:
+    """Continuation: put the user code's state back as the built-in kernel's stub found it,
+    so that handlers see the faulting instruction (RIP, RSP, RFLAGS, user CS and SS)."""
+    rip: int
+    rsp: int
+    rflags: int
+
+
+@dataclass(frozen=True, slots=True)
+class IoInstruction:
+    """The IN/OUT/INS/OUTS that caused an I/O exit, decoded from guest code."""
+    start: int
+    length: int
+    string: bool
+    rep: bool
+    immediate: bool
+
+
+@dataclass(slots=True)
+class Translation:
+    """What `Translator.translate` found besides the filled ExitInfo.
+
+    `key` is the dispatch filter value (port, MSR, vector, GPA, hypercall
+    number), `restore` the stub-frame continuation, `step` whether the exit is a
+    single-step trap that belongs to the step service, `exception` the exception
+    the exit reports."""
+    key: int | None = None
+    restore: RestoreUserFrame | None = None
+    step: bool = False
+    exception: ExceptionReport | None = None
+
+
+_IN_MNEMONICS = frozenset({"in", "insb", "insw", "insd"})
+_OUT_MNEMONICS = frozenset({"out", "outsb", "outsw", "outsd"})
+_STRING_MNEMONICS = frozenset({"insb", "insw", "insd", "outsb", "outsw", "outsd"})
+
+
+def find_io_instruction(window: bytes, window_start: int, rip: int, bits: int,
+                        is_out: bool) -> IoInstruction | None:
+    """The I/O instruction of an exit at `rip`: the one that starts at `rip`, or the one that
+    ends there (hosts that report an OUT with RIP past it). `window` is guest code from
+    `window_start`, covering at least rip-4 .. rip+15."""
+    wanted = _OUT_MNEMONICS if is_out else _IN_MNEMONICS
+    for start in (rip, rip - 1, rip - 2, rip - 3, rip - 4):
+        offset = start - window_start
+        if offset < 0 or offset >= len(window):
+            continue
+        insn = disassemble(window[offset:], start, bits, 1)
+        if not insn:
+            continue
+        words = insn[0][2].split()
+        rep = words[0].startswith("rep") and len(words) > 1
+        mnemonic = words[1] if rep else words[0]
+        length = len(insn[0][1])
+        if mnemonic in wanted and (start == rip or start + length == rip):
+            string = mnemonic in _STRING_MNEMONICS
+            immediate = not string and "dx" not in insn[0][2].split(None, 1)[-1] if len(words) > 1 \
+                else False
+            return IoInstruction(start, length, string, rep, immediate)
+    return None
+
+
+def io_qualification(port: int, size: int, is_out: bool, count: int,
+                     insn: IoInstruction | None = None) -> int:
+    """SDM 27.2.1, table "Exit Qualification for I/O Instructions". Without the decoded
+    instruction only a multi-item access is known to be a REP string instruction."""
+    if insn is None:
+        return IoQualification(size, not is_out, count > 1, count > 1, True, port).encode()
+    return IoQualification(size, not is_out, insn.string, insn.rep, not insn.immediate, port).encode()
+
+
+class Translator:
+    """Translates one vCPU's KVM exits for a machine in `mode`."""
+
+    def __init__(self, mode: Mode) -> None:
+        self.mode = Mode(mode)
+
+    def io_instruction(self, cpu: CpuView, is_out: bool) -> IoInstruction | None:
+        rip = cpu.rip
+        start = max(rip - 4, 0)
+        window = cpu.read_code(start, rip - start + 16)
+        if len(window) < rip - start + 1:
+            return None
+        return find_io_instruction(window, start, rip, cpu.code_bits(), is_out)
+
+    def translate(self, kind: int, exit: object, cpu: CpuView, info: ExitInfo, *,
+                  stepping: bool = False, deadline_expired: bool = False,
+                  out_data: int = 0) -> Translation | None:
+        """Fill `info` for the KVM exit `exit` of kind `kind`; None when the exit is no VMX exit
+        (a signal that is not the deadline). `stepping`: a single-step is in progress (MTF or
+        the step service). `out_data`: the first item an OUT wrote."""
+        if kind == ExitKind.INTR:
+            if deadline_expired:
+                info.reset(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED)
+                return Translation()
+            return None
+        if kind == ExitKind.IO:
+            return self._io(exit, cpu, info, stepping, out_data)
+        if kind == ExitKind.HLT:
+            info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit)
+            return Translation()
+        if kind == ExitKind.SHUTDOWN or kind == ExitKind.SYSTEM_EVENT:
+            info.reset(ExitReason.TRIPLE_FAULT, detail=exit)
+            return Translation()
+        if kind == ExitKind.MMIO:
+            assert isinstance(exit, MmioExit)
+            info.reset(ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
+                       detail=exit)
+            return Translation(exit.phys_addr)
+        if kind == ExitKind.FAIL_ENTRY:
+            assert isinstance(exit, FailEntryExit)
+            info.reset(ExitReason.INVALID_GUEST_STATE, exit.hardware_entry_failure_reason,
+                       entry_failure=True, detail=exit)
+            return Translation()
+        if kind == ExitKind.INTERNAL_ERROR:
+            return self._internal_error(exit, cpu, info)
+        if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
+            assert isinstance(exit, MsrExit)
+            reason = ExitReason.EXECUTE_WRMSR if exit.is_write else ExitReason.EXECUTE_RDMSR
+            info.reset(reason, instruction_length=2, detail=exit, msr=exit.index,
+                       data=exit.data if exit.is_write else 0)
+            return Translation(exit.index)
+        if kind == ExitKind.DEBUG:
+            assert isinstance(exit, DebugExit)
+            if exit.exception == Vector.DB and stepping:
+                info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+                return Translation(step=True)
+            vector = exit.exception
+            software = vector == Vector.BP
+            itype = InterruptionType.SOFTWARE_EXCEPTION if software else \
+                InterruptionType.HARDWARE_EXCEPTION
+            info.reset(ExitReason.EXCEPTION_OR_NMI, detail=exit,
+                       interruption_info=InterruptionInfo(vector, itype).encode())
+            return Translation(vector, exception=ExceptionReport(vector, None, None, exit.pc))
+        name = ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind
+        raise KvmError("KVM_RUN", 0, f"unexpected KVM exit {name}: {exit}")
+
+    def _io(self, exit: IoExit, cpu: CpuView, info: ExitInfo, stepping: bool,
+            out_data: int) -> Translation:
+        if exit.port == EXCEPTION_PORT and self.mode is Mode.USER and \
+                STUBS_ADDR <= cpu.rip < STUBS_ADDR + 256 * STUB_SIZE:
+            return self._user_exception(exit, cpu, info, stepping)
+        if exit.port == HYPERCALL_PORT and exit.is_out:
+            insn = self.io_instruction(cpu, True)
+            info.reset(ExitReason.EXECUTE_VMCALL, detail=exit,
+                       instruction_length=insn.length if insn is not None else 0)
+            return Translation(cpu.rax)
+        insn = self.io_instruction(cpu, exit.is_out)
+        info.reset(ExitReason.IO_INSTRUCTION,
+                   io_qualification(exit.port, exit.size, exit.is_out, exit.count, insn),
+                   instruction_length=insn.length if insn is not None else 0,
+                   detail=exit, data=out_data if exit.is_out else 0)
+        return Translation(exit.port)
+
+    def _user_exception(self, exit: IoExit, cpu: CpuView, info: ExitInfo,
+                        stepping: bool) -> Translation:
+        frame = decode_stub_frame(cpu.read_physical(cpu.rsp, StubFrame.SIZE))
+        vector = frame.vector
+        rip = frame.rip
+        if vector == Vector.DB and stepping:
+            info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+            return Translation(restore=RestoreUserFrame(rip, frame.rsp, frame.rflags), step=True)
+        has_error = vector in EXCEPTIONS_WITH_ERROR_CODE
+        error_code = frame.error_code if has_error else None
+        cr2 = cpu.cr2 if vector == Vector.PF else None
+        itype = InterruptionType.HARDWARE_EXCEPTION
+        length = 0
+        if vector in (Vector.BP, Vector.OF):
+            itype = InterruptionType.SOFTWARE_EXCEPTION
+            rip -= 1           # int3 / into are traps: report the instruction itself
+            length = 1
+        info.reset(ExitReason.EXCEPTION_OR_NMI,
+                   interruption_info=InterruptionInfo(vector, itype, has_error).encode(),
+                   interruption_error_code=error_code or 0, instruction_length=length, detail=exit)
+        return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags),
+                           exception=ExceptionReport(vector, error_code, cr2, rip))
+
+    def _internal_error(self, exit: InternalErrorExit, cpu: CpuView, info: ExitInfo) -> Translation:
+        code = exit.instruction_bytes()
+        rip = cpu.rip
+        if exit.suberror == InternalErrorKind.EMULATION and code[:1] == b"\xcc":
+            breakpoint = InterruptionInfo(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION)
+            info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
+                       interruption_info=breakpoint.encode())
+            return Translation(int(Vector.BP), exception=ExceptionReport(Vector.BP, None, None, rip))
+        suberror = InternalErrorKind(exit.suberror).name if exit.suberror in (1, 2, 3, 4) \
+            else exit.suberror
+        raise GuestFault(f"KVM could not emulate the instruction at rip={rip:#x} "
+                         f"({describe_code(code, cpu.code_bits())}); suberror {suberror}")
+
+
+def describe_code(code: bytes, bits: int) -> str:
+    if not code:
+        return "no instruction bytes reported"
+    text = code.hex(" ")
+    insn = disassemble(code, 0, bits, 1)
+    if insn:
+        text += f": {insn[0][2]}"
+    return text
