@@ -378,17 +378,12 @@ class _Builder:
         for rule in config.msrs:
             if rule.action == "allow":
                 continue
-            vmcs.msr_bitmap.intercept(rule.msr, read=rule.read, write=rule.write)
             handler = rules.msr_handler(machine, rule)
             if rule.read:
                 machine.on(ExitReason.EXECUTE_RDMSR, handler, msr=rule.msr)
             if rule.write:
                 machine.on(ExitReason.EXECUTE_WRMSR, handler, msr=rule.msr)
         for rule in config.io:
-            io_bitmap = getattr(vmcs, "io_bitmap", None)
-            if io_bitmap is not None:
-                for port in range(rule.start, rule.end):
-                    io_bitmap.intercept(port)
             machine.on(ExitReason.IO_INSTRUCTION, rules.io_handler(machine, rule),
                        port=(rule.start, rule.end))
         if config.cpuid:
