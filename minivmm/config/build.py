@@ -15,18 +15,26 @@ import importlib.util
 import io
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Any, Callable
 
+from ..devices import DebugExit, PortDevice, Serial16550
 from ..exits import ExitReason
 from ..machine import Machine, RunResult
+from ..modes import CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, Mode
 from . import rules
 from .rules import RuleStop
 from .schema import Address, Config, ConfigError, ExpectConfig, ImageConfig, Loc
 
+if TYPE_CHECKING:
+    from ..loaders import LoadedImage
+    from ..vmcs import Vmcs
+
+
 class _StreamSink:
     """Console bytes to a stream (binary, or text without a `.buffer`), flushed at each newline."""
 
-    def __init__(self, stream) -> None:
+    def __init__(self, stream: IO[bytes] | IO[str]) -> None:
         self.stream = getattr(stream, "buffer", stream)
         self.text = isinstance(self.stream, io.TextIOBase)
 
@@ -132,7 +140,7 @@ def build_machine(config: Config, *, capture_console: bool = False,
     return machine
 
 
-def run_config(config: Config, **kwargs) -> tuple[RunResult, ConfiguredMachine]:
+def run_config(config: Config, **kwargs: Any) -> tuple[RunResult, ConfiguredMachine]:
     """Build, run and close; returns the result and the (closed) machine for its counters."""
     with build_machine(config, **kwargs) as machine:
         result = machine.run_config()
@@ -269,8 +277,7 @@ class _Builder:
             self.initial_registers.update(loaded.registers)
         return entry
 
-    def load_image(self, image: ImageConfig, loaders):
-        from ..modes import CODE_BITS, DEFAULT_LOAD_ADDRESS, Mode
+    def load_image(self, image: ImageConfig, loaders: ModuleType) -> LoadedImage:
         mode = Mode(self.config.machine.mode)
         if image.type == "asm":
             address = self.resolve(image.address, DEFAULT_LOAD_ADDRESS[mode])
@@ -308,7 +315,6 @@ class _Builder:
 
     # -- devices ------------------------------------------------------------------------
     def devices(self) -> None:
-        from ..devices import DebugExit, Serial16550
         machine, devices = self.machine, self.config.devices
         serial, debug = devices.serial, devices.debug_exit
         if not serial.enabled or serial.port != machine.serial.base:
@@ -323,17 +329,16 @@ class _Builder:
             if debug.enabled:
                 self.plug(machine.debug_exit, "devices.debug_exit.port")
 
-    def unplug(self, device) -> None:
+    def unplug(self, device: PortDevice) -> None:
         self.machine.remove_device(device)
 
-    def plug(self, device, key: str) -> None:
+    def plug(self, device: PortDevice, key: str) -> None:
         try:
             self.machine.add_device(device)
         except ValueError as exc:
             raise ConfigError(str(exc), str(self.config.path), key) from None
 
     def hypercalls(self) -> None:
-        from ..modes import HYPERCALL_PORT
         machine, hyper = self.machine, self.config.devices.hypercall
         for rule in hyper.calls:
             machine.on(ExitReason.EXECUTE_VMCALL, rules.hypercall_handler(machine, rule), number=rule.number)
@@ -349,7 +354,7 @@ class _Builder:
                        address=(start, end))
 
     # -- VMCS ----------------------------------------------------------------------------
-    def vmcs_model(self, key: str, loc: Loc):
+    def vmcs_model(self, key: str, loc: Loc) -> Vmcs:
         try:
             return self.machine.vmcs
         except AttributeError:

@@ -12,11 +12,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
 
 from ..actions import RESUME, RETRY, Inject, Stop
+from ..disasm import instruction_length
 from ..exits import ExitReason, Vector, vector_name
+from ..modes import CODE_BITS, Mode
 from .schema import ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule, MonitorRule, MsrRule
 
 if TYPE_CHECKING:
     from ..machine import Machine
+    from ..vcpu import Vcpu
     from .build import ConfiguredMachine
 
 
@@ -25,9 +28,7 @@ class RuleStop(Exception):
     `ConfiguredMachine.run` turns it into a "stopped" result."""
 
 
-def _instruction_length(machine: Machine, vcpu) -> int:
-    from ..disasm import instruction_length
-    from ..modes import CODE_BITS, Mode
+def _instruction_length(machine: Machine, vcpu: Vcpu) -> int:
     address = vcpu.rip
     if machine.mode is Mode.REAL:
         address += vcpu.segment("cs").base
@@ -38,7 +39,7 @@ def _instruction_length(machine: Machine, vcpu) -> int:
     return instruction_length(code, CODE_BITS[machine.mode])
 
 
-def _skip(machine: Machine, vcpu, length: int = 0) -> None:
+def _skip(machine: Machine, vcpu: Vcpu, length: int = 0) -> None:
     length = length or _instruction_length(machine, vcpu)
     if not length:
         raise RuntimeError(f"cannot decode the instruction at rip={vcpu.rip:#x} to skip it")

@@ -381,7 +381,7 @@ class Config:
     handlers: list[tuple[str, Loc]] = field(default_factory=list)
     expect: ExpectConfig | None = None
     fuzz: FuzzConfig | None = None
-    platform: "PlatformConfig" = field(default_factory=lambda: _platform_config())
+    platform: "PlatformConfig" = field(default_factory=lambda: platform_config())
 
     @property
     def name(self) -> str:
@@ -392,7 +392,9 @@ class Config:
         return self.path.parent
 
 
-def _platform_config(**kwargs: Any) -> "PlatformConfig":
+def platform_config(**kwargs: Any) -> "PlatformConfig":
+    """A `minivmm.platform.PlatformConfig`; the import waits for the first call, so importing the
+    schema does not load minivmm.platform."""
     from ..platform import PlatformConfig
     return PlatformConfig(**kwargs)
 

@@ -17,13 +17,14 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import yaml
 
-from ..exits import Vector
+from .. import controls
+from ..exits import Vector, vector_name
 from ..memory import parse_size
 from .schema import (DEFAULT_MEMORY, SCHEMA_VERSION, Address, BuildConfig, Config, ConfigError,
                      ControlSetting, CpuidRule, DebugExitConfig, DevicesConfig, EptConfig, ExceptionRule,
                      ExpectConfig, FuzzConfig, HookRule, HypercallConfig, HypercallRule, ImageConfig, IoRule,
                      Loc, MachineConfig, MmioRule, ModuleConfig, MonitorRule, MsrRule, ProtectRule,
-                     SerialConfig, SymbolRef, VmcsConfig, _platform_config)
+                     SerialConfig, SymbolRef, VmcsConfig, platform_config)
 
 if TYPE_CHECKING:
     from ..platform import PlatformConfig
@@ -468,7 +469,7 @@ class _Validator:
                                                   "a list of \"module:function\" strings"), [])
         config.expect = m.get("expect", self.expect)
         config.fuzz = m.get("fuzz", self.fuzz)
-        config.platform = m.get("platform", self.platform, _platform_config())
+        config.platform = m.get("platform", self.platform, platform_config())
         if config.machine.vcpus > 1:
             platform_node = m.child("platform")
             if platform_node is not None and isinstance(platform_node.value, dict) and \
@@ -483,7 +484,7 @@ class _Validator:
         from ..platform import RamWindow, ScratchConfig
         m = _Map(node, ("irqchip", "pit", "fw_cfg", "acpi", "pci", "scratch", "ram_windows",
                         "strict_ports"))
-        platform = _platform_config(irqchip=m.get("irqchip", _bool, False), pit=m.get("pit", _bool, False),
+        platform = platform_config(irqchip=m.get("irqchip", _bool, False), pit=m.get("pit", _bool, False),
                                     fw_cfg=m.get("fw_cfg", _bool, False), pci=m.get("pci", _bool, False),
                                     strict_ports=m.get("strict_ports", _bool, False))
         if platform.pit and not platform.irqchip:
@@ -705,7 +706,6 @@ class _Validator:
     def exception_rule(self, node: Node) -> ExceptionRule:
         m = _Map(node, ("vector", "action", "name", "log"))
         vector = m.need("vector", _vector, "e.g. \"#BP\"")
-        from ..exits import vector_name
         return ExceptionRule(vector, m.get("action", _choice("count", "log", "skip", "stop", "inject", "pass"),
                                            "count"),
                              m.get("name", _str, vector_name(vector)), m.get("log", _bool, False), _loc(node))
@@ -827,7 +827,6 @@ def _handler_spec(node: Node) -> str:
 
 
 def _control_names() -> dict[str, Any]:
-    from .. import controls
     names: dict[str, Any] = {}
     for cls in (controls.PinBasedControls, controls.ProcBasedControls, controls.SecondaryControls,
                 controls.VmExitControls, controls.VmEntryControls):
