@@ -238,6 +238,23 @@ def test_moved_devices_and_stop_rules(tmp_path: Path) -> None:
 
 
 @pytest.mark.kvm
+def test_msr_and_io_rules_set_exactly_their_bitmap_bits() -> None:
+    from minivmm.config import build_machine
+    config = parse_config(config_text(
+        "vmcs:\n  msrs:\n"
+        "    - {msr: 0x174, action: log, write: false}\n"
+        "    - {msr: 0xC0000080, action: count, read: false}\n"
+        "    - {msr: 0x10, action: allow}\n"
+        "  io:\n    - {port: [0x7FFE, 0x8002], action: ignore}\n    - {port: 0xFFFF, action: count}\n"))
+    with build_machine(config, capture_console=True) as machine:
+        msrs, ports = machine.vmcs.msr_bitmap, machine.vmcs.io_bitmap
+        assert [(msr, write) for msr in (0x10, 0x174, 0xC0000080) for write in (False, True)
+                if msrs.is_intercepted(msr, write)] == [(0x174, False), (0xC0000080, True)]
+        assert [port for port in [*range(0x7FF0, 0x8010), *range(0xFFF0, 0x10000)]
+                if ports.is_intercepted(port)] == [0x7FFE, 0x7FFF, 0x8000, 0x8001, 0xFFFF]
+
+
+@pytest.mark.kvm
 def test_execute_hook_stop_rule() -> None:
     from minivmm.config import build_machine
     config = load_config(ROOT / "configs" / "exec_hook_demo.yaml",

@@ -1,0 +1,479 @@
+"""Building a machine from a validated `Config`: `build_machine`, `ConfiguredMachine`, `check_config`.
+
+`_Builder` applies the config in order: devices, images (assembled, compiled,
+loaded; their symbols resolve the config's `SymbolRef`s), platform, mode
+setup and registers, then the VMCS, EPT, MMIO and hypercall rules (their
+handlers come from `minivmm.config.rules`) and last the Python handlers.
+Problems found only now are `ConfigError`s naming the key. `check_config`
+does the part of this that needs no VM.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import importlib.util
+import io
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import IO, TYPE_CHECKING, Any, Callable
+
+from ..devices import DebugExit, PortDevice, Serial16550
+from ..exits import ExitReason
+from ..machine import Machine, RunResult
+from ..modes import CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, Mode
+from . import rules
+from .rules import RuleStop
+from .schema import Address, Config, ConfigError, ExpectConfig, ImageConfig, Loc
+
+if TYPE_CHECKING:
+    from ..loaders import LoadedImage
+    from ..vmcs import Vmcs
+
+
+class _StreamSink:
+    """Console bytes to a stream (binary, or text without a `.buffer`), flushed at each newline."""
+
+    def __init__(self, stream: IO[bytes] | IO[str]) -> None:
+        self.stream = getattr(stream, "buffer", stream)
+        self.text = isinstance(self.stream, io.TextIOBase)
+
+    def __call__(self, data: bytes) -> None:
+        self.stream.write(data.decode("latin-1") if self.text else data)
+        if data == b"\n":
+            self.stream.flush()
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
+
+class ConfiguredMachine(Machine):
+    """A `Machine` built from a `Config`: also holds the rule counters and the event log."""
+
+    def __init__(self, config: Config, *, console: Callable[[bytes], object] | None = None,
+                 log: Callable[[str], None] | None = None) -> None:
+        self._closables: list[Any] = []
+        super().__init__(config.machine.memory, config.machine.mode, console=console,
+                         **({"vcpus": config.machine.vcpus, "irqchip": True}
+                            if config.platform.irqchip or config.machine.vcpus > 1 else {}))
+        self.config = config
+        self.counters: dict[str, int] = {}
+        self.events: list[str] = []
+        self.log_sink = log
+        self._console_sink = console
+
+    def count(self, name: str) -> None:
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    def log(self, message: str) -> None:
+        if len(self.events) < 10000:
+            self.events.append(message)
+        if self.log_sink is not None:
+            self.log_sink(message)
+
+    def run(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
+        try:
+            return super().run(timeout=timeout, max_exits=max_exits)
+        except RuleStop as stop:
+            result = self.last_result
+            result.reason, result.message, result.exit_code = "stopped", str(stop), None
+            return result
+
+    def run_config(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
+        """Run with the config's deadline and exit limit unless given here."""
+        mc = self.config.machine
+        try:
+            return self.run(timeout=timeout if timeout is not None else mc.timeout,
+                            max_exits=max_exits if max_exits is not None else mc.max_exits)
+        finally:
+            flush = getattr(self._console_sink, "flush", None)
+            if flush is not None:
+                flush()
+
+    def close(self) -> None:
+        for resource in self._closables:
+            try:
+                resource.close()
+            except OSError:
+                pass
+        self._closables.clear()
+        super().close()
+
+
+def build_machine(config: Config, *, capture_console: bool = False,
+                  console: Callable[[bytes], object] | None = None,
+                  log: Callable[[str], None] | None = None) -> ConfiguredMachine:
+    """A machine with the config's images loaded, devices, VMCS/EPT rules and handlers installed.
+
+    The console goes where `devices.serial.output` says unless `capture_console`
+    (kept only in `machine.serial.text`) or an explicit `console` sink is given.
+    Errors found only now (unknown symbols, controls the host cannot honour,
+    loader errors) are `ConfigError`s naming the key too.
+    """
+    sink = console
+    serial = config.devices.serial
+    opened = None
+    if sink is None and not capture_console:
+        if serial.output == "stdout":
+            sink = _StreamSink(sys.stdout)
+        elif serial.output == "stderr":
+            sink = _StreamSink(sys.stderr)
+        elif serial.output == "file":
+            try:
+                opened = open(serial.path, "wb")
+            except OSError as exc:
+                raise ConfigError(f"cannot open the console file: {exc}", str(config.path),
+                                  "devices.serial.path") from None
+            sink = _StreamSink(opened)
+    machine = ConfiguredMachine(config, console=sink, log=log)
+    if opened is not None:
+        machine._closables.append(opened)
+    try:
+        _Builder(config, machine).build()
+    except BaseException:
+        machine.close()
+        raise
+    return machine
+
+
+def run_config(config: Config, **kwargs: Any) -> tuple[RunResult, ConfiguredMachine]:
+    """Build, run and close; returns the result and the (closed) machine for its counters."""
+    with build_machine(config, **kwargs) as machine:
+        result = machine.run_config()
+    return result, machine
+
+
+def check_expectation(expect: ExpectConfig | None, result: RunResult,
+                      counters: dict[str, int] | None = None) -> list[str]:
+    """The ways `result` differs from `expect` (empty when it matches)."""
+    if expect is None:
+        return []
+    problems: list[str] = []
+    if expect.result is not None and result.reason != expect.result:
+        problems.append(f"result {result.reason!r}, expected {expect.result!r} ({result.message})")
+    if expect.exit_code is not None and result.exit_code != expect.exit_code:
+        problems.append(f"exit code {result.exit_code}, expected {expect.exit_code}")
+    if expect.console is not None and expect.console not in result.console:
+        problems.append(f"console {result.console!r} does not contain {expect.console!r}")
+    if expect.message is not None and expect.message not in result.message:
+        problems.append(f"message {result.message!r} does not contain {expect.message!r}")
+    for name, value in expect.counters.items():
+        got = (counters or {}).get(name, 0)
+        if got != value:
+            problems.append(f"counter {name!r} is {got}, expected {value}")
+    return problems
+
+
+def check_config(config: Config) -> dict[str, int]:
+    """Everything `build_machine` checks that needs no VM: load (assemble, compile) the images,
+    check they fit, resolve every symbol the config uses. Returns the symbols."""
+    builder = _Builder(config, None)
+    entry = builder.images()
+    mc = config.machine
+    if builder.resolve(mc.entry, entry) is None:
+        raise ConfigError("no entry point: give machine.entry", str(config.path), "machine.entry")
+    builder.resolve(mc.stack)
+    for value in mc.registers.values():
+        builder.resolve(value)
+    for rule in [*config.devices.mmio, *config.ept.protect, *config.ept.monitors]:
+        builder.end(builder.resolve(rule.start), rule.end, rule.size)
+    for hook in config.ept.hooks:
+        builder.resolve(hook.address)
+    for spec, loc in config.handlers:
+        resolve_handler(spec, config.base_dir, loc)
+    return builder.symbols
+
+
+class _Builder:
+    """Applies a validated Config to a fresh machine (or, with machine None, only checks it)."""
+
+    def __init__(self, config: Config, machine: ConfiguredMachine | None) -> None:
+        self.config = config
+        self.machine = machine
+        self.symbols: dict[str, int] = {}
+
+    def resolve(self, value: Address | None, default: int | None = None) -> int | None:
+        if value is None:
+            return default
+        if isinstance(value, int):
+            return value
+        if value.name in self.symbols:
+            return self.symbols[value.name]
+        known = sorted(self.symbols)
+        close = difflib.get_close_matches(value.name, known, 1, 0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else \
+            (f" (the images define {len(known)} symbols)" if known else " (the images define no symbols)")
+        raise value.loc.error(f"unknown symbol {value.name!r}{hint}")
+
+    def end(self, start: int, end: Address | None, size: int | None) -> int:
+        return start + size if size is not None else self.resolve(end)
+
+    def build(self) -> None:
+        config, machine = self.config, self.machine
+        self.devices()
+        entry = self.images()
+        if not config.platform.empty:
+            from ..platform import install_platform
+            try:
+                install_platform(machine, config.platform)
+            except (ValueError, OSError) as exc:
+                raise ConfigError(str(exc), str(config.path), "platform") from None
+        mc = config.machine
+        machine.entry = self.resolve(mc.entry, entry)
+        machine.stack = self.resolve(mc.stack)
+        if machine.entry is None:
+            raise ConfigError("no entry point: give machine.entry", str(config.path), "machine.entry")
+        try:
+            machine.setup()
+        except Exception as exc:
+            raise ConfigError(f"cannot start the {mc.mode} mode machine: {exc}", str(config.path),
+                              "machine") from None
+        vcpu = machine.vcpu
+        for name, value in self.initial_registers.items():
+            setattr(vcpu, name, value)
+        for name, value in mc.registers.items():
+            setattr(vcpu, name, self.resolve(value))
+        self.vmcs()
+        self.ept()
+        self.mmio()
+        self.hypercalls()
+        self.handlers()
+        cpuid = getattr(machine, "cpuid", None)
+        if cpuid is not None and getattr(cpuid, "dirty", False):
+            machine.apply_cpuid()       # CPUID rules and handlers came after setup()
+
+    # -- images ------------------------------------------------------------------------
+    def images(self) -> int | None:
+        from .. import loaders
+        machine = self.machine
+        self.initial_registers: dict[str, int] = {}
+        entry: int | None = None
+        memory = self.config.machine.memory
+        for image in self.config.images:
+            try:
+                loaded = self.load_image(image, loaders)
+            except ConfigError:
+                raise
+            except (loaders.LoaderError, OSError, ValueError) as exc:
+                raise image.loc.error(str(exc)) from None
+            except Exception as exc:      # AssemblyError and friends
+                raise image.loc.error(f"{type(exc).__name__}: {exc}") from None
+            for address, data in loaded.segments:
+                if address + len(data) > memory:
+                    raise image.loc.error(f"the image's bytes at [{address:#x}, {address + len(data):#x}) do "
+                                          f"not fit in guest RAM ({memory:#x} bytes; raise machine.memory)")
+                if machine is not None:
+                    machine.memory.write(address, data)
+            self.symbols.update(loaded.symbols)
+            if machine is not None:
+                machine.symbols.update(loaded.symbols)
+            image_entry = self.resolve(image.entry, loaded.entry)
+            if entry is None and image_entry is not None:
+                entry = image_entry
+            self.initial_registers.update(loaded.registers)
+        return entry
+
+    def load_image(self, image: ImageConfig, loaders: ModuleType) -> LoadedImage:
+        mode = Mode(self.config.machine.mode)
+        if image.type == "asm":
+            address = self.resolve(image.address, DEFAULT_LOAD_ADDRESS[mode])
+            return loaders.load_asm(image.path, code_bits=CODE_BITS[mode], load_address=address,
+                                    defines=image.defines)
+        if image.type == "binary":
+            return loaders.load_flat(image.path, self.resolve(image.address))
+        if image.type == "elf":
+            path = image.path
+            if image.build is not None:
+                path = loaders.build_c_elf(image.build.c, cflags=image.build.cflags,
+                                           link_address=image.build.link_address,
+                                           bits=CODE_BITS[mode])
+            return loaders.load_elf(path)
+        if image.build is not None:
+            path = loaders.build_c_elf(image.build.c, cflags=image.build.cflags,
+                                       link_address=image.build.link_address, bits=32)
+            data = path.read_bytes()
+        else:
+            data = image.path.read_bytes()
+        if image.assemble:
+            data = loaders.load_asm(image.path, code_bits=32, load_address=DEFAULT_LOAD_ADDRESS[mode],
+                                    defines=image.defines).segments[0][1]
+        modules = []
+        for module in image.modules:
+            try:
+                content = module.path.read_bytes()
+            except OSError as exc:
+                raise module.loc.error(f"cannot read the module: {exc}") from None
+            text = f"{module.path.name} {module.cmdline}" if module.cmdline else module.path.name
+            modules.append(loaders.MultibootModule(content, text))
+        return loaders.load_multiboot(data, cmdline=image.cmdline, memory_size=self.config.machine.memory,
+                                      modules=modules,
+                                      kernel_name=image.path.parent.name if image.build else image.path.name)
+
+    # -- devices ------------------------------------------------------------------------
+    def devices(self) -> None:
+        machine, devices = self.machine, self.config.devices
+        serial, debug = devices.serial, devices.debug_exit
+        if not serial.enabled or serial.port != machine.serial.base:
+            self.unplug(machine.serial)
+            new = Serial16550(base=serial.port, sink=machine.serial.sink)
+            machine.serial = new
+            if serial.enabled:
+                self.plug(new, "devices.serial.port")
+        if not debug.enabled or debug.port != machine.debug_exit.port or debug.width != 1:
+            self.unplug(machine.debug_exit)
+            machine.debug_exit = DebugExit(port=debug.port, width=debug.width)
+            if debug.enabled:
+                self.plug(machine.debug_exit, "devices.debug_exit.port")
+
+    def unplug(self, device: PortDevice) -> None:
+        self.machine.remove_device(device)
+
+    def plug(self, device: PortDevice, key: str) -> None:
+        try:
+            self.machine.add_device(device)
+        except ValueError as exc:
+            raise ConfigError(str(exc), str(self.config.path), key) from None
+
+    def hypercalls(self) -> None:
+        machine, hyper = self.machine, self.config.devices.hypercall
+        for rule in hyper.calls:
+            machine.on(ExitReason.EXECUTE_VMCALL, rules.hypercall_handler(machine, rule), number=rule.number)
+        if hyper.port != HYPERCALL_PORT:
+            machine.on(ExitReason.IO_INSTRUCTION, rules.hypercall_port_forwarder(machine), port=hyper.port)
+
+    def mmio(self) -> None:
+        machine = self.machine
+        for rule in self.config.devices.mmio:
+            start = self.resolve(rule.start)
+            end = self.end(start, rule.end, rule.size)
+            machine.on(ExitReason.EPT_MISCONFIGURATION, rules.mmio_handler(machine, rule),
+                       address=(start, end))
+
+    # -- VMCS ----------------------------------------------------------------------------
+    def vmcs_model(self, key: str, loc: Loc) -> Vmcs:
+        try:
+            return self.machine.vmcs
+        except AttributeError:
+            raise loc.error(f"{key} needs the VMCS model (machine.vmcs), which this minivmm build lacks") \
+                from None
+
+    def vmcs(self) -> None:
+        config, machine = self.config.vmcs, self.machine
+        if config.controls or config.exception_bitmap or config.msrs or config.io:
+            vmcs = self.vmcs_model("vmcs", config.loc)
+        for setting in config.controls:
+            try:
+                vmcs.set_control(setting.flag, enabled=setting.enabled)
+            except Exception as exc:
+                if type(exc).__name__ == "UnsupportedControlError":
+                    raise setting.loc.error(f"this host cannot honour {setting.name}: {exc}") from None
+                raise
+        for vector in config.exception_bitmap:
+            vmcs.intercept_exception(vector)
+        for rule in config.exceptions:
+            if rule.action == "inject" and machine.mode.value == "user":
+                raise rule.loc.error("'inject' cannot work in user mode: the guest's IDT is minivmm's "
+                                     "built-in kernel, which reports the exception again")
+            machine.on(ExitReason.EXCEPTION_OR_NMI, rules.exception_handler(machine, rule),
+                       vector=rule.vector)
+        for rule in config.msrs:
+            if rule.action == "allow":
+                continue
+            handler = rules.msr_handler(machine, rule)
+            if rule.read:
+                machine.on(ExitReason.EXECUTE_RDMSR, handler, msr=rule.msr)
+            if rule.write:
+                machine.on(ExitReason.EXECUTE_WRMSR, handler, msr=rule.msr)
+        for rule in config.io:
+            machine.on(ExitReason.IO_INSTRUCTION, rules.io_handler(machine, rule),
+                       port=(rule.start, rule.end))
+        if config.cpuid:
+            try:
+                cpuid = machine.cpuid
+            except AttributeError:
+                raise config.cpuid[0].loc.error("CPUID overrides need machine.cpuid, which this minivmm "
+                                                "build lacks") from None
+            for rule in config.cpuid:
+                registers = {name: getattr(rule, name) for name in ("eax", "ebx", "ecx", "edx")
+                             if getattr(rule, name) is not None}
+                cpuid.set(rule.leaf, rule.subleaf, **registers)
+
+    # -- EPT -----------------------------------------------------------------------------
+    def ept(self) -> None:
+        config, machine = self.config.ept, self.machine
+        if config.empty:
+            return
+        try:
+            ept = machine.ept
+        except (ImportError, AttributeError) as exc:
+            first = (config.protect or config.monitors or config.hooks)[0]
+            raise first.loc.error(f"the EPT model is not available in this build: {exc}") from None
+        for rule in config.protect:
+            start = self.resolve(rule.start)
+            end = self.end(start, rule.end, rule.size)
+            try:
+                ept.protect(start, end - start, rule.perms)
+            except ValueError as exc:
+                raise rule.loc.error(str(exc)) from None
+        for rule in config.monitors:
+            start = self.resolve(rule.start)
+            end = self.end(start, rule.end, rule.size)
+            try:
+                ept.monitor(start, end, rule.access, rules.monitor_callback(machine, rule))
+            except ValueError as exc:
+                raise rule.loc.error(str(exc)) from None
+        for rule in config.hooks:
+            address = self.resolve(rule.address)
+            try:
+                ept.hook_execute(address, rules.hook_callback(machine, rule, address), hidden=rule.hidden)
+            except ValueError as exc:
+                raise rule.loc.error(str(exc)) from None
+
+    # -- Python handlers ------------------------------------------------------------------
+    def handlers(self) -> None:
+        for spec, loc in self.config.handlers:
+            function = resolve_handler(spec, self.config.base_dir, loc)
+            try:
+                function(self.machine)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise loc.error(f"{spec} raised {type(exc).__name__}: {exc}") from exc
+
+
+def resolve_handler(spec: str, base_dir: Path, loc: Loc = Loc()) -> Callable:
+    """`module:function` (importable, or a module next to the YAML file) or `file.py:function`."""
+    module_name, _, function_name = spec.partition(":")
+    try:
+        if module_name.endswith(".py"):
+            path = Path(module_name)
+            path = path if path.is_absolute() else base_dir / path
+            if not path.is_file():
+                raise loc.error(f"handler file {path} does not exist")
+            module_spec = importlib.util.spec_from_file_location(f"minivmm_config_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            added = str(base_dir.resolve())
+            sys.path.insert(0, added)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                try:
+                    sys.path.remove(added)
+                except ValueError:
+                    pass
+    except ConfigError:
+        raise
+    except ImportError as exc:
+        raise loc.error(f"cannot import {module_name!r} (searched {base_dir} and sys.path): {exc}") from None
+    except Exception as exc:
+        raise loc.error(f"importing {module_name!r} raised {type(exc).__name__}: {exc}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise loc.error(f"module {module_name!r} has no function {function_name!r}")
+    return function

@@ -1,0 +1,835 @@
+"""Config validation: YAML text to located `Node`s to the schema's typed `Config`.
+
+YAML is read with yaml's node API (`yaml.compose`) into `Node`s that keep the
+file and line of every value; `--set` overrides are applied to that tree; then
+`_Validator` walks it, checking every key and converting every value, and
+raises `ConfigError("file:line: key: what was expected, got what")` at the
+first problem. Symbols are only recorded here (`SymbolRef`): they resolve
+when the images are loaded (`minivmm.config.build`).
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import yaml
+
+from .. import controls
+from ..exits import Vector, vector_name
+from ..memory import parse_size
+from .schema import (DEFAULT_MEMORY, SCHEMA_VERSION, Address, BuildConfig, Config, ConfigError,
+                     ControlSetting, CpuidRule, DebugExitConfig, DevicesConfig, EptConfig, ExceptionRule,
+                     ExpectConfig, FuzzConfig, HookRule, HypercallConfig, HypercallRule, ImageConfig, IoRule,
+                     Loc, MachineConfig, MmioRule, ModuleConfig, MonitorRule, MsrRule, ProtectRule,
+                     SerialConfig, SymbolRef, VmcsConfig, platform_config)
+
+if TYPE_CHECKING:
+    from ..platform import PlatformConfig
+
+REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
+                  "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+MODES = ("real", "protected", "long", "user")
+_SYMBOL_RE = re.compile(r"^[A-Za-z_.$][A-Za-z0-9_.$]*$")
+
+
+# ---------------------------------------------------------------------------
+# Located YAML nodes
+
+
+@dataclass(eq=False)
+class Node:
+    """A YAML value with its origin: `value` is a scalar, `dict[str, Node]` or `list[Node]`."""
+
+    value: Any
+    file: str
+    line: int
+    key: str
+    origin: str | None = None
+
+    @property
+    def where(self) -> str:
+        return self.origin or f"{self.file}:{self.line}"
+
+    def error(self, message: str) -> ConfigError:
+        return ConfigError(message, self.where, self.key)
+
+    def expected(self, what: str) -> ConfigError:
+        return self.error(f"expected {what}, got {self.shown()}")
+
+    def shown(self) -> str:
+        if isinstance(self.value, dict):
+            return "a mapping"
+        if isinstance(self.value, list):
+            return "a list"
+        if self.value is None:
+            return "nothing (null)"
+        return repr(self.value)
+
+
+def _loc(node: Node | None) -> Loc:
+    return Loc(node.where, node.key) if node is not None else Loc()
+
+
+def _join(key: str, name: str) -> str:
+    return f"{key}.{name}" if key else name
+
+
+def _from_yaml(ynode: yaml.Node, file: str, key: str, constructor: yaml.constructor.SafeConstructor,
+               line: int | None = None, origin: str | None = None) -> Node:
+    line = ynode.start_mark.line + 1 if line is None else line
+    if isinstance(ynode, yaml.MappingNode):
+        out: dict[str, Node] = {}
+        for knode, vnode in ynode.value:
+            kline = knode.start_mark.line + 1
+            if not isinstance(knode, yaml.ScalarNode):
+                raise ConfigError("mapping keys must be plain names or numbers", origin or f"{file}:{kline}", key)
+            name = str(constructor.construct_object(knode))
+            if name in out:
+                raise ConfigError(f"duplicate key {name!r}", origin or f"{file}:{kline}", _join(key, name))
+            out[name] = _from_yaml(vnode, file, _join(key, name), constructor, kline, origin)
+        return Node(out, file, line, key, origin)
+    if isinstance(ynode, yaml.SequenceNode):
+        return Node([_from_yaml(item, file, f"{key}[{i}]", constructor, None, origin)
+                     for i, item in enumerate(ynode.value)], file, line, key, origin)
+    try:
+        value = constructor.construct_object(ynode)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid value: {exc}", origin or f"{file}:{line}", key) from None
+    return Node(value, file, line, key, origin)
+
+
+def parse_yaml(text: str, file: str) -> Node:
+    """Compose `text` into a located `Node` tree (an empty document is an empty mapping)."""
+    try:
+        ynode = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 0
+        raise ConfigError(f"invalid YAML: {exc.problem or exc.context}", f"{file}:{line}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"invalid YAML: {exc}", file) from None
+    if ynode is None:
+        return Node({}, file, 1, "")
+    return _from_yaml(ynode, file, "", yaml.SafeLoader(""))
+
+
+_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+
+
+def apply_override(root: Node, assignment: str) -> None:
+    """Apply `--set dotted.key=value` (`images[0].address=0x200000` for lists); value is YAML."""
+    origin = f"--set {assignment}"
+    if "=" not in assignment:
+        raise ConfigError("expected key=value (e.g. machine.memory=4M)", origin)
+    path, _, text = assignment.partition("=")
+    parts: list[str | int] = []
+    for name, index in _PATH_PART.findall(path.strip()):
+        parts.append(int(index) if index else name)
+    if not parts:
+        raise ConfigError("expected a dotted key before '='", origin)
+    try:
+        ynode = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"the value is not valid YAML: {exc}", origin) from None
+    node, key = root, ""
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if isinstance(part, int):
+            if not isinstance(node.value, list) or part >= len(node.value):
+                raise ConfigError(f"no list item [{part}] at {key or 'the top level'}", origin)
+            key = f"{key}[{part}]"
+        else:
+            if node.value is None:
+                node.value = {}
+            if not isinstance(node.value, dict):
+                raise ConfigError(f"{key} is not a mapping", origin)
+            key = _join(key, part)
+        if last:
+            new = (_from_yaml(ynode, "--set", key, yaml.SafeLoader(""), 0, origin) if ynode is not None
+                   else Node(None, "--set", 0, key, origin))
+            if isinstance(part, int):
+                node.value[part] = new
+            else:
+                node.value[part] = new
+            return
+        child = node.value[part] if isinstance(part, int) else node.value.get(part)
+        if child is None:
+            child = node.value[part] = Node({}, "--set", 0, key, origin)
+        node = child
+
+
+# ---------------------------------------------------------------------------
+# Scalar converters: Node -> value, raising ConfigError with the node's location
+
+
+def _int(node: Node) -> int:
+    value = node.value
+    if isinstance(value, bool):
+        raise node.expected("an integer")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        try:
+            return _parse_number(value)
+        except ValueError:
+            pass
+    raise node.expected("an integer (decimal, 0x hex, or with a K/M/G suffix)")
+
+
+def _parse_number(text: str) -> int:
+    text = text.strip()
+    if text.startswith("-"):
+        return -parse_size(text[1:])
+    return parse_size(text)
+
+
+def _uint(node: Node) -> int:
+    value = _int(node)
+    if value < 0:
+        raise node.expected("a non-negative integer")
+    return value
+
+
+def _size(node: Node) -> int:
+    try:
+        value = _int(node)
+    except ConfigError:
+        raise node.expected("a size like 2M or 0x200000") from None
+    if value <= 0:
+        raise node.expected("a size like 2M or 0x200000")
+    return value
+
+
+def _port(node: Node) -> int:
+    value = _int(node)
+    if not 0 <= value <= 0xFFFF:
+        raise node.expected("an I/O port number 0-0xffff")
+    return value
+
+
+def _seconds(node: Node) -> float:
+    value = node.value
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    raise node.expected("a positive number of seconds")
+
+
+def _str(node: Node) -> str:
+    if isinstance(node.value, str):
+        return node.value
+    raise node.expected("a string")
+
+
+def _bool(node: Node) -> bool:
+    if isinstance(node.value, bool):
+        return node.value
+    raise node.expected("true or false")
+
+
+def _symbol_name(node: Node) -> str:
+    if isinstance(node.value, str) and _SYMBOL_RE.match(node.value):
+        return node.value
+    raise node.expected("a symbol name")
+
+
+def _address(node: Node) -> Address:
+    value = node.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise node.expected("a non-negative address or a symbol name")
+        return value
+    if isinstance(value, str):
+        try:
+            return _uint(node)
+        except ConfigError:
+            pass
+        if _SYMBOL_RE.match(value):
+            return SymbolRef(value, _loc(node))
+    raise node.expected("an address (integer) or a symbol name")
+
+
+def _choice(*choices: str) -> Callable[[Node], str]:
+    def convert(node: Node) -> str:
+        if isinstance(node.value, str) and node.value in choices:
+            return node.value
+        hint = ""
+        if isinstance(node.value, str):
+            close = difflib.get_close_matches(node.value, choices, 1, 0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise node.expected(f"one of {', '.join(choices)}") if not hint else \
+            node.error(f"expected one of {', '.join(choices)}, got {node.value!r}{hint}")
+    return convert
+
+
+def _list(convert: Callable[[Node], Any], what: str = "a list") -> Callable[[Node], list]:
+    def convert_list(node: Node) -> list:
+        if not isinstance(node.value, list):
+            raise node.expected(what)
+        return [convert(item) for item in node.value]
+    return convert_list
+
+
+def _str_list(node: Node) -> list[str]:
+    if isinstance(node.value, str):
+        return [node.value]
+    return _list(_str, "a string or a list of strings")(node)
+
+
+_VECTOR_NAMES = {v.name: int(v) for v in Vector}
+
+
+def _vector(node: Node) -> int:
+    value = node.value
+    if isinstance(value, int) and not isinstance(value, bool):
+        if 0 <= value <= 255:
+            return value
+    elif isinstance(value, str):
+        name = value.strip().lstrip("#").upper()
+        if name in _VECTOR_NAMES:
+            return _VECTOR_NAMES[name]
+        try:
+            number = _parse_number(value)
+            if 0 <= number <= 255:
+                return number
+        except ValueError:
+            pass
+    raise node.expected(f"an exception vector: a name like \"#UD\" or UD ({', '.join(_VECTOR_NAMES)}) "
+                        "or a number 0-255")
+
+
+def _perms(node: Node) -> str:
+    value = node.value
+    if isinstance(value, str):
+        text = value.strip().lower()
+        if re.fullmatch(r"[r-][w-][x-]", text):
+            return text
+        if re.fullmatch(r"r?w?x?", text) and text:
+            return "".join(c if c in text else "-" for c in "rwx")
+    raise node.expected("page permissions like rwx, r-x, r-- or ---")
+
+
+def _access(node: Node) -> str:
+    value = node.value
+    if isinstance(value, str) and value and re.fullmatch(r"[rwx-]+", value.lower()):
+        text = value.lower()
+        if len(set(text.replace("-", ""))) == len(text.replace("-", "")):
+            return "".join(c for c in "rwx" if c in text)
+    raise node.expected("an access kind made of r, w, x (e.g. w, rw, rwx)")
+
+
+def _monitor_access(node: Node) -> str:
+    value = _access(node)
+    if value not in ("r", "w", "rw"):
+        raise node.expected("r, w or rw (execution is watched with ept.hooks)")
+    return value
+
+
+def _register(node: Node) -> str:
+    if isinstance(node.value, str) and node.value.lower() in REGISTER_NAMES:
+        return node.value.lower()
+    raise node.expected(f"a register name ({', '.join(REGISTER_NAMES)})")
+
+
+def _reg32_value(node: Node) -> int:
+    """A CPUID output register: an integer or a 4-character string (little endian, like vendor ids)."""
+    value = node.value
+    if isinstance(value, str) and len(value.encode()) == 4 and not value.strip().lower().startswith("0x"):
+        try:
+            _parse_number(value)
+        except ValueError:
+            return int.from_bytes(value.encode(), "little")
+    result = _int(node)
+    if not 0 <= result <= 0xFFFFFFFF:
+        raise node.expected("a 32-bit value or a 4-character string")
+    return result
+
+
+class _Map:
+    """Reads a mapping node: unknown keys are errors, with a "did you mean"."""
+
+    def __init__(self, node: Node, allowed: Sequence[str], what: str | None = None) -> None:
+        if not isinstance(node.value, dict):
+            raise node.expected(what or f"a mapping with keys {', '.join(allowed)}")
+        self.node = node
+        self.items: dict[str, Node] = node.value
+        for name, child in self.items.items():
+            if name not in allowed:
+                close = difflib.get_close_matches(name, allowed, 1, 0.6)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of: {', '.join(allowed)}"
+                raise child.error(f"unknown key{hint}")
+
+    def has(self, name: str) -> bool:
+        child = self.items.get(name)
+        return child is not None and child.value is not None
+
+    def child(self, name: str) -> Node | None:
+        child = self.items.get(name)
+        return child if child is not None and child.value is not None else None
+
+    def get(self, name: str, convert: Callable[[Node], Any], default: Any = None) -> Any:
+        child = self.child(name)
+        return default if child is None else convert(child)
+
+    def need(self, name: str, convert: Callable[[Node], Any], what: str = "") -> Any:
+        child = self.child(name)
+        if child is None:
+            detail = f" ({what})" if what else ""
+            raise ConfigError(f"required key {name!r} is missing{detail}", self.node.where,
+                              _join(self.node.key, name))
+        return convert(child)
+
+    def exclusive(self, *names: str) -> None:
+        given = [n for n in names if self.has(n)]
+        if len(given) > 1:
+            raise self.items[given[1]].error(f"give only one of {', '.join(repr(n) for n in names)}")
+
+
+def _range(m: _Map, start_key: str = "start") -> tuple[Address, Address | None, int | None]:
+    """`start` with `end` (exclusive) or `size`; returns (start, end, size)."""
+    m.exclusive("end", "size")
+    start = m.need(start_key, _address)
+    end = m.get("end", _address)
+    size = m.get("size", _size)
+    if end is None and size is None:
+        raise ConfigError("give 'end' (exclusive) or 'size'", m.node.where, m.node.key)
+    if isinstance(start, int) and isinstance(end, int) and end <= start:
+        raise m.items["end"].expected(f"an end above start {start:#x}")
+    return start, end, size
+
+
+# ---------------------------------------------------------------------------
+# Validation
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Read, override (`--set` assignments) and validate a config file."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError("no such config file", str(path)) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read the config: {exc}", str(path)) from None
+    return parse_config(text, path=path, overrides=overrides)
+
+
+def parse_config(text: str, *, path: str | Path = "<config>", overrides: Sequence[str] = ()) -> Config:
+    """Validate config text; relative paths in it resolve against `path`'s directory."""
+    path = Path(path)
+    root = parse_yaml(text, str(path))
+    for assignment in overrides:
+        apply_override(root, assignment)
+    return _Validator(path).config(root)
+
+
+TOP_KEYS = ("version", "description", "machine", "image", "images", "devices", "vmcs", "ept",
+            "handlers", "expect", "fuzz", "platform")
+
+
+class _Validator:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.base = path.parent
+
+    def file(self, node: Node, *, must_exist: bool = True) -> Path:
+        text = _str(node)
+        path = Path(text).expanduser()
+        if not path.is_absolute():
+            path = self.base / path
+        if must_exist and not path.is_file():
+            raise node.error(f"expected an existing file (relative to {self.base or '.'}), "
+                             f"got {text!r}: {path} does not exist")
+        return path
+
+    def config(self, root: Node) -> Config:
+        m = _Map(root, TOP_KEYS, "a mapping (the config file's top level)")
+        version = m.need("version", _int, f"this is schema version {SCHEMA_VERSION}: add 'version: 1'")
+        if version != SCHEMA_VERSION:
+            raise m.items["version"].expected(f"version {SCHEMA_VERSION}")
+        config = Config(path=self.path, version=version)
+        config.description = m.get("description", _str, "")
+        machine_node = m.child("machine")
+        config.machine = self.machine(machine_node) if machine_node else MachineConfig()
+        m.exclusive("image", "images")
+        if m.has("image"):
+            config.images = [self.image(m.items["image"])]
+        else:
+            config.images = m.get("images", _list(self.image, "a list of images"), [])
+        if not config.images:
+            raise ConfigError("required key 'images' is missing (a config needs at least one image)",
+                              root.where, "images")
+        self.check_multiboot(config, m)
+        config.devices = m.get("devices", self.devices, DevicesConfig())
+        config.vmcs = m.get("vmcs", self.vmcs, VmcsConfig())
+        config.ept = m.get("ept", self.ept, EptConfig())
+        config.handlers = m.get("handlers", _list(lambda n: (_handler_spec(n), _loc(n)),
+                                                  "a list of \"module:function\" strings"), [])
+        config.expect = m.get("expect", self.expect)
+        config.fuzz = m.get("fuzz", self.fuzz)
+        config.platform = m.get("platform", self.platform, platform_config())
+        if config.machine.vcpus > 1:
+            platform_node = m.child("platform")
+            if platform_node is not None and isinstance(platform_node.value, dict) and \
+                    "irqchip" in platform_node.value and not config.platform.irqchip:
+                raise platform_node.value["irqchip"].error(
+                    f"machine.vcpus is {config.machine.vcpus}: more than one vCPU needs the in-kernel "
+                    "irqchip (the APs start on the LAPIC's INIT/SIPI); remove 'irqchip: false'")
+            config.platform.irqchip = True
+        return config
+
+    def platform(self, node: Node) -> "PlatformConfig":
+        from ..platform import RamWindow, ScratchConfig
+        m = _Map(node, ("irqchip", "pit", "fw_cfg", "acpi", "pci", "scratch", "ram_windows",
+                        "strict_ports"))
+        platform = platform_config(irqchip=m.get("irqchip", _bool, False), pit=m.get("pit", _bool, False),
+                                    fw_cfg=m.get("fw_cfg", _bool, False), pci=m.get("pci", _bool, False),
+                                    strict_ports=m.get("strict_ports", _bool, False))
+        if platform.pit and not platform.irqchip:
+            raise m.items["pit"].error("the in-kernel PIT needs the in-kernel irqchip: add 'irqchip: true'")
+        acpi = m.child("acpi")
+        if acpi is not None:
+            if isinstance(acpi.value, dict):
+                a = _Map(acpi, ("pm_timer_32bit",))
+                platform.acpi = True
+                platform.pm_timer_32bit = a.get("pm_timer_32bit", _bool, True)
+            else:
+                platform.acpi = _bool(acpi)
+
+        def scratch(n: Node) -> ScratchConfig:
+            if isinstance(n.value, dict):
+                s = _Map(n, ("port", "width"))
+                width = s.get("width", _int, 4)
+                if width not in (1, 2, 4):
+                    raise s.items["width"].expected("1, 2 or 4")
+                return ScratchConfig(port=s.need("port", _port, "the register's I/O port"), width=width)
+            return ScratchConfig(port=_port(n))
+
+        node_scratch = m.child("scratch")
+        if node_scratch is not None:
+            platform.scratch = _list(scratch, "a list of scratch registers")(node_scratch) \
+                if isinstance(node_scratch.value, list) else [scratch(node_scratch)]
+
+        def window(n: Node) -> RamWindow:
+            w = _Map(n, ("start", "size", "name"))
+            start = w.need("start", _uint, "the window's guest-physical address")
+            size = w.need("size", _size, "the window's size")
+            if start % 4096 or size % 4096 or size == 0:
+                raise n.error(f"a RAM window needs a page-aligned start and a non-zero page-multiple size; "
+                              f"got start {start:#x} size {size:#x}")
+            return RamWindow(start, size, w.get("name", _str, f"window@{start:#x}"))
+
+        platform.ram_windows = m.get("ram_windows", _list(window, "a list of {start, size} RAM windows"), [])
+        return platform
+
+    def machine(self, node: Node) -> MachineConfig:
+        m = _Map(node, ("name", "memory", "mode", "entry", "stack", "registers", "timeout", "max_exits",
+                        "vcpus"))
+        mc = MachineConfig()
+        mc.name = m.get("name", _str, "")
+        mc.memory = m.get("memory", _size, DEFAULT_MEMORY)
+        if mc.memory % 4096:
+            raise m.items["memory"].expected("a size that is a multiple of 4K")
+        if m.has("mode"):
+            mc.mode = _choice(*MODES)(m.items["mode"])
+            mc.mode_given = True
+        mc.entry = m.get("entry", _address)
+        mc.stack = m.get("stack", _address)
+        registers = m.child("registers")
+        if registers is not None:
+            regs = _Map(registers, REGISTER_NAMES + tuple(r.upper() for r in REGISTER_NAMES))
+            mc.registers = {name.lower(): _address(child) for name, child in regs.items.items()
+                            if child.value is not None}
+        if m.has("timeout"):
+            mc.timeout = _seconds(m.items["timeout"])
+        mc.max_exits = m.get("max_exits", _size)
+        mc.vcpus = m.get("vcpus", _int, 1)
+        if not 1 <= mc.vcpus <= 64:
+            raise m.items["vcpus"].expected("a vCPU count from 1 to 64")
+        return mc
+
+    def image(self, node: Node) -> ImageConfig:
+        if not isinstance(node.value, dict):
+            raise node.expected("an image mapping with a 'type' (asm, binary, elf, multiboot)")
+        type_node = node.value.get("type")
+        if type_node is None:
+            raise ConfigError("required key 'type' is missing (asm, binary, elf or multiboot)",
+                              node.where, _join(node.key, "type"))
+        kind = _choice("asm", "binary", "elf", "multiboot")(type_node)
+        allowed = {"asm": ("type", "source", "address", "entry", "defines"),
+                   "binary": ("type", "path", "address", "entry"),
+                   "elf": ("type", "path", "build", "entry"),
+                   "multiboot": ("type", "path", "source", "build", "cmdline", "defines", "modules")}[kind]
+        m = _Map(node, allowed)
+        image = ImageConfig(type=kind, loc=_loc(node))
+        if kind == "asm":
+            image.path = m.need("source", self.file, "the assembly source file")
+        elif kind == "binary":
+            image.path = m.need("path", self.file, "the flat binary file")
+            image.address = m.need("address", _address, "where the binary is loaded")
+        elif kind == "elf":
+            m.exclusive("path", "build")
+            if m.has("build"):
+                image.build = self.build(m.items["build"])
+            else:
+                image.path = m.need("path", self.file, "the ELF file, or 'build' to compile C sources")
+        else:
+            m.exclusive("path", "source", "build")
+            if m.has("source"):
+                image.path = self.file(m.items["source"])
+                image.assemble = True
+            elif m.has("build"):
+                image.build = self.build(m.items["build"])
+                image.path = image.build.c[0]
+            else:
+                image.path = m.need("path", self.file, "the kernel file, 'source' for an assembly kernel "
+                                    "or 'build' to compile one")
+            image.cmdline = m.get("cmdline", _str, "")
+            image.modules = m.get("modules", _list(self.module, "a list of modules {path, cmdline}"), [])
+        if kind == "asm":
+            image.address = m.get("address", _address)
+        if kind in ("asm", "multiboot") and m.has("defines"):
+            defines = _Map(m.items["defines"], tuple(m.items["defines"].value or ()) if isinstance(
+                m.items["defines"].value, dict) else (), "a mapping of NAME: integer")
+            image.defines = {name: _int(child) for name, child in defines.items.items()}
+        image.entry = m.get("entry", _address)
+        return image
+
+    def module(self, node: Node) -> ModuleConfig:
+        if isinstance(node.value, str):
+            return ModuleConfig(path=self.file(node), loc=_loc(node))
+        m = _Map(node, ("path", "cmdline"))
+        return ModuleConfig(path=m.need("path", self.file, "the module's file"),
+                            cmdline=m.get("cmdline", _str, ""), loc=_loc(node))
+
+    def build(self, node: Node) -> BuildConfig:
+        m = _Map(node, ("c", "cflags", "link_address"))
+        sources = m.need("c", lambda n: [self.file(n)] if isinstance(n.value, str)
+                         else _list(self.file, "a C file or a list of C files")(n), "the C sources")
+        return BuildConfig(c=sources, cflags=m.get("cflags", _str_list, []),
+                           link_address=m.get("link_address", _uint, 0x100000), loc=_loc(node))
+
+    def check_multiboot(self, config: Config, m: _Map) -> None:
+        multiboot = [image for image in config.images if image.type == "multiboot"]
+        if not multiboot:
+            return
+        if config.machine.mode_given and config.machine.mode != "protected":
+            raise multiboot[0].loc.error(f"a multiboot kernel starts in protected mode; machine.mode is "
+                                         f"{config.machine.mode!r}: expected 'protected' or no mode")
+        config.machine.mode = "protected"
+        if len(multiboot) > 1:
+            raise multiboot[1].loc.error("expected at most one multiboot kernel")
+
+    def devices(self, node: Node) -> DevicesConfig:
+        m = _Map(node, ("serial", "debug_exit", "hypercall", "mmio"))
+        devices = DevicesConfig()
+        serial = m.child("serial")
+        if serial is not None:
+            s = _Map(serial, ("enabled", "port", "output", "path"))
+            devices.serial = SerialConfig(
+                enabled=s.get("enabled", _bool, True), port=s.get("port", _port, 0x3F8),
+                output=s.get("output", _choice("stdout", "stderr", "capture", "file", "none"), "stdout"))
+            if devices.serial.output == "file":
+                devices.serial.path = s.need("path", lambda n: self.file(n, must_exist=False),
+                                             "the file the console goes to")
+            elif s.has("path"):
+                raise s.items["path"].error("'path' is only used with output: file")
+        debug = m.child("debug_exit")
+        if debug is not None:
+            d = _Map(debug, ("enabled", "port", "width"))
+            width = d.get("width", _int, 1)
+            if width not in (1, 2, 4):
+                raise d.items["width"].expected("1, 2 or 4")
+            devices.debug_exit = DebugExitConfig(enabled=d.get("enabled", _bool, True),
+                                                 port=d.get("port", _port, 0xF4), width=width)
+        hyper = m.child("hypercall")
+        if hyper is not None:
+            h = _Map(hyper, ("port", "calls"))
+            devices.hypercall = HypercallConfig(port=h.get("port", _port, 0xF5),
+                                                calls=h.get("calls", _list(self.hypercall_rule), []))
+        devices.mmio = m.get("mmio", _list(self.mmio_rule, "a list of MMIO rules"), [])
+        return devices
+
+    def hypercall_rule(self, node: Node) -> HypercallRule:
+        m = _Map(node, ("number", "action", "value", "name", "log"))
+        number = m.need("number", _uint, "the hypercall number (RAX)")
+        return HypercallRule(number=number,
+                             action=m.get("action", _choice("return", "log", "count", "stop"), "return"),
+                             value=m.get("value", _int, 0), name=m.get("name", _str, f"hypercall {number}"),
+                             log=m.get("log", _bool, False))
+
+    def mmio_rule(self, node: Node) -> MmioRule:
+        m = _Map(node, ("start", "end", "size", "action", "value", "name", "log"))
+        start, end, size = _range(m)
+        return MmioRule(start, end, size, action=m.get("action", _choice("ignore", "count", "log", "stop"),
+                                                       "ignore"),
+                        value=m.get("value", _int, 0), name=m.get("name", _str, f"mmio {start}"),
+                        log=m.get("log", _bool, False), loc=_loc(node))
+
+    def vmcs(self, node: Node) -> VmcsConfig:
+        m = _Map(node, ("controls", "exception_bitmap", "exceptions", "msrs", "io", "cpuid"))
+        vmcs = VmcsConfig(loc=_loc(node))
+        controls = m.child("controls")
+        if controls is not None:
+            vmcs.controls = self.controls(controls)
+        vmcs.exception_bitmap = m.get("exception_bitmap", _list(_vector, "a list of exception vectors"), [])
+        vmcs.exceptions = m.get("exceptions", _list(self.exception_rule, "a list of exception rules"), [])
+        vmcs.msrs = m.get("msrs", _list(self.msr_rule, "a list of MSR rules"), [])
+        vmcs.io = m.get("io", _list(self.io_rule, "a list of I/O port rules"), [])
+        vmcs.cpuid = m.get("cpuid", _list(self.cpuid_rule, "a list of CPUID overrides"), [])
+        return vmcs
+
+    def controls(self, node: Node) -> list[ControlSetting]:
+        names = _control_names()
+        settings: list[ControlSetting] = []
+
+        def lookup(name_node: Node, name: Any) -> Any:
+            if not isinstance(name, str) or name not in names:
+                close = difflib.get_close_matches(str(name), list(names), 1, 0.7)
+                hint = f" (did you mean {close[0]!r}?)" if close else \
+                    " (SDM names such as CPU_BASED_HLT_EXITING; see `minivmm caps`)"
+                raise name_node.error(f"expected a VMX control name, got {name!r}{hint}")
+            return names[name]
+
+        if isinstance(node.value, list):
+            for item in node.value:
+                settings.append(ControlSetting(str(item.value), lookup(item, item.value), True, _loc(item)))
+        elif isinstance(node.value, dict):
+            for name, child in node.value.items():
+                settings.append(ControlSetting(name, lookup(child, name), _bool(child), _loc(child)))
+        else:
+            raise node.expected("a list of control names or a mapping NAME: true/false")
+        return settings
+
+    def exception_rule(self, node: Node) -> ExceptionRule:
+        m = _Map(node, ("vector", "action", "name", "log"))
+        vector = m.need("vector", _vector, "e.g. \"#BP\"")
+        return ExceptionRule(vector, m.get("action", _choice("count", "log", "skip", "stop", "inject", "pass"),
+                                           "count"),
+                             m.get("name", _str, vector_name(vector)), m.get("log", _bool, False), _loc(node))
+
+    def msr_rule(self, node: Node) -> MsrRule:
+        m = _Map(node, ("msr", "action", "value", "read", "write", "name", "log"))
+        msr = m.need("msr", _uint, "the MSR index")
+        action = m.get("action", _choice("allow", "deny", "fixed", "log", "count"), "log")
+        if action == "fixed" and not m.has("value"):
+            raise ConfigError("action 'fixed' needs a 'value'", m.node.where, _join(m.node.key, "value"))
+        return MsrRule(msr, action, m.get("value", _uint, 0), m.get("read", _bool, True),
+                       m.get("write", _bool, True), m.get("name", _str, f"msr {msr:#x}"),
+                       m.get("log", _bool, False), _loc(node))
+
+    def io_rule(self, node: Node) -> IoRule:
+        m = _Map(node, ("port", "action", "value", "name", "log"))
+        port_node = m.child("port")
+        if port_node is None:
+            raise ConfigError("required key 'port' is missing (a port or [start, end))", m.node.where,
+                              _join(m.node.key, "port"))
+        if isinstance(port_node.value, list):
+            if len(port_node.value) != 2:
+                raise port_node.expected("a port or a [start, end) pair")
+            start, end = _port(port_node.value[0]), _int(port_node.value[1])
+            if not start < end <= 0x10000:
+                raise port_node.expected("a [start, end) pair with start < end <= 0x10000")
+        else:
+            start = _port(port_node)
+            end = start + 1
+        action = m.get("action", _choice("ignore", "fixed", "log", "count", "stop"), "log")
+        if action == "fixed" and not m.has("value"):
+            raise ConfigError("action 'fixed' needs a 'value'", m.node.where, _join(m.node.key, "value"))
+        return IoRule(start, end, action, m.get("value", _uint), m.get("name", _str, f"port {start:#x}"),
+                      m.get("log", _bool, False), _loc(node))
+
+    def cpuid_rule(self, node: Node) -> CpuidRule:
+        m = _Map(node, ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"))
+        rule = CpuidRule(m.need("leaf", _uint, "the CPUID leaf (EAX)"), m.get("subleaf", _uint),
+                         loc=_loc(node))
+        for reg in ("eax", "ebx", "ecx", "edx"):
+            setattr(rule, reg, m.get(reg, _reg32_value))
+        return rule
+
+    def ept(self, node: Node) -> EptConfig:
+        m = _Map(node, ("protect", "monitors", "hooks"))
+        return EptConfig(protect=m.get("protect", _list(self.protect_rule, "a list of ranges"), []),
+                         monitors=m.get("monitors", _list(self.monitor_rule, "a list of monitors"), []),
+                         hooks=m.get("hooks", _list(self.hook_rule, "a list of execute hooks"), []))
+
+    def protect_rule(self, node: Node) -> ProtectRule:
+        m = _Map(node, ("start", "end", "size", "perms"))
+        start, end, size = _range(m)
+        return ProtectRule(start, end, size, m.need("perms", _perms, "e.g. r-x"), _loc(node))
+
+    def monitor_rule(self, node: Node) -> MonitorRule:
+        m = _Map(node, ("start", "end", "size", "access", "action", "name", "log"))
+        start, end, size = _range(m)
+        return MonitorRule(start, end, size, m.get("access", _monitor_access, "rw"),
+                           m.get("action", _choice("log", "count", "stop"), "log"),
+                           m.get("name", _str, f"monitor {start}"), m.get("log", _bool, False), _loc(node))
+
+    def hook_rule(self, node: Node) -> HookRule:
+        m = _Map(node, ("address", "action", "hidden", "name", "log"))
+        address = m.need("address", _address, "an address or a symbol")
+        return HookRule(address, m.get("action", _choice("log", "count", "stop", "skip"), "log"),
+                        m.get("hidden", _bool, True), m.get("name", _str, f"hook {address}"),
+                        m.get("log", _bool, False), _loc(node))
+
+    def expect(self, node: Node) -> ExpectConfig:
+        m = _Map(node, ("result", "exit_code", "console", "message", "counters"))
+        counters: dict[str, int] = {}
+        counters_node = m.child("counters")
+        if counters_node is not None:
+            if not isinstance(counters_node.value, dict):
+                raise counters_node.expected("a mapping of counter name: count")
+            counters = {name: _int(child) for name, child in counters_node.value.items()}
+        return ExpectConfig(
+            result=m.get("result", _choice("exit", "hlt", "timeout", "triple_fault", "exception", "error",
+                                           "exit_limit", "stopped")),
+            exit_code=m.get("exit_code", _int), console=m.get("console", _str),
+            message=m.get("message", _str), counters=counters)
+
+    def fuzz(self, node: Node) -> FuzzConfig:
+        m = _Map(node, ("input_symbol", "input_address", "max_input_size", "length_register",
+                        "length_address", "crash_vectors", "crash_addresses", "coverage_ranges", "timeout"))
+        m.exclusive("input_symbol", "input_address")
+        m.exclusive("length_register", "length_address")
+        fuzz = FuzzConfig(
+            input_symbol=m.get("input_symbol", _symbol_name),
+            input_address=m.get("input_address", _uint),
+            max_input_size=m.get("max_input_size", _size, 4096),
+            length_register=m.get("length_register", _register),
+            length_address=m.get("length_address", _uint),
+            crash_vectors=m.get("crash_vectors", _list(_vector, "a list of exception vectors"), []),
+            crash_addresses=m.get("crash_addresses", _list(_uint, "a list of addresses"), []),
+            coverage_ranges=m.get("coverage_ranges", _list(_pair, "a list of [start, end) pairs"), []),
+            timeout=m.get("timeout", _seconds, 1.0))
+        if fuzz.input_symbol is None and fuzz.input_address is None:
+            raise ConfigError("required key 'input_symbol' or 'input_address' is missing (where the input goes)",
+                              node.where, _join(node.key, "input_symbol"))
+        return fuzz
+
+
+def _pair(node: Node) -> tuple[int, int]:
+    if not isinstance(node.value, list) or len(node.value) != 2:
+        raise node.expected("a [start, end) pair")
+    start, end = _uint(node.value[0]), _uint(node.value[1])
+    if end <= start:
+        raise node.expected("a [start, end) pair with start < end")
+    return start, end
+
+
+def _handler_spec(node: Node) -> str:
+    text = _str(node)
+    module, sep, function = text.partition(":")
+    if not sep or not module or not function.isidentifier():
+        raise node.expected("\"module:function\" or \"file.py:function\"")
+    return text
+
+
+def _control_names() -> dict[str, Any]:
+    names: dict[str, Any] = {}
+    for cls in (controls.PinBasedControls, controls.ProcBasedControls, controls.SecondaryControls,
+                controls.VmExitControls, controls.VmEntryControls):
+        for member in cls:
+            names[member.name] = member
+    return names
