@@ -491,7 +491,7 @@ def _load_asm_with_test_include(machine: "Machine", text: str, load_address: int
 def _inline_c_file(text: str, label: str, first_line: int) -> Path:
     """Write inline C to a content-addressed file, with a #line naming its place in the test."""
     import hashlib
-    from .asm import cache_dir
+    from .cache import cache_dir
     body = f'#line {first_line} "{label}"\n{text}'
     digest = hashlib.sha256(body.encode()).hexdigest()[:24]
     directory = cache_dir().parent / "csrc" / digest
