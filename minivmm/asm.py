@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .cache import cache_dir
+from .errors import MinivmmError
 
 __all__ = ["AssemblyError", "BinutilsNotFoundError", "GuestImage", "assemble", "cache_dir"]
 
@@ -31,7 +32,7 @@ _INLINE_SOURCE_NAME = "<inline>"
 _RECIPE_VERSION = 1
 
 
-class AssemblyError(Exception):
+class AssemblyError(MinivmmError):
     """A binutils step failed; the message carries the tool's stderr verbatim."""
 
     def __init__(self, message: str, *, command: Sequence[str] = (), stderr: str = "") -> None:

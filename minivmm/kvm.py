@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Iterable, Union
 
+from .errors import MinivmmError
+
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 KVM_API_VERSION = 12
@@ -468,7 +470,7 @@ _HINTS: dict[tuple[str, int], str] = {
 }
 
 
-class KvmError(OSError):
+class KvmError(MinivmmError, OSError):
     """A KVM ioctl failed: names the ioctl, the errno and a hint."""
 
     def __init__(self, ioctl: str, err: int, hint: str = "") -> None:

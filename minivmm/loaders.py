@@ -21,13 +21,14 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
 from .cache import cache_dir
+from .errors import MinivmmError
 
 __all__ = ["LoaderError", "LoadedImage", "load_asm", "load_flat", "load_elf", "build_c_elf",
            "load_multiboot", "MultibootHeader", "MultibootModule", "parse_multiboot_header",
            "build_multiboot_info", "MULTIBOOT_INFO_ADDRESS"]
 
 
-class LoaderError(ValueError):
+class LoaderError(MinivmmError, ValueError):
     """An image cannot be loaded: the message says what is wrong with it."""
 
 

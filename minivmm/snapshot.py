@@ -87,6 +87,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, KvmDebugregs, KvmDeviceAttr, KvmFpu,
                   KvmRegs, KvmSregs, KvmVcpuEvents, KvmXcrs, KvmXsave, MpState, SyncRegsFlag, VcpuFd,
                   msrs_buffer, u64)
+from .errors import MinivmmError
 from .memory import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -107,7 +108,7 @@ memmove = ctypes.memmove
 string_at = ctypes.string_at
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(MinivmmError, RuntimeError):
     """A snapshot file is corrupt, foreign or of another version, or does not fit a machine."""
 
 
