@@ -6,6 +6,7 @@ and hands every exit to Python handlers.
 """
 from .actions import RESUME, RETRY, Inject, Resume, Stop
 from .controls import PinBasedControls, ProcBasedControls, SecondaryControls, VmEntryControls, VmExitControls
+from .errors import MinivmmError
 from .exits import ExitInfo, ExitReason, Vector
 from .machine import Machine, RunResult
 from .modes import Mode
@@ -13,4 +14,4 @@ from .vmcs_fields import VmcsField
 
 __all__ = ["Machine", "RunResult", "Mode", "ExitReason", "ExitInfo", "Vector", "VmcsField",
            "PinBasedControls", "ProcBasedControls", "SecondaryControls", "VmExitControls",
-           "VmEntryControls", "RESUME", "RETRY", "Resume", "Inject", "Stop"]
+           "VmEntryControls", "RESUME", "RETRY", "Resume", "Inject", "Stop", "MinivmmError"]

@@ -20,7 +20,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from elftools.elf.elffile import ELFFile
+from .cache import cache_dir
+from .errors import MinivmmError
 
 __all__ = ["AssemblyError", "BinutilsNotFoundError", "GuestImage", "assemble", "cache_dir"]
 
@@ -31,7 +32,7 @@ _INLINE_SOURCE_NAME = "<inline>"
 _RECIPE_VERSION = 1
 
 
-class AssemblyError(Exception):
+class AssemblyError(MinivmmError):
     """A binutils step failed; the message carries the tool's stderr verbatim."""
 
     def __init__(self, message: str, *, command: Sequence[str] = (), stderr: str = "") -> None:
@@ -137,16 +138,6 @@ def assemble(
     )
     store.save(key, image)
     return image
-
-
-def cache_dir() -> Path:
-    """``$MINIVMM_CACHE_DIR``, else ``$XDG_CACHE_HOME/minivmm/asm``, else ``~/.cache/minivmm/asm``."""
-    override = os.environ.get("MINIVMM_CACHE_DIR")
-    if override:
-        return Path(override)
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg) if xdg else Path.home() / ".cache"
-    return base / "minivmm" / "asm"
 
 
 def _absolute(path: str | os.PathLike[str]) -> Path:
@@ -266,6 +257,10 @@ def _ld_supports_no_warn_rwx_segments(ld: str) -> bool:
 
 def _read_elf(path: Path) -> tuple[dict[str, int], int]:
     """Return the defined symbols and the lowest address of any loaded section."""
+    # Imported here, on a cache miss: importing minivmm (machine.py imports this
+    # module) does not load pyelftools.
+    from elftools.elf.elffile import ELFFile
+
     with path.open("rb") as stream:
         elf = ELFFile(stream)
         symbols: dict[str, int] = {}

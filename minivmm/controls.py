@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from functools import cache
 from enum import IntEnum, IntFlag
 
+from minivmm.errors import MinivmmError
 from minivmm.vmcs_fields import VmcsField, field_index
 
 
@@ -246,7 +247,7 @@ def adjust_controls(value: int, capability_msr_value: int) -> int:
     return (value | allowed0(capability_msr_value)) & allowed1(capability_msr_value)
 
 
-class UnsupportedControlError(ValueError):
+class UnsupportedControlError(MinivmmError, ValueError):
     """A control value that a capability MSR does not allow; the message names every offending bit."""
 
     def __init__(self, message: str, must_be_zero: int, must_be_one: int) -> None:

@@ -23,7 +23,9 @@ re-protect the span that held them (manual dirty-log protect).
 All are compiled with cffi on first use into minivmm's cache directory (gcc and
 the Python headers are needed, as for any cffi module); where that is not
 possible, `run_packed` is a Python function with the same contract and the
-Python exit loop does what `IoLoop` does.
+Python exit loop does what `IoLoop` does. Importing this module builds nothing:
+the build runs at the first `run_packed_for`, `IoLoop` or read of `COMPILED`,
+`BUILD_ERROR` or `restore_dirty`.
 """
 from __future__ import annotations
 
@@ -36,11 +38,12 @@ import os
 import shutil
 import struct
 import sys
+import threading
 from pathlib import Path
 from typing import Callable
 
 from .actions import RESUME
-from .asm import cache_dir
+from .cache import cache_dir
 from .kvm import ExitKind, Ioctl, KvmRun
 
 IO_TAG = 1 << 56
@@ -392,11 +395,42 @@ def _build():
     return module
 
 
-BUILD_ERROR = ""
-_module = _build()
-COMPILED = _module is not None
-_compiled = (_module.lib.minivmm_run_packed, lambda address: _module.ffi.cast("void *", address)) \
-    if COMPILED else None
+# Set by `_load` on first use; until then a module attribute read of these goes
+# through `__getattr__`, which builds.
+BUILD_ERROR: str
+"""Why the C code could not be built ("" when it was)."""
+COMPILED: bool
+"""True when the C code is built and loaded."""
+_LAZY = frozenset({"BUILD_ERROR", "COMPILED", "restore_dirty"})
+_module = None
+_compiled = None
+_loaded = False
+_load_lock = threading.Lock()
+
+
+def _load():
+    """Build and load the cffi module on the first call; the module, or None (see BUILD_ERROR)."""
+    global BUILD_ERROR, COMPILED, restore_dirty, _module, _compiled, _loaded
+    if _loaded:
+        return _module
+    with _load_lock:
+        if not _loaded:
+            BUILD_ERROR = ""
+            module = _build()
+            COMPILED = module is not None
+            _compiled = (module.lib.minivmm_run_packed, lambda address: module.ffi.cast("void *", address)) \
+                if COMPILED else None
+            restore_dirty = module.lib.minivmm_restore_dirty if COMPILED else None
+            _module = module
+            _loaded = True
+    return _module
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 LOOP_YIELD = -1_000_000
@@ -422,7 +456,7 @@ class IoLoop:
     """
 
     def __init__(self, routes: dict, info, vcpu, vmcs, pre_entry: list, observers: list) -> None:
-        ffi = _module.ffi
+        ffi = _load().ffi
         self.objects = (routes, info, vcpu, vmcs, pre_entry, observers)
         self.out: list = []
         self.counters = ffi.new("long long[3]")
@@ -456,7 +490,7 @@ class IoLoop:
         return seconds, samples
 
 
-restore_dirty = _module.lib.minivmm_restore_dirty if COMPILED else None
+restore_dirty: Callable[..., int] | None
 """`restore_dirty(vm_fd, slot, bitmap_address, npages, guest_address, copy_address, clear)`:
 copy the pages of `slot` that its dirty log marks from `copy_address` to
 `guest_address` (both host addresses of the slot's first byte), re-protect
@@ -466,6 +500,7 @@ code is not built."""
 
 def run_packed_for(run_mmap) -> tuple[RunPacked, object]:
     """(function, its second argument) that enter the guest whose kvm_run mapping is `run_mmap`."""
+    _load()
     if _compiled is not None:
         function, pointer = _compiled
         view = ctypes.c_char.from_buffer(run_mmap)

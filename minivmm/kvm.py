@@ -1,7 +1,8 @@
 """ctypes bindings of the KVM API (Documentation/virt/kvm/api.rst).
 
 Shaped like rust-vmm's kvm-ioctls: `Kvm` (the system fd), `VmFd` and `VcpuFd`,
-one method per ioctl, named after it, without policy. Struct layouts follow the
+one method per ioctl, named after it, without policy. This is the only Python
+module that issues KVM ioctls (the C hot paths of `minivmm.fastpath` aside). Struct layouts follow the
 x86-64 ABI of the running kernel, not the installed headers; constants newer
 than Linux 6.1 headers are defined here. Every exit read from `kvm_run`
 decodes to one of the closed set of exit types listed in `KvmExit`.
@@ -16,6 +17,8 @@ import os
 from dataclasses import dataclass
 from enum import IntEnum, IntFlag
 from typing import Iterable, Union
+
+from .errors import MinivmmError
 
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
@@ -266,6 +269,16 @@ class KvmPitConfig(_Struct):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+class KvmDeviceAttr(_Struct):
+    """struct kvm_device_attr (api.rst 4.80): `addr` is the user address of the value."""
+    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
+
+
+# vCPU device attributes (Documentation/virt/kvm/devices/vcpu.rst, section 4)
+KVM_VCPU_TSC_CTRL = 0
+KVM_VCPU_TSC_OFFSET = 0
+
+
 # kvm_run and its exit union (include/uapi/linux/kvm.h)
 class _ExitHw(_Struct):
     _fields_ = [("hardware_exit_reason", u64)]
@@ -386,6 +399,9 @@ class Ioctl(IntEnum):
     KVM_SET_XCRS = _iow(0xA7, KvmXcrs)
     KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, KvmClearDirtyLog)
     KVM_X86_SET_MSR_FILTER = _iow(0xC6, KvmMsrFilter)
+    KVM_SET_DEVICE_ATTR = _iow(0xE1, KvmDeviceAttr)
+    KVM_GET_DEVICE_ATTR = _iow(0xE2, KvmDeviceAttr)
+    KVM_HAS_DEVICE_ATTR = _iow(0xE3, KvmDeviceAttr)
 
 
 class Cap(IntEnum):
@@ -454,7 +470,7 @@ _HINTS: dict[tuple[str, int], str] = {
 }
 
 
-class KvmError(OSError):
+class KvmError(MinivmmError, OSError):
     """A KVM ioctl failed: names the ioctl, the errno and a hint."""
 
     def __init__(self, ioctl: str, err: int, hint: str = "") -> None:
@@ -487,6 +503,16 @@ def _ioctl(fd: int, req: Ioctl, arg: int | ctypes.Array | ctypes.Structure = 0) 
         return fcntl.ioctl(fd, req, arg, True) if not isinstance(arg, int) else fcntl.ioctl(fd, req, arg)
     except OSError as exc:
         raise KvmError(req.name, exc.errno or 0) from None
+
+
+def msrs_buffer(count: int) -> ctypes.Structure:
+    """A struct kvm_msrs for `count` MSRs (`header.nmsrs` = count, `entries`), to fill
+    in once and pass to `VcpuFd.get_msrs_into`/`set_msrs_from` again and again."""
+    class Msrs(_Struct):
+        _fields_ = [("header", KvmMsrsHeader), ("entries", KvmMsrEntry * max(count, 1))]
+    buf = Msrs()
+    buf.header.nmsrs = count
+    return buf
 
 
 def _variable_struct(header_type: type, count_field: str, entry_type: type, entries: int):
@@ -817,8 +843,18 @@ class VmFd(_Fd):
 
         `ranges`: (flags, base MSR, bitmap, number of MSRs); a 1 bit allows
         the access, a 0 bit denies it (with KVM_CAP_X86_USER_SPACE_MSR's FILTER
-        reason enabled the denied access exits to user space).
+        reason enabled the denied access exits to user space). At most
+        KVM_MSR_FILTER_MAX_RANGES ranges, each bitmap holding at least `nmsrs`
+        bits; ValueError otherwise.
         """
+        ranges = list(ranges)
+        if len(ranges) > KVM_MSR_FILTER_MAX_RANGES:
+            raise ValueError(f"KVM_X86_SET_MSR_FILTER takes at most {KVM_MSR_FILTER_MAX_RANGES} "
+                             f"ranges (KVM_MSR_FILTER_MAX_RANGES), not {len(ranges)}")
+        for flags, base, bitmap, nmsrs in ranges:
+            if nmsrs > 8 * ctypes.sizeof(bitmap):
+                raise ValueError(f"MSR filter range at {base:#x}: {nmsrs} MSRs need {(nmsrs + 7) // 8} "
+                                 f"bitmap bytes, the bitmap has {ctypes.sizeof(bitmap)}")
         flt = KvmMsrFilter(flags=KVM_MSR_FILTER_DEFAULT_DENY if default_deny else 0)
         for i, (flags, base, bitmap, nmsrs) in enumerate(ranges):
             flt.ranges[i] = KvmMsrFilterRange(int(flags), nmsrs, base, ctypes.addressof(bitmap))
@@ -980,6 +1016,29 @@ class VcpuFd(_Fd):
             bad = buf.entries[done]
             raise KvmError("KVM_SET_MSRS", errno.EINVAL,
                            f"MSR {bad.index:#x} <- {bad.data:#x} was refused by this host")
+
+    def get_msrs_into(self, buf: ctypes.Structure) -> int:
+        """KVM_GET_MSRS (api.rst 4.18) into a buffer from `msrs_buffer`, its indices filled
+        in; returns how many entries KVM read (it stops at the first it cannot read)."""
+        return _ioctl(self.fd, Ioctl.KVM_GET_MSRS, buf)
+
+    def set_msrs_from(self, buf: ctypes.Structure) -> int:
+        """KVM_SET_MSRS (api.rst 4.19) from a filled-in buffer from `msrs_buffer`; returns
+        how many entries KVM wrote (it stops at the first it refuses)."""
+        return _ioctl(self.fd, Ioctl.KVM_SET_MSRS, buf)
+
+    def set_device_attr(self, attr: KvmDeviceAttr) -> None:
+        """KVM_SET_DEVICE_ATTR on the vCPU fd (api.rst 4.80): write the value at `attr.addr`."""
+        _ioctl(self.fd, Ioctl.KVM_SET_DEVICE_ATTR, attr)
+
+    def get_device_attr(self, attr: KvmDeviceAttr) -> None:
+        """KVM_GET_DEVICE_ATTR on the vCPU fd (api.rst 4.80): read the value to `attr.addr`."""
+        _ioctl(self.fd, Ioctl.KVM_GET_DEVICE_ATTR, attr)
+
+    def has_device_attr(self, attr: KvmDeviceAttr) -> None:
+        """KVM_HAS_DEVICE_ATTR on the vCPU fd (api.rst 4.81): returns if the attribute
+        exists, raises KvmError (ENXIO) if it does not."""
+        _ioctl(self.fd, Ioctl.KVM_HAS_DEVICE_ATTR, attr)
 
     def set_cpuid2(self, entries: Iterable[KvmCpuidEntry2]) -> None:
         """KVM_SET_CPUID2 (api.rst 4.20)."""

@@ -20,12 +20,15 @@ from typing import Mapping, Sequence
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 
+from .cache import cache_dir
+from .errors import MinivmmError
+
 __all__ = ["LoaderError", "LoadedImage", "load_asm", "load_flat", "load_elf", "build_c_elf",
            "load_multiboot", "MultibootHeader", "MultibootModule", "parse_multiboot_header",
            "build_multiboot_info", "MULTIBOOT_INFO_ADDRESS"]
 
 
-class LoaderError(ValueError):
+class LoaderError(MinivmmError, ValueError):
     """An image cannot be loaded: the message says what is wrong with it."""
 
 
@@ -121,7 +124,7 @@ def build_c_elf(sources: Sequence[str | os.PathLike], *, cflags: Sequence[str] =
     """Compile freestanding C into a static ELF whose text starts at `link_address`.
 
     gcc runs with -ffreestanding -nostdlib -static (see C_FLAGS); the result is
-    cached in `minivmm.asm.cache_dir()/../elf`, keyed by the sources, flags and
+    cached in `minivmm.cache.cache_dir()/../elf`, keyed by the sources, flags and
     the gcc executable. The entry is `_start`.
     """
     gcc = shutil.which("gcc")
@@ -142,7 +145,6 @@ def build_c_elf(sources: Sequence[str | os.PathLike], *, cflags: Sequence[str] =
             raise LoaderError(f"cannot read C source {path}: {exc}") from None
         for header in sorted(path.parent.glob("*.h")):
             digest.update(str(header).encode() + b"\0" + header.read_bytes())
-    from .asm import cache_dir
     directory = cache_dir().parent / "elf"
     output = directory / f"{digest.hexdigest()[:32]}.elf"
     if output.is_file():

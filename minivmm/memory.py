@@ -9,6 +9,8 @@ import mmap
 import struct
 from dataclasses import dataclass, field
 
+from .errors import MinivmmError
+
 PAGE_SIZE = 4096
 PAGE_SHIFT = 12
 
@@ -31,7 +33,7 @@ def parse_size(value: int | str) -> int:
         raise ValueError(f"bad size {value!r}: expected a number with an optional K/M/G suffix") from None
 
 
-class GuestMemoryError(ValueError):
+class GuestMemoryError(MinivmmError, ValueError):
     """A guest-physical access or region layout that is not valid."""
 
 

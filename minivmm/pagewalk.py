@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from enum import IntFlag
 from typing import Protocol
 
+from .errors import MinivmmError
 from .memory import GuestMemory, GuestMemoryError
 
 __all__ = ["Translation", "PageFault", "PfErrorCode", "PteFlag", "translate", "read_virtual",
@@ -59,7 +60,7 @@ class PfErrorCode(IntFlag):
     PK = 1 << 5         # protection-key violation
 
 
-class PageFault(Exception):
+class PageFault(MinivmmError):
     """A translation failed the way a #PF would: the address, the error code, why."""
 
     def __init__(self, gva: int, error_code: int, description: str) -> None:

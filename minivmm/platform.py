@@ -1,5 +1,8 @@
-"""PC platform pieces that kernels written for QEMU's `-kernel` expect: fw_cfg, ACPI tables
-and the ACPI PM timer, an empty PCI bus, a scratch register, extra RAM windows.
+"""The assembly of a PC platform for kernels written for QEMU's `-kernel`: which of the
+platform devices to add (fw_cfg, the ACPI PM timer, an empty PCI bus, scratch
+registers), the ACPI tables that describe them, extra RAM windows and strict ports.
+The devices themselves live in `minivmm.devices` (one module each); their names are
+re-exported here.
 
 Each piece is optional and off unless asked for (YAML `platform:` section, or
 `install_platform(machine, PlatformConfig(...))` from Python):
@@ -22,18 +25,19 @@ Each piece is optional and off unless asked for (YAML `platform:` section, or
 Without `strict_ports`, reads of unclaimed ports return all ones and writes are
 dropped, as on a PC's ISA bus (minivmm's default).
 
-References: QEMU docs/specs/fw_cfg.rst (selector/data ports, keys
-FW_CFG_SIGNATURE 0x00, FW_CFG_ID 0x01, FW_CFG_RAM_SIZE 0x03, FW_CFG_NB_CPUS
-0x05, FW_CFG_MAX_CPUS 0x0f, FW_CFG_FILE_DIR 0x19); ACPI 6.5 sections 5.2.5
-(RSDP), 5.2.7 (RSDT), 5.2.9 (FADT), 5.2.10 (FACS), 5.2.12 (MADT) and 4.8.3.3
-(PM timer).
+References: ACPI 6.5 sections 5.2.5 (RSDP), 5.2.7 (RSDT), 5.2.9 (FADT), 5.2.10
+(FACS) and 5.2.12 (MADT); the devices' modules cite theirs.
 """
 from __future__ import annotations
 
 import struct
-import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
+
+from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
+from .devices.fw_cfg import FW_CFG_PORT, FwCfg
+from .devices.pci import PciNoDevices
+from .devices.scratch import ScratchRegister
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -41,190 +45,6 @@ if TYPE_CHECKING:
 __all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
            "PlatformConfig", "RamWindow", "ScratchConfig", "install_platform", "acpi_checksum",
            "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
-
-# ---------------------------------------------------------------------------
-# fw_cfg (QEMU docs/specs/fw_cfg.rst)
-
-FW_CFG_PORT = 0x510
-FW_CFG_SIGNATURE = 0x0000
-FW_CFG_ID = 0x0001
-FW_CFG_UUID = 0x0002
-FW_CFG_RAM_SIZE = 0x0003
-FW_CFG_NOGRAPHIC = 0x0004
-FW_CFG_NB_CPUS = 0x0005
-FW_CFG_MAX_CPUS = 0x000F
-FW_CFG_FILE_DIR = 0x0019
-FW_CFG_FILE_FIRST = 0x0020
-FW_CFG_ID_TRADITIONAL = 1 << 0          # the port interface (no DMA)
-
-
-@dataclass
-class FwCfg:
-    """QEMU's fw_cfg device, port interface: write a 16-bit key to `port`, then read the
-    item's bytes one at a time from `port + 1`. Reads past an item's end, and of unknown
-    keys, return 0 (as QEMU does). Files added with `add_file` appear in FW_CFG_FILE_DIR."""
-    cpus: int = 1
-    ram_size: int = 0
-    port: int = FW_CFG_PORT
-    ports: range = field(init=False)
-    items: dict[int, bytes] = field(init=False)
-    selector: int = field(default=0, init=False)
-    offset: int = field(default=0, init=False)
-
-    def __post_init__(self) -> None:
-        self.ports = range(self.port, self.port + 2)
-        self.items = {
-            FW_CFG_SIGNATURE: b"QEMU",
-            FW_CFG_ID: struct.pack("<I", FW_CFG_ID_TRADITIONAL),
-            FW_CFG_UUID: bytes(16),
-            FW_CFG_RAM_SIZE: struct.pack("<Q", self.ram_size),
-            FW_CFG_NOGRAPHIC: struct.pack("<H", 1),
-            FW_CFG_NB_CPUS: struct.pack("<H", self.cpus),
-            FW_CFG_MAX_CPUS: struct.pack("<H", self.cpus),
-        }
-        self._files: list[tuple[str, int, int]] = []
-        self._update_directory()
-
-    def add_file(self, name: str, data: bytes) -> int:
-        """Add a named item (e.g. "etc/minivmm/test"); returns its selector key."""
-        encoded = name.encode()
-        if len(encoded) > 55:
-            raise ValueError(f"fw_cfg file name {name!r} is longer than 55 bytes")
-        key = FW_CFG_FILE_FIRST + len(self._files)
-        self.items[key] = bytes(data)
-        self._files.append((name, key, len(data)))
-        self._update_directory()
-        return key
-
-    def _update_directory(self) -> None:
-        # struct FWCfgFiles: be32 count, then FWCfgFile {be32 size, be16 select, be16 reserved,
-        # char name[56]} per file, all big-endian.
-        entries = b"".join(struct.pack(">IHH56s", size, key, 0, name.encode())
-                           for name, key, size in self._files)
-        self.items[FW_CFG_FILE_DIR] = struct.pack(">I", len(self._files)) + entries
-
-    def io_write(self, port: int, size: int, value: int) -> None:
-        if port == self.port:
-            self.selector = value & 0xFFFF
-            self.offset = 0
-
-    def io_read(self, port: int, size: int) -> int:
-        if port != self.port + 1:
-            return (1 << (8 * size)) - 1
-        data = self.items.get(self.selector, b"")
-        chunk = data[self.offset:self.offset + size].ljust(size, b"\0")
-        self.offset += size
-        return int.from_bytes(chunk, "little")
-
-
-# ---------------------------------------------------------------------------
-# ACPI PM1 block and PM timer (ACPI 6.5 sections 4.8.3.1-4.8.3.3)
-
-PM_BASE = 0x600
-PM_TIMER_HZ = 3_579_545
-PM1_EVT_LEN, PM1_CNT_LEN, PM_TMR_LEN = 4, 2, 4
-PM1_CNT_SCI_EN = 1 << 0
-
-
-@dataclass
-class AcpiPm:
-    """The PM1a event block (status/enable, `base`..+3), PM1a control (`base`+4..+5) and the
-    PM timer (`base`+8..+11): a free-running 3.579545 MHz counter, 24 bits wide unless
-    `timer_32bit` (the FADT's TMR_VAL_EXT flag says which). SCI_EN reads as set: the
-    machine is in ACPI mode from the start (the FADT has no SMI command port)."""
-    base: int = PM_BASE
-    timer_32bit: bool = True
-    ports: range = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.ports = range(self.base, self.base + 12)
-        self._start_ns = time.monotonic_ns()
-        self._status = 0
-        self._enable = 0
-        self._control = PM1_CNT_SCI_EN
-
-    @property
-    def timer_port(self) -> int:
-        return self.base + 8
-
-    def ticks(self) -> int:
-        """The counter's current value."""
-        ticks = (time.monotonic_ns() - self._start_ns) * PM_TIMER_HZ // 1_000_000_000
-        return ticks & (0xFFFFFFFF if self.timer_32bit else 0xFFFFFF)
-
-    def io_read(self, port: int, size: int) -> int:
-        offset = port - self.base
-        if offset >= 8:
-            return (self.ticks() >> (8 * (offset - 8))) & ((1 << (8 * size)) - 1)
-        registers = struct.pack("<HHHH", self._status, self._enable, self._control, 0)
-        return int.from_bytes(registers[offset:offset + size].ljust(size, b"\xff"), "little")
-
-    def io_write(self, port: int, size: int, value: int) -> None:
-        offset = port - self.base
-        raw = bytearray(struct.pack("<HHHH", self._status, self._enable, self._control, 0))
-        if offset >= 6:
-            return                                           # the timer is read-only
-        new = value.to_bytes(size, "little")
-        if offset < 2:                                       # PM1_STS: write 1 to clear
-            status = bytearray(raw[0:2])
-            for i, byte in enumerate(new[:2 - offset]):
-                status[offset + i] &= ~byte & 0xFF
-            raw[0:2] = status
-            new = new[2 - offset:]
-            offset = 2
-        raw[offset:offset + len(new)] = new[:6 - offset]
-        self._status, self._enable, self._control, _ = struct.unpack("<HHHH", raw)
-        self._control |= PM1_CNT_SCI_EN
-
-
-# ---------------------------------------------------------------------------
-# PCI configuration mechanism #1 with nothing behind it, and a scratch register
-
-
-@dataclass
-class PciNoDevices:
-    """Ports 0xCF8-0xCFF: CONFIG_ADDRESS (0xCF8, 32-bit) latches and reads back what was
-    written; CONFIG_DATA (0xCFC-0xCFF) reads all ones ("no device") and drops writes."""
-    ports: range = field(default=range(0xCF8, 0xD00), init=False)
-    address: int = field(default=0, init=False)
-
-    def io_read(self, port: int, size: int) -> int:
-        if port == 0xCF8 and size == 4:
-            return self.address
-        return (1 << (8 * size)) - 1
-
-    def io_write(self, port: int, size: int, value: int) -> None:
-        if port == 0xCF8 and size == 4:
-            self.address = value & 0xFFFFFFFC
-
-
-@dataclass
-class ScratchRegister:
-    """A `width`-byte register at `port` that reads back what was last written (narrower
-    accesses at an offset act on those bytes)."""
-    port: int = 0x520
-    width: int = 4
-    value: int = 0
-    ports: range = field(init=False)
-
-    def __post_init__(self) -> None:
-        if self.width not in (1, 2, 4):
-            raise ValueError(f"scratch register width must be 1, 2 or 4, not {self.width}")
-        self.ports = range(self.port, self.port + self.width)
-
-    def io_read(self, port: int, size: int) -> int:
-        shift = 8 * (port - self.port)
-        value = self.value >> shift & ((1 << (8 * size)) - 1)
-        missing = size - (self.width - (port - self.port))
-        if missing > 0:                 # bytes past the register read as an open bus
-            value |= ((1 << (8 * missing)) - 1) << (8 * (size - missing))
-        return value
-
-    def io_write(self, port: int, size: int, value: int) -> None:
-        shift = 8 * (port - self.port)
-        mask = ((1 << (8 * size)) - 1) << shift & ((1 << (8 * self.width)) - 1)
-        self.value = (self.value & ~mask) | (value << shift & mask)
-
 
 # ---------------------------------------------------------------------------
 # ACPI tables

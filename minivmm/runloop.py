@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import fastpath
 from .actions import Action, Inject, Resume, Stop
+from .errors import MinivmmError
 from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
 from .kvm import ExitKind, IoExit, KvmRun, decode_exit
@@ -76,11 +77,11 @@ class RunResult:
         return text
 
 
-class HandlerError(RuntimeError):
+class HandlerError(MinivmmError, RuntimeError):
     """An exception raised inside an exit handler; the run stopped."""
 
 
-class Kicked(Exception):
+class Kicked(MinivmmError):
     """Another vCPU stopped the machine: this vCPU's loop ends."""
 
 

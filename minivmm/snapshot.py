@@ -74,7 +74,6 @@ layout (region addresses and sizes) differs from the snapshot's.
 from __future__ import annotations
 
 import ctypes
-import fcntl
 import hashlib
 import json
 import mmap
@@ -85,9 +84,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from .kvm import (Cap, KvmDebugregs, KvmError, KvmFpu, KvmMsrEntry, KvmMsrsHeader, KvmRegs,
-                  KvmSregs, KvmVcpuEvents, KvmXcrs, KvmXsave, Ioctl, MpState, SyncRegsFlag,
-                  _ioc, _IOC_WRITE, u32, u64)
+from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, KvmDebugregs, KvmDeviceAttr, KvmFpu,
+                  KvmRegs, KvmSregs, KvmVcpuEvents, KvmXcrs, KvmXsave, MpState, SyncRegsFlag, VcpuFd,
+                  msrs_buffer, u64)
+from .errors import MinivmmError
 from .memory import PAGE_SIZE
 
 if TYPE_CHECKING:
@@ -108,58 +108,39 @@ memmove = ctypes.memmove
 string_at = ctypes.string_at
 
 
-class SnapshotError(RuntimeError):
+class SnapshotError(MinivmmError, RuntimeError):
     """A snapshot file is corrupt, foreign or of another version, or does not fit a machine."""
 
 
-# --- KVM device attributes on the vCPU fd (api.rst 4.80/4.81, devices/vcpu.rst) -----
-class _KvmDeviceAttr(ctypes.Structure):
-    _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]
-
-
-_KVM_SET_DEVICE_ATTR = _ioc(_IOC_WRITE, 0xE1, ctypes.sizeof(_KvmDeviceAttr))
-_KVM_GET_DEVICE_ATTR = _ioc(_IOC_WRITE, 0xE2, ctypes.sizeof(_KvmDeviceAttr))
-_KVM_HAS_DEVICE_ATTR = _ioc(_IOC_WRITE, 0xE3, ctypes.sizeof(_KvmDeviceAttr))
-KVM_VCPU_TSC_CTRL = 0
-KVM_VCPU_TSC_OFFSET = 0
-
-
+# --- the vCPU's TSC offset (devices/vcpu.rst, KVM_VCPU_TSC_CTRL) -------------------
 class _TscOffset:
     """Reads and writes the vCPU's TSC offset through KVM_VCPU_TSC_OFFSET."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: VcpuFd) -> None:
         self.fd = fd
         self.value = u64()
-        self.attr = _KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET,
-                                   ctypes.addressof(self.value))
+        self.attr = KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET,
+                                  ctypes.addressof(self.value))
 
     @staticmethod
-    def supported(fd: int) -> bool:
+    def supported(fd: VcpuFd) -> bool:
         try:
-            fcntl.ioctl(fd, _KVM_HAS_DEVICE_ATTR, _KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, 0))
+            fd.has_device_attr(KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, 0))
             return True
         except OSError:
             return False
 
     def get(self) -> int:
-        fcntl.ioctl(self.fd, _KVM_GET_DEVICE_ATTR, self.attr)
+        self.fd.get_device_attr(self.attr)
         return self.value.value
 
     def set(self, offset: int) -> None:
         self.value.value = offset & ((1 << 64) - 1)
-        fcntl.ioctl(self.fd, _KVM_SET_DEVICE_ATTR, self.attr)
+        self.fd.set_device_attr(self.attr)
 
 
 # --- MSRs ---------------------------------------------------------------------------
 _readable_msrs_cache: dict[tuple[int, ...], tuple[int, ...]] = {}
-
-
-def _msr_buffer(count: int):
-    class Msrs(ctypes.Structure):
-        _fields_ = [("header", KvmMsrsHeader), ("entries", KvmMsrEntry * max(count, 1))]
-    buf = Msrs()
-    buf.header.nmsrs = count
-    return buf
 
 
 def readable_msrs(machine: "Machine") -> tuple[int, ...]:
@@ -172,16 +153,13 @@ def readable_msrs(machine: "Machine") -> tuple[int, ...]:
     cached = _readable_msrs_cache.get(listed)
     if cached is not None:
         return cached
-    fd = machine.vcpu.fd.fd
+    fd = machine.vcpu.fd
     candidates = list(listed)
     while True:
-        buf = _msr_buffer(len(candidates))
+        buf = msrs_buffer(len(candidates))
         for entry, index in zip(buf.entries, candidates):
             entry.index = index
-        try:
-            done = fcntl.ioctl(fd, Ioctl.KVM_GET_MSRS, buf)
-        except OSError as exc:
-            raise KvmError("KVM_GET_MSRS", exc.errno or 0) from None
+        done = fd.get_msrs_into(buf)
         if done >= len(candidates):
             break
         del candidates[done]
@@ -302,7 +280,7 @@ class Snapshot:
         self._lookup = [(r.layout.gpa, r.layout.gpa + r.layout.size, r.host_addr, 0)
                         for r in self.regions]
         restorable = [i for i in self.vcpu.msrs if i != MSR_IA32_TSC and i not in self.unrestorable_msrs]
-        buf = _msr_buffer(len(restorable))
+        buf = msrs_buffer(len(restorable))
         for entry, index in zip(buf.entries, restorable):
             entry.index, entry.data = index, self.vcpu.msrs[index]
         self._msr_buf = buf
@@ -488,20 +466,17 @@ class Snapshot:
         # KVM_SET_XSAVE leaves the legacy x87/SSE area alone when the saved
         # XSTATE_BV marks it as in its initial state; KVM_SET_FPU writes it.
         fd.set_fpu(state.fpu)
-        self._restore_msrs(fd.fd)
+        self._restore_msrs(fd)
         fd.set_debugregs(state.debugregs)
         fd.set_vcpu_events(state.events)
         fd.set_mp_state(MpState(state.mp_state))
         if state.tsc is not None:
             self._restore_tsc(machine)
 
-    def _restore_msrs(self, fd: int) -> None:
+    def _restore_msrs(self, fd: VcpuFd) -> None:
         buf = self._msr_buf
         while buf.header.nmsrs:
-            try:
-                done = fcntl.ioctl(fd, Ioctl.KVM_SET_MSRS, buf)
-            except OSError as exc:
-                raise KvmError("KVM_SET_MSRS", exc.errno or 0) from None
+            done = fd.set_msrs_from(buf)
             if done >= buf.header.nmsrs:
                 return
             # KVM refused one MSR (it can read but not write it back): drop it
@@ -513,7 +488,7 @@ class Snapshot:
     def _restore_tsc(self, machine: "Machine") -> None:
         fd = machine.vcpu.fd
         if self._tsc_ctl is None:
-            self._tsc_ctl = _TscOffset(fd.fd) if _TscOffset.supported(fd.fd) else False
+            self._tsc_ctl = _TscOffset(fd) if _TscOffset.supported(fd) else False
         if self._tsc_ctl:
             now = fd.get_msrs([MSR_IA32_TSC])[MSR_IA32_TSC]
             self._tsc_ctl.set(self._tsc_ctl.get() + self.vcpu.tsc - now)

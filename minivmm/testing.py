@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import pytest
 
+from .errors import MinivmmError
 from .kvm import kvm_path
 
 if TYPE_CHECKING:
@@ -71,7 +72,7 @@ def in_ci() -> bool:
 
 
 # -- errors ----------------------------------------------------------------------------------
-class GuestAssertionError(AssertionError):
+class GuestAssertionError(MinivmmError, AssertionError):
     """A GUEST_ASSERT* in the guest failed; `assertion` says where, what and the values."""
 
     def __init__(self, assertion: "GuestAssertion") -> None:
@@ -79,7 +80,7 @@ class GuestAssertionError(AssertionError):
         self.assertion = assertion
 
 
-class GuestRunError(AssertionError):
+class GuestRunError(MinivmmError, AssertionError):
     """A run ended some other way than the test expected."""
 
     def __init__(self, message: str, run: "GuestRun | None" = None) -> None:
@@ -491,7 +492,7 @@ def _load_asm_with_test_include(machine: "Machine", text: str, load_address: int
 def _inline_c_file(text: str, label: str, first_line: int) -> Path:
     """Write inline C to a content-addressed file, with a #line naming its place in the test."""
     import hashlib
-    from .asm import cache_dir
+    from .cache import cache_dir
     body = f'#line {first_line} "{label}"\n{text}'
     digest = hashlib.sha256(body.encode()).hexdigest()[:24]
     directory = cache_dir().parent / "csrc" / digest

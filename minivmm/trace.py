@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any, TextIO
 
 from .disasm import disassemble
+from .errors import MinivmmError
 from .actions import RETRY
 from .exits import ExitReason, Vector, vector_name
 from .modes import Mode
@@ -60,7 +61,7 @@ class TraceResult:
     console: str = ""
 
 
-class _StepLimit(Exception):
+class _StepLimit(MinivmmError):
     """Raised from a pre-entry hook to end the run once enough steps were traced."""
 
 

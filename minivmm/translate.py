@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from .disasm import disassemble
+from .errors import MinivmmError
 from .exits import (EXCEPTIONS_WITH_ERROR_CODE, ExitInfo, ExitReason, InterruptionInfo,
                     InterruptionType, IoQualification, Vector, vector_name)
 from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, InternalErrorKind, IoExit,
@@ -35,7 +36,7 @@ __all__ = ["CpuView", "ExceptionReport", "GuestFault", "IoInstruction", "Restore
            "Translation", "Translator", "find_io_instruction", "io_qualification"]
 
 
-class GuestFault(RuntimeError):
+class GuestFault(MinivmmError, RuntimeError):
     """The host could not go on with the guest (e.g. an emulation failure)."""
 
 

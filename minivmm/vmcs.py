@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Callable
 from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinBasedControls, ProcBasedControls,
                        SecondaryControls, UnsupportedControlError, VmEntryControls, VmExitControls,
                        VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
+from .errors import MinivmmError
 from .exits import ExitInfo
 from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag, VmFd
 from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
@@ -42,7 +43,7 @@ if TYPE_CHECKING:
 F = VmcsField
 
 
-class VmcsError(ValueError):
+class VmcsError(MinivmmError, ValueError):
     """A VMREAD/VMWRITE that the minivmm VMCS cannot perform."""
 
 

@@ -12,7 +12,7 @@ import time
 import pytest
 
 from minivmm import kvm
-from minivmm.kvm import (Ioctl, KvmCpuidEntry2, KvmDebugregs, KvmDtable, KvmEnableCap, KvmError, KvmFpu,
+from minivmm.kvm import (Ioctl, KvmCpuidEntry2, KvmDebugregs, KvmDeviceAttr, KvmDtable, KvmEnableCap, KvmError, KvmFpu,
                          KvmGuestDebug, KvmMsrEntry, KvmMsrFilter, KvmMsrFilterRange, KvmRegs, KvmRun,
                          KvmSegment, KvmSregs, KvmSyncRegs, KvmUnavailableError, KvmUserspaceMemoryRegion,
                          KvmVcpuEvents, KvmXcrs, KvmXsave)
@@ -25,7 +25,7 @@ pytest_plugins = ["pytester"]
     (KvmRegs, 144), (KvmSregs, 312), (KvmSegment, 24), (KvmDtable, 16), (KvmVcpuEvents, 64),
     (KvmFpu, 416), (KvmXcrs, 392), (KvmMsrFilter, 392), (KvmMsrFilterRange, 24), (KvmXsave, 4096),
     (KvmCpuidEntry2, 40), (KvmMsrEntry, 16), (KvmGuestDebug, 72), (KvmDebugregs, 128),
-    (KvmUserspaceMemoryRegion, 32), (KvmEnableCap, 104), (KvmSyncRegs, 520),
+    (KvmUserspaceMemoryRegion, 32), (KvmEnableCap, 104), (KvmSyncRegs, 520), (KvmDeviceAttr, 24),
 ])
 def test_struct_sizes_match_the_kernel_abi(struct, size) -> None:
     assert ctypes.sizeof(struct) == size
@@ -86,6 +86,8 @@ def test_vcpu_events_and_sregs_field_offsets() -> None:
     (Ioctl.KVM_SET_GUEST_DEBUG, 0x4048AE9B), (Ioctl.KVM_ENABLE_CAP, 0x4068AEA3),
     (Ioctl.KVM_X86_SET_MSR_FILTER, 0x4188AEC6), (Ioctl.KVM_GET_FPU, 0x81A0AE8C),
     (Ioctl.KVM_GET_XCRS, 0x8188AEA6), (Ioctl.KVM_GET_DEBUGREGS, 0x8080AEA1),
+    (Ioctl.KVM_SET_DEVICE_ATTR, 0x4018AEE1), (Ioctl.KVM_GET_DEVICE_ATTR, 0x4018AEE2),
+    (Ioctl.KVM_HAS_DEVICE_ATTR, 0x4018AEE3),
 ])
 def test_ioctl_numbers(ioctl: Ioctl, number: int) -> None:
     assert ioctl == number
@@ -117,6 +119,68 @@ def test_layouts_agree_with_the_installed_c_headers(tmp_path) -> None:
         ctypes.sizeof(KvmRegs), ctypes.sizeof(KvmSregs), KvmRun.exit.offset, ctypes.sizeof(KvmVcpuEvents),
         ctypes.sizeof(KvmFpu), ctypes.sizeof(KvmXcrs), ctypes.sizeof(KvmMsrFilter), KvmRun.s.offset,
         ctypes.sizeof(KvmGuestDebug), ctypes.sizeof(KvmDebugregs)]
+
+
+# -- wrappers added for snapshot.py and the MSR filter -------------------------------------
+MSR_IA32_SYSENTER_CS = 0x174
+
+
+@pytest.fixture
+def vm_and_vcpu():
+    with kvm.Kvm() as system, system.create_vm() as vm, vm.create_vcpu(0) as vcpu:
+        yield vm, vcpu
+
+
+@pytest.mark.kvm
+def test_msrs_buffer_round_trip(vm_and_vcpu) -> None:
+    _, vcpu = vm_and_vcpu
+    buf = kvm.msrs_buffer(1)
+    buf.entries[0].index, buf.entries[0].data = MSR_IA32_SYSENTER_CS, 0x10
+    assert vcpu.set_msrs_from(buf) == 1
+    buf.entries[0].data = 0
+    assert vcpu.get_msrs_into(buf) == 1
+    assert buf.entries[0].data == 0x10
+    assert vcpu.get_msrs([MSR_IA32_SYSENTER_CS]) == {MSR_IA32_SYSENTER_CS: 0x10}
+    assert kvm.msrs_buffer(0).header.nmsrs == 0
+
+
+@pytest.mark.kvm
+def test_device_attr_wrappers(vm_and_vcpu) -> None:
+    _, vcpu = vm_and_vcpu
+    with pytest.raises(KvmError) as excinfo:
+        vcpu.has_device_attr(KvmDeviceAttr(0, 0xFFFF, 0, 0))          # no such group
+    assert excinfo.value.ioctl == "KVM_HAS_DEVICE_ATTR"
+    assert isinstance(excinfo.value, OSError)
+    value = ctypes.c_uint64()
+    attr = KvmDeviceAttr(0, kvm.KVM_VCPU_TSC_CTRL, kvm.KVM_VCPU_TSC_OFFSET, ctypes.addressof(value))
+    try:
+        vcpu.has_device_attr(attr)
+    except KvmError:
+        pytest.skip("this host has no KVM_VCPU_TSC_OFFSET")
+    value.value = (1 << 64) - 1
+    vcpu.get_device_attr(attr)                 # KVM writes the offset to attr.addr
+    assert value.value != (1 << 64) - 1
+    vcpu.set_device_attr(attr)                 # (some hosts accept but ignore a new offset)
+
+
+@pytest.mark.kvm
+def test_msr_filter_takes_at_most_16_ranges(vm_and_vcpu) -> None:
+    vm, _ = vm_and_vcpu
+    bitmap = (ctypes.c_uint8 * 1)(0xFF)
+    ranges = [(kvm.MsrFilterFlag.READ, 0x1000 + 8 * i, bitmap, 8) for i in range(17)]
+    with pytest.raises(ValueError, match="at most 16 ranges"):
+        vm.set_msr_filter(False, ranges)
+    with pytest.raises(ValueError, match="at most 16 ranges"):
+        vm.set_msr_filter(False, iter(ranges))
+    vm.set_msr_filter(False, ranges[:16])
+    vm.set_msr_filter(False, [])
+
+
+@pytest.mark.kvm
+def test_msr_filter_bitmap_must_hold_its_msrs(vm_and_vcpu) -> None:
+    vm, _ = vm_and_vcpu
+    with pytest.raises(ValueError, match="bitmap"):
+        vm.set_msr_filter(False, [(kvm.MsrFilterFlag.READ, 0, (ctypes.c_uint8 * 1)(), 9)])
 
 
 # -- /dev/kvm missing or wrong ------------------------------------------------------------

@@ -7,13 +7,30 @@ import time
 
 import pytest
 
-from minivmm.platform import (ACPI_BASE, AcpiPm, FwCfg, PciNoDevices, PlatformConfig, RamWindow,
-                              ScratchConfig, ScratchRegister, build_acpi_tables, install_platform)
+import minivmm.devices
+import minivmm.platform
+from minivmm.devices import AcpiPm, FwCfg, PciNoDevices, PortDevice, ScratchRegister
+from minivmm.platform import (ACPI_BASE, PlatformConfig, RamWindow, ScratchConfig, build_acpi_tables,
+                              install_platform)
 
 
 def fw_cfg_item(device: FwCfg, key: int, length: int) -> bytes:
     device.io_write(0x510, 2, key)
     return bytes(device.io_read(0x511, 1) for _ in range(length))
+
+
+# -- the devices ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", [FwCfg(), AcpiPm(), PciNoDevices(), ScratchRegister()],
+                         ids=lambda device: type(device).__name__)
+def test_platform_devices_are_port_devices(device: PortDevice) -> None:
+    assert isinstance(device, PortDevice)
+    assert type(device).__module__.startswith("minivmm.devices.")
+
+
+def test_platform_reexports_its_devices() -> None:
+    for name in ("FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister"):
+        assert getattr(minivmm.platform, name) is getattr(minivmm.devices, name)
+        assert name in minivmm.platform.__all__
 
 
 # -- fw_cfg (QEMU docs/specs/fw_cfg.rst) ---------------------------------------------------

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Callable
 
 from ..actions import RESUME, RETRY, Inject, Stop
 from ..disasm import instruction_length
+from ..errors import MinivmmError
 from ..exits import ExitReason, Vector, vector_name
 from ..modes import CODE_BITS, Mode
 from .schema import ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule, MonitorRule, MsrRule
@@ -23,7 +24,7 @@ if TYPE_CHECKING:
     from .build import ConfiguredMachine
 
 
-class RuleStop(Exception):
+class RuleStop(MinivmmError):
     """Raised by a rule's `stop` from a callback that cannot return an action (EPT hooks);
     `ConfiguredMachine.run` turns it into a "stopped" result."""
 

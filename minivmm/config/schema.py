@@ -59,6 +59,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import MinivmmError
+
 if TYPE_CHECKING:
     from ..platform import PlatformConfig
 
@@ -102,7 +104,7 @@ fuzz:      {input_symbol | input_address, max_input_size, length_register | leng
 # Errors and locations
 
 
-class ConfigError(ValueError):
+class ConfigError(MinivmmError, ValueError):
     """An invalid config: `str()` is `file:line: key: what was expected, got what`."""
 
     def __init__(self, message: str, where: str = "", key: str = "") -> None:

@@ -1,4 +1,10 @@
-"""Port-I/O devices a guest reaches with ``in``/``out``.
+"""Port-I/O devices a guest reaches with ``in``/``out``, one module each, and the
+small interface they share.
+
+``serial`` (16550 UART), ``debug_exit`` (QEMU's isa-debug-exit) and the PC platform
+devices that `minivmm.platform` assembles: ``fw_cfg`` (QEMU's fw_cfg), ``acpi_pm``
+(ACPI PM1 block and PM timer), ``pci`` (configuration mechanism #1, no device) and
+``scratch`` (a read-back register).
 
 A device claims a range of ports; the I/O exit handler routes each access whose
 port falls in ``ports`` to ``io_read``/``io_write`` with the access size in
@@ -10,10 +16,15 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
+from minivmm.devices.acpi_pm import AcpiPm
 from minivmm.devices.debug_exit import DebugExit
+from minivmm.devices.fw_cfg import FwCfg
+from minivmm.devices.pci import PciNoDevices
+from minivmm.devices.scratch import ScratchRegister
 from minivmm.devices.serial import Serial16550
 
-__all__ = ["DebugExit", "PortDevice", "ResettableDevice", "Serial16550"]
+__all__ = ["AcpiPm", "DebugExit", "FwCfg", "PciNoDevices", "PortDevice", "ResettableDevice",
+           "ScratchRegister", "Serial16550"]
 
 
 @runtime_checkable

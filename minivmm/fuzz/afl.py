@@ -76,6 +76,7 @@ import struct
 import sys
 from pathlib import Path
 
+from ..errors import MinivmmError
 from .harness import Harness, RunOutcome, Status
 
 FORKSRV_FD = 198
@@ -88,7 +89,7 @@ _libc.shmat.argtypes = (ctypes.c_int, ctypes.c_void_p, ctypes.c_int)
 _libc.shmdt.argtypes = (ctypes.c_void_p,)
 
 
-class AflError(RuntimeError):
+class AflError(MinivmmError, RuntimeError):
     """The AFL environment is unusable (bad shm id, closed pipes)."""
 
 

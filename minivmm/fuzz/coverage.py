@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..actions import RETRY, Stop
 from ..disasm import disassemble
+from ..errors import MinivmmError
 from ..exits import ExitReason, Vector
 from ..modes import CODE_BITS
 
@@ -35,7 +36,7 @@ _ENDS_BLOCK = re.compile(r"^(j\w+|call|ret\w*|loop\w*|int\w*|syscall|sysret\w*|i
 _IMMEDIATE = re.compile(r"^0x[0-9a-f]+$|^\d+$")
 
 
-class CoverageError(ValueError):
+class CoverageError(MinivmmError, ValueError):
     """Coverage ranges that cannot be instrumented."""
 
 

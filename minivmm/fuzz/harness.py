@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING, Iterable
 from time import perf_counter
 
 from ..disasm import disassemble
+from ..errors import MinivmmError
 from ..exits import vector_name
 from ..kvm import KvmRegs, SyncRegsFlag
 from ..machine import GuestFault
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
 _SYNC_REGS = int(SyncRegsFlag.REGS)
 
 
-class FuzzError(ValueError):
+class FuzzError(MinivmmError, ValueError):
     """A fuzz target that cannot be set up (bad input buffer, register, ranges)."""
 
 
