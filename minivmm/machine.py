@@ -303,7 +303,7 @@ class Machine:
     def ept(self):
         """The EPT model of this machine (`minivmm.ept_shadow.EptShadow`), created on first use."""
         if self._ept is None:
-            from .ept_shadow import EptShadow
+            from .ept import EptShadow
             self._ept = EptShadow(self)
         return self._ept
 
