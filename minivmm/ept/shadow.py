@@ -39,7 +39,7 @@ from ..kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Cap, ExitKind, InternalE
 from ..memory import PAGE_SHIFT, PAGE_SIZE, Region
 from .dirty import _LOG_DIRTY_PAGES, _bitmap_pages, _dirty_chunks
 from .hooks import EptAccess, Hook, HookEvent, _call
-from .mmio import MmioDevice
+from .mmio import MmioBus, MmioDevice
 from .realise import (_HOLE_KIND, _KIND_OF, _KIND_OF_MPROTECT, _MAP_FIXED, _MEM_LOG, _MEM_READONLY,
                       _NORMAL_KIND, _READONLY_KIND, _Kind, _Slot, _kind, _libc, _mprotect, host_backend)
 from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, _extend, parse_perms
@@ -96,7 +96,7 @@ class EptShadow:
         self._bp_registration = None
         self._db_registration = None
         self._tf_callbacks: list[Callable[["Vcpu"], None]] = []
-        self._devices: list[MmioDevice] = []
+        self._mmio = MmioBus()
         self._readonly_pages: dict[Region, set[int]] = {}   # mprotect backend: protected pages
         self._views: dict[Region, tuple[mmap.mmap, int]] = {}
         self.access: EptAccess | None = None
@@ -628,10 +628,12 @@ class EptShadow:
         gpa = exit.phys_addr
         region = self._region(gpa)
         if region is None:
-            device = self._device_at(gpa)
+            device = self._mmio.lookup(gpa)
             if device is None:
                 return None
-            self._device_access(device, exit)
+            data = self._mmio.access(device, exit)
+            if data is not None:
+                self.machine.vcpu.fd.set_mmio_data(data)
             return _HANDLED
         page = gpa >> PAGE_SHIFT
         need = _W if exit.is_write else _R
@@ -1041,36 +1043,7 @@ class EptShadow:
         all ones); `write_cb(offset, size, value)` receives writes (None:
         dropped). Offsets are from `start`.
         """
-        if size <= 0 or start < 0:
-            raise EptError(f"bad MMIO range start={start:#x} size={size:#x}")
-        for region in self.machine.memory.regions:
-            if start < region.end and region.gpa < start + size:
-                raise EptError(f"MMIO device {name} [{start:#x}, {start + size:#x}) overlaps guest RAM "
-                               f"{region.name} [{region.gpa:#x}, {region.end:#x})")
-        for other in self._devices:
-            if start < other.end and other.start < start + size:
-                raise EptError(f"MMIO device {name} [{start:#x}, {start + size:#x}) overlaps device "
-                               f"{other.name} [{other.start:#x}, {other.end:#x})")
-        device = MmioDevice(start, size, read_cb, write_cb, name)
-        self._devices.append(device)
-        return device
+        return self._mmio.add(start, size, read_cb, write_cb, name, self.machine.memory.regions)
 
     def remove_mmio_device(self, device: MmioDevice) -> None:
-        self._devices.remove(device)
-
-    def _device_at(self, gpa: int) -> MmioDevice | None:
-        for device in self._devices:
-            if device.start <= gpa < device.end:
-                return device
-        return None
-
-    def _device_access(self, device: MmioDevice, exit: MmioExit) -> None:
-        offset = exit.phys_addr - device.start
-        if exit.is_write:
-            if device.write is not None:
-                device.write(offset, exit.length, int.from_bytes(exit.data, "little"))
-        else:
-            value = device.read(offset, exit.length) if device.read is not None else -1
-            self.machine.vcpu.fd.set_mmio_data(
-                (value & ((1 << (8 * exit.length)) - 1)).to_bytes(exit.length, "little"))
-
+        self._mmio.remove(device)
