@@ -38,7 +38,7 @@ from ..kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Cap, ExitKind, InternalE
                    InternalErrorKind, KvmError, MemoryFlag, MmioExit, decode_exit)
 from ..memory import PAGE_SHIFT, PAGE_SIZE, Region
 from .dirty import _LOG_DIRTY_PAGES, _bitmap_pages, _dirty_chunks
-from .hooks import EptAccess, Hook, HookEvent, _call
+from .hooks import EptAccess, Hook, HookEvent, HookTable
 from .mmio import MmioBus, MmioDevice
 from .realise import (_HOLE_KIND, _KIND_OF, _KIND_OF_MPROTECT, _MAP_FIXED, _MEM_LOG, _MEM_READONLY,
                       _NORMAL_KIND, _READONLY_KIND, _Kind, _Slot, _kind, _libc, _mprotect, host_backend)
@@ -90,9 +90,7 @@ class EptShadow:
         self._soft_dirty: set[int] = set()
         self._next_slot = 512
         self._free_slots: list[int] = []
-        self._monitors: dict[int, list[Hook]] = {}
-        self._exec_hidden: dict[int, list[Hook]] = {}
-        self._exec_visible: dict[int, list[Hook]] = {}
+        self._hook_table = HookTable()
         self._bp_registration = None
         self._db_registration = None
         self._tf_callbacks: list[Callable[["Vcpu"], None]] = []
@@ -640,7 +638,7 @@ class EptShadow:
         if self.tables.perms(gpa) & need:
             self._emulate(exit)                 # a hole made for no-X, or a hidden hook's page
             return _HANDLED
-        hooks = self._monitors.get(page)
+        hooks = self._hook_table.monitors.get(page)
         if hooks is not None and self._base.get(page, 7) & need:
             return self._monitored(exit)
         return self._violation(exit, need)
@@ -697,7 +695,7 @@ class EptShadow:
         page = gpa >> PAGE_SHIFT
         rights = self.tables.perms(gpa)
         if _kind(rights) != _Kind.HOLE and page not in self._override:
-            if gpa in self._exec_visible and region.mem[gpa - region.gpa] == 0xCC:
+            if gpa in self._hook_table.visible and region.mem[gpa - region.gpa] == 0xCC:
                 # CPL-0 int3 of a visible hook: report #BP here, whatever the failure data says
                 info = self.machine.info.reset(
                     ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
@@ -705,11 +703,7 @@ class EptShadow:
                 return info, int(Vector.BP)
             return None                         # an ordinary emulation failure
         vcpu = self.machine.vcpu
-        hooks = self._exec_hidden.get(page)
-        if hooks:
-            for hook in [h for h in hooks if h.start == gpa]:
-                hook.hits += 1
-                _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+        self._hook_table.execute_hidden(gpa, vcpu)
         if rights & _X or self._base.get(page, 7) & _X:
             self._step_through(page)
             return _HANDLED
@@ -811,30 +805,15 @@ class EptShadow:
             if (vcpu.rip != rip or nxt.is_write != is_write or not contiguous
                     or self._region(nxt.phys_addr) is None or self.tables.perms(nxt.phys_addr) & (
                         _W if is_write else _R)
-                    or page not in self._monitors
+                    or page not in self._hook_table.monitors
                     or not self._base.get(page, 7) & (_W if is_write else _R)):
-                self._report(start, bytes(data), is_write, rip)
+                self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
                 return self.translate_mmio(nxt) or self.machine._translate(ExitKind.MMIO, run)
             current = nxt
-        self._report(start, bytes(data), is_write, rip)
+        self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
         if leftover is not None:
             return self.machine._translate(leftover, vcpu.fd.run)
         return _HANDLED
-
-    def _report(self, gpa: int, data: bytes, is_write: bool, rip: int) -> None:
-        """Call every monitor whose range and access type match the access [gpa, gpa+len(data))."""
-        end = gpa + len(data)
-        want = _W if is_write else _R
-        seen: set[int] = set()
-        vcpu = self.machine.vcpu
-        for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
-            for hook in self._monitors.get(page, ()):
-                if not hook.bits & want or not (hook.start < end and gpa < hook.end) or id(hook) in seen:
-                    continue
-                seen.add(id(hook))
-                hook.hits += 1
-                _call(hook, HookEvent(hook, "write" if is_write else "read", gpa, len(data),
-                                        int.from_bytes(data, "little"), rip, vcpu, data))
 
     # -- completing a violation from a handler --------------------------------------------------
     def _current(self, what: str) -> EptAccess:
@@ -907,11 +886,7 @@ class EptShadow:
     def _update_masks(self, pages: Iterable[int]) -> None:
         pages = list(pages)
         for page in pages:
-            mask = 0
-            for hook in self._monitors.get(page, ()):
-                mask |= _W if hook.access == _W else (_R | _W)
-            if self._exec_hidden.get(page):
-                mask |= _X
+            mask = self._hook_table.mask(page)
             if mask:
                 self._mask[page] = mask
             else:
@@ -939,8 +914,7 @@ class EptShadow:
         for c in access:
             rights |= _R if c == "r" else _W
         hook = Hook("monitor", start, end, Perm(rights), callback)
-        for page in hook.pages:
-            self._monitors.setdefault(page, []).append(hook)
+        self._hook_table.add_monitor(hook)
         self._update_masks(hook.pages)
         return hook
 
@@ -959,16 +933,12 @@ class EptShadow:
         hook = Hook("execute", address, address + 1, Perm.X, callback, hidden)
         page = address >> PAGE_SHIFT
         if hidden:
-            self._exec_hidden.setdefault(page, []).append(hook)
+            self._hook_table.add_hidden(hook)
             self._update_masks((page,))
             return hook
-        same = self._exec_visible.setdefault(address, [])
-        if not same:
+        if self._hook_table.add_visible(hook):
             hook.original = self.machine.memory.read(address, 1)
             self.machine.memory.write(address, b"\xcc")
-        else:
-            hook.original = same[0].original
-        same.append(hook)
         if self._bp_registration is None:
             self._bp_registration = self.machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_breakpoint,
                                                     vector=int(Vector.BP))
@@ -979,17 +949,14 @@ class EptShadow:
         if where is None:
             return None
         gpa = where[1]
-        hooks = self._exec_visible.get(gpa)
-        if not hooks:
+        hooks = self._hook_table.execute_visible(gpa, vcpu)
+        if hooks is None:
             return None
-        for hook in list(hooks):
-            hook.hits += 1
-            _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
         memory = self.machine.memory
         memory.write(gpa, hooks[0].original)
 
         def reinsert(vcpu) -> None:
-            if self._exec_visible.get(gpa):
+            if self._hook_table.visible.get(gpa):
                 memory.write(gpa, b"\xcc")
 
         self.step_once(reinsert)
@@ -1001,38 +968,18 @@ class EptShadow:
             return
         hook.active = False
         if hook.kind == "monitor":
-            for page in hook.pages:
-                hooks = self._monitors.get(page, [])
-                if hook in hooks:
-                    hooks.remove(hook)
-                if not hooks:
-                    self._monitors.pop(page, None)
+            self._hook_table.discard_monitor(hook)
             self._update_masks(hook.pages)
         elif hook.hidden:
-            page = hook.start >> PAGE_SHIFT
-            hooks = self._exec_hidden.get(page, [])
-            if hook in hooks:
-                hooks.remove(hook)
-            if not hooks:
-                self._exec_hidden.pop(page, None)
-            self._update_masks((page,))
-        else:
-            hooks = self._exec_visible.get(hook.start, [])
-            if hook in hooks:
-                hooks.remove(hook)
-            if not hooks:
-                self._exec_visible.pop(hook.start, None)
-                self.machine.memory.write(hook.start, hook.original)
+            self._hook_table.discard_hidden(hook)
+            self._update_masks((hook.start >> PAGE_SHIFT,))
+        elif self._hook_table.discard_visible(hook):
+            self.machine.memory.write(hook.start, hook.original)
 
     @property
     def hooks(self) -> list[Hook]:
         """Every active hook."""
-        found: dict[int, Hook] = {}
-        for table in (self._monitors, self._exec_hidden, self._exec_visible):
-            for hooks in table.values():
-                for hook in hooks:
-                    found[id(hook)] = hook
-        return list(found.values())
+        return self._hook_table.all()
 
     # -- MMIO devices ---------------------------------------------------------------------------
     def add_mmio_device(self, start: int, size: int, read_cb: Callable[[int, int], int] | None,
