@@ -31,13 +31,11 @@ import mmap
 import os
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from .. import fastpath
 from ..actions import RETRY, Action, Stop
 from ..exits import ExitInfo, ExitReason, InterruptionType, Vector
-from ..kvm import (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, Cap, ExitKind, InternalErrorExit,
-                   InternalErrorKind, KvmError, MemoryFlag, MmioExit, decode_exit)
+from ..kvm import ExitKind, InternalErrorExit, InternalErrorKind, MemoryFlag, MmioExit, decode_exit
 from ..memory import PAGE_SHIFT, PAGE_SIZE, Region
-from .dirty import _LOG_DIRTY_PAGES, _bitmap_pages, _dirty_chunks
+from .dirty import DirtyLog
 from .hooks import EptAccess, Hook, HookEvent, HookTable
 from .mmio import MmioBus, MmioDevice
 from .realise import (_HOLE_KIND, _KIND_OF, _KIND_OF_MPROTECT, _MAP_FIXED, _MEM_LOG, _MEM_READONLY,
@@ -84,10 +82,7 @@ class EptShadow:
         self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
         self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
         self._pending: dict[Region, set[int] | None] = {}    # region -> changed pages (None: all)
-        self._logging = False
-        self._manual_protect = False
-        self._harvested: set[int] = set()
-        self._soft_dirty: set[int] = set()
+        self._dirty = DirtyLog(machine.vm)
         self._next_slot = 512
         self._free_slots: list[int] = []
         self._hook_table = HookTable()
@@ -149,7 +144,7 @@ class EptShadow:
             self._regions[region] = [_Slot(slot, region.gpa, region.size, int(flags))]
             self._original_slot[region] = slot
             self.tables.map(region.gpa, region.size, _R | _X if region.readonly else _RWX)
-            if self._logging and not region.readonly:
+            if self._dirty.enabled and not region.readonly:
                 self._set_logging(region, True)
 
     def _region(self, gpa: int) -> Region | None:
@@ -190,7 +185,7 @@ class EptShadow:
 
     def _delete(self, region: Region, slot: _Slot) -> None:
         if slot.flags & _MEM_LOG:
-            self._harvest(slot, clear=False, out=self._harvested)
+            self._dirty.keep(slot)
         self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, 0, 0, 0)
         self.toggles += 1
         if slot.slot != self._original_slot[region]:
@@ -199,7 +194,7 @@ class EptShadow:
     def _slot_flags(self, kind: int) -> int:
         if kind == _READONLY_KIND:
             return _MEM_READONLY
-        return _MEM_LOG if self._logging else 0
+        return _MEM_LOG if self._dirty.enabled else 0
 
     def _kind_runs(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
         """[(gpa, size, kind)] covering [gpa, gpa+size), holes included, as KVM must see it."""
@@ -440,7 +435,7 @@ class EptShadow:
     # -- dirty tracking -------------------------------------------------------------------
     @property
     def dirty_logging(self) -> bool:
-        return self._logging
+        return self._dirty.enabled
 
     def enable_dirty_logging(self) -> None:
         """Start KVM dirty logging on all guest RAM (KVM_MEM_LOG_DIRTY_PAGES, api.rst 4.35).
@@ -450,31 +445,19 @@ class EptShadow:
         (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG, api.rst 4.118).
         """
         self._sync_regions()
-        if self._logging:
+        if self._dirty.enabled:
             return
-        vm = self.machine.vm
-        if not self._manual_protect and vm.check_extension(Cap.MANUAL_DIRTY_LOG_PROTECT2) & \
-                KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
-            try:
-                vm.enable_cap(Cap.MANUAL_DIRTY_LOG_PROTECT2, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
-                self._manual_protect = True
-            except KvmError:
-                self._manual_protect = False
-        self._logging = True
+        self._dirty.enable()
         for region in self._regions:
             self._set_logging(region, True)
-        self._harvested.clear()
-        self._soft_dirty.clear()
 
     def disable_dirty_logging(self) -> None:
         """Stop dirty logging; pending dirty pages are dropped."""
-        if not self._logging:
+        if not self._dirty.enabled:
             return
-        self._logging = False
+        self._dirty.disable()
         for region in self._regions:
             self._set_logging(region, False)
-        self._harvested.clear()
-        self._soft_dirty.clear()
 
     def _set_logging(self, region: Region, on: bool) -> None:
         """Flip LOG_DIRTY_PAGES on the region's writable slots in place (a flags-only change)."""
@@ -486,28 +469,6 @@ class EptShadow:
                 slot.flags = int(flags)
                 self._create(region, slot)
 
-    def _harvest(self, slot: _Slot, clear: bool, out: set[int]) -> None:
-        npages = slot.size >> PAGE_SHIFT
-        if slot.bitmap is None:
-            slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
-        bitmap = slot.bitmap
-        vm = self.machine.vm
-        vm.get_dirty_log(slot.slot, bitmap)
-        raw = ctypes.string_at(ctypes.addressof(bitmap), ctypes.sizeof(bitmap))
-        chunks = _dirty_chunks(raw)
-        if not chunks:
-            return
-        for at in chunks:
-            _bitmap_pages(raw[at: at + 512], slot.gpa + (at << 15), out)
-        if clear and self._manual_protect:
-            # Re-protect only the span holding dirty pages (first_page and
-            # num_pages stay multiples of 64, or num_pages reaches the slot end).
-            first = chunks[0] * 8
-            last = min(npages, (chunks[-1] + 512) * 8)
-            span = (ctypes.c_uint64 * ((last - first + 63) // 64)).from_address(
-                ctypes.addressof(bitmap) + chunks[0])
-            vm.clear_dirty_log(slot.slot, first, last - first, span)
-
     def dirty_pages(self, clear: bool = True) -> list[int]:
         """Page-aligned GPAs the guest wrote since the last clear, sorted.
 
@@ -515,23 +476,9 @@ class EptShadow:
         `protect`) and writes minivmm emulated into protected pages. With
         `clear` the log restarts (re-protecting the pages in KVM).
         """
-        if not self._logging:
-            raise RuntimeError("dirty logging is off: call ept.enable_dirty_logging() first")
+        self._dirty.require_enabled()
         self._sync_regions()
-        found: set[int] = set(self._harvested)
-        found |= self._soft_dirty
-        fresh: set[int] = set()
-        for slots in self._regions.values():
-            for slot in slots:
-                if slot.flags & MemoryFlag.LOG_DIRTY_PAGES:
-                    self._harvest(slot, clear, fresh)
-        found |= fresh
-        if clear:
-            self._harvested.clear()
-            self._soft_dirty.clear()
-        elif not self._manual_protect:
-            self._harvested |= fresh       # KVM_GET_DIRTY_LOG cleared them: keep them here
-        return sorted(found)
+        return self._dirty.pages((slot for slots in self._regions.values() for slot in slots), clear)
 
     def restore_dirty_pages(self, copy_address: int) -> int | None:
         """Copy every page the guest dirtied back from a full copy of guest RAM at
@@ -540,29 +487,13 @@ class EptShadow:
         code is not built, more than one region or memslot, pages minivmm
         emulated writes into); then use `dirty_pages` instead.
         """
-        if not (self._logging and self._manual_protect and fastpath.COMPILED) or \
-                self._harvested or self._soft_dirty:
+        if not self._dirty.restorable:
             return None
         self._sync_regions()
-        if len(self._regions) != 1:
-            return None
-        (region, slots), = self._regions.items()
-        if len(slots) != 1 or not slots[0].flags & _LOG_DIRTY_PAGES:
-            return None
-        slot = slots[0]
-        npages = slot.size >> PAGE_SHIFT
-        if slot.bitmap is None:
-            slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
-        pages = fastpath.restore_dirty(self.machine.vm.fd, slot.slot, ctypes.addressof(slot.bitmap), npages,
-                                       region.host_addr, copy_address + slot.gpa, True)
-        if pages < 0:
-            raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -pages)
-        return pages
+        return self._dirty.restore(self._regions, copy_address)
 
     def _note_write(self, gpa: int, size: int) -> None:
-        if self._logging:
-            self._soft_dirty.add(gpa & ~0xFFF)
-            self._soft_dirty.add((gpa + size - 1) & ~0xFFF)
+        self._dirty.note_write(gpa, size)
         if self.ad:
             self.tables.mark(gpa, _AD)
 
