@@ -401,7 +401,7 @@ _start:
     writes = []
     ept.monitor(DATA, DATA + 4, "w", lambda e: writes.append(e.value))
     ept.invept()
-    assert len(ept._regions[m.memory.regions[0]]) == 1        # no memslot was split
+    assert len(ept._memslots.regions[m.memory.regions[0]]) == 1        # no memslot was split
     m.memory.write(DATA + 8, b"\x01")                 # minivmm's own view stays writable
     result = m.run(timeout=10)
     assert result.reason == "exit", result

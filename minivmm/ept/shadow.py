@@ -26,21 +26,17 @@ The model's accessed/dirty bits are set only for accesses minivmm emulates
 """
 from __future__ import annotations
 
-import ctypes
-import mmap
-import os
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from ..actions import RETRY, Action, Stop
 from ..exits import ExitInfo, ExitReason, InterruptionType, Vector
-from ..kvm import ExitKind, InternalErrorExit, InternalErrorKind, MemoryFlag, MmioExit, decode_exit
-from ..memory import PAGE_SHIFT, PAGE_SIZE, Region
+from ..kvm import ExitKind, InternalErrorExit, InternalErrorKind, MmioExit, decode_exit
+from ..memory import PAGE_SHIFT, Region
 from .dirty import DirtyLog
 from .hooks import EptAccess, Hook, HookEvent, HookTable
 from .mmio import MmioBus, MmioDevice
-from .realise import (_HOLE_KIND, _KIND_OF, _KIND_OF_MPROTECT, _MAP_FIXED, _MEM_LOG, _MEM_READONLY,
-                      _NORMAL_KIND, _READONLY_KIND, _Kind, _Slot, _kind, _libc, _mprotect, host_backend)
-from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, _extend, parse_perms
+from .realise import Memslots, _Kind, _kind, host_backend
+from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, parse_perms
 
 if TYPE_CHECKING:
     from ..machine import Machine
@@ -55,7 +51,6 @@ _QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
 _RFLAGS_TF = 1 << 8
 _R, _W, _X, _RWX = 1, 2, 4, 7
 _AD = 0x300                  # EPT accessed | dirty
-_COMPACT_LIMIT = 64          # memslots per region before neighbours of one kind are merged
 _COMPACT_PAGES = 4096        # larger changes re-cut the whole region
 
 
@@ -72,32 +67,25 @@ class EptShadow:
         self.machine = machine
         self.tables = EptTables()
         self.ad = ad
-        self.backend = backend or host_backend()
-        if self.backend not in ("memslot", "mprotect"):
-            raise EptError(f"unknown EPT backend {self.backend!r}: expected 'memslot' or 'mprotect'")
-        self._regions: dict[Region, list[_Slot]] = {}
+        backend = backend or host_backend()
+        if backend not in ("memslot", "mprotect"):
+            raise EptError(f"unknown EPT backend {backend!r}: expected 'memslot' or 'mprotect'")
         self._last_region: tuple[int, int, Region | None] = (0, 0, None)
-        self._original_slot: dict[Region, int] = {}
         self._base: dict[int, int] = {}          # page -> rights from protect() (absent: rwx)
         self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
         self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
         self._pending: dict[Region, set[int] | None] = {}    # region -> changed pages (None: all)
         self._dirty = DirtyLog(machine.vm)
-        self._next_slot = 512
-        self._free_slots: list[int] = []
+        self._memslots = Memslots(machine.vm, machine._slots, self.tables, self._dirty, backend)
         self._hook_table = HookTable()
         self._bp_registration = None
         self._db_registration = None
         self._tf_callbacks: list[Callable[["Vcpu"], None]] = []
         self._mmio = MmioBus()
-        self._readonly_pages: dict[Region, set[int]] = {}   # mprotect backend: protected pages
-        self._views: dict[Region, tuple[mmap.mmap, int]] = {}
         self.access: EptAccess | None = None
         self._open_read: tuple[EptAccess, MmioExit] | None = None
         self.violations = 0
         self.emulations = 0
-        self.toggles = 0
-        self._closed = False
         self._hooked = False
         self._sync_regions()
         machine.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
@@ -105,15 +93,21 @@ class EptShadow:
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
         """Release the host views made for the mprotect backend (the machine's memory stays)."""
-        if self._closed:
-            return
-        self._closed = True
-        for view, _ in self._views.values():
-            try:
-                view.close()
-            except BufferError:
-                pass
-        self._views.clear()
+        self._memslots.close()
+
+    @property
+    def backend(self) -> str:
+        """How r-x pages are realised: "memslot" (read-only memslots) or "mprotect" (host protection)."""
+        return self._memslots.backend
+
+    @property
+    def toggles(self) -> int:
+        """Memslot ioctls and mprotect calls made so far."""
+        return self._memslots.toggles
+
+    @toggles.setter
+    def toggles(self, value: int) -> None:
+        self._memslots.toggles = value
 
     # -- EPT pointer and model --------------------------------------------------------------
     @property
@@ -134,18 +128,7 @@ class EptShadow:
 
     # -- regions and memslots -------------------------------------------------------------
     def _sync_regions(self) -> None:
-        slots = self.machine._slots
-        if len(slots) == len(self._regions):
-            return
-        for region, slot in slots.items():
-            if region in self._regions:
-                continue
-            flags = MemoryFlag.READONLY if region.readonly else 0
-            self._regions[region] = [_Slot(slot, region.gpa, region.size, int(flags))]
-            self._original_slot[region] = slot
-            self.tables.map(region.gpa, region.size, _R | _X if region.readonly else _RWX)
-            if self._dirty.enabled and not region.readonly:
-                self._set_logging(region, True)
+        self._memslots.sync()
 
     def _region(self, gpa: int) -> Region | None:
         """The managed RAM region holding `gpa` (the last one found is checked first)."""
@@ -153,162 +136,10 @@ class EptShadow:
         if low <= gpa < high:
             return region
         region = self.machine.memory.region_at(gpa)
-        if region is not None and region in self._regions:
+        if region is not None and region in self._memslots.regions:
             self._last_region = (region.gpa, region.gpa + region.size, region)
             return region
         return None
-
-    def _alloc_slot(self, region: Region) -> int:
-        original = self._original_slot[region]
-        for slot in self._regions[region]:
-            if slot.slot == original:
-                break
-        else:
-            return original
-        if self._free_slots:
-            return self._free_slots.pop()
-        used = set(self.machine._slots.values())
-        while self._next_slot in used:
-            self._next_slot += 1
-        self._next_slot += 1
-        return self._next_slot - 1
-
-    def _host_addr(self, region: Region, gpa: int) -> int:
-        view = self._views.get(region)
-        base = view[1] if view is not None else region.host_addr
-        return base + (gpa - region.gpa)
-
-    def _create(self, region: Region, slot: _Slot) -> None:
-        self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, slot.size,
-                                               self._host_addr(region, slot.gpa), slot.flags)
-        self.toggles += 1
-
-    def _delete(self, region: Region, slot: _Slot) -> None:
-        if slot.flags & _MEM_LOG:
-            self._dirty.keep(slot)
-        self.machine.vm.set_user_memory_region(slot.slot, slot.gpa, 0, 0, 0)
-        self.toggles += 1
-        if slot.slot != self._original_slot[region]:
-            self._free_slots.append(slot.slot)
-
-    def _slot_flags(self, kind: int) -> int:
-        if kind == _READONLY_KIND:
-            return _MEM_READONLY
-        return _MEM_LOG if self._dirty.enabled else 0
-
-    def _kind_runs(self, gpa: int, size: int) -> list[tuple[int, int, int]]:
-        """[(gpa, size, kind)] covering [gpa, gpa+size), holes included, as KVM must see it."""
-        runs: list[tuple[int, int, int]] = []
-        mprotect = self.backend == "mprotect"
-        for start, length, perms in self.tables.page_runs(gpa, size):
-            kind = _kind(perms)
-            if mprotect and kind == _Kind.READONLY:
-                kind = _Kind.NORMAL             # the host mapping is PROT_READ instead
-            _extend(runs, start, length, int(kind))
-        return runs
-
-    def _realise(self, region: Region, pages: set[int] | None) -> None:
-        """Bring `region`'s memslots (and host protection) in line with the model.
-
-        Only slots that hold a changed page of another kind are replaced;
-        neighbouring slots of one kind are merged only when the region has
-        more than `_COMPACT_LIMIT` of them, so toggling one page costs one or
-        two memslot ioctls (delete, create) instead of re-cutting its 2 MiB.
-        """
-        if self.backend == "mprotect" and self._apply_mprotect(region):
-            pages = None                        # the slots moved to a new host view
-        slots = self._regions[region]
-        if pages is None or len(slots) > _COMPACT_LIMIT:
-            for slot in slots:
-                self._delete(region, slot)
-            self._regions[region] = []
-            self._create_runs(region, [(region.gpa, region.size)])
-            return
-        kind_of, perms = _KIND_OF, self.tables.perms
-        if self.backend == "mprotect":
-            kind_of = _KIND_OF_MPROTECT
-        conflicts: list[_Slot] = []
-        uncovered: list[int] = []
-        for page in sorted(pages):
-            gpa = page << PAGE_SHIFT
-            kind = kind_of[perms(gpa)]
-            for slot in slots:
-                if slot.gpa <= gpa < slot.gpa + slot.size:
-                    if (_READONLY_KIND if slot.flags & _MEM_READONLY else _NORMAL_KIND) != kind \
-                            and slot not in conflicts:
-                        conflicts.append(slot)
-                    break
-            else:
-                if kind != _HOLE_KIND:
-                    uncovered.append(page)
-        redo: list[tuple[int, int]] = []
-        for slot in conflicts:
-            self._delete(region, slot)
-            slots.remove(slot)
-            redo.append((slot.gpa, slot.size))
-        for page in uncovered:
-            if redo and redo[-1][0] + redo[-1][1] == page << PAGE_SHIFT:
-                redo[-1] = (redo[-1][0], redo[-1][1] + PAGE_SIZE)
-            else:
-                redo.append((page << PAGE_SHIFT, PAGE_SIZE))
-        if redo:
-            self._create_runs(region, redo)
-
-    def _create_runs(self, region: Region, ranges: list[tuple[int, int]]) -> None:
-        slots = self._regions[region]
-        for gpa, size in ranges:
-            for start, length, kind in self._kind_runs(gpa, size):
-                if kind != _Kind.HOLE:
-                    slot = _Slot(self._alloc_slot(region), start, length, self._slot_flags(kind))
-                    self._create(region, slot)
-                    slots.append(slot)
-
-    def _apply_mprotect(self, region: Region) -> bool:
-        """Make the host protection of `region` match its r-x pages; True if a host view was made."""
-        protected = {p for gpa, size, perms in self.tables.page_runs(region.gpa, region.size)
-                     if _kind(perms) == _Kind.READONLY
-                     for p in range(gpa >> PAGE_SHIFT, (gpa + size) >> PAGE_SHIFT)}
-        before = self._readonly_pages.setdefault(region, set())
-        if protected == before:
-            return False
-        made = False
-        if protected and region not in self._views:
-            self._make_view(region)
-            made = True
-        base = self._views[region][1] if region in self._views else region.host_addr
-        for page, prot in [(p, mmap.PROT_READ | mmap.PROT_WRITE) for p in before - protected] + \
-                          [(p, mmap.PROT_READ) for p in protected - before]:
-            _mprotect(base + (page << PAGE_SHIFT) - region.gpa, PAGE_SIZE, prot)
-            self.toggles += 1
-        self._readonly_pages[region] = protected
-        return made
-
-    def _make_view(self, region: Region) -> None:
-        """Give KVM its own mapping of `region` so host protection never hits minivmm's view.
-
-        The region's pages move into a memfd mapped twice: at the region's
-        address (so `region.mem` keeps working, unprotected) and at a second
-        address that the memslots use and mprotect changes.
-        """
-        fd = os.memfd_create(f"minivmm-{region.name}", os.MFD_CLOEXEC)
-        try:
-            os.ftruncate(fd, region.size)
-            view = mmap.mmap(fd, region.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            anchor = ctypes.c_char.from_buffer(view)
-            view_addr = ctypes.addressof(anchor)
-            del anchor
-            view[:] = region.mem[:]
-            for slot in self._regions[region]:
-                self._delete(region, slot)
-            self._regions[region] = []
-            got = _libc.mmap(region.host_addr, region.size, mmap.PROT_READ | mmap.PROT_WRITE,
-                             mmap.MAP_SHARED | _MAP_FIXED, fd, 0)
-            if got != region.host_addr:
-                raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED) of the memfd over guest RAM failed")
-        finally:
-            os.close(fd)
-        self._views[region] = (view, view_addr)
-        # the slots come back on the view at the end of _realise
 
     def before_next_entry(self) -> None:
         """Have the pre-entry work (batched changes, an open read, TF for a step, new
@@ -325,8 +156,7 @@ class EptShadow:
             vcpu = self.machine.vcpu
             if not vcpu.rflags & _RFLAGS_TF:      # a completed MMIO (RETRY) drops TF on this host
                 vcpu.rflags |= _RFLAGS_TF
-        if len(self.machine._slots) != len(self._regions):
-            self._sync_regions()
+        self._sync_regions()
         if self._pending:
             self.invept()
         if self._open_read is None and not self._tf_callbacks and not self._pending:
@@ -338,7 +168,7 @@ class EptShadow:
         self._sync_regions()
         pending, self._pending = self._pending, {}
         for region, pages in pending.items():
-            self._realise(region, pages)
+            self._memslots.realise(region, pages)
 
     # -- permissions ----------------------------------------------------------------------
     def _pages(self, gpa: int, size: int) -> range:
@@ -417,7 +247,7 @@ class EptShadow:
         pending = self._pending
         if isinstance(pages, range) and len(pages) > _COMPACT_PAGES:
             low, high = pages.start << PAGE_SHIFT, pages.stop << PAGE_SHIFT
-            for region in self._regions:
+            for region in self._memslots.regions:
                 if region.gpa < high and low < region.end:
                     pending[region] = None
             return
@@ -448,26 +278,16 @@ class EptShadow:
         if self._dirty.enabled:
             return
         self._dirty.enable()
-        for region in self._regions:
-            self._set_logging(region, True)
+        for region in self._memslots.regions:
+            self._memslots.set_logging(region, True)
 
     def disable_dirty_logging(self) -> None:
         """Stop dirty logging; pending dirty pages are dropped."""
         if not self._dirty.enabled:
             return
         self._dirty.disable()
-        for region in self._regions:
-            self._set_logging(region, False)
-
-    def _set_logging(self, region: Region, on: bool) -> None:
-        """Flip LOG_DIRTY_PAGES on the region's writable slots in place (a flags-only change)."""
-        for slot in self._regions[region]:
-            if slot.flags & MemoryFlag.READONLY:
-                continue
-            flags = slot.flags | MemoryFlag.LOG_DIRTY_PAGES if on else slot.flags & ~MemoryFlag.LOG_DIRTY_PAGES
-            if flags != slot.flags:
-                slot.flags = int(flags)
-                self._create(region, slot)
+        for region in self._memslots.regions:
+            self._memslots.set_logging(region, False)
 
     def dirty_pages(self, clear: bool = True) -> list[int]:
         """Page-aligned GPAs the guest wrote since the last clear, sorted.
@@ -478,7 +298,7 @@ class EptShadow:
         """
         self._dirty.require_enabled()
         self._sync_regions()
-        return self._dirty.pages((slot for slots in self._regions.values() for slot in slots), clear)
+        return self._dirty.pages((slot for slots in self._memslots.regions.values() for slot in slots), clear)
 
     def restore_dirty_pages(self, copy_address: int) -> int | None:
         """Copy every page the guest dirtied back from a full copy of guest RAM at
@@ -490,7 +310,7 @@ class EptShadow:
         if not self._dirty.restorable:
             return None
         self._sync_regions()
-        return self._dirty.restore(self._regions, copy_address)
+        return self._dirty.restore(self._memslots.regions, copy_address)
 
     def _note_write(self, gpa: int, size: int) -> None:
         self._dirty.note_write(gpa, size)
