@@ -92,8 +92,8 @@ def host_backend(kvm_path: str = "/dev/kvm") -> str:
     hosts) and one in long mode (CPL 0, emulated there), write-protects a data
     page through the host mapping exactly as the mprotect backend does, and
     runs one store to it. Only when KVM reports both stores as KVM_EXIT_MMIO
-    writes is host page protection used (about 7 us per toggle instead of
-    several memslot ioctls); stock KVM answers -EFAULT or KVM_EXIT_MEMORY_FAULT,
+    writes is host page protection used (one mprotect per toggle instead of
+    memslot ioctls); stock KVM answers -EFAULT or KVM_EXIT_MEMORY_FAULT,
     and the project's nested host does so for CPL-3 stores, so they get
     read-only memslots. MINIVMM_EPT_BACKEND=memslot skips the probe.
     """
@@ -210,7 +210,7 @@ class Memslots:
 
     def _create(self, region: Region, slot: _Slot) -> None:
         self.vm.set_user_memory_region(slot.slot, slot.gpa, slot.size,
-                                               self._host_addr(region, slot.gpa), slot.flags)
+                                  self._host_addr(region, slot.gpa), slot.flags)
         self.toggles += 1
 
     def _delete(self, region: Region, slot: _Slot) -> None:
@@ -338,7 +338,7 @@ class Memslots:
         finally:
             os.close(fd)
         self._views[region] = (view, view_addr)
-        # the slots come back on the view at the end of _realise
+        # the slots come back on the view at the end of realise
 
     def set_logging(self, region: Region, on: bool) -> None:
         """Flip LOG_DIRTY_PAGES on the region's writable slots in place (a flags-only change)."""

@@ -264,7 +264,7 @@ class EptTables:
         del self._stats[address]
         base, low = pt[0] & ADDRESS_MASK, pt[0] & 0x7F
         pd[index] = base | low | _LARGE
-        self._spare[base] = (low, pt)     # kept to split again cheaply (512 new ints cost ~20 us)
+        self._spare[base] = (low, pt)     # kept to split again without building 512 new entries
         return True
 
     def set_perms(self, gpa: int, size: int, perms: int) -> None:
