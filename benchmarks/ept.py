@@ -22,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks.cbuild import build_c, run_c  # noqa: E402
-from minivmm.ept_shadow import EptShadow  # noqa: E402
+from minivmm.ept import EptShadow  # noqa: E402
 from minivmm.machine import Machine  # noqa: E402
 
 PAGE = 0x101000

@@ -265,9 +265,9 @@ class Machine:
 
     @property
     def ept(self):
-        """The EPT model of this machine (`minivmm.ept_shadow.EptShadow`), created on first use."""
+        """The EPT model of this machine (`minivmm.ept.EptShadow`), created on first use."""
         if self._ept is None:
-            from .ept_shadow import EptShadow
+            from .ept import EptShadow
             self.use_ept(EptShadow(self))
         return self._ept
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from minivmm.actions import RESUME, RETRY
-from minivmm.ept_shadow import EptError, EptFlag, EptTables, Perm, host_backend, parse_perms
+from minivmm.ept import EptError, EptFlag, EptTables, Perm, host_backend, parse_perms
 from minivmm.exits import EptViolationQualification
 from minivmm.exits import ExitReason
 
@@ -124,7 +124,7 @@ def backend(request) -> str:
 
 
 def with_backend(m, backend: str):
-    from minivmm.ept_shadow import EptShadow
+    from minivmm.ept import EptShadow
     m.use_ept(EptShadow(m, backend=backend))
     return m.ept
 
@@ -386,7 +386,7 @@ def test_host_page_protection_backend_where_the_host_honours_it(make_machine) ->
     On the project's nested host CPL-0 stores to PROT_READ pages exit as MMIO
     but CPL-3 ones fail with EFAULT, so the probe picks memslots there.
     """
-    from minivmm.ept_shadow import host_protection_works
+    from minivmm.ept import host_protection_works
     if not host_protection_works("long"):
         assert host_backend() == "memslot"
         return
@@ -401,7 +401,7 @@ _start:
     writes = []
     ept.monitor(DATA, DATA + 4, "w", lambda e: writes.append(e.value))
     ept.invept()
-    assert len(ept._regions[m.memory.regions[0]]) == 1        # no memslot was split
+    assert len(ept._memslots.regions[m.memory.regions[0]]) == 1        # no memslot was split
     m.memory.write(DATA + 8, b"\x01")                 # minivmm's own view stays writable
     result = m.run(timeout=10)
     assert result.reason == "exit", result

@@ -1,7 +1,7 @@
 """Default EPT-misconfiguration handler: an access to a guest-physical address nothing maps.
 
 (EPT violations, on pages whose permissions forbid the access, are handled by
-`minivmm.ept_shadow.EptShadow`, which installs its own default.)
+`minivmm.ept.EptShadow`, which installs its own default.)
 """
 from __future__ import annotations
 

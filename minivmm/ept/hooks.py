@@ -1,0 +1,195 @@
+"""Hooks on guest accesses and the record of the access behind an EPT violation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Callable
+
+from ..memory import PAGE_SHIFT
+from .tables import Perm
+
+if TYPE_CHECKING:
+    from ..vcpu import Vcpu
+
+__all__ = ["Hook", "HookEvent", "EptAccess"]
+
+
+@dataclass(eq=False)
+class Hook:
+    """A monitor (`kind` "monitor") or execute hook (`kind` "execute"); `hits` counts reports."""
+    kind: str
+    start: int
+    end: int
+    access: Perm
+    callback: Callable[["HookEvent"], object]
+    hidden: bool = True
+    hits: int = 0
+    active: bool = True
+    original: bytes = b""
+    bits: int = field(default=0, repr=False)
+
+    def __post_init__(self) -> None:
+        self.bits = int(self.access)
+
+    @property
+    def pages(self) -> range:
+        return range(self.start >> PAGE_SHIFT, ((self.end - 1) >> PAGE_SHIFT) + 1)
+
+
+@dataclass(slots=True)
+class HookEvent:
+    """One guest access reported to a hook callback.
+
+    `address` is the guest-physical address of the first byte, `size` the
+    number of bytes, `value` the little-endian value read or written (the
+    instruction's address for execute hooks), `rip` the guest RIP of the
+    accessing instruction; `kind` is "read", "write" or "execute".
+    """
+    hook: Hook
+    kind: str
+    address: int
+    size: int
+    value: int
+    rip: int
+    vcpu: "Vcpu"
+    data: bytes = b""
+
+    @property
+    def is_write(self) -> bool:
+        return self.kind == "write"
+
+
+@dataclass(slots=True)
+class EptAccess:
+    """The access behind the last EPT violation (`EptShadow.access`).
+
+    `gla` is None when the guest-linear address could not be worked out.
+    `rip` is the guest RIP at the exit: KVM reports a data write after it
+    emulated the instruction, so for writes it is the *next* instruction
+    (`retired`); for reads and fetches it is the accessing instruction.
+    """
+    gpa: int
+    gla: int | None
+    size: int
+    is_write: bool
+    is_fetch: bool
+    data: bytes
+    rip: int
+    completed: bool = False
+
+    @property
+    def value(self) -> int:
+        return int.from_bytes(self.data, "little")
+
+    @property
+    def retired(self) -> bool:
+        return self.is_write
+
+
+
+def _call(hook: Hook, event: HookEvent) -> None:
+    """Run a hook callback; an exception it raises goes on unchanged (callers may stop runs with
+    their own exception types), with a note naming the hook and the access."""
+    try:
+        hook.callback(event)
+    except Exception as exc:
+        exc.add_note(f"in the {hook.kind} hook on [{hook.start:#x}, {hook.end:#x}) for a {event.kind} "
+                     f"at gpa {event.address:#x}, guest rip={event.rip:#x}")
+        raise
+
+
+
+@dataclass
+class HookTable:
+    """The active hooks: monitors and hidden execute hooks by page, visible execute hooks by address."""
+    monitors: dict[int, list[Hook]] = field(default_factory=dict)
+    hidden: dict[int, list[Hook]] = field(default_factory=dict)
+    visible: dict[int, list[Hook]] = field(default_factory=dict)
+
+    def add_monitor(self, hook: Hook) -> None:
+        for page in hook.pages:
+            self.monitors.setdefault(page, []).append(hook)
+
+    def add_hidden(self, hook: Hook) -> None:
+        self.hidden.setdefault(hook.start >> PAGE_SHIFT, []).append(hook)
+
+    def add_visible(self, hook: Hook) -> bool:
+        """Add a visible execute hook; True when it is the first at its address (its int3 goes in)."""
+        same = self.visible.setdefault(hook.start, [])
+        if same:
+            hook.original = same[0].original
+        same.append(hook)
+        return len(same) == 1
+
+    def discard_monitor(self, hook: Hook) -> None:
+        for page in hook.pages:
+            _discard(self.monitors, page, hook)
+
+    def discard_hidden(self, hook: Hook) -> None:
+        _discard(self.hidden, hook.start >> PAGE_SHIFT, hook)
+
+    def discard_visible(self, hook: Hook) -> bool:
+        """Drop a visible execute hook; True when none is left at its address (the byte goes back)."""
+        return _discard(self.visible, hook.start, hook)
+
+    def mask(self, page: int) -> int:
+        """The rights the hooks on `page` take away in the EPT: W for write monitors, R and W for
+        read monitors, X for hidden execute hooks."""
+        mask = Perm.NONE
+        for hook in self.monitors.get(page, ()):
+            mask |= Perm.W if hook.access == Perm.W else Perm.R | Perm.W
+        if self.hidden.get(page):
+            mask |= Perm.X
+        return int(mask)
+
+    def all(self) -> list[Hook]:
+        found: dict[int, Hook] = {}
+        for table in (self.monitors, self.hidden, self.visible):
+            for hooks in table.values():
+                for hook in hooks:
+                    found[id(hook)] = hook
+        return list(found.values())
+
+    def report(self, gpa: int, data: bytes, is_write: bool, rip: int, vcpu: "Vcpu") -> None:
+        """Call every monitor whose range and access type match the access [gpa, gpa+len(data))."""
+        end = gpa + len(data)
+        want = Perm.W if is_write else Perm.R
+        seen: set[int] = set()
+        for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
+            for hook in self.monitors.get(page, ()):
+                if not hook.bits & want or not (hook.start < end and gpa < hook.end) or id(hook) in seen:
+                    continue
+                seen.add(id(hook))
+                hook.hits += 1
+                _call(hook, HookEvent(hook, "write" if is_write else "read", gpa, len(data),
+                                      int.from_bytes(data, "little"), rip, vcpu, data))
+
+    def execute_hidden(self, gpa: int, vcpu: "Vcpu") -> None:
+        """Report the execution of `gpa` to the hidden execute hooks on it."""
+        hooks = self.hidden.get(gpa >> PAGE_SHIFT)
+        if hooks:
+            _execute([h for h in hooks if h.start == gpa], gpa, vcpu)
+
+    def execute_visible(self, gpa: int, vcpu: "Vcpu") -> list[Hook] | None:
+        """Report the int3 at `gpa` to its visible execute hooks; their list, or None if it has none."""
+        hooks = self.visible.get(gpa)
+        if not hooks:
+            return None
+        _execute(list(hooks), gpa, vcpu)
+        return hooks
+
+
+def _discard(table: dict[int, list[Hook]], key: int, hook: Hook) -> bool:
+    """Remove `hook` from `table[key]`; True when no hook is left there."""
+    hooks = table.get(key, [])
+    if hook in hooks:
+        hooks.remove(hook)
+    if not hooks:
+        table.pop(key, None)
+        return True
+    return False
+
+
+def _execute(hooks: list[Hook], gpa: int, vcpu: "Vcpu") -> None:
+    for hook in hooks:
+        hook.hits += 1
+        _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))

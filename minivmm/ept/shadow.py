@@ -1,0 +1,747 @@
+"""EptShadow: the EPT of one `Machine`, its violations, hooks and dirty tracking.
+
+`EptShadow.eptp` is the EPT pointer a VMCS would hold (SDM 25.6.11: memory
+type WB, walk length - 1 in bits 5:3, A/D enable in bit 6).
+
+A forbidden access becomes a VMX EPT violation (basic exit reason 48) with
+the SDM exit qualification (27.2.1), dispatched to `machine.on(
+ExitReason.EPT_VIOLATION, handler, address=...)` handlers; `EptShadow.access`
+and `info.data` describe it, `complete_read` / `complete_write` / `allow_once`
+finish it, and with no handler the run stops with reason "error". Hooks
+(`monitor`, `hook_execute`) are built from the same permissions. Changes are
+batched and reach KVM at `invept()` or before the next entry; only the
+memslots holding changed pages are replaced (one or two ioctls per toggle).
+
+What KVM shows on the project's pagetable-based nested host (kvm-host-notes.md):
+- A data write that hits a read-only slot or a hole exits *after* KVM emulated
+  the instruction (RIP is already past it); a read exits before (RIP at it).
+  KVM splits an access crossing a page boundary into one MMIO exit per page;
+  monitors join them by completing the first with immediate_exit and looking
+  at the next exit.
+- KVM_GUESTDBG_SINGLESTEP does not stop CPL-3 code under the built-in kernel:
+  one-instruction steps there use RFLAGS.TF and the kernel's #DB stub.
+
+The model's accessed/dirty bits are set only for accesses minivmm emulates
+(KVM does not report the others).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Callable, Iterable
+
+from ..actions import RETRY, Action, Stop
+from ..exits import ExitInfo, ExitReason, InterruptionType, Vector
+from ..kvm import ExitKind, InternalErrorExit, InternalErrorKind, MmioExit, decode_exit
+from ..memory import PAGE_SHIFT, Region
+from .dirty import DirtyLog
+from .hooks import EptAccess, Hook, HookEvent, HookTable
+from .mmio import MmioBus, MmioDevice
+from .realise import Memslots, _Kind, _kind, host_backend
+from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, parse_perms
+
+if TYPE_CHECKING:
+    from ..machine import Machine
+    from ..vcpu import Vcpu
+
+__all__ = ["EptShadow"]
+
+
+_HANDLED: tuple[None, None] = (None, None)
+_QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
+_QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
+_RFLAGS_TF = 1 << 8
+_R, _W, _X, _RWX = 1, 2, 4, 7
+_AD = 0x300                  # EPT accessed | dirty
+_COMPACT_PAGES = 4096        # larger changes re-cut the whole region
+
+
+# --- the shadow -----------------------------------------------------------------------
+class EptShadow:
+    """EPT permissions, violations, hooks and dirty tracking for one `Machine`.
+
+    Changes through `protect`, hooks and `remove` are batched: they reach KVM at
+    `invept()` or automatically before the next VM entry (a `machine.pre_entry`
+    hook, there only while it has work), like an INVEPT after editing EPT entries.
+    """
+
+    def __init__(self, machine: "Machine", *, ad: bool = True, backend: str | None = None) -> None:
+        self.machine = machine
+        self.tables = EptTables()
+        self.ad = ad
+        backend = backend or host_backend()
+        if backend not in ("memslot", "mprotect"):
+            raise EptError(f"unknown EPT backend {backend!r}: expected 'memslot' or 'mprotect'")
+        self._last_region: tuple[int, int, Region | None] = (0, 0, None)
+        self._base: dict[int, int] = {}          # page -> rights from protect() (absent: rwx)
+        self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
+        self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
+        self._pending: dict[Region, set[int] | None] = {}    # region -> changed pages (None: all)
+        self._dirty = DirtyLog(machine.vm.fd)
+        self._memslots = Memslots(machine.vm.fd, machine.vm.slots, self.tables, self._dirty, backend)
+        self._hook_table = HookTable()
+        self._bp_registration = None
+        self._db_registration = None
+        self._tf_callbacks: list[Callable[["Vcpu"], None]] = []
+        self._mmio = MmioBus()
+        self.access: EptAccess | None = None
+        self._open_read: tuple[EptAccess, MmioExit] | None = None
+        self.violations = 0
+        self.emulations = 0
+        self._hooked = False
+        self._sync_regions()
+        machine.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release the host views made for the mprotect backend (the machine's memory stays)."""
+        self._memslots.close()
+
+    @property
+    def backend(self) -> str:
+        """How r-x pages are realised: "memslot" (read-only memslots) or "mprotect" (host protection)."""
+        return self._memslots.backend
+
+    @property
+    def toggles(self) -> int:
+        """Memslot ioctls and mprotect calls made so far."""
+        return self._memslots.toggles
+
+    @toggles.setter
+    def toggles(self, value: int) -> None:
+        self._memslots.toggles = value
+
+    # -- EPT pointer and model --------------------------------------------------------------
+    @property
+    def eptp(self) -> int:
+        """The EPT pointer (SDM 25.6.11): PML4 address | WB | walk length 4 | A/D enable."""
+        return int(self.tables.root | EptPointerFlag.MEMORY_TYPE_WB | EptPointerFlag.WALK_LENGTH_4
+                   | (EptPointerFlag.ACCESSED_DIRTY if self.ad else 0))
+
+    def walk(self, gpa: int) -> EptWalk:
+        """Walk the EPT model for `gpa`."""
+        self._sync_regions()
+        return self.tables.walk(gpa)
+
+    def perms(self, gpa: int) -> Perm:
+        """The effective EPT rights of the page holding `gpa` (hooks included)."""
+        self._sync_regions()
+        return Perm(self.tables.perms(gpa))
+
+    # -- regions and memslots -------------------------------------------------------------
+    def _sync_regions(self) -> None:
+        self._memslots.sync()
+
+    def _region(self, gpa: int) -> Region | None:
+        """The managed RAM region holding `gpa` (the last one found is checked first)."""
+        low, high, region = self._last_region
+        if low <= gpa < high:
+            return region
+        region = self.machine.memory.region_at(gpa)
+        if region is not None and region in self._memslots.regions:
+            self._last_region = (region.gpa, region.gpa + region.size, region)
+            return region
+        return None
+
+    def before_next_entry(self) -> None:
+        """Have the pre-entry work (batched changes, an open read, TF for a step, new
+        memory regions) done before the next VM entry; the hook leaves when it is idle,
+        so that an idle EPT costs the exit loop nothing."""
+        if not self._hooked:
+            self._hooked = True
+            self.machine.pre_entry.append(self._before_entry)
+
+    def _before_entry(self) -> None:
+        if self._open_read is not None:
+            self._finish_read()
+        if self._tf_callbacks:
+            vcpu = self.machine.vcpu
+            if not vcpu.rflags & _RFLAGS_TF:      # a completed MMIO (RETRY) drops TF on this host
+                vcpu.rflags |= _RFLAGS_TF
+        self._sync_regions()
+        if self._pending:
+            self.invept()
+        if self._open_read is None and not self._tf_callbacks and not self._pending:
+            self.machine.pre_entry.remove(self._before_entry)
+            self._hooked = False
+
+    def invept(self) -> None:
+        """Make every batched permission change visible to the guest now (INVEPT, SDM 30.3)."""
+        self._sync_regions()
+        pending, self._pending = self._pending, {}
+        for region, pages in pending.items():
+            self._memslots.realise(region, pages)
+
+    # -- permissions ----------------------------------------------------------------------
+    def _pages(self, gpa: int, size: int) -> range:
+        if size <= 0:
+            raise EptError(f"size {size:#x} must be positive")
+        self._sync_regions()
+        first, last = gpa >> PAGE_SHIFT, (gpa + size - 1) >> PAGE_SHIFT
+        for page in (first, last):
+            if self._region(page << PAGE_SHIFT) is None:
+                raise EptError(f"[{gpa:#x}, {gpa + size:#x}) is not guest RAM "
+                               f"(page {page << PAGE_SHIFT:#x} is not mapped)")
+        pages = range(first, last + 1)
+        end = gpa + size
+        while True:                             # walk region by region: no gap may be left
+            region = self._region(gpa)
+            if region is None:
+                raise EptError(f"[{gpa:#x}, {end:#x}) has a gap at {gpa & ~0xFFF:#x} that is not guest RAM")
+            if region.gpa + region.size >= end:
+                return pages
+            gpa = region.gpa + region.size
+
+    def protect(self, gpa: int, size: int, perms: str | int) -> None:
+        """Set the EPT rights of every page touching [gpa, gpa+size) to `perms` ("r-x", "---", ...).
+
+        Takes effect at `invept()` or before the next VM entry. Pages the
+        processor itself reads during the walk or event delivery (the guest's
+        page tables, GDT, IDT, TSS: minivmm's system area below 0x10000) are
+        accessed by KVM, not emulated here: taking R from them leaves the guest
+        unable to run, as on hardware without EPT paging-structure handling.
+        """
+        rights = int(parse_perms(perms))
+        pages = self._pages(gpa, size)
+        for page in pages:
+            if rights == 7:
+                self._base.pop(page, None)
+            else:
+                self._base[page] = rights
+        self._refresh(pages)
+
+    def unprotect(self, gpa: int, size: int) -> None:
+        """Give [gpa, gpa+size) back full rights (rwx)."""
+        self.protect(gpa, size, _RWX)
+
+    def base_perms(self, gpa: int) -> Perm:
+        """The rights `protect` gave the page of `gpa`, before hooks take any away."""
+        return Perm(self._base.get(gpa >> PAGE_SHIFT, 7))
+
+    def _effective(self, page: int) -> int:
+        override = self._override.get(page)
+        if override is not None:
+            return override
+        rights = self._base.get(page, 7) & ~self._mask.get(page, 0)
+        if rights & _W and not rights & _R:
+            rights &= ~_W       # -w- / -wx are misconfigurations: writes exit too
+        return rights
+
+    def _refresh(self, pages: Iterable[int]) -> None:
+        """Write the effective rights of `pages` into the model, batching runs."""
+        run_start = run_end = -1
+        run_rights = -1
+        for page in pages:
+            rights = self._effective(page)
+            if rights == run_rights and page == run_end:
+                run_end += 1
+                continue
+            if run_start >= 0:
+                self.tables.set_perms(run_start << PAGE_SHIFT, (run_end - run_start) << PAGE_SHIFT, run_rights)
+            run_start, run_end, run_rights = page, page + 1, rights
+        if run_start >= 0:
+            self.tables.set_perms(run_start << PAGE_SHIFT, (run_end - run_start) << PAGE_SHIFT, run_rights)
+        self._mark(pages)
+
+    def _mark(self, pages: Iterable[int]) -> None:
+        """Queue `pages` for realisation at the next invept()."""
+        self.before_next_entry()
+        pending = self._pending
+        if isinstance(pages, range) and len(pages) > _COMPACT_PAGES:
+            low, high = pages.start << PAGE_SHIFT, pages.stop << PAGE_SHIFT
+            for region in self._memslots.regions:
+                if region.gpa < high and low < region.end:
+                    pending[region] = None
+            return
+        for page in pages:
+            region = self._region(page << PAGE_SHIFT)
+            if region is None:
+                continue
+            if region in pending:
+                queued = pending[region]
+                if queued is not None:
+                    queued.add(page)
+            else:
+                pending[region] = {page}
+
+    # -- dirty tracking -------------------------------------------------------------------
+    @property
+    def dirty_logging(self) -> bool:
+        return self._dirty.enabled
+
+    def enable_dirty_logging(self) -> None:
+        """Start KVM dirty logging on all guest RAM (KVM_MEM_LOG_DIRTY_PAGES, api.rst 4.35).
+
+        Enables KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 first where the host has it, so
+        that reading the log and re-protecting pages are separate steps
+        (KVM_GET_DIRTY_LOG / KVM_CLEAR_DIRTY_LOG, api.rst 4.118).
+        """
+        self._sync_regions()
+        if self._dirty.enabled:
+            return
+        self._dirty.enable()
+        for region in self._memslots.regions:
+            self._memslots.set_logging(region, True)
+
+    def disable_dirty_logging(self) -> None:
+        """Stop dirty logging; pending dirty pages are dropped."""
+        if not self._dirty.enabled:
+            return
+        self._dirty.disable()
+        for region in self._memslots.regions:
+            self._memslots.set_logging(region, False)
+
+    def dirty_pages(self, clear: bool = True) -> list[int]:
+        """Page-aligned GPAs the guest wrote since the last clear, sorted.
+
+        Includes writes KVM logged in any memslot (also slots deleted since by
+        `protect`) and writes minivmm emulated into protected pages. With
+        `clear` the log restarts (re-protecting the pages in KVM).
+        """
+        self._dirty.require_enabled()
+        self._sync_regions()
+        return self._dirty.pages((slot for slots in self._memslots.regions.values() for slot in slots), clear)
+
+    def restore_dirty_pages(self, copy_address: int) -> int | None:
+        """Copy every page the guest dirtied back from a full copy of guest RAM at
+        `copy_address` (host address of GPA 0) and restart the log, in C: the
+        memory part of a snapshot restore. None where it does not apply (the C
+        code is not built, more than one region or memslot, pages minivmm
+        emulated writes into); then use `dirty_pages` instead.
+        """
+        if not self._dirty.restorable:
+            return None
+        self._sync_regions()
+        return self._dirty.restore(self._memslots.regions, copy_address)
+
+    def _note_write(self, gpa: int, size: int) -> None:
+        self._dirty.note_write(gpa, size)
+        if self.ad:
+            self.tables.mark(gpa, _AD)
+
+    # -- guest-linear addresses -------------------------------------------------------------
+    def _linear_of(self, gpa: int) -> int | None:
+        """The guest-linear address of `gpa` when it can be known, else None.
+
+        KVM reports only the guest-physical address of an MMIO access. Without
+        paging linear = physical (flat segments). With paging: the identity
+        address if the guest's page tables map it to `gpa` (minivmm's modes
+        identity-map RAM), else the one linear address a reverse walk finds;
+        None when no or several linear addresses map the page. (An access
+        through an alias of an identity-mapped page is reported with the
+        identity address: KVM does not say which linear address was used.)
+        """
+        vcpu = self.machine.vcpu
+        cr0 = vcpu.cr0
+        if not cr0 & (1 << 31):
+            return gpa
+        from ..pagewalk import PageFault, linear_addresses, translate
+        memory, cr3, cr4, efer = self.machine.memory, vcpu.cr3, vcpu.cr4, vcpu.efer
+        try:
+            if translate(memory, cr0, cr3, cr4, efer, gpa).gpa == gpa:
+                return gpa
+        except (PageFault, ValueError):
+            pass
+        try:
+            found = linear_addresses(memory, cr0, cr3, cr4, efer, gpa, limit=2)
+        except ValueError:
+            return None
+        return found[0] if len(found) == 1 else None
+
+    def _fetch_gpa(self) -> tuple[int, int] | None:
+        """(linear, physical) address of the instruction at RIP, or None if it does not translate."""
+        vcpu = self.machine.vcpu
+        linear = vcpu.rip
+        if not vcpu.efer & (1 << 10):
+            linear = (vcpu.segment("cs").base + vcpu.rip) & 0xFFFFFFFF
+        else:
+            cs = vcpu.segment("cs")
+            if not cs.l:                        # compatibility mode
+                linear = (cs.base + vcpu.rip) & 0xFFFFFFFF
+        if not vcpu.cr0 & (1 << 31):
+            return linear, linear
+        from ..pagewalk import PageFault, translate
+        try:
+            tr = translate(self.machine.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
+                           user=vcpu.cpl == 3)
+        except (PageFault, ValueError):
+            return None
+        return linear, tr.gpa
+
+    # -- KVM exits -> EPT violations ----------------------------------------------------------
+    def translate_mmio(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Turn a KVM_EXIT_MMIO into an EPT violation, a hook report or a device access.
+
+        Returns None when the GPA is neither managed RAM nor a device (an EPT
+        misconfiguration for the machine), (None, None) when the access was
+        completed here, else (info, gpa) for dispatch.
+        """
+        gpa = exit.phys_addr
+        region = self._region(gpa)
+        if region is None:
+            device = self._mmio.lookup(gpa)
+            if device is None:
+                return None
+            data = self._mmio.access(device, exit)
+            if data is not None:
+                self.machine.vcpu.fd.set_mmio_data(data)
+            return _HANDLED
+        page = gpa >> PAGE_SHIFT
+        need = _W if exit.is_write else _R
+        if self.tables.perms(gpa) & need:
+            self._emulate(exit)                 # a hole made for no-X, or a hidden hook's page
+            return _HANDLED
+        hooks = self._hook_table.monitors.get(page)
+        if hooks is not None and self._base.get(page, 7) & need:
+            return self._monitored(exit)
+        return self._violation(exit, need)
+
+    def _violation(self, exit: MmioExit, need: int) -> tuple[ExitInfo, int]:
+        vcpu = self.machine.vcpu
+        gpa = exit.phys_addr
+        gla = self._linear_of(gpa)
+        qualification = int(need) | (self.tables.perms(gpa) << 3)
+        if gla is not None:
+            qualification |= _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
+        if not exit.is_write:
+            vcpu.fd.set_mmio_data(bytes(8))     # what the guest reads unless a handler completes it
+        access = self.access = EptAccess(gpa, gla, exit.length, exit.is_write, False,
+                                         exit.data if exit.is_write else b"", vcpu.rip)
+        self.violations += 1
+        info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                                       guest_linear_address=gla or 0, detail=exit,
+                                       data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
+        if not exit.is_write:
+            self._open_read = (access, exit)
+            self.before_next_entry()
+        return info, gpa
+
+    def _finish_read(self) -> None:
+        """Before the next entry: a read violation no handler completed reads `info.data`."""
+        access, exit = self._open_read
+        self._open_read = None
+        info = self.machine.info
+        if access.completed or info.detail is not exit:
+            return
+        size = access.size
+        data = (info.data & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
+        self.machine.vcpu.fd.set_mmio_data(data)
+        access.data = data
+
+    def translate_fetch_fault(self, exit: InternalErrorExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Turn an emulation failure at an instruction in a page without X into an EPT violation.
+
+        On KVM a fetch from a GPA without a memslot fails emulation with RIP =
+        the target (kvm-host-notes). Hidden execute hooks run here; an allowed
+        fetch (e.g. from an execute-only page) executes once with the page
+        mapped. Returns None when the failure is not about an EPT page.
+        """
+        if exit.suberror != InternalErrorKind.EMULATION:
+            return None
+        where = self._fetch_gpa()
+        if where is None:
+            return None
+        linear, gpa = where
+        region = self._region(gpa)
+        if region is None:
+            return None
+        page = gpa >> PAGE_SHIFT
+        rights = self.tables.perms(gpa)
+        if _kind(rights) != _Kind.HOLE and page not in self._override:
+            if gpa in self._hook_table.visible and region.mem[gpa - region.gpa] == 0xCC:
+                # CPL-0 int3 of a visible hook: report #BP here, whatever the failure data says
+                info = self.machine.info.reset(
+                    ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
+                    interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
+                return info, int(Vector.BP)
+            return None                         # an ordinary emulation failure
+        vcpu = self.machine.vcpu
+        self._hook_table.execute_hidden(gpa, vcpu)
+        if rights & _X or self._base.get(page, 7) & _X:
+            self._step_through(page)
+            return _HANDLED
+        qualification = _QUAL_FETCH | (rights << 3) | _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
+        self.access = EptAccess(gpa, linear, 1, False, True, b"", vcpu.rip)
+        self.violations += 1
+        info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                                       guest_linear_address=linear, detail=exit)
+        return info, gpa
+
+    def _step_through(self, page: int) -> None:
+        """Execute one instruction with the page executable (and readable), then take the rights back.
+
+        HyperDbg's pattern: restore the EPT entry, single-step (MTF), re-protect.
+        """
+        base = self._base.get(page, 7)
+        self._override[page] = base | _R | _X
+        self._refresh((page,))
+
+        def restore(vcpu) -> None:
+            self._override.pop(page, None)
+            self._refresh((page,))
+
+        self.step_once(restore)
+
+    def step_once(self, callback: Callable[["Vcpu"], None]) -> None:
+        """Run `callback(vcpu)` after the guest's next instruction.
+
+        `machine.step_once` (KVM_GUESTDBG_SINGLESTEP) serves CPL-0 guests; CPL-3
+        code under the built-in kernel runs natively on the project's hosts and
+        is stepped with RFLAGS.TF instead: the #DB trap reaches the VMM through
+        the kernel's IDT stub (SDM vol. 3A 18.3.1.4, single-step trap).
+        """
+        machine = self.machine
+        if machine.mode.value != "user":
+            machine.step_once(callback)
+            return
+        self._tf_callbacks.append(callback)
+        self.before_next_entry()
+        machine.vcpu.rflags |= _RFLAGS_TF
+        if self._db_registration is None:
+            self._db_registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_debug_trap,
+                                               vector=int(Vector.DB))
+
+    def _on_debug_trap(self, vcpu, info: ExitInfo) -> Action | None:
+        if not self._tf_callbacks:
+            return None
+        callbacks, self._tf_callbacks = self._tf_callbacks, []
+        vcpu.rflags &= ~_RFLAGS_TF
+        for callback in callbacks:
+            callback(vcpu)
+        return RETRY
+
+    def _emulate(self, exit: MmioExit) -> bytes:
+        """Carry out a data access KVM could not, against the backing RAM; returns the bytes moved."""
+        self.emulations += 1
+        gpa, length = exit.phys_addr, exit.length
+        region = self._region(gpa)
+        offset = gpa - region.gpa if region is not None else 0
+        inside = region is not None and offset + length <= region.size
+        if exit.is_write:
+            data = exit.data
+            if inside:
+                region.mem[offset: offset + length] = data
+            else:
+                self.machine.memory.write(gpa, data)
+            self._note_write(gpa, length)
+        else:
+            data = region.mem[offset: offset + length] if inside else self.machine.memory.read(gpa, length)
+            self.machine.vcpu.fd.set_mmio_data(data)
+            if self.ad:
+                self.tables.mark(gpa, 0x100)
+        return data
+
+    def _monitored(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Emulate a monitored access (joining the fragments KVM splits it into), then report it."""
+        vcpu = self.machine.vcpu
+        rip = vcpu.rip
+        start, data, is_write = exit.phys_addr, bytearray(), exit.is_write
+        current = exit
+        leftover: int | None = None
+        while True:
+            data += self._emulate(current)
+            end = current.phys_addr + current.length
+            if end & 0xFFF and current.length != 8:
+                break
+            # the access may go on in another fragment (the next page, or the next 8 bytes):
+            # complete this one without entering the guest and look at what KVM reports next
+            run = vcpu.fd.run
+            run.immediate_exit = 1
+            kind = vcpu.run_once()
+            run.immediate_exit = 0
+            if kind != ExitKind.MMIO:
+                leftover = None if kind == ExitKind.INTR else kind
+                break
+            nxt = decode_exit(run)
+            page = nxt.phys_addr >> PAGE_SHIFT
+            contiguous = nxt.phys_addr == end or (not end & 0xFFF and not nxt.phys_addr & 0xFFF)
+            if (vcpu.rip != rip or nxt.is_write != is_write or not contiguous
+                    or self._region(nxt.phys_addr) is None or self.tables.perms(nxt.phys_addr) & (
+                        _W if is_write else _R)
+                    or page not in self._hook_table.monitors
+                    or not self._base.get(page, 7) & (_W if is_write else _R)):
+                self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
+                return self.translate_mmio(nxt) or self.machine.context.translate_exit(ExitKind.MMIO, run)
+            current = nxt
+        self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
+        if leftover is not None:
+            return self.machine.context.translate_exit(leftover, vcpu.fd.run)
+        return _HANDLED
+
+    # -- completing a violation from a handler --------------------------------------------------
+    def _current(self, what: str) -> EptAccess:
+        access = self.access
+        info = self.machine.info
+        if access is None or info.reason != ExitReason.EPT_VIOLATION:
+            raise RuntimeError(f"{what}: the last exit is not an EPT violation")
+        return access
+
+    def complete_read(self, data: bytes | int) -> None:
+        """Give the guest `data` as the result of the read that caused the current violation."""
+        access = self._current("complete_read")
+        if access.is_write or access.is_fetch:
+            raise RuntimeError("complete_read: the current EPT violation is not a data read")
+        if isinstance(data, int):
+            data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
+        if len(data) != access.size:
+            raise ValueError(f"complete_read: the guest reads {access.size} bytes, got {len(data)}")
+        self.machine.vcpu.fd.set_mmio_data(bytes(data))
+        access.data, access.completed = bytes(data), True
+        self.machine.info.data = int.from_bytes(data, "little")
+
+    def complete_write(self, data: bytes | int | None = None) -> None:
+        """Apply the guest's write to RAM for the current violation.
+
+        The value written is `data` if given, else `info.data` (the guest's
+        value unless a handler changed it).
+        """
+        access = self._current("complete_write")
+        if not access.is_write:
+            raise RuntimeError("complete_write: the current EPT violation is not a write")
+        if data is None:
+            data = self.machine.info.data
+        if isinstance(data, int):
+            data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
+        self.machine.memory.write(access.gpa, data)
+        self._note_write(access.gpa, len(data))
+        access.completed = True
+
+    def allow_once(self) -> None:
+        """Let the access behind the current violation through once.
+
+        A data access is performed on RAM as if the page allowed it; an
+        instruction fetch executes one instruction with the page executable
+        (restore rights, single-step, re-protect). Return RESUME afterwards.
+        """
+        access = self._current("allow_once")
+        if access.is_fetch:
+            self._step_through(access.gpa >> PAGE_SHIFT)
+        elif access.is_write:
+            self.complete_write()
+        else:
+            self.complete_read(self.machine.memory.read(access.gpa, access.size))
+
+    def _default_violation(self, vcpu, info: ExitInfo) -> Action:
+        access = self.access
+        what = str(info.ept)
+        text = f"EPT violation: {what} at gpa {info.guest_physical_address:#x}"
+        if access is not None and access.gla is not None:
+            text += f" (gla {access.gla:#x})"
+        if access is not None and access.is_write:
+            text += f", {access.size}-byte write of {access.value:#x}"
+        elif access is not None and not access.is_fetch:
+            text += f", {access.size}-byte read"
+        text += (f" at rip={vcpu.rip:#x}; no handler completed it (register one with "
+                 "machine.on(ExitReason.EPT_VIOLATION, handler, address=...))")
+        return Stop("error", message=text)
+
+    # -- hooks ----------------------------------------------------------------------------------
+    def _update_masks(self, pages: Iterable[int]) -> None:
+        pages = list(pages)
+        for page in pages:
+            mask = self._hook_table.mask(page)
+            if mask:
+                self._mask[page] = mask
+            else:
+                self._mask.pop(page, None)
+        self._refresh(pages)
+
+    def monitor(self, start: int, end: int, access: str, callback: Callable[[HookEvent], object]) -> Hook:
+        """Report guest reads and/or writes of the bytes [start, end) (guest-physical).
+
+        `access` is "r", "w" or "rw". `callback(event)` runs once per guest
+        access (an access KVM splits at a page boundary is joined first); the
+        access is then completed on RAM and the guest goes on. The pages lose
+        the monitored rights in the EPT (writes: W; reads: R and W).
+
+        KVM reports only the part of an access that falls into a page without
+        the right: an access that starts in an unmonitored page and crosses
+        into a monitored one is reported from the page boundary on.
+        """
+        if not isinstance(access, str) or access not in ("r", "w", "rw", "wr"):
+            raise EptError(f"bad monitor access {access!r}: expected 'r', 'w' or 'rw'")
+        if end <= start:
+            raise EptError(f"empty monitor range [{start:#x}, {end:#x})")
+        self._pages(start, end - start)
+        rights = 0
+        for c in access:
+            rights |= _R if c == "r" else _W
+        hook = Hook("monitor", start, end, Perm(rights), callback)
+        self._hook_table.add_monitor(hook)
+        self._update_masks(hook.pages)
+        return hook
+
+    def hook_execute(self, address: int, callback: Callable[[HookEvent], object], *,
+                     hidden: bool = True) -> Hook:
+        """Run `callback(event)` each time the guest executes the instruction at `address` (GPA).
+
+        hidden=True: the page loses X in the EPT, guest reads still see the
+        original bytes; the callback runs before the instruction, which then
+        executes once with X restored (single step) before X is taken away
+        again. hidden=False: an int3 (0xCC) replaces the first byte; on the
+        breakpoint the callback runs, the byte is restored for one step and
+        the int3 put back.
+        """
+        self._pages(address, 1)
+        hook = Hook("execute", address, address + 1, Perm.X, callback, hidden)
+        page = address >> PAGE_SHIFT
+        if hidden:
+            self._hook_table.add_hidden(hook)
+            self._update_masks((page,))
+            return hook
+        if self._hook_table.add_visible(hook):
+            hook.original = self.machine.memory.read(address, 1)
+            self.machine.memory.write(address, b"\xcc")
+        if self._bp_registration is None:
+            self._bp_registration = self.machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_breakpoint,
+                                                    vector=int(Vector.BP))
+        return hook
+
+    def _on_breakpoint(self, vcpu, info: ExitInfo) -> Action | None:
+        where = self._fetch_gpa()
+        if where is None:
+            return None
+        gpa = where[1]
+        hooks = self._hook_table.execute_visible(gpa, vcpu)
+        if hooks is None:
+            return None
+        memory = self.machine.memory
+        memory.write(gpa, hooks[0].original)
+
+        def reinsert(vcpu) -> None:
+            if self._hook_table.visible.get(gpa):
+                memory.write(gpa, b"\xcc")
+
+        self.step_once(reinsert)
+        return RETRY
+
+    def remove(self, hook: Hook) -> None:
+        """Remove a hook and give its pages their rights (or original byte) back."""
+        if not hook.active:
+            return
+        hook.active = False
+        if hook.kind == "monitor":
+            self._hook_table.discard_monitor(hook)
+            self._update_masks(hook.pages)
+        elif hook.hidden:
+            self._hook_table.discard_hidden(hook)
+            self._update_masks((hook.start >> PAGE_SHIFT,))
+        elif self._hook_table.discard_visible(hook):
+            self.machine.memory.write(hook.start, hook.original)
+
+    @property
+    def hooks(self) -> list[Hook]:
+        """Every active hook."""
+        return self._hook_table.all()
+
+    # -- MMIO devices ---------------------------------------------------------------------------
+    def add_mmio_device(self, start: int, size: int, read_cb: Callable[[int, int], int] | None,
+                        write_cb: Callable[[int, int, int], object] | None, *, name: str = "mmio") -> MmioDevice:
+        """Claim [start, start+size) of guest-physical space that is not RAM.
+
+        `read_cb(offset, size) -> int` answers guest reads (None: reads give
+        all ones); `write_cb(offset, size, value)` receives writes (None:
+        dropped). Offsets are from `start`.
+        """
+        return self._mmio.add(start, size, read_cb, write_cb, name, self.machine.memory.regions)
+
+    def remove_mmio_device(self, device: MmioDevice) -> None:
+        self._mmio.remove(device)
