@@ -473,13 +473,15 @@ class ExitInfo:
         self.msr = msr
         return self
 
-    def reset_io(self, qualification: int, detail: object, data: int) -> ExitInfo:
+    def reset_io(self, qualification: int, detail: object, data: int,
+                 instruction_length: int = 0) -> ExitInfo:
         """`reset` for an I/O-instruction exit, positional for the exit loop's hot path."""
         self.reason = ExitReason.IO_INSTRUCTION
         self.entry_failure = False
         self.qualification = qualification
         self.guest_physical_address = self.guest_linear_address = 0
-        self.instruction_length = self.instruction_info = 0
+        self.instruction_length = instruction_length
+        self.instruction_info = 0
         self.interruption_info = self.interruption_error_code = 0
         self.detail = detail
         self.data = data

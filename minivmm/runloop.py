@@ -224,8 +224,8 @@ class VcpuContext:
             route = self._io_routes[key] = chain
         return route
 
-    def _io_fast_route(self, high: int) -> tuple[int, IoExit, tuple] | None:
-        """(qualification, detail, handlers) of the single-item I/O exits whose packed form
+    def _io_fast_route(self, high: int) -> tuple[IoExit, tuple, dict] | None:
+        """(detail, handlers, sites) of the single-item I/O exits whose packed form
         (`minivmm.fastpath`) has upper half `high`, cached under `high` (above 2**24, clear
         of the `_io_route` keys). None for the exits the general path takes: multi-item
         (REP) accesses and the built-in kernel's ports."""
@@ -233,10 +233,18 @@ class VcpuContext:
         if multi or _RESERVED_PORTS_LOW <= port <= _RESERVED_PORTS_HIGH:
             return None
         data_offset = _unpack_io(self._run_mmap, _IO_EXIT_OFFSET)[4]
-        route = self._io_routes[high] = (io_qualification(port, size, is_out, 1),
-                                         IoExit(port, size, is_out, 1, data_offset),
-                                         self._io_route(port, is_out))
+        route = self._io_routes[high] = (IoExit(port, size, is_out, 1, data_offset),
+                                         self._io_route(port, is_out), {})
         return route
+
+    def _io_site(self, sites: dict, detail: IoExit, rip: int) -> tuple[int, int]:
+        """(qualification, instruction length) of the single-item I/O exit at `rip`, from the
+        decoded instruction (string, REP and operand-encoding bits); cached in the route's
+        `sites` by RIP until the routes change."""
+        insn = self.translator.io_instruction(self, detail)
+        site = sites[rip] = (io_qualification(detail.port, detail.size, detail.is_out, 1, insn),
+                             insn.length if insn is not None else 0)
+        return site
 
     def _c_io_loop(self) -> fastpath.IoLoop:
         """The C exit loop over this context's objects (kept while they stay the same)."""
@@ -292,11 +300,12 @@ class VcpuContext:
         pre_entry = self.pre_entry
         observers = self.observers
         enter = vcpu.enter
+        regs = vcpu.register_cache
         run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
         io_loop = None            # the C loop, fetched at the first exit it can take
         c_loop = synced and fastpath.COMPILED
         n = io_first              # counts[IO] plus the fast-path I/O exits of this run
-        io_ready = False          # info holds a fast-path I/O exit: only three fields change
+        io_ready = False          # info holds a fast-path I/O exit: only four fields change
         io_tag = IO_TAG
         action: Action | None = None
         self.last_exception = None
@@ -343,12 +352,14 @@ class VcpuContext:
                     route = io_routes.get(kind >> 32) or self._io_fast_route(kind >> 32)
                     if route is not None:
                         n += 1
-                        qualification, detail, chain = route
+                        detail, chain, sites = route
+                        rip = regs.rip
+                        site = sites.get(rip) or self._io_site(sites, detail, rip)
                         if io_ready:
-                            info.qualification, info.detail, info.data = qualification, detail, \
-                                kind & 0xFFFFFFFF
+                            info.qualification, info.detail, info.data, info.instruction_length = \
+                                site[0], detail, kind & 0xFFFFFFFF, site[1]
                         else:
-                            info.reset_io(qualification, detail, kind & 0xFFFFFFFF)
+                            info.reset_io(site[0], detail, kind & 0xFFFFFFFF, site[1])
                             io_ready = True
                         if observers:
                             for observer in observers:
@@ -533,7 +544,7 @@ class VcpuContext:
     def _io_instruction_start(self, info: ExitInfo) -> int:
         """RIP of the I/O instruction of the current exit (some hosts report an OUT with RIP
         past it)."""
-        insn = self.translator.io_instruction(self, info.detail.is_out)
+        insn = self.translator.io_instruction(self, info.detail)
         return self.vcpu.rip if insn is None else insn.start
 
     def _result(self, action: Stop | None, counts: list[int], seconds: list[float],

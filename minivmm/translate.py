@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-from .disasm import disassemble
+from .disasm import disassemble_one
 from .errors import MinivmmError
 from .exits import (EXCEPTIONS_WITH_ERROR_CODE, ExitInfo, ExitReason, InterruptionInfo,
                     InterruptionType, IoQualification, Vector, vector_name)
@@ -115,32 +115,58 @@ class Translation:
     exception: ExceptionReport | None = None
 
 
-_IN_MNEMONICS = frozenset({"in", "insb", "insw", "insd"})
-_OUT_MNEMONICS = frozenset({"out", "outsb", "outsw", "outsd"})
-_STRING_MNEMONICS = frozenset({"insb", "insw", "insd", "outsb", "outsw", "outsd"})
+_PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3})
+# opcode -> (is_out, string, immediate operand); SDM vol. 2 IN, INS, OUT, OUTS
+_IO_OPCODES = {0xE4: (False, False, True), 0xE5: (False, False, True),
+               0xEC: (False, False, False), 0xED: (False, False, False),
+               0xE6: (True, False, True), 0xE7: (True, False, True),
+               0xEE: (True, False, False), 0xEF: (True, False, False),
+               0x6C: (False, True, False), 0x6D: (False, True, False),
+               0x6E: (True, True, False), 0x6F: (True, True, False)}
 
 
-def find_io_instruction(window: bytes, window_start: int, rip: int, bits: int,
-                        is_out: bool) -> IoInstruction | None:
-    """The I/O instruction of an exit at `rip`: the one that starts at `rip`, or the one that
-    ends there (hosts that report an OUT with RIP past it). `window` is guest code from
-    `window_start`, covering at least rip-4 .. rip+15."""
-    wanted = _OUT_MNEMONICS if is_out else _IN_MNEMONICS
+def decode_io(code: bytes, bits: int) -> tuple[int, bool, bool, bool, bool, int] | None:
+    """(length, is_out, string, rep, immediate, operand size) of the IN/OUT/INS/OUTS at the
+    start of `code` decoded with `bits`-bit defaults, None when it is no I/O instruction."""
+    rep = operand_prefix = False
+    for position, byte in enumerate(code[:15]):
+        if byte in _PREFIXES:
+            rep = rep or byte == 0xF3 or byte == 0xF2
+            operand_prefix = operand_prefix or byte == 0x66
+            continue
+        if bits == 64 and 0x40 <= byte <= 0x4F:      # REX, the last prefix
+            position += 1
+            if position >= len(code):
+                return None
+            byte = code[position]
+        shape = _IO_OPCODES.get(byte)
+        if shape is None:
+            return None
+        is_out, string, immediate = shape
+        length = position + 1 + immediate
+        if length > len(code):
+            return None
+        size = 1 if not byte & 1 else 2 if (bits == 16) != operand_prefix else 4
+        return length, is_out, string, rep and string, immediate, size
+    return None
+
+
+def find_io_instruction(window: bytes, window_start: int, rip: int, bits: int, is_out: bool,
+                        size: int | None = None) -> IoInstruction | None:
+    """The I/O instruction of an exit at `rip`: the one that starts at `rip`, else the shortest
+    one that ends there (hosts that report an I/O exit with RIP past the instruction), of the
+    exit's direction and, when given, operand `size`. `window` is guest code from
+    `window_start`, covering rip-4 .. rip+15."""
     for start in (rip, rip - 1, rip - 2, rip - 3, rip - 4):
         offset = start - window_start
         if offset < 0 or offset >= len(window):
             continue
-        insn = disassemble(window[offset:], start, bits, 1)
-        if not insn:
+        decoded = decode_io(window[offset:offset + 15], bits)
+        if decoded is None:
             continue
-        words = insn[0][2].split()
-        rep = words[0].startswith("rep") and len(words) > 1
-        mnemonic = words[1] if rep else words[0]
-        length = len(insn[0][1])
-        if mnemonic in wanted and (start == rip or start + length == rip):
-            string = mnemonic in _STRING_MNEMONICS
-            immediate = not string and "dx" not in insn[0][2].split(None, 1)[-1] if len(words) > 1 \
-                else False
+        length, out, string, rep, immediate, operand_size = decoded
+        if out == is_out and (size is None or size == operand_size) and \
+                (start == rip or start + length == rip):
             return IoInstruction(start, length, string, rep, immediate)
     return None
 
@@ -160,13 +186,15 @@ class Translator:
     def __init__(self, mode: Mode) -> None:
         self.mode = Mode(mode)
 
-    def io_instruction(self, cpu: CpuView, is_out: bool) -> IoInstruction | None:
+    def io_instruction(self, cpu: CpuView, exit: IoExit) -> IoInstruction | None:
+        """The instruction of the I/O exit `exit` in the guest's code (None where the code
+        cannot be read or decoded)."""
         rip = cpu.rip
         start = max(rip - 4, 0)
         window = cpu.read_code(start, rip - start + 16)
         if len(window) < rip - start + 1:
             return None
-        return find_io_instruction(window, start, rip, cpu.code_bits(), is_out)
+        return find_io_instruction(window, start, rip, cpu.code_bits(), exit.is_out, exit.size)
 
     def translate(self, kind: int, exit: object, cpu: CpuView, info: ExitInfo, *,
                   stepping: bool = False, deadline_expired: bool = False,
@@ -226,11 +254,11 @@ class Translator:
                 STUBS_ADDR <= cpu.rip < STUBS_ADDR + 256 * STUB_SIZE:
             return self._user_exception(exit, cpu, info, stepping)
         if exit.port == HYPERCALL_PORT and exit.is_out:
-            insn = self.io_instruction(cpu, True)
+            insn = self.io_instruction(cpu, exit)
             info.reset(ExitReason.EXECUTE_VMCALL, detail=exit,
                        instruction_length=insn.length if insn is not None else 0)
             return Translation(cpu.rax)
-        insn = self.io_instruction(cpu, exit.is_out)
+        insn = self.io_instruction(cpu, exit)
         info.reset(ExitReason.IO_INSTRUCTION,
                    io_qualification(exit.port, exit.size, exit.is_out, exit.count, insn),
                    instruction_length=insn.length if insn is not None else 0,
@@ -278,7 +306,7 @@ def describe_code(code: bytes, bits: int) -> str:
     if not code:
         return "no instruction bytes reported"
     text = code.hex(" ")
-    insn = disassemble(code, 0, bits, 1)
+    insn = disassemble_one(code, bits)
     if insn:
-        text += f": {insn[0][2]}"
+        text += f": {insn}"
     return text

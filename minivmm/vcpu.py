@@ -193,6 +193,12 @@ class Vcpu:
     del _name
 
     @property
+    def register_cache(self) -> KvmRegs:
+        """The live general-register cache (kvm_run's sync-regs area where KVM has it): read
+        it without copying; write registers through the attributes."""
+        return self._regs
+
+    @property
     def regs(self) -> KvmRegs:
         """A copy of the general registers (use the attributes to change them)."""
         return KvmRegs.from_buffer_copy(self._regs)

@@ -361,15 +361,42 @@ def test_rep_outsb_to_the_serial_console(make_machine) -> None:
     assert (r.reason, r.console) == ("exit", "hello\n"), r
 
 
-@pytest.mark.xfail(reason="BUG: Machine._translate_io never sets qualification bit 6 (operand encoding: 1 = "
-                          "immediate port), so `out %al, $0x80` is reported as a DX-port access", strict=True)
-def test_immediate_port_operand_encoding(make_machine) -> None:
+def test_io_qualification_and_length_come_from_the_instruction(make_machine) -> None:
+    """SDM 27.2.1: bit 4 string, bit 5 REP, bit 6 operand encoding (1 = immediate), and the VM-exit
+    instruction length, for each form of the instruction, on the fast path and the C loop."""
     m = make_machine(mode="long")
-    m.load_asm("out %al, $0x80\n mov $0x80, %dx\n out %al, %dx\n EXIT 0")
+    m.load_asm("""
+        out %al, $0x80
+        mov $0x80, %dx
+        out %al, %dx
+        inb $0x80, %al
+        inb %dx, %al
+        lea msg(%rip), %rsi
+        mov $1, %ecx
+        rep outsb
+        outsb
+        mov $0x80, %dx
+        .byte 0x66, 0xef            # out %ax, %dx with an operand-size prefix
+        EXIT 0
+    msg: .ascii "ab"
+    """)
     log = []
-    m.on(ExitReason.IO_INSTRUCTION, lambda vcpu, info: log.append(info.io.operand_is_dx), port=0x80)
+
+    def handler(vcpu, info):
+        q = info.io
+        log.append((q.direction_in, q.string, q.rep, q.operand_is_dx, q.size, info.instruction_length))
+
+    m.on(ExitReason.IO_INSTRUCTION, handler, port=0x80)
     assert m.run(timeout=5).reason == "exit"
-    assert log == [False, True]
+    assert log == [
+        (False, False, False, False, 1, 2),      # out %al, $0x80
+        (False, False, False, True, 1, 1),       # out %al, %dx
+        (True, False, False, False, 1, 2),       # in $0x80, %al
+        (True, False, False, True, 1, 1),        # in %dx, %al
+        (False, True, True, True, 1, 2),         # rep outsb
+        (False, True, False, True, 1, 1),        # outsb
+        (False, False, False, True, 2, 2),       # out %ax, %dx
+    ]
 
 
 def test_observer_sees_console_bytes_and_the_device_still_gets_them(make_machine) -> None:
@@ -403,10 +430,10 @@ def test_observers_see_every_exit_with_all_its_fields(make_machine) -> None:
     assert r.reason == "hlt", r
     io = ExitReason.IO_INSTRUCTION
     assert seen == [
-        (io, 0x80 << 16, 0x11, 0, 0),                         # 1-byte OUT
-        (io, 0x1234 << 16 | 8 | 1, 0, 0, 0),                  # 2-byte IN
+        (io, 0x80 << 16 | 0x40, 0x11, 0, 2),                  # 1-byte OUT, immediate port
+        (io, 0x1234 << 16 | 8 | 1, 0, 0, 2),                  # 2-byte IN, port in DX
         (ExitReason.EXECUTE_RDMSR, 0, 0, 0x10, 2),
-        (io, 0x80 << 16, 0x22, 0, 0),                         # nothing left over from the RDMSR exit
+        (io, 0x80 << 16 | 0x40, 0x22, 0, 2),                         # nothing left over from the RDMSR exit
         (ExitReason.EXECUTE_HLT, 0, 0, 0, 1),
     ]
 

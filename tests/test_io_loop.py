@@ -59,7 +59,7 @@ def test_a_flood_reaches_the_handler_in_order(make_machine, monkeypatch, loop) -
          or (RESUME if info.data & 1 else None), port=0x80)
     r = m.run(timeout=10)
     assert r.reason == "hlt", r
-    assert seen == [(i, 0x80 << 16 | 3, 4) for i in range(1000)]
+    assert seen == [(i, 0x80 << 16 | 0x40 | 3, 4) for i in range(1000)]      # immediate port
     assert r.exits == {"IO_INSTRUCTION": 1000, "EXECUTE_HLT": 1}
     assert r.stats["IO_INSTRUCTION"].handler_seconds > 0
     assert len(entries) == (1 if loop == "c" else 0)          # one call into C served 999 exits
