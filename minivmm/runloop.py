@@ -29,7 +29,7 @@ from .kvm import ExitKind, IoExit, KvmRun, decode_exit
 from .modes import CODE_BITS, EXCEPTION_PORT, HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
 from .translate import ExceptionReport, RestoreUserFrame, Translator, io_qualification
 from .vcpu import Vcpu, run_timer
-from .vmcs import Vmcs
+from .vmcs import RFLAGS_TF, Vmcs
 
 if TYPE_CHECKING:
     from .vm import Vm
@@ -194,11 +194,11 @@ class VcpuContext:
         service's alone."""
         vcpu = self.vcpu
         callbacks, self._steps = self._steps, []
-        if callbacks:
-            self.vmcs.step_requested = False
-            self.vmcs.mark_dirty()
         for callback in callbacks:
             callback(vcpu)
+        if callbacks and not self._steps:
+            self.vmcs.step_requested = False
+            self.vmcs.mark_dirty()
         if not self.vmcs.mtf:
             return False
         previous, self._step_rip = self._step_rip, vcpu.rip
@@ -535,11 +535,25 @@ class VcpuContext:
             elif info.reason in _COMPLETED_BY_KVM:
                 rip = self._io_instruction_start(info) if info.reason == ExitReason.IO_INSTRUCTION \
                     else vcpu.rip
-                vcpu.fd.run.immediate_exit = 1
-                vcpu.run_once()
+                self.complete_without_entry()
                 vcpu.rip = rip
             return False
         raise TypeError(f"a handler returned {action!r}; expected Resume, Inject, Stop or None")
+
+    def complete_without_entry(self) -> int:
+        """Let KVM finish the current exit (the I/O or MMIO it emulates, the MSR reply) without
+        running guest code: KVM_RUN with `immediate_exit` set (api.rst 5, "immediate_exit").
+        Returns the exit kind KVM reports then (ExitKind.INTR when there is none)."""
+        vcpu = self.vcpu
+        run = vcpu.fd.run
+        run.immediate_exit = 1
+        try:
+            kind = vcpu.run_once()
+        finally:
+            run.immediate_exit = 0
+        if self.vmcs.user_mode and self.stepping and not vcpu.rflags & RFLAGS_TF:
+            vcpu.rflags |= RFLAGS_TF          # a completed exit drops TF on some hosts
+        return kind
 
     def _io_instruction_start(self, info: ExitInfo) -> int:
         """RIP of the I/O instruction of the current exit (some hosts report an OUT with RIP

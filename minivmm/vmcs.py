@@ -273,7 +273,8 @@ class Vmcs:
     registers), its exit information (`info`), over the VM-wide bitmaps of `vmx`.
 
     `step_requested` is set by the vCPU's step service while a step callback waits; the
-    realisation then asks KVM for a single step as it does for MTF."""
+    realisation then single-steps the guest as it does for MTF: RFLAGS.TF in user mode
+    (the built-in kernel reports the #DB), KVM_GUESTDBG_SINGLESTEP otherwise."""
 
     def __init__(self, vcpu: "Vcpu", info: ExitInfo, vmx: VmxVmState, user_mode: bool,
                  on_routing_change: Callable[[], None] = lambda: None) -> None:
@@ -439,13 +440,14 @@ class Vmcs:
         proc = self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
         self.vmx.realise_msr_filter(bool(proc & ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS))
         debug = 0
-        mtf = bool(proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
-        if self.user_mode and mtf != self._realised.tf:
-            # KVM's single-step does not stop CPL-3 code on every host: MTF traps with
-            # RFLAGS.TF instead, and the built-in kernel reports each #DB.
-            vcpu.rflags = vcpu.rflags | RFLAGS_TF if mtf else vcpu.rflags & ~RFLAGS_TF
-            self._realised.tf = mtf
-        if (mtf and not self.user_mode) or self.step_requested:
+        stepping = bool(proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG) or self.step_requested
+        if self.user_mode:
+            if stepping != self._realised.tf:
+                # KVM's single-step does not stop CPL-3 code on every host: steps trap with
+                # RFLAGS.TF instead, and the built-in kernel reports each #DB.
+                vcpu.rflags = vcpu.rflags | RFLAGS_TF if stepping else vcpu.rflags & ~RFLAGS_TF
+                self._realised.tf = stepping
+        elif stepping:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP
         if self.exception_bitmap & (1 << 3):
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP
