@@ -35,8 +35,7 @@ def machine(code: bytes) -> tuple[Machine, EptShadow]:
     m = Machine("2M", "protected")
     m.load(code, CODE)
     m.memory.write(PAGE, b"\xc3")
-    ept = EptShadow(m, backend="memslot")      # the C baseline drives memslots
-    m.use_ept(ept)
+    ept = m.create_ept(backend="memslot")      # the C baseline drives memslots
     return m, ept
 
 

@@ -267,16 +267,20 @@ class Machine:
     def ept(self):
         """The EPT model of this machine (`minivmm.ept.EptShadow`), created on first use."""
         if self._ept is None:
-            from .ept import EptShadow
-            self.use_ept(EptShadow(self))
+            self.create_ept()
         return self._ept
 
-    def use_ept(self, ept) -> None:
-        """Make `ept` this machine's EPT (for an EptShadow built with other options)."""
-        self._ept = ept
+    def create_ept(self, *, backend: str | None = None, ad: bool = True):
+        """Give the machine its EPT with these options (`minivmm.ept.EptShadow`): `backend`
+        "memslot" or "mprotect" (default: what the host probe chose), `ad` the A/D bits."""
+        from .ept import EptShadow
+        if self._ept is not None:
+            raise RuntimeError("this machine has its EPT already")
+        ept = self._ept = EptShadow(self.vm, self.contexts, self.hooks, ad=ad, backend=backend)
         self.vm.vmx.eptp = lambda: ept.eptp
         for ctx in self.contexts:
             ctx.ept = ept
+        return ept
 
     def read_virtual(self, gva: int, size: int) -> bytes:
         """Read guest-virtual memory through vCPU 0's page tables (`minivmm.pagewalk`)."""

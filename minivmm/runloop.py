@@ -441,9 +441,9 @@ class VcpuContext:
         if ept is not None:
             translated = None
             if kind == ExitKind.MMIO:
-                translated = ept.translate_mmio(exit)
+                translated = ept.translate_mmio(self, exit)
             elif kind == ExitKind.INTERNAL_ERROR:
-                translated = ept.translate_fetch_fault(exit)
+                translated = ept.translate_fetch_fault(self, exit)
             if translated is not None:
                 return _NO_EXIT if translated[0] is None else translated[1]
         translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,

@@ -124,8 +124,7 @@ def backend(request) -> str:
 
 
 def with_backend(m, backend: str):
-    from minivmm.ept import EptShadow
-    m.use_ept(EptShadow(m, backend=backend))
+    m.create_ept(backend=backend)
     return m.ept
 
 
@@ -455,7 +454,7 @@ def test_let_through_once_by_restoring_and_stepping(make_machine, backend) -> No
     def handler(vcpu, info):
         rips.append(vcpu.rip)
         ept.protect(DATA, 0x1000, "rwx")
-        ept.step_once(lambda vcpu: ept.protect(DATA, 0x1000, "---"))
+        m.step_once(lambda vcpu: ept.protect(DATA, 0x1000, "---"), vcpu=vcpu.index)
         return RETRY                    # a read is reported before it executes: run it again
 
     m.on(ExitReason.EPT_VIOLATION, handler)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import TYPE_CHECKING
 
-from ..kvm import ExitKind, MemoryFlag, decode_exit
+from ..kvm import MemoryFlag
 from ..memory import PAGE_SHIFT, PAGE_SIZE, Region, SlotTable
 from .dirty import DirtyLog
 from .tables import EptTables, _extend
@@ -116,24 +116,22 @@ def _probe_mprotect(kvm_path: str) -> str:
 
 
 def host_protection_works(mode: str = "user", kvm_path: str = "/dev/kvm") -> bool:
-    """Whether a guest store (in `mode`) to a PROT_READ host page exits as KVM_EXIT_MMIO here."""
+    """Whether a guest store (in `mode`) to a PROT_READ host page exits as KVM_EXIT_MMIO here:
+    the store must become an EPT violation for the write, with RAM left unchanged."""
+    from ..errors import MinivmmError
+    from ..exits import ExitReason
     from ..machine import Machine
-    from .shadow import EptShadow
     try:
         with Machine("2M", mode, kvm_path=kvm_path) as machine:
             machine.load(_PROBE_CODE, 0x100000)
-            shadow = EptShadow(machine, backend="mprotect")
-            machine.use_ept(shadow)
-            shadow.protect(_PROBE_PAGE, PAGE_SIZE, "r-x")
-            shadow.invept()
-            machine.setup()
-            kind = machine.vcpu.run_once()     # no run timer: the store or the hlt exits at once
-            if kind != ExitKind.MMIO:
-                return False
-            exit = decode_exit(machine.vcpu.fd.run)
-            return (exit.is_write and exit.phys_addr == _PROBE_PAGE and exit.data[:1] == b"\x5a"
+            ept = machine.create_ept(backend="mprotect")
+            ept.protect(_PROBE_PAGE, PAGE_SIZE, "r-x")
+            machine.run(timeout=2, max_exits=4)
+            access = ept.access
+            return (machine.info.reason == ExitReason.EPT_VIOLATION and access is not None
+                    and access.is_write and access.gpa == _PROBE_PAGE and access.data[:1] == b"\x5a"
                     and machine.memory.read(_PROBE_PAGE, 1) == b"\0")
-    except (OSError, RuntimeError, ValueError):
+    except (MinivmmError, OSError, RuntimeError, ValueError):
         return False
 
 

@@ -26,7 +26,8 @@ The model's accessed/dirty bits are set only for accesses minivmm emulates
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+import threading
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..actions import RETRY, Action, Stop
 from ..exits import ExitInfo, ExitReason, InterruptionType, Vector
@@ -39,8 +40,10 @@ from .realise import Memslots, _Kind, _kind, host_backend
 from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, parse_perms
 
 if TYPE_CHECKING:
-    from ..machine import Machine
+    from ..hooks import Handle, HookRegistry
+    from ..runloop import VcpuContext
     from ..vcpu import Vcpu
+    from ..vm import Vm
 
 __all__ = ["EptShadow"]
 
@@ -48,7 +51,6 @@ __all__ = ["EptShadow"]
 _HANDLED: tuple[None, None] = (None, None)
 _QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
 _QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
-_RFLAGS_TF = 1 << 8
 _R, _W, _X, _RWX = 1, 2, 4, 7
 _AD = 0x300                  # EPT accessed | dirty
 _COMPACT_PAGES = 4096        # larger changes re-cut the whole region
@@ -56,15 +58,21 @@ _COMPACT_PAGES = 4096        # larger changes re-cut the whole region
 
 # --- the shadow -----------------------------------------------------------------------
 class EptShadow:
-    """EPT permissions, violations, hooks and dirty tracking for one `Machine`.
+    """EPT permissions, violations, hooks and dirty tracking for one VM, on every vCPU.
 
     Changes through `protect`, hooks and `remove` are batched: they reach KVM at
-    `invept()` or automatically before the next VM entry (a `machine.pre_entry`
-    hook, there only while it has work), like an INVEPT after editing EPT entries.
+    `invept()` or automatically before the next VM entry (a PRE_ENTRY hook on
+    every vCPU, there only while it has work), like an INVEPT after editing EPT
+    entries. A violation belongs to the vCPU that caused it: `access`,
+    `complete_read`, `complete_write` and `allow_once` act on the violation of
+    the vCPU whose handler calls them.
     """
 
-    def __init__(self, machine: "Machine", *, ad: bool = True, backend: str | None = None) -> None:
-        self.machine = machine
+    def __init__(self, vm: "Vm", contexts: Sequence["VcpuContext"], hooks: "HookRegistry", *,
+                 ad: bool = True, backend: str | None = None) -> None:
+        self._memory = vm.memory
+        self._contexts = contexts
+        self._hooks = hooks
         self.tables = EptTables()
         self.ad = ad
         backend = backend or host_backend()
@@ -75,20 +83,19 @@ class EptShadow:
         self._mask: dict[int, int] = {}          # page -> rights taken away by hooks
         self._override: dict[int, int] = {}      # page -> rights for one stepped instruction
         self._pending: dict[Region, set[int] | None] = {}    # region -> changed pages (None: all)
-        self._dirty = DirtyLog(machine.vm.fd)
-        self._memslots = Memslots(machine.vm.fd, machine.vm.slots, self.tables, self._dirty, backend)
+        self._dirty = DirtyLog(vm.fd)
+        self._memslots = Memslots(vm.fd, vm.slots, self.tables, self._dirty, backend)
         self._hook_table = HookTable()
-        self._bp_registration = None
-        self._db_registration = None
-        self._tf_callbacks: list[Callable[["Vcpu"], None]] = []
+        self._bp_handle: "Handle | None" = None
         self._mmio = MmioBus()
-        self.access: EptAccess | None = None
-        self._open_read: tuple[EptAccess, MmioExit] | None = None
+        self._accesses: dict[int, EptAccess] = {}                        # vCPU -> its violation
+        self._open_reads: dict[int, tuple[EptAccess, MmioExit]] = {}     # vCPU -> read to finish
+        self._handling = threading.local()                              # the vCPU of this thread
         self.violations = 0
         self.emulations = 0
-        self._hooked = False
+        self._pre_entry: "Handle | None" = None
         self._sync_regions()
-        machine.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
+        vm.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
@@ -135,7 +142,7 @@ class EptShadow:
         low, high, region = self._last_region
         if low <= gpa < high:
             return region
-        region = self.machine.memory.region_at(gpa)
+        region = self._memory.region_at(gpa)
         if region is not None and region in self._memslots.regions:
             self._last_region = (region.gpa, region.gpa + region.size, region)
             return region
@@ -145,23 +152,18 @@ class EptShadow:
         """Have the pre-entry work (batched changes, an open read, TF for a step, new
         memory regions) done before the next VM entry; the hook leaves when it is idle,
         so that an idle EPT costs the exit loop nothing."""
-        if not self._hooked:
-            self._hooked = True
-            self.machine.pre_entry.append(self._before_entry)
+        if self._pre_entry is None:
+            self._pre_entry = self._hooks.add("pre_entry", self._before_entry)
 
-    def _before_entry(self) -> None:
-        if self._open_read is not None:
-            self._finish_read()
-        if self._tf_callbacks:
-            vcpu = self.machine.vcpu
-            if not vcpu.rflags & _RFLAGS_TF:      # a completed MMIO (RETRY) drops TF on this host
-                vcpu.rflags |= _RFLAGS_TF
+    def _before_entry(self, vcpu: "Vcpu", info: ExitInfo) -> None:
+        if vcpu.index in self._open_reads:
+            self._finish_read(vcpu, info)
         self._sync_regions()
         if self._pending:
             self.invept()
-        if self._open_read is None and not self._tf_callbacks and not self._pending:
-            self.machine.pre_entry.remove(self._before_entry)
-            self._hooked = False
+        if not self._open_reads and not self._pending and self._pre_entry is not None:
+            self._hooks.remove(self._pre_entry)
+            self._pre_entry = None
 
     def invept(self) -> None:
         """Make every batched permission change visible to the guest now (INVEPT, SDM 30.3)."""
@@ -317,8 +319,13 @@ class EptShadow:
         if self.ad:
             self.tables.mark(gpa, _AD)
 
+    @property
+    def access(self) -> EptAccess | None:
+        """The violation being handled on this thread's vCPU (vCPU 0's elsewhere)."""
+        return self._accesses.get(getattr(self._handling, "index", 0))
+
     # -- guest-linear addresses -------------------------------------------------------------
-    def _linear_of(self, gpa: int) -> int | None:
+    def _linear_of(self, vcpu: "Vcpu", gpa: int) -> int | None:
         """The guest-linear address of `gpa` when it can be known, else None.
 
         KVM reports only the guest-physical address of an MMIO access. Without
@@ -329,12 +336,11 @@ class EptShadow:
         through an alias of an identity-mapped page is reported with the
         identity address: KVM does not say which linear address was used.)
         """
-        vcpu = self.machine.vcpu
         cr0 = vcpu.cr0
         if not cr0 & (1 << 31):
             return gpa
         from ..pagewalk import PageFault, linear_addresses, translate
-        memory, cr3, cr4, efer = self.machine.memory, vcpu.cr3, vcpu.cr4, vcpu.efer
+        memory, cr3, cr4, efer = self._memory, vcpu.cr3, vcpu.cr4, vcpu.efer
         try:
             if translate(memory, cr0, cr3, cr4, efer, gpa).gpa == gpa:
                 return gpa
@@ -346,9 +352,8 @@ class EptShadow:
             return None
         return found[0] if len(found) == 1 else None
 
-    def _fetch_gpa(self) -> tuple[int, int] | None:
+    def _fetch_gpa(self, vcpu: "Vcpu") -> tuple[int, int] | None:
         """(linear, physical) address of the instruction at RIP, or None if it does not translate."""
-        vcpu = self.machine.vcpu
         linear = vcpu.rip
         if not vcpu.efer & (1 << 10):
             linear = (vcpu.segment("cs").base + vcpu.rip) & 0xFFFFFFFF
@@ -360,20 +365,22 @@ class EptShadow:
             return linear, linear
         from ..pagewalk import PageFault, translate
         try:
-            tr = translate(self.machine.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
+            tr = translate(self._memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
                            user=vcpu.cpl == 3)
         except (PageFault, ValueError):
             return None
         return linear, tr.gpa
 
     # -- KVM exits -> EPT violations ----------------------------------------------------------
-    def translate_mmio(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
-        """Turn a KVM_EXIT_MMIO into an EPT violation, a hook report or a device access.
+    def translate_mmio(self, ctx: "VcpuContext", exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
+        """Turn a KVM_EXIT_MMIO of `ctx`'s vCPU into an EPT violation, a hook report or a device
+        access.
 
         Returns None when the GPA is neither managed RAM nor a device (an EPT
         misconfiguration for the machine), (None, None) when the access was
         completed here, else (info, gpa) for dispatch.
         """
+        self._handling.index = ctx.index
         gpa = exit.phys_addr
         region = self._region(gpa)
         if region is None:
@@ -382,51 +389,50 @@ class EptShadow:
                 return None
             data = self._mmio.access(device, exit)
             if data is not None:
-                self.machine.vcpu.fd.set_mmio_data(data)
+                ctx.vcpu.fd.set_mmio_data(data)
             return _HANDLED
         page = gpa >> PAGE_SHIFT
         need = _W if exit.is_write else _R
         if self.tables.perms(gpa) & need:
-            self._emulate(exit)                 # a hole made for no-X, or a hidden hook's page
+            self._emulate(ctx, exit)            # a hole made for no-X, or a hidden hook's page
             return _HANDLED
         hooks = self._hook_table.monitors.get(page)
         if hooks is not None and self._base.get(page, 7) & need:
-            return self._monitored(exit)
-        return self._violation(exit, need)
+            return self._monitored(ctx, exit)
+        return self._violation(ctx, exit, need)
 
-    def _violation(self, exit: MmioExit, need: int) -> tuple[ExitInfo, int]:
-        vcpu = self.machine.vcpu
+    def _violation(self, ctx: "VcpuContext", exit: MmioExit, need: int) -> tuple[ExitInfo, int]:
+        vcpu = ctx.vcpu
         gpa = exit.phys_addr
-        gla = self._linear_of(gpa)
+        gla = self._linear_of(vcpu, gpa)
         qualification = int(need) | (self.tables.perms(gpa) << 3)
         if gla is not None:
             qualification |= _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
         if not exit.is_write:
             vcpu.fd.set_mmio_data(bytes(8))     # what the guest reads unless a handler completes it
-        access = self.access = EptAccess(gpa, gla, exit.length, exit.is_write, False,
-                                         exit.data if exit.is_write else b"", vcpu.rip)
+        access = self._accesses[ctx.index] = EptAccess(gpa, gla, exit.length, exit.is_write, False,
+                                                       exit.data if exit.is_write else b"", vcpu.rip)
         self.violations += 1
-        info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                                       guest_linear_address=gla or 0, detail=exit,
-                                       data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
+        info = ctx.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                              guest_linear_address=gla or 0, detail=exit,
+                              data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
         if not exit.is_write:
-            self._open_read = (access, exit)
+            self._open_reads[ctx.index] = (access, exit)
             self.before_next_entry()
         return info, gpa
 
-    def _finish_read(self) -> None:
+    def _finish_read(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         """Before the next entry: a read violation no handler completed reads `info.data`."""
-        access, exit = self._open_read
-        self._open_read = None
-        info = self.machine.info
+        access, exit = self._open_reads.pop(vcpu.index)
         if access.completed or info.detail is not exit:
             return
         size = access.size
         data = (info.data & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
-        self.machine.vcpu.fd.set_mmio_data(data)
+        vcpu.fd.set_mmio_data(data)
         access.data = data
 
-    def translate_fetch_fault(self, exit: InternalErrorExit) -> tuple[ExitInfo | None, int | None] | None:
+    def translate_fetch_fault(self, ctx: "VcpuContext",
+                              exit: InternalErrorExit) -> tuple[ExitInfo | None, int | None] | None:
         """Turn an emulation failure at an instruction in a page without X into an EPT violation.
 
         On KVM a fetch from a GPA without a memslot fails emulation with RIP =
@@ -436,7 +442,9 @@ class EptShadow:
         """
         if exit.suberror != InternalErrorKind.EMULATION:
             return None
-        where = self._fetch_gpa()
+        self._handling.index = ctx.index
+        vcpu = ctx.vcpu
+        where = self._fetch_gpa(vcpu)
         if where is None:
             return None
         linear, gpa = where
@@ -448,24 +456,23 @@ class EptShadow:
         if _kind(rights) != _Kind.HOLE and page not in self._override:
             if gpa in self._hook_table.visible and region.mem[gpa - region.gpa] == 0xCC:
                 # CPL-0 int3 of a visible hook: report #BP here, whatever the failure data says
-                info = self.machine.info.reset(
+                info = ctx.info.reset(
                     ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
                     interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
                 return info, int(Vector.BP)
             return None                         # an ordinary emulation failure
-        vcpu = self.machine.vcpu
         self._hook_table.execute_hidden(gpa, vcpu)
         if rights & _X or self._base.get(page, 7) & _X:
-            self._step_through(page)
+            self._step_through(ctx, page)
             return _HANDLED
         qualification = _QUAL_FETCH | (rights << 3) | _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
-        self.access = EptAccess(gpa, linear, 1, False, True, b"", vcpu.rip)
+        self._accesses[ctx.index] = EptAccess(gpa, linear, 1, False, True, b"", vcpu.rip)
         self.violations += 1
-        info = self.machine.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                                       guest_linear_address=linear, detail=exit)
+        info = ctx.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                              guest_linear_address=linear, detail=exit)
         return info, gpa
 
-    def _step_through(self, page: int) -> None:
+    def _step_through(self, ctx: "VcpuContext", page: int) -> None:
         """Execute one instruction with the page executable (and readable), then take the rights back.
 
         HyperDbg's pattern: restore the EPT entry, single-step (MTF), re-protect.
@@ -478,37 +485,9 @@ class EptShadow:
             self._override.pop(page, None)
             self._refresh((page,))
 
-        self.step_once(restore)
+        ctx.step_once(restore)
 
-    def step_once(self, callback: Callable[["Vcpu"], None]) -> None:
-        """Run `callback(vcpu)` after the guest's next instruction.
-
-        `machine.step_once` (KVM_GUESTDBG_SINGLESTEP) serves CPL-0 guests; CPL-3
-        code under the built-in kernel runs natively on the project's hosts and
-        is stepped with RFLAGS.TF instead: the #DB trap reaches the VMM through
-        the kernel's IDT stub (SDM vol. 3A 18.3.1.4, single-step trap).
-        """
-        machine = self.machine
-        if machine.mode.value != "user":
-            machine.step_once(callback)
-            return
-        self._tf_callbacks.append(callback)
-        self.before_next_entry()
-        machine.vcpu.rflags |= _RFLAGS_TF
-        if self._db_registration is None:
-            self._db_registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_debug_trap,
-                                               vector=int(Vector.DB))
-
-    def _on_debug_trap(self, vcpu, info: ExitInfo) -> Action | None:
-        if not self._tf_callbacks:
-            return None
-        callbacks, self._tf_callbacks = self._tf_callbacks, []
-        vcpu.rflags &= ~_RFLAGS_TF
-        for callback in callbacks:
-            callback(vcpu)
-        return RETRY
-
-    def _emulate(self, exit: MmioExit) -> bytes:
+    def _emulate(self, ctx: "VcpuContext", exit: MmioExit) -> bytes:
         """Carry out a data access KVM could not, against the backing RAM; returns the bytes moved."""
         self.emulations += 1
         gpa, length = exit.phys_addr, exit.length
@@ -520,37 +499,34 @@ class EptShadow:
             if inside:
                 region.mem[offset: offset + length] = data
             else:
-                self.machine.memory.write(gpa, data)
+                self._memory.write(gpa, data)
             self._note_write(gpa, length)
         else:
-            data = region.mem[offset: offset + length] if inside else self.machine.memory.read(gpa, length)
-            self.machine.vcpu.fd.set_mmio_data(data)
+            data = region.mem[offset: offset + length] if inside else self._memory.read(gpa, length)
+            ctx.vcpu.fd.set_mmio_data(data)
             if self.ad:
                 self.tables.mark(gpa, 0x100)
         return data
 
-    def _monitored(self, exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
+    def _monitored(self, ctx: "VcpuContext", exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
         """Emulate a monitored access (joining the fragments KVM splits it into), then report it."""
-        vcpu = self.machine.vcpu
+        vcpu = ctx.vcpu
         rip = vcpu.rip
         start, data, is_write = exit.phys_addr, bytearray(), exit.is_write
         current = exit
         leftover: int | None = None
         while True:
-            data += self._emulate(current)
+            data += self._emulate(ctx, current)
             end = current.phys_addr + current.length
             if end & 0xFFF and current.length != 8:
                 break
             # the access may go on in another fragment (the next page, or the next 8 bytes):
             # complete this one without entering the guest and look at what KVM reports next
-            run = vcpu.fd.run
-            run.immediate_exit = 1
-            kind = vcpu.run_once()
-            run.immediate_exit = 0
+            kind = ctx.complete_without_entry()
             if kind != ExitKind.MMIO:
                 leftover = None if kind == ExitKind.INTR else kind
                 break
-            nxt = decode_exit(run)
+            nxt = decode_exit(vcpu.fd.run)
             page = nxt.phys_addr >> PAGE_SHIFT
             contiguous = nxt.phys_addr == end or (not end & 0xFFF and not nxt.phys_addr & 0xFFF)
             if (vcpu.rip != rip or nxt.is_write != is_write or not contiguous
@@ -559,33 +535,33 @@ class EptShadow:
                     or page not in self._hook_table.monitors
                     or not self._base.get(page, 7) & (_W if is_write else _R)):
                 self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
-                return self.translate_mmio(nxt) or self.machine.context.translate_exit(ExitKind.MMIO, run)
+                return self.translate_mmio(ctx, nxt) or ctx.translate_exit(ExitKind.MMIO, vcpu.fd.run)
             current = nxt
         self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
         if leftover is not None:
-            return self.machine.context.translate_exit(leftover, vcpu.fd.run)
+            return ctx.translate_exit(leftover, vcpu.fd.run)
         return _HANDLED
 
     # -- completing a violation from a handler --------------------------------------------------
-    def _current(self, what: str) -> EptAccess:
-        access = self.access
-        info = self.machine.info
-        if access is None or info.reason != ExitReason.EPT_VIOLATION:
+    def _current(self, what: str) -> tuple[EptAccess, "VcpuContext"]:
+        ctx = self._contexts[getattr(self._handling, "index", 0)]
+        access = self._accesses.get(ctx.index)
+        if access is None or ctx.info.reason != ExitReason.EPT_VIOLATION:
             raise RuntimeError(f"{what}: the last exit is not an EPT violation")
-        return access
+        return access, ctx
 
     def complete_read(self, data: bytes | int) -> None:
         """Give the guest `data` as the result of the read that caused the current violation."""
-        access = self._current("complete_read")
+        access, ctx = self._current("complete_read")
         if access.is_write or access.is_fetch:
             raise RuntimeError("complete_read: the current EPT violation is not a data read")
         if isinstance(data, int):
             data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
         if len(data) != access.size:
             raise ValueError(f"complete_read: the guest reads {access.size} bytes, got {len(data)}")
-        self.machine.vcpu.fd.set_mmio_data(bytes(data))
+        ctx.vcpu.fd.set_mmio_data(bytes(data))
         access.data, access.completed = bytes(data), True
-        self.machine.info.data = int.from_bytes(data, "little")
+        ctx.info.data = int.from_bytes(data, "little")
 
     def complete_write(self, data: bytes | int | None = None) -> None:
         """Apply the guest's write to RAM for the current violation.
@@ -593,14 +569,14 @@ class EptShadow:
         The value written is `data` if given, else `info.data` (the guest's
         value unless a handler changed it).
         """
-        access = self._current("complete_write")
+        access, ctx = self._current("complete_write")
         if not access.is_write:
             raise RuntimeError("complete_write: the current EPT violation is not a write")
         if data is None:
-            data = self.machine.info.data
+            data = ctx.info.data
         if isinstance(data, int):
             data = (data & ((1 << (8 * access.size)) - 1)).to_bytes(access.size, "little")
-        self.machine.memory.write(access.gpa, data)
+        self._memory.write(access.gpa, data)
         self._note_write(access.gpa, len(data))
         access.completed = True
 
@@ -611,16 +587,16 @@ class EptShadow:
         instruction fetch executes one instruction with the page executable
         (restore rights, single-step, re-protect). Return RESUME afterwards.
         """
-        access = self._current("allow_once")
+        access, ctx = self._current("allow_once")
         if access.is_fetch:
-            self._step_through(access.gpa >> PAGE_SHIFT)
+            self._step_through(ctx, access.gpa >> PAGE_SHIFT)
         elif access.is_write:
             self.complete_write()
         else:
-            self.complete_read(self.machine.memory.read(access.gpa, access.size))
+            self.complete_read(self._memory.read(access.gpa, access.size))
 
     def _default_violation(self, vcpu, info: ExitInfo) -> Action:
-        access = self.access
+        access = self._accesses.get(vcpu.index)
         what = str(info.ept)
         text = f"EPT violation: {what} at gpa {info.guest_physical_address:#x}"
         if access is not None and access.gla is not None:
@@ -688,29 +664,29 @@ class EptShadow:
             self._update_masks((page,))
             return hook
         if self._hook_table.add_visible(hook):
-            hook.original = self.machine.memory.read(address, 1)
-            self.machine.memory.write(address, b"\xcc")
-        if self._bp_registration is None:
-            self._bp_registration = self.machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_breakpoint,
-                                                    vector=int(Vector.BP))
+            hook.original = self._memory.read(address, 1)
+            self._memory.write(address, b"\xcc")
+        if self._bp_handle is None:
+            self._bp_handle = self._hooks.add("exit", self._on_breakpoint, reason=ExitReason.EXCEPTION_OR_NMI,
+                                              vector=int(Vector.BP))
         return hook
 
     def _on_breakpoint(self, vcpu, info: ExitInfo) -> Action | None:
-        where = self._fetch_gpa()
+        where = self._fetch_gpa(vcpu)
         if where is None:
             return None
         gpa = where[1]
         hooks = self._hook_table.execute_visible(gpa, vcpu)
         if hooks is None:
             return None
-        memory = self.machine.memory
+        memory = self._memory
         memory.write(gpa, hooks[0].original)
 
         def reinsert(vcpu) -> None:
             if self._hook_table.visible.get(gpa):
                 memory.write(gpa, b"\xcc")
 
-        self.step_once(reinsert)
+        self._contexts[vcpu.index].step_once(reinsert)
         return RETRY
 
     def remove(self, hook: Hook) -> None:
@@ -725,7 +701,7 @@ class EptShadow:
             self._hook_table.discard_hidden(hook)
             self._update_masks((hook.start >> PAGE_SHIFT,))
         elif self._hook_table.discard_visible(hook):
-            self.machine.memory.write(hook.start, hook.original)
+            self._memory.write(hook.start, hook.original)
 
     @property
     def hooks(self) -> list[Hook]:
@@ -741,7 +717,7 @@ class EptShadow:
         all ones); `write_cb(offset, size, value)` receives writes (None:
         dropped). Offsets are from `start`.
         """
-        return self._mmio.add(start, size, read_cb, write_cb, name, self.machine.memory.regions)
+        return self._mmio.add(start, size, read_cb, write_cb, name, self._memory.regions)
 
     def remove_mmio_device(self, device: MmioDevice) -> None:
         self._mmio.remove(device)
