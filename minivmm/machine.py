@@ -345,7 +345,7 @@ class Machine:
         """
         if self._smp is not None:
             return self._smp.run(timeout, max_exits)
-        self._prepare_run()
+        self.prepare_run()
         try:
             return self.contexts[0].run(timeout, max_exits, console=lambda: self.serial.text)
         finally:
@@ -355,12 +355,17 @@ class Machine:
                 counts: list[int] | None = None, seconds: list[float] | None = None) -> Stop:
         """vCPU 0's exit loop without building a RunResult (`VcpuContext.run_raw`); returns
         the Stop that ended it. For harnesses that run a guest thousands of times a second."""
-        self._prepare_run()
+        self.prepare_run()
         return self.contexts[0].run_raw(timeout, max_exits, counts, seconds)
 
-    def _prepare_run(self) -> None:
+    def prepare_run(self) -> None:
+        """What every run does before the first entry: mode setup on the first run, the CPUID
+        table while it changed, batched EPT changes (before any vCPU thread runs: replacing a
+        memslot under a running vCPU is not atomic), the debug-exit device's reset."""
         if not self._started:
             self.setup()
         if self.cpuid.dirty:
             self.apply_cpuid()
+        if self._ept is not None:
+            self._ept.invept()
         self.debug_exit.reset()

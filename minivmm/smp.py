@@ -24,7 +24,8 @@ The single-vCPU path does not come here: `Machine.run` checks once per run.
 
 `max_exits` bounds each vCPU's exits separately. A vCPU kicked out because
 another one stopped the machine reports reason "stopped" ("stopped by vCPU 0").
-An AP's VMCS controls start as a copy of vCPU 0's when the machine first runs.
+Each vCPU has its own VMCS model from the start (`machine.contexts[i].vmcs`);
+handlers registered with a filter set the bitmap bits on every vCPU.
 """
 from __future__ import annotations
 
@@ -91,7 +92,6 @@ class SmpRunner:
         self._lock = threading.Lock()
         self._done = threading.Event()
         self._winner: tuple[_Thread, BaseException | None] | None = None
-        self._aps_configured = False
         self._threads: list[_Thread] = []
         machine.smp = self
         if threading.current_thread() is threading.main_thread():
@@ -102,22 +102,11 @@ class SmpRunner:
         """Each vCPU's own result of the last run."""
         return [t.result for t in self._threads]
 
-    def _configure_aps(self) -> None:
-        bsp = self.machine.contexts[0].vmcs
-        for ctx in self.machine.contexts[1:]:
-            ctx.vmcs.controls = dict(bsp.controls)
-            ctx.vmcs.exception_bitmap = bsp.exception_bitmap
-            ctx.vmcs.tsc_offset = bsp.tsc_offset
-            ctx.vmcs.mark_dirty()
-        self._aps_configured = True
-
     # -- running ----------------------------------------------------------------------
     def run(self, timeout: float | None, max_exits: int | None) -> "RunResult":
         machine = self.machine
         install_kick_handler()
-        machine._prepare_run()
-        if not self._aps_configured:
-            self._configure_aps()
+        machine.prepare_run()
         threads = self._threads = [_Thread(ctx) for ctx in machine.contexts]
         for t in threads:
             t.ctx.deadline_expired = lambda t=t: self._deadline(t)

@@ -230,3 +230,42 @@ def test_vcpus_in_yaml(tmp_path: Path) -> None:
         assert len(machine.vcpus) == 2
         result = machine.run_config()
     assert (result.reason, result.exit_code) == ("exit", 0), result
+
+
+AP_WRITES_DATA = """
+    mov $0x7100, %ax
+    mov %ax, %ds
+    movb $0x5a, 0               /* GPA 0x71000: monitored */
+    movb $1, %cs:0x100
+    cli
+4:  hlt
+    jmp 4b
+"""
+
+
+def test_ept_monitor_and_mtf_trace_on_an_application_processor(make_machine) -> None:
+    """EPT hooks, steps and VMCS controls are per vCPU: a write monitor reports the AP's store
+    as the AP's, and MTF set on vCPU 1's VMCS alone traces the AP instruction by instruction
+    while the BSP runs without MTF exits."""
+    from minivmm.controls import ProcBasedControls
+    from minivmm.disasm import disassemble
+    machine = smp_machine(make_machine, START_AP + WAIT_FOR_FLAG, AP_WRITES_DATA)
+    events = []
+    machine.ept.monitor(0x71000, 0x71001, "w",
+                        lambda event: events.append((event.vcpu.index, event.value, event.rip)))
+    ap = machine.contexts[1]
+    ap.vmcs.set_control(ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
+    steps = []
+    machine.on(ExitReason.MONITOR_TRAP_FLAG,
+               lambda vcpu, info: steps.append((vcpu.index, info.vcpu_index, vcpu.rip)) or None)
+    result = machine.run(timeout=20)
+    assert (result.reason, result.exit_code) == ("exit", 0), result
+    code = assemble(AP_WRITES_DATA, code_bits=16, load_address=0).data
+    starts = [address for address, _, _ in disassemble(code, 0, 16)]
+    assert {(index, seen) for index, seen, _ in steps} == {(1, 1)}        # the AP's only
+    # each step lands after one more instruction; the monitored store is emulated by the EPT
+    # (an MMIO exit), so no step reports the ip after it (starts[3])
+    assert [rip for _, _, rip in steps[:4]] == starts[1:3] + starts[4:6], (steps[:6], starts)
+    assert events == [(1, 0x5a, starts[3])]     # KVM reports a write with RIP past the store
+    assert not machine.contexts[0].vmcs.mtf and "MONITOR_TRAP_FLAG" not in machine.contexts[0].stats
+    assert not vcpu_threads()

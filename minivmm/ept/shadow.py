@@ -91,6 +91,7 @@ class EptShadow:
         self._accesses: dict[int, EptAccess] = {}                        # vCPU -> its violation
         self._open_reads: dict[int, tuple[EptAccess, MmioExit]] = {}     # vCPU -> read to finish
         self._handling = threading.local()                              # the vCPU of this thread
+        self._refetched: dict[int, tuple[int, int]] = {}                # vCPU -> (rip, toggles)
         self.violations = 0
         self.emulations = 0
         self._pre_entry: "Handle | None" = None
@@ -460,6 +461,12 @@ class EptShadow:
                     ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
                     interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
                 return info, int(Vector.BP)
+            seen = (vcpu.rip, self.toggles)
+            if self._refetched.get(ctx.index) != seen:
+                # Replacing a memslot is not atomic: another vCPU changing permissions can
+                # leave this page unmapped for an instant. Fetch again once per change.
+                self._refetched[ctx.index] = seen
+                return _HANDLED
             return None                         # an ordinary emulation failure
         self._hook_table.execute_hidden(gpa, vcpu)
         if rights & _X or self._base.get(page, 7) & _X:
