@@ -1,0 +1,731 @@
+"""The KVM exit -> VMX exit translation (`minivmm.translate`) without a VM.
+
+Every test hands `Translator.translate` a fabricated KVM exit (the typed exits of
+`minivmm.kvm`) and a frozen fake `CpuView` (registers and a sparse image of guest
+memory), then checks every field of the filled `ExitInfo` and of the returned
+`Translation` against what a VT-x processor reports (SDM vol. 3C 27.2, appendix C),
+and that neither the fake vCPU nor the exit was changed. No /dev/kvm is needed.
+
+Guest code is written as bytes: e6 80 = out %al,$0x80, ee = out %al,%dx,
+f3 6e = rep outsb, ec = in %al,%dx, e4 60 = in $0x60,%al, 66 ed = in %dx,%ax
+(32/64-bit code), cc = int3, 0f 0b = ud2, 90 = nop, f4 = hlt.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import struct
+from dataclasses import dataclass
+
+import pytest
+
+from minivmm.exits import (VM_ENTRY_FAILURE, ExitInfo, ExitReason, InterruptionInfo,
+                           InterruptionType, IoQualification, Vector)
+from minivmm.kvm import (DebugExit, ExitKind, FailEntryExit, HltExit, HypercallExit,
+                         InternalErrorExit, InternalErrorKind, IoExit, KvmError, MemoryFaultExit,
+                         MmioExit, MsrExit, ShutdownExit, SystemEventExit)
+from minivmm.modes import (EXCEPTION_PORT, HYPERCALL_PORT, KERNEL_STACK_TOP, SEL_USER_CODE64,
+                           SEL_USER_DATA, STUB_SIZE, STUBS_ADDR, Mode, StubFrame)
+from minivmm.translate import (ExceptionReport, GuestFault, IoInstruction, RestoreUserFrame,
+                               Translation, Translator, find_io_instruction, io_qualification)
+
+CODE = 0x100000          # where the fake's guest code lives (bare images load at 1 MiB)
+NOPS = b"\x90" * 16      # padding before the code: nothing here decodes as I/O
+HLTS = b"\xf4" * 16      # padding after it
+VCPU_INDEX = 3
+STUBS_END = STUBS_ADDR + 256 * STUB_SIZE
+ALL_MODES = list(Mode)
+NON_USER_MODES = [m for m in Mode if m is not Mode.USER]
+
+
+# --- the fake vCPU ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class FakeCpu:
+    """A CpuView: registers and guest memory as (base, bytes) segments. Frozen, so any
+    attempt of the translator to write a register raises; memory is immutable bytes."""
+    rip: int = CODE
+    rsp: int = KERNEL_STACK_TOP - StubFrame.SIZE
+    rax: int = 0
+    cr2: int = 0
+    bits: int = 64
+    memory: tuple[tuple[int, bytes], ...] = ()
+
+    def code_bits(self) -> int:
+        return self.bits
+
+    def _read(self, address: int, length: int) -> bytes:
+        for base, data in self.memory:
+            if base <= address < base + len(data):
+                return data[address - base: address - base + length]
+        return b""
+
+    def read_code(self, rip: int, length: int) -> bytes:
+        """Code from `rip` up to the end of its segment; empty where nothing is mapped."""
+        return self._read(rip, length)
+
+    def read_physical(self, gpa: int, length: int) -> bytes:
+        data = self._read(gpa, length)
+        if len(data) != length:
+            raise ValueError(f"fake guest memory: {length} bytes at {gpa:#x} not mapped")
+        return data
+
+
+def code_cpu(code: bytes | str, rip_offset: int = 0, *, bits: int = 64, base: int = CODE,
+             before: bytes = NOPS, after: bytes = HLTS, **regs) -> FakeCpu:
+    """A fake vCPU with `code` at `base` (padded before and after) and RIP at base+rip_offset."""
+    if isinstance(code, str):
+        code = bytes.fromhex(code)
+    segment = (base - len(before), before + code + after)
+    return FakeCpu(rip=base + rip_offset, bits=bits, memory=(segment,), **regs)
+
+
+def dirty_info() -> ExitInfo:
+    """An ExitInfo still holding a previous exit: every field must be overwritten."""
+    return ExitInfo(reason=ExitReason.EXECUTE_CPUID, entry_failure=True, qualification=0xdead,
+                    guest_physical_address=0xbeef, guest_linear_address=0xfeed,
+                    instruction_length=9, instruction_info=0x77, interruption_info=0x80000b0e,
+                    interruption_error_code=0x55, vcpu_index=VCPU_INDEX, detail="stale",
+                    data=0x1234, msr=0x10)
+
+
+def fields(info: ExitInfo) -> dict:
+    return {f.name: getattr(info, f.name) for f in dataclasses.fields(ExitInfo)}
+
+
+def expect(info: ExitInfo, ignore: tuple[str, ...] = (), **want) -> None:
+    """Every ExitInfo field is `want`'s value or the reset default; vcpu_index survives."""
+    expected = fields(ExitInfo(vcpu_index=VCPU_INDEX, **want))
+    got = fields(info)
+    for name in ignore:
+        expected.pop(name)
+        got.pop(name)
+    assert got == expected
+
+
+def translate(mode, kind, exit, cpu, **kwargs) -> tuple[Translation | None, ExitInfo]:
+    """Translate with a dirty ExitInfo; the fake vCPU and the exit must come out unchanged."""
+    cpu_before, exit_before = copy.deepcopy(cpu), copy.deepcopy(exit)
+    info = dirty_info()
+    translation = Translator(mode).translate(kind, exit, cpu, info, **kwargs)
+    assert cpu == cpu_before
+    assert exit == exit_before
+    return translation, info
+
+
+def raises_untouched(mode, kind, exit, cpu, error, match, **kwargs) -> None:
+    """translate() raises `error` and leaves the ExitInfo, vCPU and exit as they were."""
+    cpu_before, exit_before = copy.deepcopy(cpu), copy.deepcopy(exit)
+    info = dirty_info()
+    with pytest.raises(error, match=match):
+        Translator(mode).translate(kind, exit, cpu, info, **kwargs)
+    assert fields(info) == fields(dirty_info())
+    assert cpu == cpu_before
+    assert exit == exit_before
+
+
+def io_qual(port: int, size: int, is_in: bool, string: bool = False, rep: bool = False,
+            immediate: bool = False) -> int:
+    """SDM 27.2.1, "Exit Qualification for I/O Instructions", written out bit by bit:
+    2:0 size-1, 3 direction (1 = IN), 4 string, 5 REP, 6 operand encoding (0 = DX,
+    1 = immediate), 31:16 port."""
+    return ((size - 1) | is_in << 3 | string << 4 | rep << 5 | immediate << 6
+            | (port & 0xFFFF) << 16)
+
+
+def intr_info(vector: int, itype: int, error_code: bool = False) -> int:
+    """SDM "Format of the VM-Exit Interruption-Information Field": vector 7:0, type 10:8
+    (3 hardware exception, 6 software exception), error code valid 11, valid 31."""
+    return vector | itype << 8 | error_code << 11 | 1 << 31
+
+
+HW, SW, NMI = 3, 6, 2
+
+
+def io_exit(port: int, size: int, is_out: bool, count: int = 1) -> IoExit:
+    return IoExit(port=port, size=size, is_out=is_out, count=count, data_offset=0x1000)
+
+
+# --- the helpers' own encodings agree with the SDM ------------------------------------
+def test_sdm_encodings_match_the_models():
+    assert io_qual(0x80, 1, False, immediate=True) == 0x00800040
+    assert io_qual(0x3F8, 1, True) == 0x03F80008
+    assert io_qual(0x1F0, 2, True, string=True, rep=True) == 0x01F00039
+    assert IoQualification(4, True, True, True, False, 0xCFC).encode() == \
+        io_qual(0xCFC, 4, True, True, True, True)
+    assert intr_info(14, HW, True) == 0x80000B0E
+    assert intr_info(3, SW) == 0x80000603
+    assert InterruptionInfo(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION).encode() == 0x80000603
+
+
+# --- I/O instructions -------------------------------------------------------------------
+# id, code bits, code, port, size, is_out, count, string, rep, immediate
+IO_CASES = [
+    ("out-imm-al", 64, "e680", 0x80, 1, True, 1, False, False, True),
+    ("out-imm-eax", 64, "e780", 0x80, 4, True, 1, False, False, True),
+    ("out-imm-ax", 64, "66e780", 0x80, 2, True, 1, False, False, True),
+    ("out-dx-al", 64, "ee", 0x3F8, 1, True, 1, False, False, False),
+    ("out-dx-ax", 64, "66ef", 0x1CE, 2, True, 1, False, False, False),
+    ("out-dx-eax", 64, "ef", 0xCF8, 4, True, 1, False, False, False),
+    ("out-dx-port-ffff", 64, "ee", 0xFFFF, 1, True, 1, False, False, False),
+    ("out-imm-al-32bit", 32, "e680", 0x80, 1, True, 1, False, False, True),
+    ("out-dx-ax-16bit", 16, "ef", 0x1CE, 2, True, 1, False, False, False),
+    ("in-imm-al", 64, "e460", 0x60, 1, False, 1, False, False, True),
+    ("in-imm-eax-32bit", 32, "e571", 0x71, 4, False, 1, False, False, True),
+    ("in-imm-ax-16bit", 16, "e560", 0x60, 2, False, 1, False, False, True),
+    ("in-dx-al", 64, "ec", 0x3FD, 1, False, 1, False, False, False),
+    ("in-dx-ax", 64, "66ed", 0x1F0, 2, False, 1, False, False, False),
+    ("in-dx-ax-32bit", 32, "66ed", 0x1F0, 2, False, 1, False, False, False),
+    ("in-dx-eax-16bit", 16, "66ed", 0xCFC, 4, False, 1, False, False, False),
+    ("in-dx-eax", 64, "ed", 0xCFC, 4, False, 1, False, False, False),
+    ("outsb", 64, "6e", 0x3F8, 1, True, 1, True, False, False),
+    ("insw", 64, "666d", 0x1F0, 2, False, 1, True, False, False),
+    ("rep-outsb", 64, "f36e", 0x3F8, 1, True, 7, True, True, False),
+    ("rep-outsw", 64, "f3666f", 0x1CE, 2, True, 3, True, True, False),
+    ("rep-insw", 64, "66f36d", 0x1F0, 2, False, 256, True, True, False),
+    ("rep-insd-32bit", 32, "f36d", 0x1F0, 4, False, 128, True, True, False),
+    ("rep-insb-16bit", 16, "f36c", 0x60, 1, False, 2, True, True, False),
+    # the REP bit comes from the prefix: a REP string instruction with one item left
+    ("rep-outsd-count-1", 64, "f36f", 0x80, 4, True, 1, True, True, False),
+]
+
+
+@pytest.mark.parametrize("bits, code, port, size, is_out, count, string, rep, immediate",
+                         [c[1:] for c in IO_CASES], ids=[c[0] for c in IO_CASES])
+def test_io_at_rip(bits, code, port, size, is_out, count, string, rep, immediate):
+    """RIP at the instruction (VT-x hosts): qualification and length from the decoded instruction."""
+    exit = io_exit(port, size, is_out, count)
+    translation, info = translate(Mode.LONG, ExitKind.IO, exit, code_cpu(code, bits=bits),
+                                  out_data=0xA5)
+    assert translation == Translation(key=port)
+    expect(info, reason=ExitReason.IO_INSTRUCTION,
+           qualification=io_qual(port, size, not is_out, string, rep, immediate),
+           instruction_length=len(bytes.fromhex(code)), detail=exit,
+           data=0xA5 if is_out else 0)
+    assert info.io == IoQualification(size, not is_out, string, rep, not immediate, port)
+
+
+# RIP already past the instruction (the PVM host's OUT exits). Entries the translator
+# decodes wrongly carry their own xfail reason.
+_PICKS_SUFFIX = ("BUG: find_io_instruction tries RIP, RIP-1, ..., RIP-4 and takes the first IN/OUT "
+                 "that ends at RIP without checking it against the exit's size, port or count, so "
+                 "with RIP past {insn} it finds the shorter suffix {suffix} at RIP-{back} and reports "
+                 "instruction_length {got} instead of {want}{extra}; RETRY (_io_instruction_start) "
+                 "would then restart the guest in the middle of the instruction")
+
+
+def _suffix_bug(insn, suffix, back, got, want, extra=""):
+    return pytest.mark.xfail(strict=True, reason=_PICKS_SUFFIX.format(
+        insn=insn, suffix=suffix, back=back, got=got, want=want, extra=extra))
+
+
+IO_PAST_CASES = [
+    pytest.param(64, "e680", 0x80, 1, True, 1, False, False, True, id="out-imm-al"),
+    pytest.param(64, "e780", 0x80, 4, True, 1, False, False, True, id="out-imm-eax"),
+    pytest.param(64, "ee", 0x3F8, 1, True, 1, False, False, False, id="out-dx-al"),
+    pytest.param(64, "ef", 0xCF8, 4, True, 1, False, False, False, id="out-dx-eax"),
+    pytest.param(32, "e680", 0x80, 1, True, 1, False, False, True, id="out-imm-al-32bit"),
+    pytest.param(16, "e680", 0x80, 1, True, 1, False, False, True, id="out-imm-al-16bit"),
+    pytest.param(64, "6e", 0x3F8, 1, True, 1, True, False, False, id="outsb"),
+    pytest.param(64, "e460", 0x60, 1, False, 1, False, False, True, id="in-imm-al"),
+    pytest.param(64, "ec", 0x3FD, 1, False, 1, False, False, False, id="in-dx-al"),
+    pytest.param(64, "66ef", 0x1CE, 2, True, 1, False, False, False, id="out-dx-ax",
+                 marks=_suffix_bug("`out %ax,%dx` (66 ef, a 2-byte access)",
+                                   "`ef` (out %eax,%dx, a 4-byte access)", 1, 1, 2)),
+    pytest.param(64, "66e780", 0x80, 2, True, 1, False, False, True, id="out-imm-ax",
+                 marks=_suffix_bug("`out %ax,$0x80` (66 e7 80, a 2-byte access)",
+                                   "`e7 80` (out %eax,$0x80, a 4-byte access)", 2, 2, 3)),
+    pytest.param(64, "e6ef", 0xEF, 1, True, 1, False, False, True, id="out-imm-al-port-ef",
+                 marks=_suffix_bug("`out %al,$0xef` (e6 ef, a 1-byte access)",
+                                   "the port byte `ef` (out %eax,%dx, a 4-byte access)", 1, 1, 2,
+                                   " and clears qualification bit 6 (immediate operand)")),
+    pytest.param(64, "f36e", 0x3F8, 1, True, 7, True, True, False, id="rep-outsb-count-7",
+                 marks=_suffix_bug("`rep outsb` (f3 6e, 7 items: only a REP instruction moves "
+                                   "more than one)", "`outsb` (6e)", 1, 1, 2,
+                                   " and clears qualification bit 5 (REP)")),
+    pytest.param(64, "66ed", 0x1F0, 2, False, 1, False, False, False, id="in-dx-ax",
+                 marks=_suffix_bug("`in %dx,%ax` (66 ed, a 2-byte access)",
+                                   "`ed` (in %dx,%eax, a 4-byte access)", 1, 1, 2)),
+]
+
+
+@pytest.mark.parametrize("bits, code, port, size, is_out, count, string, rep, immediate",
+                         IO_PAST_CASES)
+def test_io_rip_past_instruction(bits, code, port, size, is_out, count, string, rep, immediate):
+    """Host quirk: RIP is already past the OUT; the instruction that ends at RIP is found."""
+    raw = bytes.fromhex(code)
+    exit = io_exit(port, size, is_out, count)
+    cpu = code_cpu(raw, len(raw), bits=bits)
+    translation, info = translate(Mode.LONG, ExitKind.IO, exit, cpu, out_data=0x5A)
+    assert translation == Translation(key=port)
+    expect(info, reason=ExitReason.IO_INSTRUCTION,
+           qualification=io_qual(port, size, not is_out, string, rep, immediate),
+           instruction_length=len(raw), detail=exit, data=0x5A if is_out else 0)
+    insn = Translator(Mode.LONG).io_instruction(cpu, is_out)
+    assert insn == IoInstruction(CODE, len(raw), string, rep, immediate)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: with RIP past `out %al,$0x80` (e6 80) and the next instruction another OUT "
+    "(66 e7 70 = out %ax,$0x70), find_io_instruction tries RIP first and takes the next OUT "
+    "although its port (0x70) and size (2) contradict the exit's (0x80, 1): "
+    "instruction_length 3 instead of 2, and IoInstruction.start (RETRY) at RIP instead of RIP-2"))
+def test_io_rip_past_out_followed_by_another_out():
+    exit = io_exit(0x80, 1, True)
+    cpu = code_cpu("e68066e770", 2)
+    translation, info = translate(Mode.LONG, ExitKind.IO, exit, cpu, out_data=1)
+    assert translation == Translation(key=0x80)
+    expect(info, reason=ExitReason.IO_INSTRUCTION, qualification=io_qual(0x80, 1, False, immediate=True),
+           instruction_length=2, detail=exit, data=1)
+    assert Translator(Mode.LONG).io_instruction(cpu, True).start == CODE
+
+
+def test_io_back_to_back_outs_at_rip():
+    """Two OUTs in a row with RIP at the second: the one at RIP (a VT-x host) wins."""
+    cpu = code_cpu("e680e680", 2)
+    assert Translator(Mode.LONG).io_instruction(cpu, True) == IoInstruction(CODE + 2, 2, False, False, True)
+
+
+# code the translator cannot decode: qualification from the exit alone, length 0
+UNDECODABLE = {
+    "unmapped": FakeCpu(rip=0x7000_0000),
+    "no-io-instruction": code_cpu("90909090"),
+    "other-direction": code_cpu("ec"),            # an IN where KVM reports an OUT (and vice versa)
+}
+
+
+@pytest.mark.parametrize("where", UNDECODABLE)
+@pytest.mark.parametrize("is_out", [True, False], ids=["out", "in"])
+@pytest.mark.parametrize("count", [1, 4])
+def test_io_code_not_decodable(where, is_out, count):
+    cpu = UNDECODABLE[where]
+    if where == "other-direction" and not is_out:
+        cpu = code_cpu("ee")
+    exit = io_exit(0x3F8, 2, is_out, count)
+    translation, info = translate(Mode.LONG, ExitKind.IO, exit, cpu, out_data=0x77)
+    assert translation == Translation(key=0x3F8)
+    # only a multi-item access is known to be a REP string instruction; operand "DX"
+    expect(info, reason=ExitReason.IO_INSTRUCTION,
+           qualification=io_qual(0x3F8, 2, not is_out, count > 1, count > 1),
+           instruction_length=0, detail=exit, data=0x77 if is_out else 0)
+
+
+_WINDOW_BUG = ("BUG: Translator.io_instruction reads one window [RIP-4, RIP+16) and gives up "
+               "unless RIP-4..RIP are all readable: {what} (qualification from the count alone, "
+               "bit 6 clear, instruction_length 0)")
+
+
+@pytest.mark.parametrize("code, rip_offset, before, after, port, is_out", [
+    pytest.param("e680", 2, NOPS, b"", 0x80, True, id="out-ends-at-last-mapped-byte",
+                 marks=pytest.mark.xfail(strict=True, reason=_WINDOW_BUG.format(
+                     what="an `out %al,$0x80` that ends at the last mapped byte, reported with "
+                          "RIP past it, is not found although it needs no byte at RIP"))),
+    pytest.param("e460", 0, b"", HLTS, 0x60, False, id="in-at-first-mapped-byte",
+                 marks=pytest.mark.xfail(strict=True, reason=_WINDOW_BUG.format(
+                     what="an `in $0x60,%al` at the first mapped byte (nothing mapped below, so "
+                          "the read at RIP-4 comes back empty) is not found although it lies "
+                          "wholly in mapped code"))),
+])
+def test_io_at_mapping_edge(code, rip_offset, before, after, port, is_out):
+    exit = io_exit(port, 1, is_out)
+    cpu = code_cpu(code, rip_offset, before=before, after=after)
+    translation, info = translate(Mode.LONG, ExitKind.IO, exit, cpu)
+    assert translation == Translation(key=port)
+    expect(info, reason=ExitReason.IO_INSTRUCTION,
+           qualification=io_qual(port, 1, not is_out, immediate=True),
+           instruction_length=2, detail=exit)
+
+
+def test_io_near_address_zero():
+    """RIP below 4: the window starts at 0."""
+    exit = io_exit(0x80, 1, True)
+    cpu = code_cpu("e680", 2, base=0, before=b"", bits=16)
+    translation, info = translate(Mode.REAL, ExitKind.IO, exit, cpu)
+    assert translation == Translation(key=0x80)
+    assert (info.instruction_length, info.qualification) == (2, io_qual(0x80, 1, False, immediate=True))
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_io_same_in_every_mode(mode):
+    exit = io_exit(0x3F8, 1, True)
+    translation, info = translate(mode, ExitKind.IO, exit, code_cpu("ee"), out_data=ord("A"))
+    assert translation == Translation(key=0x3F8)
+    expect(info, reason=ExitReason.IO_INSTRUCTION, qualification=io_qual(0x3F8, 1, False),
+           instruction_length=1, detail=exit, data=ord("A"))
+
+
+def test_find_io_instruction_and_io_qualification_directly():
+    window = NOPS[:4] + bytes.fromhex("e680") + HLTS
+    start = CODE - 4
+    out = IoInstruction(CODE, 2, False, False, True)
+    assert find_io_instruction(window, start, CODE, 64, True) == out
+    assert find_io_instruction(window, start, CODE + 2, 64, True) == out     # RIP past it
+    assert find_io_instruction(window, start, CODE, 64, False) is None
+    rep = NOPS[:4] + bytes.fromhex("f36c") + HLTS
+    assert find_io_instruction(rep, start, CODE, 64, False) == IoInstruction(CODE, 2, True, True, False)
+    assert find_io_instruction(NOPS, CODE - 8, CODE, 64, True) is None
+    insn = IoInstruction(CODE, 2, False, False, True)
+    assert io_qualification(0x60, 1, False, 1, insn) == io_qual(0x60, 1, True, immediate=True)
+    assert io_qualification(0x60, 4, True, 1) == io_qual(0x60, 4, False)
+    assert io_qualification(0x60, 2, False, 9) == io_qual(0x60, 2, True, True, True)
+    with pytest.raises(ValueError):
+        io_qualification(0x60, 3, True, 1)
+
+
+# --- the hypercall port -----------------------------------------------------------------
+@pytest.mark.parametrize("mode", ALL_MODES)
+@pytest.mark.parametrize("code, rip_offset, length", [
+    ("e6f5", 0, 2), ("e6f5", 2, 2), ("ee", 0, 1), ("ee", 1, 1),
+    pytest.param(None, 0, 0, id="unreadable"),
+])
+def test_hypercall(mode, code, rip_offset, length):
+    cpu = code_cpu(code, rip_offset, rax=0x1_0000_0042) if code else FakeCpu(rip=0x7000_0000,
+                                                                          rax=0x1_0000_0042)
+    if mode is Mode.REAL and code:
+        cpu = code_cpu(code, rip_offset, rax=0x1_0000_0042, bits=16, base=0x7C00)
+    exit = io_exit(HYPERCALL_PORT, 1, True)
+    translation, info = translate(mode, ExitKind.IO, exit, cpu, out_data=0x42)
+    assert translation == Translation(key=0x1_0000_0042)       # the hypercall number: RAX
+    expect(info, reason=ExitReason.EXECUTE_VMCALL, instruction_length=length, detail=exit)
+
+
+def test_in_from_hypercall_port_is_plain_io():
+    exit = io_exit(HYPERCALL_PORT, 1, False)
+    translation, info = translate(Mode.LONG, ExitKind.IO, exit, code_cpu("e4f5", rax=7))
+    assert translation == Translation(key=HYPERCALL_PORT)
+    expect(info, reason=ExitReason.IO_INSTRUCTION,
+           qualification=io_qual(HYPERCALL_PORT, 1, True, immediate=True),
+           instruction_length=2, detail=exit)
+
+
+# --- user-mode exception stubs ----------------------------------------------------------
+USER_RIP, USER_RSP, USER_RFLAGS = 0x100040, 0x7FF0, 0x3206
+
+
+def stub_cpu(vector: int, error_code: int = 0, *, rip: int = USER_RIP, cr2: int = 0,
+             at: int | None = None, rsp: int = KERNEL_STACK_TOP - StubFrame.SIZE) -> FakeCpu:
+    """The vCPU as the built-in kernel's stub for `vector` leaves it at its OUT (RIP past
+    it, as the host reports): kernel stack holding vector, error code, iret frame."""
+    frame = struct.pack("<7Q", vector, error_code, rip, SEL_USER_CODE64, USER_RFLAGS, USER_RSP,
+                        SEL_USER_DATA)
+    stub_rip = STUBS_ADDR + vector * STUB_SIZE + 9 if at is None else at
+    return FakeCpu(rip=stub_rip, rsp=rsp, rax=0x1234, cr2=cr2,
+                   memory=((rsp, frame), (CODE, HLTS)))
+
+
+# vector, error code pushed, interruption type, error code valid, report rip offset, length
+USER_EXCEPTIONS = [
+    ("DE", Vector.DE, 0, HW, False, 0, 0),
+    ("DB", Vector.DB, 0, HW, False, 0, 0),
+    ("BP", Vector.BP, 0, SW, False, -1, 1),     # trap: reported at the int3, length 1
+    ("OF", Vector.OF, 0, SW, False, -1, 1),     # trap: reported at the into, length 1
+    ("UD", Vector.UD, 0, HW, False, 0, 0),
+    ("DF", Vector.DF, 0, HW, True, 0, 0),       # error code 0, but valid
+    ("GP", Vector.GP, 0x18, HW, True, 0, 0),
+    ("SS", Vector.SS, 0, HW, True, 0, 0),
+    ("AC", Vector.AC, 0, HW, True, 0, 0),
+    ("XM", Vector.XM, 0, HW, False, 0, 0),
+    ("PF", Vector.PF, 0x7, HW, True, 0, 0),
+]
+
+
+# while stepping only #DB changes (to MTF: test_user_db_while_stepping)
+@pytest.mark.parametrize("vector, error_code, itype, has_error, back, length, stepping", [
+    pytest.param(*c[1:], stepping, id=c[0] + ("-stepping" if stepping else ""))
+    for stepping in (False, True) for c in USER_EXCEPTIONS if not (stepping and c[1] == Vector.DB)])
+def test_user_exception(vector, error_code, itype, has_error, back, length, stepping):
+    cr2 = 0xDEAD_B000
+    exit = io_exit(EXCEPTION_PORT, 1, True)
+    translation, info = translate(Mode.USER, ExitKind.IO, exit,
+                                  stub_cpu(vector, error_code, cr2=cr2), stepping=stepping)
+    rip = USER_RIP + back
+    report = ExceptionReport(vector, error_code if has_error else None,
+                             cr2 if vector == Vector.PF else None, rip)
+    assert translation == Translation(key=int(vector),
+                                      restore=RestoreUserFrame(rip, USER_RSP, USER_RFLAGS),
+                                      step=False, exception=report)
+    expect(info, ignore=("qualification",) if vector == Vector.PF else (),
+           reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype, has_error),
+           interruption_error_code=error_code if has_error else 0, instruction_length=length,
+           detail=exit)
+    assert info.interruption == InterruptionInfo(vector, InterruptionType(itype), has_error)
+
+
+def test_user_exception_without_error_code_ignores_the_pushed_zero_slot():
+    """Stubs of vectors without an error code push their own 0; whatever is in the slot is
+    not an error code."""
+    translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
+                                  stub_cpu(Vector.UD, 0x99))
+    assert translation.exception == ExceptionReport(Vector.UD, None, None, USER_RIP)
+    assert (info.interruption_info, info.interruption_error_code) == (intr_info(6, HW), 0)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: SDM 27.2.1: for a page-fault exception exit the exit qualification contains the "
+    "faulting linear address; Translator._user_exception leaves the qualification 0 (CR2 only "
+    "reaches the ExceptionReport)"))
+def test_user_page_fault_qualification_is_the_linear_address():
+    translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
+                                  stub_cpu(Vector.PF, 0x6, cr2=0xDEAD_B008))
+    assert info.qualification == 0xDEAD_B008
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a vector-2 stub report in user mode is an NMI (the IDT gate of vector 2 has DPL 0, so "
+    "`int $2` from CPL 3 would be a #GP); SDM \"Format of the VM-Exit Interruption-Information "
+    "Field\": NMI is interruption type 2, but _user_exception reports type 3 (hardware exception)"))
+def test_user_nmi_is_interruption_type_nmi():
+    translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
+                                  stub_cpu(Vector.NMI))
+    assert info.interruption_info == intr_info(2, NMI)
+
+
+def test_user_db_while_stepping_is_mtf():
+    exit = io_exit(EXCEPTION_PORT, 1, True)
+    translation, info = translate(Mode.USER, ExitKind.IO, exit, stub_cpu(Vector.DB), stepping=True)
+    assert translation == Translation(key=None, restore=RestoreUserFrame(USER_RIP, USER_RSP, USER_RFLAGS),
+                                      step=True, exception=None)
+    expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+
+
+def test_user_exception_frame_is_read_at_rsp():
+    """The frame comes from guest memory at RSP (wherever the kernel stack pointer is)."""
+    cpu = stub_cpu(Vector.GP, 0x10, rip=0x200123, rsp=0xE800)
+    translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True), cpu)
+    assert translation.restore == RestoreUserFrame(0x200123, USER_RSP, USER_RFLAGS)
+    assert translation.exception == ExceptionReport(Vector.GP, 0x10, None, 0x200123)
+
+
+@pytest.mark.parametrize("at", [STUBS_ADDR, STUBS_ADDR + 9, STUBS_END - 1],
+                         ids=["first-byte", "vector-0-out", "last-byte"])
+def test_user_stub_area_bounds_inside(at):
+    translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
+                                  stub_cpu(Vector.UD, at=at))
+    assert info.reason == ExitReason.EXCEPTION_OR_NMI
+    assert translation.key == Vector.UD
+
+
+PLAIN_EXCEPTION_PORT = [(Mode.USER, STUBS_ADDR - 1), (Mode.USER, STUBS_END), (Mode.USER, CODE)] + \
+    [(mode, STUBS_ADDR + 9) for mode in NON_USER_MODES]
+
+
+@pytest.mark.parametrize("mode, at", PLAIN_EXCEPTION_PORT,
+                         ids=[f"{m.value}-{a:#x}" for m, a in PLAIN_EXCEPTION_PORT])
+def test_exception_port_outside_stubs_is_plain_io(mode, at):
+    """EXCEPTION_PORT is an ordinary port outside the stub area and in the other modes."""
+    cpu = stub_cpu(Vector.PF, 0x6, at=at)
+    cpu = dataclasses.replace(cpu, memory=((at - 16, NOPS[:14] + b"\xe6\xf6" + HLTS),) + cpu.memory)
+    exit = io_exit(EXCEPTION_PORT, 1, True)
+    translation, info = translate(mode, ExitKind.IO, exit, cpu, out_data=0xE)
+    assert translation == Translation(key=EXCEPTION_PORT)
+    expect(info, reason=ExitReason.IO_INSTRUCTION,
+           qualification=io_qual(EXCEPTION_PORT, 1, False, immediate=True),
+           instruction_length=2, detail=exit, data=0xE)
+
+
+# --- HLT, shutdown, system event, MMIO, entry failure, MSRs, INTR -----------------------
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_hlt(mode):
+    exit = HltExit()
+    translation, info = translate(mode, ExitKind.HLT, exit, code_cpu("f4"))
+    assert translation == Translation()
+    expect(info, reason=ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit)
+
+
+@pytest.mark.parametrize("kind, exit", [
+    (ExitKind.SHUTDOWN, ShutdownExit()),
+    (ExitKind.SYSTEM_EVENT, SystemEventExit(1, (0,))),       # KVM_SYSTEM_EVENT_SHUTDOWN
+    (ExitKind.SYSTEM_EVENT, SystemEventExit(2, ())),         # KVM_SYSTEM_EVENT_RESET
+    (ExitKind.SYSTEM_EVENT, SystemEventExit(3, (7, 8))),     # KVM_SYSTEM_EVENT_CRASH
+], ids=["shutdown", "event-shutdown", "event-reset", "event-crash"])
+def test_triple_fault(kind, exit):
+    translation, info = translate(Mode.LONG, kind, exit, code_cpu("f4"))
+    assert translation == Translation()
+    expect(info, reason=ExitReason.TRIPLE_FAULT, detail=exit)
+
+
+@pytest.mark.parametrize("exit", [
+    MmioExit(0xFEE0_0030, 4, False, b"\0\0\0\0"),
+    MmioExit(0xC000_0000, 8, True, bytes(range(8))),
+    MmioExit(0x1_0000_0000, 1, True, b"\x5a"),
+], ids=["read", "write", "above-4g"])
+def test_mmio_is_ept_misconfiguration(exit):
+    translation, info = translate(Mode.LONG, ExitKind.MMIO, exit, code_cpu("8b00"))
+    assert translation == Translation(key=exit.phys_addr)
+    expect(info, reason=ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
+           detail=exit)
+
+
+@pytest.mark.parametrize("hardware_reason", [0x8000_0021, 0x21])
+def test_fail_entry_is_invalid_guest_state(hardware_reason):
+    exit = FailEntryExit(hardware_reason, 1)
+    translation, info = translate(Mode.LONG, ExitKind.FAIL_ENTRY, exit, code_cpu("90"))
+    assert translation == Translation()
+    # the qualification carries KVM's hardware reason (what stop_on_invalid_guest_state shows)
+    expect(info, reason=ExitReason.INVALID_GUEST_STATE, qualification=hardware_reason,
+           entry_failure=True, detail=exit)
+    assert info.full_reason == VM_ENTRY_FAILURE | 33 == 0x8000_0021
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: KVM's fail_entry.hardware_entry_failure_reason is the full VMX exit reason; 0x80000022 "
+    "is a VM-entry failure due to MSR loading (SDM appendix C: basic reason 34, MSR_LOADING), "
+    "but the translator reports every FAIL_ENTRY as INVALID_GUEST_STATE (33)"))
+def test_fail_entry_msr_loading():
+    translation, info = translate(Mode.LONG, ExitKind.FAIL_ENTRY, FailEntryExit(0x8000_0022, 0),
+                                  code_cpu("90"))
+    assert info.full_reason == 0x8000_0022
+
+
+@pytest.mark.parametrize("kind, exit, reason, data", [
+    (ExitKind.X86_RDMSR, MsrExit(False, 0xC000_0080, 0x5555, 2), ExitReason.EXECUTE_RDMSR, 0),
+    (ExitKind.X86_RDMSR, MsrExit(False, 0x10, 0, 1), ExitReason.EXECUTE_RDMSR, 0),
+    (ExitKind.X86_WRMSR, MsrExit(True, 0x1B, 0xFEE0_0900, 2), ExitReason.EXECUTE_WRMSR, 0xFEE0_0900),
+    (ExitKind.X86_WRMSR, MsrExit(True, 0xC000_0100, 1 << 63 | 0x1234, 4), ExitReason.EXECUTE_WRMSR,
+     1 << 63 | 0x1234),
+], ids=["rdmsr-efer", "rdmsr-tsc", "wrmsr-apic-base", "wrmsr-fs-base-64bit"])
+def test_msr(kind, exit, reason, data):
+    translation, info = translate(Mode.LONG, kind, exit, code_cpu("0f32" if data == 0 else "0f30"))
+    assert translation == Translation(key=exit.index)
+    expect(info, reason=reason, instruction_length=2, msr=exit.index, data=data, detail=exit)
+
+
+def test_intr_with_deadline_is_preemption_timer():
+    translation, info = translate(Mode.LONG, ExitKind.INTR, None, code_cpu("90"), deadline_expired=True)
+    assert translation == Translation()
+    expect(info, reason=ExitReason.VMX_PREEMPTION_TIMER_EXPIRED)
+
+
+@pytest.mark.parametrize("stepping", [False, True])
+def test_intr_without_deadline_is_no_exit(stepping):
+    cpu = code_cpu("90")
+    cpu_before = copy.deepcopy(cpu)
+    info = dirty_info()
+    assert Translator(Mode.LONG).translate(ExitKind.INTR, None, cpu, info, stepping=stepping) is None
+    assert fields(info) == fields(dirty_info())
+    assert cpu == cpu_before
+
+
+# --- KVM guest debug --------------------------------------------------------------------
+DR6_B0 = 0xFFFF_0FF1        # DR6 with B0 set (bit 16, RTM, reads 1 outside RTM regions)
+DR6_BS = 0xFFFF_4FF0        # DR6 with BS (single step) set
+
+
+@pytest.mark.parametrize("mode", ALL_MODES)
+def test_debug_db_while_stepping_is_mtf(mode):
+    exit = DebugExit(Vector.DB, CODE + 1, DR6_BS, 0x400)
+    translation, info = translate(mode, ExitKind.DEBUG, exit, code_cpu("90", 1), stepping=True)
+    assert translation == Translation(key=None, restore=None, step=True, exception=None)
+    expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+
+
+@pytest.mark.parametrize("vector, itype, stepping", [
+    (Vector.DB, HW, False),
+    (Vector.BP, SW, False),
+    (Vector.BP, SW, True),        # a breakpoint while stepping is still a breakpoint
+], ids=["db", "bp", "bp-stepping"])
+def test_debug_exception(vector, itype, stepping):
+    exit = DebugExit(vector, CODE, DR6_B0 if vector == Vector.DB else 0xFFFF_0FF0, 0x401)
+    translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("cc"), stepping=stepping)
+    assert translation == Translation(key=int(vector), restore=None, step=False,
+                                      exception=ExceptionReport(vector, None, None, CODE))
+    expect(info, ignore=("qualification", "instruction_length"),
+           reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype), detail=exit)
+    assert info.interruption == InterruptionInfo(vector, InterruptionType(itype))
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: SDM 27.2.1 table \"Exit Qualification for Debug Exceptions\": a #DB exception exit "
+    "reports B0-B3 (bits 3:0), BD (13) and BS (14) in the exit qualification; the DEBUG "
+    "translation leaves it 0 although DebugExit.dr6 has them (here B0 -> qualification 0x1)"))
+def test_debug_db_qualification_from_dr6():
+    exit = DebugExit(Vector.DB, CODE, DR6_B0, 0x401)
+    translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("90"))
+    assert info.qualification == 0x1
+
+
+def test_debug_db_exception_has_no_instruction_length():
+    exit = DebugExit(Vector.DB, CODE, DR6_B0, 0x401)
+    translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("90"))
+    assert info.instruction_length == 0
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "BUG: a #BP from KVM guest debug (pc at the int3) is a software exception, for which the SDM "
+    "(27.2.5, VM-exit instruction length) saves the length of the int3, 1; the DEBUG translation "
+    "reports 0 (the INTERNAL_ERROR and user-stub #BP paths report 1), so a handler's "
+    "Resume(advance) leaves RIP at the int3 and re-executes it"))
+def test_debug_bp_instruction_length():
+    exit = DebugExit(Vector.BP, CODE, 0xFFFF_0FF0, 0x400)
+    translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("cc"))
+    assert info.instruction_length == 1
+
+
+# --- internal errors --------------------------------------------------------------------
+def emulation_failure(code: bytes | str, flags: int = 1,
+                      suberror: int = InternalErrorKind.EMULATION) -> InternalErrorExit:
+    """KVM_INTERNAL_ERROR_EMULATION with the instruction bytes (flag bit 0 of data[0]):
+    data[1..2] hold the length byte, then up to 15 bytes."""
+    if isinstance(code, str):
+        code = bytes.fromhex(code)
+    raw = (bytes([len(code)]) + code).ljust(16, b"\0")
+    return InternalErrorExit(suberror, (flags, int.from_bytes(raw[:8], "little"),
+                                        int.from_bytes(raw[8:], "little")))
+
+
+@pytest.mark.parametrize("code", ["cc", "cc90", "cc0f0b909090909090909090909090"],
+                         ids=["int3", "int3-nop", "int3-15-bytes"])
+@pytest.mark.parametrize("mode", [Mode.REAL, Mode.PROTECTED, Mode.LONG])
+def test_emulation_failure_int3_is_breakpoint(code, mode):
+    exit = emulation_failure(code)
+    bits = {Mode.REAL: 16, Mode.PROTECTED: 32, Mode.LONG: 64}[mode]
+    cpu = code_cpu(code[:2], bits=bits, base=0x7C00 if mode is Mode.REAL else CODE)
+    translation, info = translate(mode, ExitKind.INTERNAL_ERROR, exit, cpu)
+    assert translation == Translation(key=int(Vector.BP), restore=None, step=False,
+                                      exception=ExceptionReport(Vector.BP, None, None, cpu.rip))
+    expect(info, reason=ExitReason.EXCEPTION_OR_NMI, instruction_length=1,
+           interruption_info=intr_info(3, SW), detail=exit)
+
+
+@pytest.mark.parametrize("exit, bits, words", [
+    (emulation_failure("0f0b"), 64, ["0f 0b", "ud2"]),
+    (emulation_failure("0f01c1"), 64, ["0f 01 c1", "vmcall"]),
+    (emulation_failure("66ed"), 32, ["66 ed", "in ax, dx"]),
+    (emulation_failure("66ed"), 16, ["66 ed", "in eax, dx"]),
+    (emulation_failure("90cc"), 64, ["90 cc", "nop", "EMULATION"]),     # int3 not first
+    (emulation_failure("cc", flags=0), 64, ["no instruction bytes reported", "EMULATION"]),
+    (emulation_failure(""), 64, ["no instruction bytes reported"]),
+    (InternalErrorExit(InternalErrorKind.DELIVERY_EV, (0x80000b0e, 0, 0)), 64,
+     ["no instruction bytes reported", "DELIVERY_EV"]),
+    (emulation_failure("cc", suberror=InternalErrorKind.SIMUL_EX), 64, ["SIMUL_EX"]),
+    (InternalErrorExit(99, ()), 64, ["suberror 99"]),
+], ids=["ud2", "vmcall", "in-ax-32bit", "in-eax-16bit", "int3-second", "no-bytes-flag",
+        "empty", "delivery-ev", "simul-ex", "unknown-suberror"])
+def test_internal_error_is_guest_fault(exit, bits, words):
+    cpu = code_cpu("90", bits=bits, base=0x10_2030)
+    cpu_before, exit_before = copy.deepcopy(cpu), copy.deepcopy(exit)
+    info = dirty_info()
+    with pytest.raises(GuestFault) as caught:
+        Translator(Mode.LONG).translate(ExitKind.INTERNAL_ERROR, exit, cpu, info)
+    message = str(caught.value)
+    assert "rip=0x102030" in message
+    for word in words:
+        assert word in message
+    assert fields(info) == fields(dirty_info())
+    assert (cpu, exit) == (cpu_before, exit_before)
+
+
+def test_guest_fault_is_a_minivmm_error():
+    from minivmm.errors import MinivmmError
+    assert issubclass(GuestFault, MinivmmError) and issubclass(GuestFault, RuntimeError)
+
+
+# --- exits minivmm does not translate ---------------------------------------------------
+@pytest.mark.parametrize("kind, exit, name", [
+    (ExitKind.HYPERCALL, HypercallExit(0, (1, 2)), "HYPERCALL"),
+    (ExitKind.MEMORY_FAULT, MemoryFaultExit(0, 0x1000, 0x1000), "MEMORY_FAULT"),
+    (ExitKind.UNKNOWN, None, "UNKNOWN"),
+    (ExitKind.IRQ_WINDOW_OPEN, None, "IRQ_WINDOW_OPEN"),
+    (1234, None, "1234"),
+], ids=["hypercall", "memory-fault", "unknown", "irq-window", "not-a-kind"])
+def test_unexpected_exit_kind_is_kvm_error(kind, exit, name):
+    raises_untouched(Mode.LONG, kind, exit, code_cpu("90"), KvmError, f"unexpected KVM exit {name}\\b")
