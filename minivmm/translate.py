@@ -26,8 +26,8 @@ from typing import Protocol
 
 from .disasm import disassemble_one
 from .errors import MinivmmError
-from .exits import (EXCEPTIONS_WITH_ERROR_CODE, ExitInfo, ExitReason, InterruptionInfo,
-                    InterruptionType, IoQualification, Vector, vector_name)
+from .exits import (EXCEPTIONS_WITH_ERROR_CODE, VM_ENTRY_FAILURE, ExitInfo, ExitReason,
+                    InterruptionInfo, InterruptionType, IoQualification, Vector, vector_name)
 from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, InternalErrorKind, IoExit,
                   KvmError, MmioExit, MsrExit)
 from .modes import EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, Mode, StubFrame, decode_stub_frame
@@ -115,6 +115,9 @@ class Translation:
     exception: ExceptionReport | None = None
 
 
+_ENTRY_FAILURES = {int(r): r for r in (ExitReason.INVALID_GUEST_STATE, ExitReason.MSR_LOADING,
+                                        ExitReason.MACHINE_CHECK)}
+_DR6_QUALIFICATION = 0xF | 1 << 13 | 1 << 14          # B0-B3, BD, BS
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3})
 # opcode -> (is_out, string, immediate operand); SDM vol. 2 IN, INS, OUT, OUTS
 _IO_OPCODES = {0xE4: (False, False, True), 0xE5: (False, False, True),
@@ -152,11 +155,14 @@ def decode_io(code: bytes, bits: int) -> tuple[int, bool, bool, bool, bool, int]
 
 
 def find_io_instruction(window: bytes, window_start: int, rip: int, bits: int, is_out: bool,
-                        size: int | None = None) -> IoInstruction | None:
-    """The I/O instruction of an exit at `rip`: the one that starts at `rip`, else the shortest
-    one that ends there (hosts that report an I/O exit with RIP past the instruction), of the
-    exit's direction and, when given, operand `size`. `window` is guest code from
-    `window_start`, covering rip-4 .. rip+15."""
+                        size: int | None = None, port: int | None = None,
+                        count: int = 1) -> IoInstruction | None:
+    """The I/O instruction of an exit at `rip`: the one that starts at `rip`, else the one that
+    ends there (hosts that report an I/O exit with RIP past the instruction), counting the
+    prefixes before it. Only instructions that agree with the exit count: its direction and,
+    when given, its operand `size`, the `port` of an immediate operand, and a REP string
+    instruction for `count` > 1. `window` is guest code from `window_start`."""
+    at = ending = None
     for start in (rip, rip - 1, rip - 2, rip - 3, rip - 4):
         offset = start - window_start
         if offset < 0 or offset >= len(window):
@@ -165,10 +171,16 @@ def find_io_instruction(window: bytes, window_start: int, rip: int, bits: int, i
         if decoded is None:
             continue
         length, out, string, rep, immediate, operand_size = decoded
-        if out == is_out and (size is None or size == operand_size) and \
-                (start == rip or start + length == rip):
-            return IoInstruction(start, length, string, rep, immediate)
-    return None
+        if out != is_out or (size is not None and size != operand_size) or (count > 1 and not rep):
+            continue
+        if immediate and port is not None and window[offset + length - 1] != port:
+            continue
+        insn = IoInstruction(start, length, string, rep, immediate)
+        if start == rip:
+            at = insn
+        elif start + length == rip:
+            ending = insn                   # the longest one: its prefixes included
+    return at or ending
 
 
 def io_qualification(port: int, size: int, is_out: bool, count: int,
@@ -190,11 +202,13 @@ class Translator:
         """The instruction of the I/O exit `exit` in the guest's code (None where the code
         cannot be read or decoded)."""
         rip = cpu.rip
-        start = max(rip - 4, 0)
-        window = cpu.read_code(start, rip - start + 16)
-        if len(window) < rip - start + 1:
+        low = max(rip - 4, 0)
+        before = cpu.read_code(low, rip - low) if rip > low else b""
+        after = cpu.read_code(rip, 15) or cpu.read_code(rip, min(15, 0x1000 - (rip & 0xFFF)))
+        if not before and not after:
             return None
-        return find_io_instruction(window, start, rip, cpu.code_bits(), exit.is_out, exit.size)
+        return find_io_instruction(before + after, rip - len(before), rip, cpu.code_bits(),
+                                   exit.is_out, exit.size, exit.port, exit.count)
 
     def translate(self, kind: int, exit: object, cpu: CpuView, info: ExitInfo, *,
                   stepping: bool = False, deadline_expired: bool = False,
@@ -222,8 +236,10 @@ class Translator:
             return Translation(exit.phys_addr)
         if kind == ExitKind.FAIL_ENTRY:
             assert isinstance(exit, FailEntryExit)
-            info.reset(ExitReason.INVALID_GUEST_STATE, exit.hardware_entry_failure_reason,
-                       entry_failure=True, detail=exit)
+            hardware = exit.hardware_entry_failure_reason
+            reason = _ENTRY_FAILURES.get(hardware & 0xFFFF, ExitReason.INVALID_GUEST_STATE) \
+                if hardware & VM_ENTRY_FAILURE else ExitReason.INVALID_GUEST_STATE
+            info.reset(reason, hardware, entry_failure=True, detail=exit)
             return Translation()
         if kind == ExitKind.INTERNAL_ERROR:
             return self._internal_error(exit, cpu, info)
@@ -242,7 +258,10 @@ class Translator:
             software = vector == Vector.BP
             itype = InterruptionType.SOFTWARE_EXCEPTION if software else \
                 InterruptionType.HARDWARE_EXCEPTION
-            info.reset(ExitReason.EXCEPTION_OR_NMI, detail=exit,
+            # SDM 27.2.1: a #DB exit's qualification holds DR6's B0-B3, BD and BS bits
+            qualification = exit.dr6 & _DR6_QUALIFICATION if vector == Vector.DB else 0
+            info.reset(ExitReason.EXCEPTION_OR_NMI, qualification, detail=exit,
+                       instruction_length=int(software),
                        interruption_info=InterruptionInfo(vector, itype).encode())
             return Translation(vector, exception=ExceptionReport(vector, None, None, exit.pc))
         name = ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind
@@ -276,13 +295,14 @@ class Translator:
         has_error = vector in EXCEPTIONS_WITH_ERROR_CODE
         error_code = frame.error_code if has_error else None
         cr2 = cpu.cr2 if vector == Vector.PF else None
-        itype = InterruptionType.HARDWARE_EXCEPTION
+        itype = InterruptionType.NMI if vector == Vector.NMI else InterruptionType.HARDWARE_EXCEPTION
         length = 0
         if vector in (Vector.BP, Vector.OF):
             itype = InterruptionType.SOFTWARE_EXCEPTION
             rip -= 1           # int3 / into are traps: report the instruction itself
             length = 1
-        info.reset(ExitReason.EXCEPTION_OR_NMI,
+        # SDM 27.2.1: a #PF exit's qualification is the faulting linear address
+        info.reset(ExitReason.EXCEPTION_OR_NMI, cr2 or 0,
                    interruption_info=InterruptionInfo(vector, itype, has_error).encode(),
                    interruption_error_code=error_code or 0, instruction_length=length, detail=exit)
         return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags),

@@ -204,20 +204,7 @@ def test_io_at_rip(bits, code, port, size, is_out, count, string, rep, immediate
     assert info.io == IoQualification(size, not is_out, string, rep, not immediate, port)
 
 
-# RIP already past the instruction (the PVM host's OUT exits). Entries the translator
-# decodes wrongly carry their own xfail reason.
-_PICKS_SUFFIX = ("BUG: find_io_instruction tries RIP, RIP-1, ..., RIP-4 and takes the first IN/OUT "
-                 "that ends at RIP without checking it against the exit's size, port or count, so "
-                 "with RIP past {insn} it finds the shorter suffix {suffix} at RIP-{back} and reports "
-                 "instruction_length {got} instead of {want}{extra}; RETRY (_io_instruction_start) "
-                 "would then restart the guest in the middle of the instruction")
-
-
-def _suffix_bug(insn, suffix, back, got, want, extra=""):
-    return pytest.mark.xfail(strict=True, reason=_PICKS_SUFFIX.format(
-        insn=insn, suffix=suffix, back=back, got=got, want=want, extra=extra))
-
-
+# RIP already past the instruction (the PVM host's OUT exits).
 IO_PAST_CASES = [
     pytest.param(64, "e680", 0x80, 1, True, 1, False, False, True, id="out-imm-al"),
     pytest.param(64, "e780", 0x80, 4, True, 1, False, False, True, id="out-imm-eax"),
@@ -228,23 +215,11 @@ IO_PAST_CASES = [
     pytest.param(64, "6e", 0x3F8, 1, True, 1, True, False, False, id="outsb"),
     pytest.param(64, "e460", 0x60, 1, False, 1, False, False, True, id="in-imm-al"),
     pytest.param(64, "ec", 0x3FD, 1, False, 1, False, False, False, id="in-dx-al"),
-    pytest.param(64, "66ef", 0x1CE, 2, True, 1, False, False, False, id="out-dx-ax",
-                 marks=_suffix_bug("`out %ax,%dx` (66 ef, a 2-byte access)",
-                                   "`ef` (out %eax,%dx, a 4-byte access)", 1, 1, 2)),
-    pytest.param(64, "66e780", 0x80, 2, True, 1, False, False, True, id="out-imm-ax",
-                 marks=_suffix_bug("`out %ax,$0x80` (66 e7 80, a 2-byte access)",
-                                   "`e7 80` (out %eax,$0x80, a 4-byte access)", 2, 2, 3)),
-    pytest.param(64, "e6ef", 0xEF, 1, True, 1, False, False, True, id="out-imm-al-port-ef",
-                 marks=_suffix_bug("`out %al,$0xef` (e6 ef, a 1-byte access)",
-                                   "the port byte `ef` (out %eax,%dx, a 4-byte access)", 1, 1, 2,
-                                   " and clears qualification bit 6 (immediate operand)")),
-    pytest.param(64, "f36e", 0x3F8, 1, True, 7, True, True, False, id="rep-outsb-count-7",
-                 marks=_suffix_bug("`rep outsb` (f3 6e, 7 items: only a REP instruction moves "
-                                   "more than one)", "`outsb` (6e)", 1, 1, 2,
-                                   " and clears qualification bit 5 (REP)")),
-    pytest.param(64, "66ed", 0x1F0, 2, False, 1, False, False, False, id="in-dx-ax",
-                 marks=_suffix_bug("`in %dx,%ax` (66 ed, a 2-byte access)",
-                                   "`ed` (in %dx,%eax, a 4-byte access)", 1, 1, 2)),
+    pytest.param(64, "66ef", 0x1CE, 2, True, 1, False, False, False, id="out-dx-ax"),
+    pytest.param(64, "66e780", 0x80, 2, True, 1, False, False, True, id="out-imm-ax"),
+    pytest.param(64, "e6ef", 0xEF, 1, True, 1, False, False, True, id="out-imm-al-port-ef"),
+    pytest.param(64, "f36e", 0x3F8, 1, True, 7, True, True, False, id="rep-outsb-count-7"),
+    pytest.param(64, "66ed", 0x1F0, 2, False, 1, False, False, False, id="in-dx-ax"),
 ]
 
 
@@ -260,15 +235,10 @@ def test_io_rip_past_instruction(bits, code, port, size, is_out, count, string, 
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(port, size, not is_out, string, rep, immediate),
            instruction_length=len(raw), detail=exit, data=0x5A if is_out else 0)
-    insn = Translator(Mode.LONG).io_instruction(cpu, is_out)
+    insn = Translator(Mode.LONG).io_instruction(cpu, exit)
     assert insn == IoInstruction(CODE, len(raw), string, rep, immediate)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: with RIP past `out %al,$0x80` (e6 80) and the next instruction another OUT "
-    "(66 e7 70 = out %ax,$0x70), find_io_instruction tries RIP first and takes the next OUT "
-    "although its port (0x70) and size (2) contradict the exit's (0x80, 1): "
-    "instruction_length 3 instead of 2, and IoInstruction.start (RETRY) at RIP instead of RIP-2"))
 def test_io_rip_past_out_followed_by_another_out():
     exit = io_exit(0x80, 1, True)
     cpu = code_cpu("e68066e770", 2)
@@ -276,13 +246,14 @@ def test_io_rip_past_out_followed_by_another_out():
     assert translation == Translation(key=0x80)
     expect(info, reason=ExitReason.IO_INSTRUCTION, qualification=io_qual(0x80, 1, False, immediate=True),
            instruction_length=2, detail=exit, data=1)
-    assert Translator(Mode.LONG).io_instruction(cpu, True).start == CODE
+    assert Translator(Mode.LONG).io_instruction(cpu, exit).start == CODE
 
 
 def test_io_back_to_back_outs_at_rip():
     """Two OUTs in a row with RIP at the second: the one at RIP (a VT-x host) wins."""
     cpu = code_cpu("e680e680", 2)
-    assert Translator(Mode.LONG).io_instruction(cpu, True) == IoInstruction(CODE + 2, 2, False, False, True)
+    exit = io_exit(0x80, 1, True)
+    assert Translator(Mode.LONG).io_instruction(cpu, exit) == IoInstruction(CODE + 2, 2, False, False, True)
 
 
 # code the translator cannot decode: qualification from the exit alone, length 0
@@ -309,21 +280,9 @@ def test_io_code_not_decodable(where, is_out, count):
            instruction_length=0, detail=exit, data=0x77 if is_out else 0)
 
 
-_WINDOW_BUG = ("BUG: Translator.io_instruction reads one window [RIP-4, RIP+16) and gives up "
-               "unless RIP-4..RIP are all readable: {what} (qualification from the count alone, "
-               "bit 6 clear, instruction_length 0)")
-
-
 @pytest.mark.parametrize("code, rip_offset, before, after, port, is_out", [
-    pytest.param("e680", 2, NOPS, b"", 0x80, True, id="out-ends-at-last-mapped-byte",
-                 marks=pytest.mark.xfail(strict=True, reason=_WINDOW_BUG.format(
-                     what="an `out %al,$0x80` that ends at the last mapped byte, reported with "
-                          "RIP past it, is not found although it needs no byte at RIP"))),
-    pytest.param("e460", 0, b"", HLTS, 0x60, False, id="in-at-first-mapped-byte",
-                 marks=pytest.mark.xfail(strict=True, reason=_WINDOW_BUG.format(
-                     what="an `in $0x60,%al` at the first mapped byte (nothing mapped below, so "
-                          "the read at RIP-4 comes back empty) is not found although it lies "
-                          "wholly in mapped code"))),
+    pytest.param("e680", 2, NOPS, b"", 0x80, True, id="out-ends-at-last-mapped-byte"),
+    pytest.param("e460", 0, b"", HLTS, 0x60, False, id="in-at-first-mapped-byte"),
 ])
 def test_io_at_mapping_edge(code, rip_offset, before, after, port, is_out):
     exit = io_exit(port, 1, is_out)
@@ -459,20 +418,12 @@ def test_user_exception_without_error_code_ignores_the_pushed_zero_slot():
     assert (info.interruption_info, info.interruption_error_code) == (intr_info(6, HW), 0)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: SDM 27.2.1: for a page-fault exception exit the exit qualification contains the "
-    "faulting linear address; Translator._user_exception leaves the qualification 0 (CR2 only "
-    "reaches the ExceptionReport)"))
 def test_user_page_fault_qualification_is_the_linear_address():
     translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
                                   stub_cpu(Vector.PF, 0x6, cr2=0xDEAD_B008))
     assert info.qualification == 0xDEAD_B008
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a vector-2 stub report in user mode is an NMI (the IDT gate of vector 2 has DPL 0, so "
-    "`int $2` from CPL 3 would be a #GP); SDM \"Format of the VM-Exit Interruption-Information "
-    "Field\": NMI is interruption type 2, but _user_exception reports type 3 (hardware exception)"))
 def test_user_nmi_is_interruption_type_nmi():
     translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
                                   stub_cpu(Vector.NMI))
@@ -566,10 +517,6 @@ def test_fail_entry_is_invalid_guest_state(hardware_reason):
     assert info.full_reason == VM_ENTRY_FAILURE | 33 == 0x8000_0021
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: KVM's fail_entry.hardware_entry_failure_reason is the full VMX exit reason; 0x80000022 "
-    "is a VM-entry failure due to MSR loading (SDM appendix C: basic reason 34, MSR_LOADING), "
-    "but the translator reports every FAIL_ENTRY as INVALID_GUEST_STATE (33)"))
 def test_fail_entry_msr_loading():
     translation, info = translate(Mode.LONG, ExitKind.FAIL_ENTRY, FailEntryExit(0x8000_0022, 0),
                                   code_cpu("90"))
@@ -633,10 +580,6 @@ def test_debug_exception(vector, itype, stepping):
     assert info.interruption == InterruptionInfo(vector, InterruptionType(itype))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: SDM 27.2.1 table \"Exit Qualification for Debug Exceptions\": a #DB exception exit "
-    "reports B0-B3 (bits 3:0), BD (13) and BS (14) in the exit qualification; the DEBUG "
-    "translation leaves it 0 although DebugExit.dr6 has them (here B0 -> qualification 0x1)"))
 def test_debug_db_qualification_from_dr6():
     exit = DebugExit(Vector.DB, CODE, DR6_B0, 0x401)
     translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("90"))
@@ -649,11 +592,6 @@ def test_debug_db_exception_has_no_instruction_length():
     assert info.instruction_length == 0
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a #BP from KVM guest debug (pc at the int3) is a software exception, for which the SDM "
-    "(27.2.5, VM-exit instruction length) saves the length of the int3, 1; the DEBUG translation "
-    "reports 0 (the INTERNAL_ERROR and user-stub #BP paths report 1), so a handler's "
-    "Resume(advance) leaves RIP at the int3 and re-executes it"))
 def test_debug_bp_instruction_length():
     exit = DebugExit(Vector.BP, CODE, 0xFFFF_0FF0, 0x400)
     translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("cc"))
