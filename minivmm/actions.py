@@ -1,4 +1,19 @@
-"""What an exit handler returns: how the vCPU goes on after the exit."""
+"""What an exit handler returns: how the vCPU goes on after the exit.
+
+| action            | for                                   | effect                                   |
+|-------------------|---------------------------------------|------------------------------------------|
+| `Resume()`        | any exit                              | go on past the instruction (`RESUME`)    |
+| `Resume(False)`   | any exit                              | execute the instruction again (`RETRY`)  |
+| `Reply(value)`    | IN, RDMSR, EPT read, unmapped read, VMCALL, CPUID | answer it with `value`, go on |
+| `Passthrough()`   | RDMSR/WRMSR, I/O, EPT violation        | what the hardware would do without the handler |
+| `AllowOnce()`     | EPT violation                          | let the access through once               |
+| `Emulate()`       | EPT violation (data access)            | carry it out on RAM (a write with `info.data`) |
+| `Inject(vector)`  | any exit                              | deliver an exception to the guest         |
+| `Stop(reason)`    | any exit                              | end the run                               |
+
+A handler that returns None passes the exit on down the chain; the last
+handler is minivmm's default for the exit reason.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -13,6 +28,45 @@ class Resume:
 
 RESUME = Resume()
 RETRY = Resume(advance=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Answer the exit with `value` and go on past the instruction.
+
+    IN: the value read (an int for every item, or bytes for all the items of a
+    REP INS); RDMSR: the MSR's value; EPT violation or misconfiguration on a
+    read: the data read (an int or bytes of the access size); VMCALL: the
+    result (RAX); CPUID: the (eax, ebx, ecx, edx) the leaf returns."""
+    value: int | bytes | tuple[int, int, int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class Passthrough:
+    """Do what the hardware would do without this handler: the real MSR for RDMSR/WRMSR
+    (KVM_GET_MSRS/KVM_SET_MSRS; #GP where KVM refuses), the port device for I/O, the
+    access with the page's own rights for an EPT violation (`AllowOnce`)."""
+
+
+PASSTHROUGH = Passthrough()
+
+
+@dataclass(frozen=True, slots=True)
+class AllowOnce:
+    """EPT violation: let the access through once, as if the page allowed it (a fetch
+    executes one instruction with the page executable)."""
+
+
+ALLOW_ONCE = AllowOnce()
+
+
+@dataclass(frozen=True, slots=True)
+class Emulate:
+    """EPT violation on a data access: carry it out on RAM; a write stores `info.data` (the
+    guest's value unless the handler changed it)."""
+
+
+EMULATE = Emulate()
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,4 +86,4 @@ class Stop:
     message: str = ""
 
 
-Action = Resume | Inject | Stop
+Action = Resume | Reply | Passthrough | AllowOnce | Emulate | Inject | Stop

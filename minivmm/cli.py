@@ -225,7 +225,7 @@ def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> Non
     def observer(vcpu, info) -> None:
         line = f"exit {info.reason.name} qualification={info.qualification:#x} rip={vcpu.rip:#x}"
         if info.reason == ExitReason.IO_INSTRUCTION:
-            exit = info.detail
+            exit = info.raw_kvm_exit
             line += f" port={exit.port:#x} {'out' if exit.is_out else 'in'} size={exit.size}"
         if len(lines) < 100000:
             lines.append(line)

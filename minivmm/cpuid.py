@@ -5,7 +5,7 @@ KVM answers CPUID inside the kernel from the table given to KVM_SET_CPUID2
 CPUID exiting as a table: it starts from KVM_GET_SUPPORTED_CPUID, applies the
 overrides set with `CpuidTable.set`, then consults every handler registered
 for `ExitReason.EXECUTE_CPUID` once per leaf/subleaf while it builds the
-table (`info.detail` is the `CpuidLeaf`, which the handler may change). The
+table (`info.raw_kvm_exit` is the `CpuidLeaf`, which the handler may change). The
 table is given to KVM before the first VM entry; KVM refuses changes once the
 vCPU has run.
 """

@@ -419,13 +419,17 @@ class ExitInfo:
     """The exit-information fields of the VMCS for a vCPU's last exit (SDM 25.9, 27.2).
 
     One object per vCPU, overwritten by :meth:`reset` on every exit so the
-    exit path allocates nothing. ``detail`` carries the host-specific raw exit
-    (e.g. the KVM exit) for handlers that need more than the VMX view;
-    ``vcpu_index`` belongs to the vCPU and survives :meth:`reset`.
+    exit path allocates nothing. ``vcpu_index`` belongs to the vCPU and
+    survives :meth:`reset`.
 
-    ``data`` and ``msr`` are minivmm's access fields (not VMCS fields): the
-    value of an OUT, WRMSR or emulated write, or the value a handler supplies
-    for an IN, RDMSR or emulated read; ``msr`` is the MSR index (ECX).
+    Besides the VMCS fields, minivmm's access fields describe what the exiting
+    instruction moves: ``data`` is the value of an OUT, WRMSR or emulated write
+    (and the value an IN, RDMSR or read is answered with, see `Reply`), ``msr``
+    the MSR index (ECX); for I/O exits ``port``, ``size``, ``is_in`` and
+    ``count`` (items of a REP string instruction), and ``string_data`` the
+    items of a multi-item access (the bytes a REP OUTS wrote, the buffer a REP
+    INS fills). ``raw_kvm_exit`` is the KVM exit the VMX exit was made from
+    (`minivmm.kvm`), for expert use.
     """
 
     reason: ExitReason = ExitReason.EXCEPTION_OR_NMI
@@ -438,9 +442,10 @@ class ExitInfo:
     interruption_info: int = 0
     interruption_error_code: int = 0
     vcpu_index: int = 0
-    detail: object | None = None
+    raw_kvm_exit: object | None = None
     data: int = 0
     msr: int = 0
+    string_data: memoryview | None = None
 
     def reset(
         self,
@@ -454,7 +459,7 @@ class ExitInfo:
         instruction_info: int = 0,
         interruption_info: int = 0,
         interruption_error_code: int = 0,
-        detail: object | None = None,
+        raw_kvm_exit: object | None = None,
         data: int = 0,
         msr: int = 0,
     ) -> ExitInfo:
@@ -468,12 +473,13 @@ class ExitInfo:
         self.instruction_info = instruction_info
         self.interruption_info = interruption_info
         self.interruption_error_code = interruption_error_code
-        self.detail = detail
+        self.raw_kvm_exit = raw_kvm_exit
         self.data = data
         self.msr = msr
+        self.string_data = None
         return self
 
-    def reset_io(self, qualification: int, detail: object, data: int,
+    def reset_io(self, qualification: int, raw_kvm_exit: object, data: int,
                  instruction_length: int = 0) -> ExitInfo:
         """`reset` for an I/O-instruction exit, positional for the exit loop's hot path."""
         self.reason = ExitReason.IO_INSTRUCTION
@@ -483,10 +489,32 @@ class ExitInfo:
         self.instruction_length = instruction_length
         self.instruction_info = 0
         self.interruption_info = self.interruption_error_code = 0
-        self.detail = detail
+        self.raw_kvm_exit = raw_kvm_exit
         self.data = data
         self.msr = 0
+        self.string_data = None
         return self
+
+    @property
+    def port(self) -> int:
+        """I/O exits: the port (qualification bits 31:16)."""
+        return self.qualification >> 16 & 0xFFFF
+
+    @property
+    def size(self) -> int:
+        """I/O exits: the size of one access in bytes (qualification bits 2:0, plus 1)."""
+        return (self.qualification & 7) + 1
+
+    @property
+    def is_in(self) -> bool:
+        """I/O exits: an IN or INS (qualification bit 3)."""
+        return bool(self.qualification & 8)
+
+    @property
+    def count(self) -> int:
+        """I/O exits: the number of items the instruction moves now (more than one only for a
+        REP string instruction)."""
+        return getattr(self.raw_kvm_exit, "count", 1)
 
     @property
     def full_reason(self) -> int:

@@ -144,7 +144,7 @@ static int handle_io(struct kvm_run *run, long long packed, PyObject **objects, 
 	if (!s_qualification) {
 		s_qualification = PyUnicode_InternFromString("qualification");
 		s_length = PyUnicode_InternFromString("instruction_length");
-		s_detail = PyUnicode_InternFromString("detail");
+		s_detail = PyUnicode_InternFromString("raw_kvm_exit");
 		s_data = PyUnicode_InternFromString("data");
 		s_vcpu_dirty = PyUnicode_InternFromString("_dirty");
 		s_vmcs_dirty = PyUnicode_InternFromString("dirty");
@@ -462,7 +462,7 @@ class IoLoop:
     single-item I/O exit with a route in `routes` (`packed >> 32` ->
     `(detail, handlers, sites)`, `sites` mapping the exit's RIP to the decoded
     instruction's `(qualification, instruction length)`), fills
-    `info.qualification`, `info.instruction_length`, `info.detail` and
+    `info.qualification`, `info.instruction_length`, `info.raw_kvm_exit` and
     `info.data` and calls the handlers with the GIL held, as the Python loop
     does (an IN answered with `RESUME` gets `info.data` here too). It comes back
     at the first other exit or an instruction not decoded yet, at any other

@@ -245,7 +245,7 @@ class Machine:
     def apply_cpuid(self) -> None:
         """Give KVM the CPUID table (overrides and EXECUTE_CPUID handlers); before the first run only."""
         def consult(leaf: CpuidLeaf) -> None:
-            info = ExitInfo().reset(ExitReason.EXECUTE_CPUID, instruction_length=2, detail=leaf)
+            info = ExitInfo().reset(ExitReason.EXECUTE_CPUID, instruction_length=2, raw_kvm_exit=leaf)
             try:
                 self.vm.dispatcher.dispatch(self.vcpu, info, leaf.leaf)
             except Exception as exc:

@@ -199,7 +199,7 @@ def enable_strict_ports(machine: "Machine") -> None:
     ports = machine.port_devices
 
     def strict(vcpu, info):
-        exit = info.detail
+        exit = info.raw_kvm_exit
         if exit.port not in ports:
             what = "write to" if exit.is_out else "read from"
             return Stop("error", message=f"strict ports: {exit.size}-byte {what} unclaimed port "

@@ -21,11 +21,11 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from . import fastpath
-from .actions import Action, Inject, Resume, Stop
+from .actions import RESUME, Action, AllowOnce, Emulate, Inject, Passthrough, Reply, Resume, Stop
 from .errors import MinivmmError
 from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
-from .kvm import ExitKind, IoExit, KvmRun, decode_exit
+from .kvm import ExitKind, IoExit, KvmError, KvmRun, decode_exit
 from .modes import CODE_BITS, EXCEPTION_PORT, HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
 from .translate import ExceptionReport, RestoreUserFrame, Translator, io_qualification
 from .vcpu import Vcpu, run_timer
@@ -203,7 +203,7 @@ class VcpuContext:
             return False
         previous, self._step_rip = self._step_rip, vcpu.rip
         if previous is not None and self.read_code(previous, 1) == b"\xf4":
-            info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=info.detail)
+            info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, raw_kvm_exit=info.raw_kvm_exit)
         return True
 
     # -- I/O routes -------------------------------------------------------------------
@@ -356,7 +356,7 @@ class VcpuContext:
                         rip = regs.rip
                         site = sites.get(rip) or self._io_site(sites, detail, rip)
                         if io_ready:
-                            info.qualification, info.detail, info.data, info.instruction_length = \
+                            info.qualification, info.raw_kvm_exit, info.data, info.instruction_length = \
                                 site[0], detail, kind & 0xFFFFFFFF, site[1]
                         else:
                             info.reset_io(site[0], detail, kind & 0xFFFFFFFF, site[1])
@@ -405,11 +405,7 @@ class VcpuContext:
                 else:
                     action = self._dispatch_chain(self.vm.dispatcher.chain(reason, key), info)
                 seconds[reason] += clock() - began
-                if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
-                    action = self._complete_msr(info, action)
-                if action is None:
-                    action = Resume()
-                if self._complete(info, action):
+                if self._complete(info, RESUME if action is None else action):
                     break
         finally:
             run = run_arg = None    # no kvm_run views kept alive by a traceback
@@ -473,17 +469,10 @@ class VcpuContext:
 
     # -- dispatch ---------------------------------------------------------------------
     def _dispatch_io(self, info: ExitInfo, port: int) -> Action | None:
-        vcpu = self.vcpu
-        try:
-            for handler in self._io_route(port, info.detail.is_out):
-                action = handler(vcpu, info)
-                if action is not None:
-                    if not info.detail.is_out:
-                        self._complete_in(info)
-                    return action
-        except Exception as exc:
-            raise handler_error(vcpu, info, exc)
-        return None
+        exit = info.raw_kvm_exit
+        if exit.count > 1:
+            info.string_data = self.vcpu.fd.io_data(exit)
+        return self._dispatch_chain(self._io_route(port, exit.is_out), info)
 
     def _dispatch_chain(self, chain: tuple, info: ExitInfo) -> Action | None:
         vcpu = self.vcpu
@@ -499,46 +488,122 @@ class VcpuContext:
     # -- complete ---------------------------------------------------------------------
     def _finish_io(self, info: ExitInfo, action: Action) -> bool:
         """Carry out a handler's action on a fast-path I/O exit; True when the run ends."""
-        if not info.detail.is_out:
-            self._complete_in(info)
         if action.__class__ is Resume and action.advance:
+            if not info.raw_kvm_exit.is_out:
+                self._complete_in(info)
             return False
         return self._complete(info, action)
 
     def _complete_in(self, info: ExitInfo) -> None:
-        """A handler answered an IN: its `info.data` goes to every item KVM asks for."""
-        exit = info.detail
+        """An IN reads `info.data`, in every item KVM asks for."""
+        exit = info.raw_kvm_exit
         value = (info.data & ((1 << (8 * exit.size)) - 1)).to_bytes(exit.size, "little")
         self.vcpu.fd.io_data(exit)[:] = value * exit.count
 
-    def _complete_msr(self, info: ExitInfo, action: Action | None) -> Action | None:
-        """Give KVM the RDMSR/WRMSR outcome; a #GP becomes KVM's own error reply."""
-        fd = self.vcpu.fd
-        if isinstance(action, Inject) and action.vector == Vector.GP:
-            fd.set_msr_reply(0, error=True)
-            return Resume()
-        fd.set_msr_reply(info.data & (1 << 64) - 1)
-        return action
-
     def _complete(self, info: ExitInfo, action: Action) -> bool:
-        """Carry out a handler's action; True when the run ends."""
+        """Carry out a handler's action: the one place that writes replies into KVM's exit
+        data, moves RIP and finishes an exit without entering the guest. True when the run
+        ends."""
         vcpu = self.vcpu
-        if isinstance(action, Stop):
+        reason = info.reason
+        cls = action.__class__
+        if cls is Reply:
+            self._reply(info, action.value)
+            return False
+        if cls is Passthrough:
+            return self._passthrough(info)
+        if cls is AllowOnce or cls is Emulate:
+            if reason != ExitReason.EPT_VIOLATION or self.ept is None:
+                raise TypeError(f"{cls.__name__}() answers EPT violations, not a {reason.name} exit")
+            if cls is AllowOnce:
+                self.ept.allow_once()
+            else:
+                self.ept.emulate()
+            return False
+        if reason == ExitReason.IO_INSTRUCTION and not info.raw_kvm_exit.is_out:
+            self._complete_in(info)
+        elif reason == ExitReason.EXECUTE_RDMSR or reason == ExitReason.EXECUTE_WRMSR:
+            if cls is Inject and action.vector == Vector.GP:
+                vcpu.fd.set_msr_reply(0, error=True)        # KVM injects the #GP itself
+                return False
+            vcpu.fd.set_msr_reply(info.data & (1 << 64) - 1)
+        if cls is Stop:
             return True
-        if isinstance(action, Inject):
+        if cls is Inject:
             vcpu.inject_exception(action.vector, action.error_code, action.cr2)
             return False
-        if isinstance(action, Resume):
+        if cls is Resume:
             if action.advance:
-                if info.reason in _ADVANCE_BY_LENGTH and info.instruction_length:
+                if reason in _ADVANCE_BY_LENGTH and info.instruction_length:
                     vcpu.rip += info.instruction_length
-            elif info.reason in _COMPLETED_BY_KVM:
-                rip = self._io_instruction_start(info) if info.reason == ExitReason.IO_INSTRUCTION \
+            elif reason in _COMPLETED_BY_KVM:
+                rip = self._io_instruction_start(info) if reason == ExitReason.IO_INSTRUCTION \
                     else vcpu.rip
                 self.complete_without_entry()
                 vcpu.rip = rip
             return False
-        raise TypeError(f"a handler returned {action!r}; expected Resume, Inject, Stop or None")
+        raise TypeError(f"a handler returned {action!r}; expected an action of minivmm.actions or None")
+
+    def _reply(self, info: ExitInfo, value) -> None:
+        """`Reply(value)`: the answer to the exit's read (or the hypercall's result)."""
+        reason = info.reason
+        exit = info.raw_kvm_exit
+        if reason == ExitReason.IO_INSTRUCTION and not exit.is_out:
+            if isinstance(value, (bytes, bytearray, memoryview)):
+                data = self.vcpu.fd.io_data(exit)
+                if len(value) != len(data):
+                    raise ValueError(f"Reply: the IN reads {exit.count} x {exit.size} bytes, got {len(value)}")
+                data[:] = value
+            else:
+                info.data = value
+                self._complete_in(info)
+        elif reason == ExitReason.EXECUTE_RDMSR:
+            info.data = value
+            self.vcpu.fd.set_msr_reply(value & (1 << 64) - 1)
+        elif reason == ExitReason.EPT_VIOLATION and self.ept is not None:
+            self.ept.complete_read(value)
+        elif reason == ExitReason.EPT_MISCONFIGURATION and not exit.is_write:
+            if isinstance(value, int):
+                value = (value & ((1 << (8 * exit.length)) - 1)).to_bytes(exit.length, "little")
+            if len(value) != exit.length:
+                raise ValueError(f"Reply: the guest reads {exit.length} bytes, got {len(value)}")
+            info.data = int.from_bytes(value, "little")
+            self.vcpu.fd.set_mmio_data(bytes(value))
+        elif reason == ExitReason.EXECUTE_VMCALL:
+            self.vcpu.rax = value
+        else:
+            raise TypeError(f"Reply() does not answer a {reason.name} exit"
+                            + (" (it is a write)" if getattr(exit, "is_write", False)
+                               or getattr(exit, "is_out", False) else ""))
+
+    def _passthrough(self, info: ExitInfo) -> bool:
+        """`Passthrough()`: what the hardware would do without the handler."""
+        reason = info.reason
+        fd = self.vcpu.fd
+        if reason == ExitReason.EXECUTE_RDMSR:
+            values = fd.get_msrs([info.msr])
+            if info.msr not in values:
+                fd.set_msr_reply(0, error=True)           # an MSR KVM does not know: #GP
+            else:
+                self._reply(info, values[info.msr])
+            return False
+        if reason == ExitReason.EXECUTE_WRMSR:
+            try:
+                fd.set_msrs({info.msr: info.data})
+            except KvmError:
+                fd.set_msr_reply(0, error=True)           # a value KVM refuses: #GP
+            else:
+                fd.set_msr_reply(0)
+            return False
+        if reason == ExitReason.IO_INSTRUCTION:
+            default = self.vm.dispatcher.default(ExitReason.IO_INSTRUCTION)
+            action = self._dispatch_chain((default,), info) if default is not None else None
+            return self._complete(info, RESUME if action is None or action.__class__ is Passthrough
+                                  else action)
+        if reason == ExitReason.EPT_VIOLATION and self.ept is not None:
+            self.ept.allow_once()
+            return False
+        return self._complete(info, RESUME)
 
     def complete_without_entry(self) -> int:
         """Let KVM finish the current exit (the I/O or MMIO it emulates, the MSR reply) without
@@ -558,7 +623,7 @@ class VcpuContext:
     def _io_instruction_start(self, info: ExitInfo) -> int:
         """RIP of the I/O instruction of the current exit (some hosts report an OUT with RIP
         past it)."""
-        insn = self.translator.io_instruction(self, info.detail)
+        insn = self.translator.io_instruction(self, info.raw_kvm_exit)
         return self.vcpu.rip if insn is None else insn.start
 
     def _result(self, action: Stop | None, counts: list[int], seconds: list[float],

@@ -134,7 +134,7 @@ class Tracer:
 
     def _on_exit(self, vcpu, info) -> None:
         exit = info.reason.name
-        detail = info.detail
+        detail = info.raw_kvm_exit
         if info.reason == ExitReason.IO_INSTRUCTION and detail is not None:
             exit += f" {'out' if detail.is_out else 'in'} port={detail.port:#x}"
         elif info.reason in (ExitReason.EPT_VIOLATION, ExitReason.EPT_MISCONFIGURATION):

@@ -224,35 +224,35 @@ class Translator:
         if kind == ExitKind.IO:
             return self._io(exit, cpu, info, stepping, out_data)
         if kind == ExitKind.HLT:
-            info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit)
+            info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, raw_kvm_exit=exit)
             return Translation()
         if kind == ExitKind.SHUTDOWN or kind == ExitKind.SYSTEM_EVENT:
-            info.reset(ExitReason.TRIPLE_FAULT, detail=exit)
+            info.reset(ExitReason.TRIPLE_FAULT, raw_kvm_exit=exit)
             return Translation()
         if kind == ExitKind.MMIO:
             assert isinstance(exit, MmioExit)
             info.reset(ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
-                       detail=exit)
+                       raw_kvm_exit=exit)
             return Translation(exit.phys_addr)
         if kind == ExitKind.FAIL_ENTRY:
             assert isinstance(exit, FailEntryExit)
             hardware = exit.hardware_entry_failure_reason
             reason = _ENTRY_FAILURES.get(hardware & 0xFFFF, ExitReason.INVALID_GUEST_STATE) \
                 if hardware & VM_ENTRY_FAILURE else ExitReason.INVALID_GUEST_STATE
-            info.reset(reason, hardware, entry_failure=True, detail=exit)
+            info.reset(reason, hardware, entry_failure=True, raw_kvm_exit=exit)
             return Translation()
         if kind == ExitKind.INTERNAL_ERROR:
             return self._internal_error(exit, cpu, info)
         if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
             assert isinstance(exit, MsrExit)
             reason = ExitReason.EXECUTE_WRMSR if exit.is_write else ExitReason.EXECUTE_RDMSR
-            info.reset(reason, instruction_length=2, detail=exit, msr=exit.index,
+            info.reset(reason, instruction_length=2, raw_kvm_exit=exit, msr=exit.index,
                        data=exit.data if exit.is_write else 0)
             return Translation(exit.index)
         if kind == ExitKind.DEBUG:
             assert isinstance(exit, DebugExit)
             if exit.exception == Vector.DB and stepping:
-                info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+                info.reset(ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
                 return Translation(step=True)
             vector = exit.exception
             software = vector == Vector.BP
@@ -260,7 +260,7 @@ class Translator:
                 InterruptionType.HARDWARE_EXCEPTION
             # SDM 27.2.1: a #DB exit's qualification holds DR6's B0-B3, BD and BS bits
             qualification = exit.dr6 & _DR6_QUALIFICATION if vector == Vector.DB else 0
-            info.reset(ExitReason.EXCEPTION_OR_NMI, qualification, detail=exit,
+            info.reset(ExitReason.EXCEPTION_OR_NMI, qualification, raw_kvm_exit=exit,
                        instruction_length=int(software),
                        interruption_info=InterruptionInfo(vector, itype).encode())
             return Translation(vector, exception=ExceptionReport(vector, None, None, exit.pc))
@@ -274,14 +274,14 @@ class Translator:
             return self._user_exception(exit, cpu, info, stepping)
         if exit.port == HYPERCALL_PORT and exit.is_out:
             insn = self.io_instruction(cpu, exit)
-            info.reset(ExitReason.EXECUTE_VMCALL, detail=exit,
+            info.reset(ExitReason.EXECUTE_VMCALL, raw_kvm_exit=exit,
                        instruction_length=insn.length if insn is not None else 0)
             return Translation(cpu.rax)
         insn = self.io_instruction(cpu, exit)
         info.reset(ExitReason.IO_INSTRUCTION,
                    io_qualification(exit.port, exit.size, exit.is_out, exit.count, insn),
                    instruction_length=insn.length if insn is not None else 0,
-                   detail=exit, data=out_data if exit.is_out else 0)
+                   raw_kvm_exit=exit, data=out_data if exit.is_out else 0)
         return Translation(exit.port)
 
     def _user_exception(self, exit: IoExit, cpu: CpuView, info: ExitInfo,
@@ -290,7 +290,7 @@ class Translator:
         vector = frame.vector
         rip = frame.rip
         if vector == Vector.DB and stepping:
-            info.reset(ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+            info.reset(ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
             return Translation(restore=RestoreUserFrame(rip, frame.rsp, frame.rflags), step=True)
         has_error = vector in EXCEPTIONS_WITH_ERROR_CODE
         error_code = frame.error_code if has_error else None
@@ -304,7 +304,7 @@ class Translator:
         # SDM 27.2.1: a #PF exit's qualification is the faulting linear address
         info.reset(ExitReason.EXCEPTION_OR_NMI, cr2 or 0,
                    interruption_info=InterruptionInfo(vector, itype, has_error).encode(),
-                   interruption_error_code=error_code or 0, instruction_length=length, detail=exit)
+                   interruption_error_code=error_code or 0, instruction_length=length, raw_kvm_exit=exit)
         return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags),
                            exception=ExceptionReport(vector, error_code, cr2, rip))
 
@@ -313,7 +313,7 @@ class Translator:
         rip = cpu.rip
         if exit.suberror == InternalErrorKind.EMULATION and code[:1] == b"\xcc":
             breakpoint = InterruptionInfo(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION)
-            info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
+            info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,
                        interruption_info=breakpoint.encode())
             return Translation(int(Vector.BP), exception=ExceptionReport(Vector.BP, None, None, rip))
         suberror = InternalErrorKind(exit.suberror).name if exit.suberror in (1, 2, 3, 4) \

@@ -75,12 +75,12 @@ def test_cpuid_handler_modifies_leaves(make_machine) -> None:
 
     def hide_hypervisor_bit(vcpu, info):
         assert info.reason == ExitReason.EXECUTE_CPUID
-        consulted.append((info.detail.leaf, info.detail.subleaf))
-        info.detail.ecx &= ~(1 << 31)
-        info.detail.ebx = 0xB0B0
+        consulted.append((info.raw_kvm_exit.leaf, info.raw_kvm_exit.subleaf))
+        info.raw_kvm_exit.ecx &= ~(1 << 31)
+        info.raw_kvm_exit.ebx = 0xB0B0
 
     m.on(ExitReason.EXECUTE_CPUID, hide_hypervisor_bit, leaf=1)
-    m.on(ExitReason.EXECUTE_CPUID, lambda vcpu, info: setattr(info.detail, "edx", 0x1234), leaf=0x8000_0000)
+    m.on(ExitReason.EXECUTE_CPUID, lambda vcpu, info: setattr(info.raw_kvm_exit, "edx", 0x1234), leaf=0x8000_0000)
     eax, ebx, ecx, edx = _cpuid(m, 1)
     assert ebx == 0xB0B0 and not ecx & (1 << 31)
     assert eax != 0                                   # family/model untouched
@@ -242,7 +242,7 @@ def _io_log(m, port: int = 0x80, reply: int = 0):
     def handler(vcpu, info):
         q = info.io
         log.append((q.size, q.direction_in, q.string, q.rep, q.port, info.data, info.qualification,
-                    info.detail.count))
+                    info.raw_kvm_exit.count))
         if q.direction_in:
             info.data = reply
         return RESUME
@@ -335,8 +335,8 @@ def test_rep_outsb_delivers_the_bytes_in_order(make_machine) -> None:
     def handler(vcpu, info):
         q = info.io
         assert (q.size, q.direction_in, q.port) == (1, False, 0x80)
-        got.extend(bytes(vcpu.fd.io_data(info.detail)))
-        if info.detail.count > 1:
+        got.extend(bytes(vcpu.fd.io_data(info.raw_kvm_exit)))
+        if info.raw_kvm_exit.count > 1:
             assert q.string and q.rep
         return RESUME
 

@@ -55,7 +55,7 @@ def test_a_flood_reaches_the_handler_in_order(make_machine, monkeypatch, loop) -
     entries = count_entries(monkeypatch)
     m = flood_machine(make_machine)
     seen = []
-    m.on(IO, lambda vcpu, info: seen.append((info.data, info.qualification, info.detail.size))
+    m.on(IO, lambda vcpu, info: seen.append((info.data, info.qualification, info.raw_kvm_exit.size))
          or (RESUME if info.data & 1 else None), port=0x80)
     r = m.run(timeout=10)
     assert r.reason == "hlt", r

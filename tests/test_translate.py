@@ -84,7 +84,7 @@ def dirty_info() -> ExitInfo:
     return ExitInfo(reason=ExitReason.EXECUTE_CPUID, entry_failure=True, qualification=0xdead,
                     guest_physical_address=0xbeef, guest_linear_address=0xfeed,
                     instruction_length=9, instruction_info=0x77, interruption_info=0x80000b0e,
-                    interruption_error_code=0x55, vcpu_index=VCPU_INDEX, detail="stale",
+                    interruption_error_code=0x55, vcpu_index=VCPU_INDEX, raw_kvm_exit="stale",
                     data=0x1234, msr=0x10)
 
 
@@ -199,7 +199,7 @@ def test_io_at_rip(bits, code, port, size, is_out, count, string, rep, immediate
     assert translation == Translation(key=port)
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(port, size, not is_out, string, rep, immediate),
-           instruction_length=len(bytes.fromhex(code)), detail=exit,
+           instruction_length=len(bytes.fromhex(code)), raw_kvm_exit=exit,
            data=0xA5 if is_out else 0)
     assert info.io == IoQualification(size, not is_out, string, rep, not immediate, port)
 
@@ -234,7 +234,7 @@ def test_io_rip_past_instruction(bits, code, port, size, is_out, count, string, 
     assert translation == Translation(key=port)
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(port, size, not is_out, string, rep, immediate),
-           instruction_length=len(raw), detail=exit, data=0x5A if is_out else 0)
+           instruction_length=len(raw), raw_kvm_exit=exit, data=0x5A if is_out else 0)
     insn = Translator(Mode.LONG).io_instruction(cpu, exit)
     assert insn == IoInstruction(CODE, len(raw), string, rep, immediate)
 
@@ -245,7 +245,7 @@ def test_io_rip_past_out_followed_by_another_out():
     translation, info = translate(Mode.LONG, ExitKind.IO, exit, cpu, out_data=1)
     assert translation == Translation(key=0x80)
     expect(info, reason=ExitReason.IO_INSTRUCTION, qualification=io_qual(0x80, 1, False, immediate=True),
-           instruction_length=2, detail=exit, data=1)
+           instruction_length=2, raw_kvm_exit=exit, data=1)
     assert Translator(Mode.LONG).io_instruction(cpu, exit).start == CODE
 
 
@@ -277,7 +277,7 @@ def test_io_code_not_decodable(where, is_out, count):
     # only a multi-item access is known to be a REP string instruction; operand "DX"
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(0x3F8, 2, not is_out, count > 1, count > 1),
-           instruction_length=0, detail=exit, data=0x77 if is_out else 0)
+           instruction_length=0, raw_kvm_exit=exit, data=0x77 if is_out else 0)
 
 
 @pytest.mark.parametrize("code, rip_offset, before, after, port, is_out", [
@@ -291,7 +291,7 @@ def test_io_at_mapping_edge(code, rip_offset, before, after, port, is_out):
     assert translation == Translation(key=port)
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(port, 1, not is_out, immediate=True),
-           instruction_length=2, detail=exit)
+           instruction_length=2, raw_kvm_exit=exit)
 
 
 def test_io_near_address_zero():
@@ -309,7 +309,7 @@ def test_io_same_in_every_mode(mode):
     translation, info = translate(mode, ExitKind.IO, exit, code_cpu("ee"), out_data=ord("A"))
     assert translation == Translation(key=0x3F8)
     expect(info, reason=ExitReason.IO_INSTRUCTION, qualification=io_qual(0x3F8, 1, False),
-           instruction_length=1, detail=exit, data=ord("A"))
+           instruction_length=1, raw_kvm_exit=exit, data=ord("A"))
 
 
 def test_find_io_instruction_and_io_qualification_directly():
@@ -344,7 +344,7 @@ def test_hypercall(mode, code, rip_offset, length):
     exit = io_exit(HYPERCALL_PORT, 1, True)
     translation, info = translate(mode, ExitKind.IO, exit, cpu, out_data=0x42)
     assert translation == Translation(key=0x1_0000_0042)       # the hypercall number: RAX
-    expect(info, reason=ExitReason.EXECUTE_VMCALL, instruction_length=length, detail=exit)
+    expect(info, reason=ExitReason.EXECUTE_VMCALL, instruction_length=length, raw_kvm_exit=exit)
 
 
 def test_in_from_hypercall_port_is_plain_io():
@@ -353,7 +353,7 @@ def test_in_from_hypercall_port_is_plain_io():
     assert translation == Translation(key=HYPERCALL_PORT)
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(HYPERCALL_PORT, 1, True, immediate=True),
-           instruction_length=2, detail=exit)
+           instruction_length=2, raw_kvm_exit=exit)
 
 
 # --- user-mode exception stubs ----------------------------------------------------------
@@ -405,7 +405,7 @@ def test_user_exception(vector, error_code, itype, has_error, back, length, step
     expect(info, ignore=("qualification",) if vector == Vector.PF else (),
            reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype, has_error),
            interruption_error_code=error_code if has_error else 0, instruction_length=length,
-           detail=exit)
+           raw_kvm_exit=exit)
     assert info.interruption == InterruptionInfo(vector, InterruptionType(itype), has_error)
 
 
@@ -435,7 +435,7 @@ def test_user_db_while_stepping_is_mtf():
     translation, info = translate(Mode.USER, ExitKind.IO, exit, stub_cpu(Vector.DB), stepping=True)
     assert translation == Translation(key=None, restore=RestoreUserFrame(USER_RIP, USER_RSP, USER_RFLAGS),
                                       step=True, exception=None)
-    expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+    expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
 
 
 def test_user_exception_frame_is_read_at_rsp():
@@ -470,7 +470,7 @@ def test_exception_port_outside_stubs_is_plain_io(mode, at):
     assert translation == Translation(key=EXCEPTION_PORT)
     expect(info, reason=ExitReason.IO_INSTRUCTION,
            qualification=io_qual(EXCEPTION_PORT, 1, False, immediate=True),
-           instruction_length=2, detail=exit, data=0xE)
+           instruction_length=2, raw_kvm_exit=exit, data=0xE)
 
 
 # --- HLT, shutdown, system event, MMIO, entry failure, MSRs, INTR -----------------------
@@ -479,7 +479,7 @@ def test_hlt(mode):
     exit = HltExit()
     translation, info = translate(mode, ExitKind.HLT, exit, code_cpu("f4"))
     assert translation == Translation()
-    expect(info, reason=ExitReason.EXECUTE_HLT, instruction_length=1, detail=exit)
+    expect(info, reason=ExitReason.EXECUTE_HLT, instruction_length=1, raw_kvm_exit=exit)
 
 
 @pytest.mark.parametrize("kind, exit", [
@@ -491,7 +491,7 @@ def test_hlt(mode):
 def test_triple_fault(kind, exit):
     translation, info = translate(Mode.LONG, kind, exit, code_cpu("f4"))
     assert translation == Translation()
-    expect(info, reason=ExitReason.TRIPLE_FAULT, detail=exit)
+    expect(info, reason=ExitReason.TRIPLE_FAULT, raw_kvm_exit=exit)
 
 
 @pytest.mark.parametrize("exit", [
@@ -503,7 +503,7 @@ def test_mmio_is_ept_misconfiguration(exit):
     translation, info = translate(Mode.LONG, ExitKind.MMIO, exit, code_cpu("8b00"))
     assert translation == Translation(key=exit.phys_addr)
     expect(info, reason=ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
-           detail=exit)
+           raw_kvm_exit=exit)
 
 
 @pytest.mark.parametrize("hardware_reason", [0x8000_0021, 0x21])
@@ -513,7 +513,7 @@ def test_fail_entry_is_invalid_guest_state(hardware_reason):
     assert translation == Translation()
     # the qualification carries KVM's hardware reason (what stop_on_invalid_guest_state shows)
     expect(info, reason=ExitReason.INVALID_GUEST_STATE, qualification=hardware_reason,
-           entry_failure=True, detail=exit)
+           entry_failure=True, raw_kvm_exit=exit)
     assert info.full_reason == VM_ENTRY_FAILURE | 33 == 0x8000_0021
 
 
@@ -533,7 +533,7 @@ def test_fail_entry_msr_loading():
 def test_msr(kind, exit, reason, data):
     translation, info = translate(Mode.LONG, kind, exit, code_cpu("0f32" if data == 0 else "0f30"))
     assert translation == Translation(key=exit.index)
-    expect(info, reason=reason, instruction_length=2, msr=exit.index, data=data, detail=exit)
+    expect(info, reason=reason, instruction_length=2, msr=exit.index, data=data, raw_kvm_exit=exit)
 
 
 def test_intr_with_deadline_is_preemption_timer():
@@ -562,7 +562,7 @@ def test_debug_db_while_stepping_is_mtf(mode):
     exit = DebugExit(Vector.DB, CODE + 1, DR6_BS, 0x400)
     translation, info = translate(mode, ExitKind.DEBUG, exit, code_cpu("90", 1), stepping=True)
     assert translation == Translation(key=None, restore=None, step=True, exception=None)
-    expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, detail=exit)
+    expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
 
 
 @pytest.mark.parametrize("vector, itype, stepping", [
@@ -576,7 +576,7 @@ def test_debug_exception(vector, itype, stepping):
     assert translation == Translation(key=int(vector), restore=None, step=False,
                                       exception=ExceptionReport(vector, None, None, CODE))
     expect(info, ignore=("qualification", "instruction_length"),
-           reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype), detail=exit)
+           reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype), raw_kvm_exit=exit)
     assert info.interruption == InterruptionInfo(vector, InterruptionType(itype))
 
 
@@ -621,7 +621,7 @@ def test_emulation_failure_int3_is_breakpoint(code, mode):
     assert translation == Translation(key=int(Vector.BP), restore=None, step=False,
                                       exception=ExceptionReport(Vector.BP, None, None, cpu.rip))
     expect(info, reason=ExitReason.EXCEPTION_OR_NMI, instruction_length=1,
-           interruption_info=intr_info(3, SW), detail=exit)
+           interruption_info=intr_info(3, SW), raw_kvm_exit=exit)
 
 
 @pytest.mark.parametrize("exit, bits, words", [

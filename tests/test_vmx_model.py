@@ -141,8 +141,8 @@ def test_mov_cr_qualification() -> None:
 
 def test_exit_info_reset_and_views() -> None:
     info = ExitInfo(vcpu_index=1)
-    out = info.reset(ExitReason.IO_INSTRUCTION, 0x03F8_0000, instruction_length=1, detail="raw")
-    assert out is info and info.vcpu_index == 1 and info.detail == "raw"
+    out = info.reset(ExitReason.IO_INSTRUCTION, 0x03F8_0000, instruction_length=1, raw_kvm_exit="raw")
+    assert out is info and info.vcpu_index == 1 and info.raw_kvm_exit == "raw"
     assert info.io.port == 0x3F8 and not info.io.direction_in
     assert info.vector is None
     assert info.full_reason == 30
@@ -152,7 +152,7 @@ def test_exit_info_reset_and_views() -> None:
         ExitReason.EXCEPTION_OR_NMI, interruption_info=0x8000_0B0E, interruption_error_code=2,
         instruction_length=2,
     )
-    assert info.detail is None and info.qualification == 0
+    assert info.raw_kvm_exit is None and info.qualification == 0
     assert info.vector == Vector.PF
     assert info.interruption.error_code_valid
     assert "#PF hardware exception" in str(info)

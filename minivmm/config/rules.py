@@ -54,10 +54,10 @@ def _skip(machine: Machine, vcpu: Vcpu, length: int = 0) -> None:
 def hypercall_port_forwarder(machine: ConfiguredMachine) -> Callable:
     """An OUT to a moved hypercall port dispatched as a VMCALL exit (key RAX)."""
     def forward(vcpu, info):
-        exit = info.detail
+        exit = info.raw_kvm_exit
         if not exit.is_out:
             return None
-        action = machine.dispatcher.dispatch(vcpu, info.reset(ExitReason.EXECUTE_VMCALL, detail=exit),
+        action = machine.dispatcher.dispatch(vcpu, info.reset(ExitReason.EXECUTE_VMCALL, raw_kvm_exit=exit),
                                              vcpu.rax)
         return action if action is not None else RESUME
     return forward
@@ -81,7 +81,7 @@ def hypercall_handler(machine: ConfiguredMachine, rule: HypercallRule) -> Callab
 def mmio_handler(machine: ConfiguredMachine, rule: MmioRule) -> Callable:
     def handler(vcpu, info):
         machine.count(rule.name)
-        exit = info.detail
+        exit = info.raw_kvm_exit
         if rule.log or rule.action == "log":
             what = "write" if getattr(exit, "is_write", False) else "read"
             machine.log(f"{rule.name}: {what} at {info.guest_physical_address:#x} rip={vcpu.rip:#x}")
@@ -135,7 +135,7 @@ def msr_handler(machine: ConfiguredMachine, rule: MsrRule) -> Callable:
 
 def io_handler(machine: ConfiguredMachine, rule: IoRule) -> Callable:
     def handler(vcpu, info):
-        exit = info.detail
+        exit = info.raw_kvm_exit
         machine.count(rule.name)
         data = vcpu.fd.io_data(exit)
         if rule.log or rule.action == "log":

@@ -415,7 +415,7 @@ class EptShadow:
                                                        exit.data if exit.is_write else b"", vcpu.rip)
         self.violations += 1
         info = ctx.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                              guest_linear_address=gla or 0, detail=exit,
+                              guest_linear_address=gla or 0, raw_kvm_exit=exit,
                               data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
         if not exit.is_write:
             self._open_reads[ctx.index] = (access, exit)
@@ -425,7 +425,7 @@ class EptShadow:
     def _finish_read(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         """Before the next entry: a read violation no handler completed reads `info.data`."""
         access, exit = self._open_reads.pop(vcpu.index)
-        if access.completed or info.detail is not exit:
+        if access.completed or info.raw_kvm_exit is not exit:
             return
         size = access.size
         data = (info.data & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
@@ -458,7 +458,7 @@ class EptShadow:
             if gpa in self._hook_table.visible and region.mem[gpa - region.gpa] == 0xCC:
                 # CPL-0 int3 of a visible hook: report #BP here, whatever the failure data says
                 info = ctx.info.reset(
-                    ExitReason.EXCEPTION_OR_NMI, instruction_length=1, detail=exit,
+                    ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,
                     interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
                 return info, int(Vector.BP)
             seen = (vcpu.rip, self.toggles)
@@ -476,7 +476,7 @@ class EptShadow:
         self._accesses[ctx.index] = EptAccess(gpa, linear, 1, False, True, b"", vcpu.rip)
         self.violations += 1
         info = ctx.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                              guest_linear_address=linear, detail=exit)
+                              guest_linear_address=linear, raw_kvm_exit=exit)
         return info, gpa
 
     def _step_through(self, ctx: "VcpuContext", page: int) -> None:

@@ -9,7 +9,7 @@ from ..actions import Stop
 
 
 def stop_on_unmapped(vcpu, info):
-    exit = info.detail
+    exit = info.raw_kvm_exit
     what = "write to" if exit.is_write else "read from"
     return Stop("error", message=f"EPT misconfiguration: {exit.length}-byte {what} unmapped "
                                  f"guest-physical address {exit.phys_addr:#x} at rip={vcpu.rip:#x}")

@@ -5,9 +5,13 @@ RSI and the result in RAX. KVM never lets VMCALL itself reach user space.
 """
 from __future__ import annotations
 
+from ..actions import Reply
+
 KVM_ENOSYS = 1000        # what KVM's own hypercall ABI answers for an unknown number
 
 
+_UNKNOWN = Reply(-KVM_ENOSYS)
+
+
 def unknown_hypercall(vcpu, info):
-    vcpu.rax = -KVM_ENOSYS
-    return None
+    return _UNKNOWN

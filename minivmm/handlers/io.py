@@ -5,7 +5,7 @@ A write to the debug-exit port ends the run with the guest's exit code.
 """
 from __future__ import annotations
 
-from ..actions import Stop
+from ..actions import RESUME, Reply, Stop
 from ..devices import DebugExit
 
 
@@ -16,28 +16,29 @@ def port_devices(bus):
     exits: dict[int, Stop] = {}           # Stop is immutable and costs about 0.7 us to build
 
     def handle(vcpu, info):
-        exit = info.detail
-        device = ports.get(exit.port)
-        if device is None and exit.is_out:
+        port = info.port
+        device = ports.get(port)
+        size = info.size
+        if info.is_in:
+            if info.string_data is None:
+                info.data = device.io_read(port, size) if device is not None else (1 << (8 * size)) - 1
+                return RESUME                                   # the IN reads info.data
+            values = b"".join((device.io_read(port, size) if device is not None else (1 << (8 * size)) - 1)
+                              .to_bytes(size, "little") for _ in range(info.count))
+            return Reply(values)
+        if device is None:
             return None
-        size = exit.size
-        if exit.is_out:
-            if exit.count == 1:
-                device.io_write(exit.port, size, info.data)
-            else:
-                data = vcpu.fd.io_data(exit)
-                for i in range(0, len(data), size):
-                    device.io_write(exit.port, size, int.from_bytes(data[i:i + size], "little"))
-            if device.__class__ is DebugExit and device.exit_requested:
-                stop = exits.get(device.value)
-                if stop is None:
-                    stop = exits[device.value] = Stop("exit", device.value)
-                return stop
-            return None
-        data = vcpu.fd.io_data(exit)
-        for i in range(0, len(data), size):
-            value = device.io_read(exit.port, size) if device is not None else (1 << (8 * size)) - 1
-            data[i:i + size] = value.to_bytes(size, "little")
+        if info.string_data is None:
+            device.io_write(port, size, info.data)
+        else:
+            data = info.string_data
+            for i in range(0, len(data), size):
+                device.io_write(port, size, int.from_bytes(data[i:i + size], "little"))
+        if device.__class__ is DebugExit and device.exit_requested:
+            stop = exits.get(device.value)
+            if stop is None:
+                stop = exits[device.value] = Stop("exit", device.value)
+            return stop
         return None
 
     return handle
