@@ -127,3 +127,16 @@ def test_trace_an_application_processor(make_machine) -> None:
     assert emitted[3 - first].changes["rbx"] == 2
     assert machine.hooks.handles() == before
     assert [ctx.vmcs.mtf for ctx in machine.contexts] == [False, False]
+
+
+def test_the_plugins_guest_vm_traces_with_it_and_records_no_steps_as_exits(make_machine) -> None:
+    from minivmm.testing import GuestVM
+    machine = long_machine(make_machine)
+    vm = GuestVM(machine, trace_limit=5)
+    before = machine.hooks.handles()
+    run = vm.run()
+    assert (run.reason, run.exit_code) == ("exit", 6), run
+    assert vm.exit_sequence == ["IO_INSTRUCTION"]                  # the MTF steps are the tracer's
+    assert isinstance(vm.tracer, Tracer) and vm.tracer.count == 12 and len(vm.tracer.steps) == 5
+    assert machine.hooks.handles() == before
+    assert vm.tracer.format() in vm.report()
