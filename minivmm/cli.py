@@ -222,7 +222,8 @@ def _vm_failure(args, config, exc: Exception, out: TextIO, console: str = "") ->
 
 
 def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> None:
-    """Observe every exit (a pass-through handler per reason) and describe it."""
+    """Describe every exit from an OBSERVE hook: handlers would change the routing (an
+    unfiltered I/O handler intercepts every port, an exception handler every vector)."""
     from .exits import ExitReason
 
     def observer(vcpu, info) -> None:
@@ -234,13 +235,8 @@ def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> Non
             lines.append(line)
         if stream is not None:
             print(f"minivmm: {line}", file=stream)
-        return None
 
-    for reason in ExitReason:
-        # an unfiltered exception handler would intercept every vector; CPUID
-        # handlers are consulted while the CPUID table is built, not per exit
-        if reason not in (ExitReason.EXCEPTION_OR_NMI, ExitReason.EXECUTE_CPUID):
-            machine.on(reason, observer)
+    machine.hooks.add("observe", observer)
 
 
 # ---------------------------------------------------------------------------

@@ -264,3 +264,12 @@ def test_trace_an_application_processor(capsys) -> None:
 def test_trace_rejects_a_vcpu_the_machine_lacks(capsys) -> None:
     assert cli.main(["trace", str(CONFIGS / "hello_real.yaml"), "--vcpu", "1"]) == 2
     assert "--vcpu 1: the machine has 1 vCPU(s)" in capsys.readouterr().err
+
+
+def test_run_trace_observes_exits_without_handling_them(capsys) -> None:
+    status, report = run_json(capsys, str(CONFIGS / "int3_storm.yaml"), "--trace")
+    plain_status, plain = run_json(capsys, str(CONFIGS / "int3_storm.yaml"))
+    assert (status, report["exits"]) == (plain_status, plain["exits"])       # tracing changes nothing
+    assert len(report["trace"]) == sum(report["exits"].values())
+    assert sum(line.startswith("exit EXCEPTION_OR_NMI") for line in report["trace"]) == \
+        report["exits"]["EXCEPTION_OR_NMI"]
