@@ -84,11 +84,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Single-step the guest (monitor trap flag) and print one line per instruction: "
                     "address, bytes, disassembly and the registers it changed.",
         epilog="examples:\n  minivmm trace configs/hello_real.yaml --max 10\n"
-               "  minivmm trace configs/hello_long.yaml --json | head")
+               "  minivmm trace configs/hello_long.yaml --json | head\n"
+               "  minivmm trace configs/mb_smp.yaml --vcpu 1 --max 50")
     _config_arguments(trace)
     trace.add_argument("--max", type=int, default=1000, metavar="N", help="stop after N instructions "
                        "(default 1000)")
     trace.add_argument("--json", action="store_true", help="JSON lines instead of text")
+    trace.add_argument("--vcpu", type=int, default=0, metavar="N", help="the vCPU to trace (default 0, "
+                       "the bootstrap processor)")
     trace.set_defaults(handler=cmd_trace)
 
     caps = commands.add_parser(
@@ -219,7 +222,8 @@ def _vm_failure(args, config, exc: Exception, out: TextIO, console: str = "") ->
 
 
 def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> None:
-    """Observe every exit (a pass-through handler per reason) and describe it."""
+    """Describe every exit from an OBSERVE hook: handlers would change the routing (an
+    unfiltered I/O handler intercepts every port, an exception handler every vector)."""
     from .exits import ExitReason
 
     def observer(vcpu, info) -> None:
@@ -231,13 +235,8 @@ def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> Non
             lines.append(line)
         if stream is not None:
             print(f"minivmm: {line}", file=stream)
-        return None
 
-    for reason in ExitReason:
-        # an unfiltered exception handler would intercept every vector; CPUID
-        # handlers are consulted while the CPUID table is built, not per exit
-        if reason not in (ExitReason.EXCEPTION_OR_NMI, ExitReason.EXECUTE_CPUID):
-            machine.on(reason, observer)
+    machine.hooks.add("observe", observer)
 
 
 # ---------------------------------------------------------------------------
@@ -260,7 +259,10 @@ def cmd_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     config = load_config(args.config, args.overrides)
     if args.max <= 0:
         raise ConfigError("--max: expected a positive number of instructions", "command line")
-    result = trace_config(config, max_steps=args.max, out=out, as_json=args.json)
+    if not 0 <= args.vcpu < config.machine.vcpus:
+        raise ConfigError(f"--vcpu {args.vcpu}: the machine has {config.machine.vcpus} vCPU(s) "
+                          f"(machine.vcpus)", "command line")
+    result = trace_config(config, max_steps=args.max, out=out, as_json=args.json, vcpu=args.vcpu)
     return exit_status(result.reason, result.exit_code) if result.reason != "step_limit" else EXIT_OK
 
 

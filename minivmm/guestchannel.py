@@ -14,9 +14,9 @@ channel owns the numbers 0x4d560000-0x4d5600ff ("MV"):
 | 0x4d560003 `MV_HC_PRINTF`| GUEST_PRINTF(fmt, ...)           | format on the host, print, resume   |
 
 This module also holds what the pytest plugin reports about a guest: register
-dumps, a disassembly around RIP, the exit sequence (`ExitRecorder`) and an MTF
-instruction trace (`MtfTracer`), and the source preparation that gives the
-assembly macros their file and line.
+dumps, a disassembly around RIP, the exit sequence (`ExitRecorder`), and the
+source preparation that gives the assembly macros their file and line. The
+instruction trace it adds with `--minivmm-trace` is `minivmm.trace.Tracer`.
 """
 from __future__ import annotations
 
@@ -36,11 +36,12 @@ from .hooks import HookKind
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .trace import Tracer
     from .vcpu import Vcpu
 
 __all__ = [
     "MV_HC_BASE", "MV_HC_DONE", "MV_HC_SYNC", "MV_HC_ASSERT", "MV_HC_PRINTF", "MV_HC_LAST",
-    "SyncPoint", "GuestAssertion", "GuestChannel", "ExitRecorder", "MtfTracer", "TraceStep",
+    "SyncPoint", "GuestAssertion", "GuestChannel", "ExitRecorder",
     "format_guest_printf", "register_state", "format_registers", "disassemble_around",
     "prepare_asm_source", "code_bits", "read_linear", "read_cstring", "GUEST_INCLUDE_DIR",
 ]
@@ -63,7 +64,6 @@ GUEST_INCLUDE_DIR = Path(__file__).resolve().parent / "guest_include"
 GPR_ORDER = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 _CR0_PE, _CR0_PG, _EFER_LMA = 1, 1 << 31, 1 << 10
-_RFLAGS_TF = 0x100
 
 
 # -- guest addresses -----------------------------------------------------------------
@@ -492,7 +492,8 @@ class ExitRecorder:
 
     Handlers would change what the machine does (a handler for every port sets
     every I/O-bitmap bit), so the recorder is an OBSERVE hook (`machine.hooks`).
-    The last `limit` reasons are kept.
+    The last `limit` reasons are kept; the single steps of `tracer` (a
+    `minivmm.trace.Tracer`, when one is set) are left out.
     """
 
     IGNORED = frozenset({ExitReason.EXECUTE_CPUID})      # CPUID is consulted at setup, not an exit here
@@ -501,165 +502,22 @@ class ExitRecorder:
         self.machine = machine
         self.reasons: collections.deque[str] = collections.deque(maxlen=limit)
         self.total = 0
-        self.tracer: MtfTracer | None = None
+        self.tracer: "Tracer | None" = None
         machine.hooks.add(HookKind.OBSERVE, self._note)
 
     def _note(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         reason = info.reason
         if reason in self.IGNORED:
             return
-        tracer = self.tracer
-        tracing = tracer is not None and tracer.active
-        if tracing and tracer.is_step(info):
+        if self.tracer is not None and self.tracer.is_step(info):
             return
-        name = ExitReason(reason).name
-        self.reasons.append(name)
+        self.reasons.append(ExitReason(reason).name)
         self.total += 1
-        if tracing:
-            tracer.note_exit(name)
 
     def since(self, mark: int) -> list[str]:
         """The reasons recorded after `total` was `mark` (as many as are still kept)."""
         count = min(self.total - mark, len(self.reasons))
         return list(self.reasons)[len(self.reasons) - count:] if count > 0 else []
-
-
-# -- MTF trace -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TraceStep:
-    """One single-stepped instruction (or, with `exit` set, an exit between steps)."""
-    address: int                      # linear
-    code: bytes = b""
-    bits: int = 64
-    exit: str = ""
-
-
-class MtfTracer:
-    """Keeps the last `limit` instructions the guest executed, by single-stepping.
-
-    Uses the VMCS monitor-trap-flag control when the machine has one (each step
-    is a MONITOR_TRAP_FLAG exit), else `machine.step_once` repeatedly. Every
-    instruction becomes an exit: guests run at roughly 10-50 thousand
-    instructions per second while tracing.
-    """
-
-    def __init__(self, machine: "Machine", limit: int = 5000) -> None:
-        self.machine = machine
-        self.steps: collections.deque[TraceStep] = collections.deque(maxlen=limit)
-        self.count = 0
-        self.active = False
-        self._registration = None
-        self._use_vmcs = hasattr(machine, "vmcs") and hasattr(ExitReason, "MONITOR_TRAP_FLAG")
-        self._how = ""
-
-    def start(self) -> None:
-        """Step from the next entry on."""
-        if self.active:
-            return
-        self.active = True
-        machine = self.machine
-        if getattr(machine.mode, "value", machine.mode) == "user":
-            # CPL-3 code runs natively and ignores KVM's single-step: use RFLAGS.TF,
-            # whose #DB traps come back through the built-in kernel.
-            from .exits import Vector
-            self._registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._debug_trap,
-                                            vector=int(Vector.DB))
-            machine.vcpu.rflags |= _RFLAGS_TF
-            self._how = "tf"
-            return
-        if self._use_vmcs:
-            from .controls import ProcBasedControls
-            try:
-                machine.vmcs.set_control(ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
-                self._registration = machine.on(ExitReason.MONITOR_TRAP_FLAG, self._mtf_exit)
-                self._how = "mtf"
-                return
-            except Exception:                      # the control is not available here
-                self._use_vmcs = False
-        self._how = "step_once"
-        machine.step_once(self._stepped)
-
-    def stop(self) -> None:
-        """Stop stepping (the kept steps stay)."""
-        if not self.active:
-            return
-        self.active = False
-        machine = self.machine
-        if self._registration is not None:
-            machine.off(self._registration)
-            self._registration = None
-        if self._how == "mtf":
-            from .controls import ProcBasedControls
-            machine.vmcs.set_control(ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG, False)
-        elif self._how == "tf":
-            machine.vcpu.rflags &= ~_RFLAGS_TF
-
-    def _debug_trap(self, vcpu: "Vcpu", info: ExitInfo) -> Action:
-        from .actions import RETRY
-        self._record(vcpu)
-        if self.active:
-            vcpu.rflags |= _RFLAGS_TF
-        return RETRY
-
-    def record_position(self) -> None:
-        """Note the instruction the vCPU is about to execute (at the start of a run)."""
-        self._record(self.machine.vcpu)
-
-    def is_step(self, info: ExitInfo) -> bool:
-        """Whether an exit is one of the tracer's own single steps."""
-        if info.reason == ExitReason.MONITOR_TRAP_FLAG:
-            return self._how == "mtf"
-        return (self._how == "tf" and info.reason == ExitReason.EXCEPTION_OR_NMI
-                and info.interruption_info & 0xFF == 1)
-
-    def note_exit(self, name: str) -> None:
-        """An exit between steps; the instruction after it is recorded too (when RIP moved)."""
-        self.steps.append(TraceStep(0, exit=name))
-        vcpu = self.machine.vcpu
-        previous = next((s.address for s in reversed(self.steps) if not s.exit), None)
-        bits = code_bits(vcpu)
-        linear = vcpu.rip if bits == 64 else data_address(vcpu, vcpu.rip, "cs")
-        if linear != previous:
-            self._record(vcpu)
-
-    def _record(self, vcpu: "Vcpu") -> None:
-        bits = code_bits(vcpu)
-        linear = vcpu.rip if bits == 64 else data_address(vcpu, vcpu.rip, "cs")
-        try:
-            code = read_linear(self.machine, linear, 15)
-        except Exception:
-            code = b""
-        self.steps.append(TraceStep(linear, code, bits))
-        self.count += 1
-
-    def _mtf_exit(self, vcpu: "Vcpu", info: ExitInfo) -> None:
-        self._record(vcpu)
-
-    def _stepped(self, vcpu: "Vcpu") -> None:
-        self._record(vcpu)
-        if self.active:
-            self.machine.step_once(self._stepped)
-
-    def format(self, last: int | None = None) -> str:
-        """The trace as text: one instruction a line, exits between them."""
-        from .disasm import disassemble
-        symbolize = _symbolizer(self.machine.symbols)
-        steps = list(self.steps)
-        if last is not None:
-            steps = steps[-last:]
-        lines = [f"# MTF trace: {len(steps)} entries shown, {self.count} instructions stepped "
-                 f"(the last is the next to execute)"]
-        for step in steps:
-            if step.exit:
-                lines.append(f"   -- exit {step.exit}")
-                continue
-            insns = disassemble(step.code, step.address, step.bits, 1)
-            if insns:
-                _, raw, text = insns[0]
-                lines.append(f"{step.address:#010x} {symbolize(step.address):<22} {raw.hex(' '):<30} {text}")
-            else:
-                lines.append(f"{step.address:#010x} (no code: {step.code.hex(' ') or 'unreadable'})")
-        return "\n".join(lines)
 
 
 # -- source preparation -------------------------------------------------------------------------

@@ -121,7 +121,8 @@ class GuestRun:
 
 
 class GuestVM:
-    """A machine with the test channel, an exit recorder and (optionally) an MTF tracer.
+    """A machine with the test channel, an exit recorder and (optionally) an instruction
+    tracer (`minivmm.trace.Tracer` on vCPU 0, keeping the last `trace_limit` steps).
 
     Attribute access falls through to the `Machine` (`vm.memory`, `vm.vcpu`,
     `vm.symbols`, `vm.on(...)`, ...).
@@ -129,13 +130,14 @@ class GuestVM:
 
     def __init__(self, machine: "Machine", *, name: str = "guest", timeout: float = DEFAULT_TIMEOUT,
                  trace_limit: int = 0, printer: Callable[[str], object] | None = None) -> None:
-        from .guestchannel import ExitRecorder, GuestChannel, MtfTracer
+        from .guestchannel import ExitRecorder, GuestChannel
+        from .trace import Tracer
         self.machine = machine
         self.name = name
         self.timeout = timeout
         self.channel = GuestChannel(machine, printer)
         self.recorder = ExitRecorder(machine)
-        self.tracer = MtfTracer(machine, trace_limit) if trace_limit else None
+        self.tracer = Tracer(machine, max_steps=None, keep=trace_limit) if trace_limit else None
         self.recorder.tracer = self.tracer
         self.runs: list[GuestRun] = []
         self.source: str = ""
@@ -191,10 +193,7 @@ class GuestVM:
         printed_mark = len(channel.output)
         exit_mark = self.recorder.total
         if self.tracer is not None:
-            if not getattr(machine, "_started", True):
-                machine.setup()
             self.tracer.start()
-            self.tracer.record_position()
         try:
             result = machine.run(timeout=self.timeout if timeout is None else timeout, max_exits=max_exits)
         except Exception as exc:         # keep the state for the failure report, then re-raise

@@ -251,3 +251,25 @@ def test_trace_shows_exceptions_and_vmm_completed_instructions(capsys) -> None:
     assert "mov dword ptr [0x101000], 1" in lines[0] and "[completed by the VMM]" in lines[0]
 
 
+
+
+def test_trace_an_application_processor(capsys) -> None:
+    assert cli.main(["trace", str(CONFIGS / "mb_smp.yaml"), "--vcpu", "1", "--max", "7"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "# 7 instructions; step_limit: stopped after 7 instructions"
+    assert all(0x70000 <= int(line.split()[0], 16) < 0x70100 for line in lines[:-1])   # the AP trampoline
+    assert "mov cr0, eax" in lines[-2] or "mov cr0, eax" in lines[-3]
+
+
+def test_trace_rejects_a_vcpu_the_machine_lacks(capsys) -> None:
+    assert cli.main(["trace", str(CONFIGS / "hello_real.yaml"), "--vcpu", "1"]) == 2
+    assert "--vcpu 1: the machine has 1 vCPU(s)" in capsys.readouterr().err
+
+
+def test_run_trace_observes_exits_without_handling_them(capsys) -> None:
+    status, report = run_json(capsys, str(CONFIGS / "int3_storm.yaml"), "--trace")
+    plain_status, plain = run_json(capsys, str(CONFIGS / "int3_storm.yaml"))
+    assert (status, report["exits"]) == (plain_status, plain["exits"])       # tracing changes nothing
+    assert len(report["trace"]) == sum(report["exits"].values())
+    assert sum(line.startswith("exit EXCEPTION_OR_NMI") for line in report["trace"]) == \
+        report["exits"]["EXCEPTION_OR_NMI"]
