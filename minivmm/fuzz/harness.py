@@ -173,8 +173,10 @@ class Harness:
         self.runs = 0
         # The length register is written straight into the vCPU's register
         # cache (kvm_run's sync_regs area when the host has it).
-        self._length_cell = (ctypes.c_uint64.from_address(machine.vcpu.gpr_address(target.length_register))
+        vcpu = machine.vcpu
+        self._length_cell = (ctypes.c_uint64.from_address(vcpu.gpr_address(target.length_register))
                              if target.length_register is not None else None)
+        self._mark_dirty = vcpu.mark_dirty
         self._counts = [0] * 80
         self._watchdog = False
         if fast and target.timeout is not None and threading.current_thread() is threading.main_thread():
@@ -223,7 +225,7 @@ class Harness:
         self._previous_length = n
         if self._length_cell is not None:
             self._length_cell.value = n
-            machine.vcpu.mark_dirty(regs=True)
+            self._mark_dirty(regs=True)
         elif target.length_address is not None:
             machine.memory.write(target.length_address, struct.pack(self._length_format, n))
         self.coverage.start_run()
