@@ -42,7 +42,7 @@ class RunTimer:
 
     `start_watchdog(period)` replaces ITIMER_REAL with a polling thread that
     sends SIGALRM while a run is past its deadline: no timer syscalls per run
-    (arming and disarming ITIMER_REAL costs about 5 us here), deadlines
+    (arming and disarming ITIMER_REAL are two setitimer calls), deadlines
     honoured to within `period`. Harnesses that make thousands of short runs
     a second use it.
     """
