@@ -193,7 +193,7 @@ def enable_strict_ports(machine: "Machine") -> None:
     from .actions import Stop
     from .exits import ExitReason
     dispatcher = machine.dispatcher
-    default = dispatcher._defaults.get(ExitReason.IO_INSTRUCTION)
+    default = dispatcher.default(ExitReason.IO_INSTRUCTION)
     if getattr(default, "strict_ports", False):
         return
     ports = machine.port_devices

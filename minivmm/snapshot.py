@@ -39,9 +39,8 @@ vCPU state is restored in two levels:
 * `full=True`: everything above plus XCRs, XSAVE/FPU, all MSRs, debug
   registers, MP state and the TSC (about 10 ioctls).
 
-Measured here (2 MiB user-mode guest, one dirty page): about 10 us for a
-default restore (most of it reading and clearing the dirty log), about
-28 us with `fpu=True`, about 200 us with `full=True`.
+A default restore with few dirty pages spends most of its time reading and
+clearing the dirty log; `fpu=True` adds one ioctl, `full=True` the ones listed above.
 
 TSC
 ---
@@ -85,13 +84,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, KvmDebugregs, KvmDeviceAttr, KvmFpu,
-                  KvmRegs, KvmSregs, KvmVcpuEvents, KvmXcrs, KvmXsave, MpState, SyncRegsFlag, VcpuFd,
+                  KvmRegs, KvmSregs, KvmVcpuEvents, KvmXcrs, KvmXsave, MpState, VcpuFd,
                   msrs_buffer, u64)
 from .errors import MinivmmError
 from .memory import PAGE_SIZE
 
 if TYPE_CHECKING:
     from .machine import Machine
+    from .vcpu import Vcpu
 
 MAGIC = b"MVMMSNAP"
 VERSION = 1
@@ -102,8 +102,6 @@ _CHUNK = 1 << 20
 _REGS_SIZE = ctypes.sizeof(KvmRegs)
 _SREGS_SIZE = ctypes.sizeof(KvmSregs)
 _EVENTS_SIZE = ctypes.sizeof(KvmVcpuEvents)
-_SYNC_REGS_EVENTS = int(SyncRegsFlag.REGS | SyncRegsFlag.EVENTS)
-_SYNC_REGS_SREGS = int(SyncRegsFlag.REGS | SyncRegsFlag.SREGS)
 memmove = ctypes.memmove
 string_at = ctypes.string_at
 
@@ -376,14 +374,12 @@ class Snapshot:
                 memmove(regs_dst, regs_src, _REGS_SIZE)
                 memmove(events_dst, events_src, _EVENTS_SIZE)
                 if string_at(sregs_dst, _SREGS_SIZE) != self._sregs_bytes:
-                    # Special registers go in with KVM_SET_SREGS at the next entry
-                    # (the vCPU flushes them by ioctl, which drops the sync-regs
-                    # events bit): write the events by ioctl too.
+                    # Special registers go in with KVM_SET_SREGS at the next entry,
+                    # and the events by ioctl after them (`Vcpu.flush`).
                     memmove(sregs_dst, sregs_src, _SREGS_SIZE)
-                    vcpu._dirty |= _SYNC_REGS_SREGS
-                    vcpu.fd.set_vcpu_events(state.events)
+                    vcpu.mark_dirty(regs=True, sregs=True, events=True)
                 else:
-                    vcpu._dirty |= _SYNC_REGS_EVENTS
+                    vcpu.mark_dirty(regs=True, events=True)
             else:
                 vcpu.set_regs(state.regs)
                 vcpu.set_sregs(state.sregs)
@@ -395,13 +391,12 @@ class Snapshot:
         machine._started = self.started
         return pages
 
-    def _fast_addresses(self, vcpu) -> tuple:
+    def _fast_addresses(self, vcpu: "Vcpu") -> tuple:
         """Host addresses for the sync-regs restore: the vCPU's kvm_run areas and our structs."""
-        run = vcpu.fd.run
         state = self.vcpu
-        return (vcpu, ctypes.addressof(vcpu._regs), ctypes.addressof(vcpu._sregs),
-                ctypes.addressof(run.s.regs.events), ctypes.addressof(state.regs),
-                ctypes.addressof(state.sregs), ctypes.addressof(state.events))
+        return (vcpu, vcpu.regs_address, vcpu.sregs_address, vcpu.events_address,
+                ctypes.addressof(state.regs), ctypes.addressof(state.sregs),
+                ctypes.addressof(state.events))
 
     def _restore_dirty(self, machine: "Machine") -> int:
         lookup = self._lookup
@@ -454,11 +449,7 @@ class Snapshot:
         vcpu = machine.vcpu
         fd = vcpu.fd
         state = self.vcpu
-        ctypes.pointer(vcpu._regs)[0] = state.regs
-        ctypes.pointer(vcpu._sregs)[0] = state.sregs
-        vcpu._dirty = 0
-        fd.set_sregs(state.sregs)
-        fd.set_regs(state.regs)
+        vcpu.load_state(state.regs, state.sregs)
         if state.xcrs is not None:
             fd.set_xcrs(state.xcrs)
         if state.xsave is not None:
@@ -500,10 +491,8 @@ class Snapshot:
         serial = machine.serial
         if len(serial.output) != d.serial_output_length:
             del serial.output[d.serial_output_length:]
-        received = getattr(serial, "_received", None)
-        if received is not None and (received or d.serial_received):
-            received.clear()
-            received.extend(d.serial_received)
+        if serial.pending_input or d.serial_received:
+            serial.replace_input(d.serial_received)
         de = machine.debug_exit
         if de.exit_requested is not d.debug_exit_requested or de.value != d.debug_exit_value:
             de.exit_requested, de.value, de.status = (d.debug_exit_requested, d.debug_exit_value,
@@ -651,15 +640,14 @@ class Snapshot:
 def _device_state(machine: "Machine") -> DeviceState:
     serial = machine.serial
     de = machine.debug_exit
-    return DeviceState(len(serial.output), bytes(getattr(serial, "_received", b"")),
+    return DeviceState(len(serial.output), serial.queued_input,
                        de.exit_requested, de.value, de.status)
 
 
 def _enable_dirty_logging(machine: "Machine") -> None:
     ept = machine.ept
-    if not getattr(ept, "dirty_logging", False) and not getattr(machine, "_snapshot_dirty_logging", False):
+    if not ept.dirty_logging:
         ept.enable_dirty_logging()
-    machine._snapshot_dirty_logging = True
 
 
 __all__ = ["Snapshot", "SnapshotError", "VcpuState", "DeviceState", "RegionLayout", "readable_msrs",

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .fastpath import IO_TAG, run_packed_for
-from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
+from .kvm import (Cap, ExitKind, IoExit, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
                   SyncRegsFlag, VcpuFd, VmFd)
 
 MASK64 = (1 << 64) - 1
@@ -26,6 +26,7 @@ GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 _REGS, _SREGS = int(SyncRegsFlag.REGS), int(SyncRegsFlag.SREGS)     # plain ints: IntFlag ops are slow
+_EVENTS = int(SyncRegsFlag.EVENTS)
 _SYNC = _REGS | _SREGS
 
 
@@ -41,7 +42,7 @@ class RunTimer:
 
     `start_watchdog(period)` replaces ITIMER_REAL with a polling thread that
     sends SIGALRM while a run is past its deadline: no timer syscalls per run
-    (arming and disarming ITIMER_REAL costs about 5 us here), deadlines
+    (arming and disarming ITIMER_REAL are two setitimer calls), deadlines
     honoured to within `period`. Harnesses that make thousands of short runs
     a second use it.
     """
@@ -259,14 +260,91 @@ class Vcpu:
         self.set_events(events)
 
     def flush(self) -> None:
-        """Write changed registers to KVM now (normally done at the next entry)."""
+        """Write changed registers (and events marked with `mark_dirty(events=True)`) to KVM
+        now; normally they go in at the next entry."""
         if not self._dirty:
             return
         if self._dirty & _REGS:
             self.fd.set_regs(self._regs)
         if self._dirty & _SREGS:
             self.fd.set_sregs(self._sregs)
+        if self._dirty & _EVENTS:
+            self.fd.set_vcpu_events(self._run.s.regs.events)
         self._dirty = 0
+
+    # -- the register cache, for code that writes it in place --------------------------
+    @property
+    def regs_address(self) -> int:
+        """Host address of the cached `KvmRegs` (kvm_run's sync_regs area on hosts with
+        sync_regs). Stable for the vCPU's lifetime; after writing there, call
+        `mark_dirty(regs=True)`."""
+        return ctypes.addressof(self._regs)
+
+    @property
+    def sregs_address(self) -> int:
+        """Host address of the cached `KvmSregs`; like `regs_address`, with
+        `mark_dirty(sregs=True)`."""
+        return ctypes.addressof(self._sregs)
+
+    @property
+    def events_address(self) -> int:
+        """Host address of kvm_run's sync_regs `KvmVcpuEvents` (hosts with sync_regs only;
+        `mark_dirty(events=True)` after writing there). ValueError without sync_regs."""
+        if not self.synced:
+            raise ValueError("this host has no sync_regs: set events with set_events()")
+        return ctypes.addressof(self._run.s.regs.events)
+
+    def gpr_address(self, name: str) -> int:
+        """Host address of the 64-bit general register `name` (one of GPR_NAMES) in the
+        register cache, for harnesses that write it from C or through ctypes; call
+        `mark_dirty(regs=True)` after writing."""
+        if name not in GPR_NAMES:
+            raise ValueError(f"{name!r} is not one of {', '.join(GPR_NAMES)}")
+        return self.regs_address + getattr(KvmRegs, name).offset
+
+    def mark_dirty(self, *, regs: bool = False, sregs: bool = False, events: bool = False) -> None:
+        """Record that the register cache was written in place (through `gpr_address`,
+        `regs_address`, `sregs_address` or `events_address`): the marked groups go to
+        KVM at the next entry, or at `flush()`. `events` needs sync_regs."""
+        if regs:
+            self._dirty |= _REGS
+        if sregs:
+            self._dirty |= _SREGS
+        if events:
+            if not self.synced:
+                raise ValueError("this host has no sync_regs: set events with set_events()")
+            self._dirty |= _EVENTS
+
+    def load_state(self, regs: KvmRegs, sregs: KvmSregs) -> None:
+        """Write `regs` and `sregs` to KVM now (KVM_SET_SREGS, then KVM_SET_REGS) and into
+        the register cache; nothing is left to write at the next entry, and changes made
+        through the register attributes since the last entry are dropped."""
+        ctypes.pointer(self._regs)[0] = regs
+        ctypes.pointer(self._sregs)[0] = sregs
+        self._dirty = 0
+        self.fd.set_sregs(sregs)
+        self.fd.set_regs(regs)
+
+    # -- exit data and MSRs, for handlers -------------------------------------------------
+    def io_data(self, exit: IoExit) -> memoryview:
+        """The data bytes of I/O exit `exit` in the kvm_run page (write them for an IN)."""
+        return self.fd.io_data(exit)
+
+    def set_mmio_data(self, data: bytes) -> None:
+        """Reply to the current MMIO read exit: the bytes (up to 8) the guest reads."""
+        self.fd.set_mmio_data(data)
+
+    def read_msr(self, index: int) -> int | None:
+        """MSR `index` through KVM_GET_MSRS; None when KVM cannot read it."""
+        return self.fd.get_msrs([index]).get(index)
+
+    def write_msr(self, index: int, value: int) -> bool:
+        """Write MSR `index` through KVM_SET_MSRS; False when KVM refuses the MSR or value."""
+        try:
+            self.fd.set_msrs({index: value})
+        except KvmError:
+            return False
+        return True
 
     # -- running ------------------------------------------------------------------
     def enter(self) -> int:

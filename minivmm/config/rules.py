@@ -89,7 +89,7 @@ def mmio_handler(machine: ConfiguredMachine, rule: MmioRule) -> Callable:
             return Stop("stopped", message=f"{rule.name}: access to {info.guest_physical_address:#x} "
                                            f"at rip={vcpu.rip:#x}")
         if exit is not None and not getattr(exit, "is_write", True):
-            vcpu.fd.set_mmio_data(rule.value.to_bytes(8, "little", signed=rule.value < 0))
+            vcpu.set_mmio_data(rule.value.to_bytes(8, "little", signed=rule.value < 0))
             info.data = rule.value
         return RESUME
     return handler
@@ -137,7 +137,7 @@ def io_handler(machine: ConfiguredMachine, rule: IoRule) -> Callable:
     def handler(vcpu, info):
         exit = info.raw_kvm_exit
         machine.count(rule.name)
-        data = vcpu.fd.io_data(exit)
+        data = vcpu.io_data(exit)
         if rule.log or rule.action == "log":
             if exit.is_out:
                 value = int.from_bytes(data[:exit.size], "little")

@@ -124,7 +124,18 @@ class Serial16550:
             or (self._interrupt_enable & IER_THR_EMPTY and self._thr_empty_interrupt)
         )
 
+    @property
+    def queued_input(self) -> bytes:
+        """The bytes queued for the guest to read, oldest first (a copy)."""
+        return bytes(self._received)
+
     def feed(self, data: bytes) -> None:
+        """Queue `data` for the guest to read after what is already queued."""
+        self._received.extend(data)
+
+    def replace_input(self, data: bytes) -> None:
+        """Make `data` the whole receive queue (e.g. to restore a saved `queued_input`)."""
+        self._received.clear()
         self._received.extend(data)
 
     def io_write(self, port: int, size: int, value: int) -> None:

@@ -40,7 +40,6 @@ from time import perf_counter
 from ..disasm import disassemble
 from ..errors import MinivmmError
 from ..exits import vector_name
-from ..kvm import KvmRegs, SyncRegsFlag
 from ..machine import GuestFault
 from ..modes import CODE_BITS
 from ..snapshot import Snapshot
@@ -50,9 +49,6 @@ from .coverage import Coverage
 if TYPE_CHECKING:
     from ..config import Config
     from ..machine import Machine
-
-
-_SYNC_REGS = int(SyncRegsFlag.REGS)
 
 
 class FuzzError(MinivmmError, ValueError):
@@ -177,9 +173,10 @@ class Harness:
         self.runs = 0
         # The length register is written straight into the vCPU's register
         # cache (kvm_run's sync_regs area when the host has it).
-        self._length_offset = (getattr(KvmRegs, target.length_register).offset
-                               if target.length_register is not None else None)
-        self._regs_address = ctypes.addressof(machine.vcpu._regs)
+        vcpu = machine.vcpu
+        self._length_cell = (ctypes.c_uint64.from_address(vcpu.gpr_address(target.length_register))
+                             if target.length_register is not None else None)
+        self._mark_dirty = vcpu.mark_dirty
         self._counts = [0] * 80
         self._watchdog = False
         if fast and target.timeout is not None and threading.current_thread() is threading.main_thread():
@@ -226,10 +223,9 @@ class Harness:
             self.snapshot.restore_range(machine, target.input_address + n, self._previous_length - n)
         ctypes.memmove(self._input_host, data, n)
         self._previous_length = n
-        if self._length_offset is not None:
-            vcpu = machine.vcpu
-            ctypes.c_uint64.from_address(self._regs_address + self._length_offset).value = n
-            vcpu._dirty |= _SYNC_REGS
+        if self._length_cell is not None:
+            self._length_cell.value = n
+            self._mark_dirty(regs=True)
         elif target.length_address is not None:
             machine.memory.write(target.length_address, struct.pack(self._length_format, n))
         self.coverage.start_run()
