@@ -146,7 +146,7 @@ static int handle_io(struct kvm_run *run, long long packed, PyObject **objects, 
 		s_length = PyUnicode_InternFromString("instruction_length");
 		s_detail = PyUnicode_InternFromString("raw_kvm_exit");
 		s_data = PyUnicode_InternFromString("data");
-		s_vcpu_dirty = PyUnicode_InternFromString("_dirty");
+		s_vcpu_dirty = PyUnicode_InternFromString("dirty");
 		s_vmcs_dirty = PyUnicode_InternFromString("dirty");
 		if (!s_qualification || !s_length || !s_detail || !s_data || !s_vcpu_dirty || !s_vmcs_dirty)
 			goto error;
@@ -467,7 +467,7 @@ class IoLoop:
     does (an IN answered with `RESUME` gets `info.data` here too). It comes back
     at the first other exit or an instruction not decoded yet, at any other
     action, at an exception, and when a handler leaves work for the next entry
-    (`vcpu._dirty`, `vmcs.dirty`, a `pre_entry` hook or an observer).
+    (`vcpu.dirty`, `vmcs.dirty`, a `pre_entry` hook or an observer).
     """
 
     def __init__(self, routes: dict, info, vcpu, vmcs, pre_entry: list, observers: list) -> None:

@@ -166,6 +166,16 @@ class Machine:
     def devices(self) -> list[PortDevice]:
         return self.vm.ports.devices
 
+    @property
+    def started(self) -> bool:
+        """Whether the vCPU was put into the machine's mode (`setup`, done by the first run);
+        setting it False has the next run set the mode up again."""
+        return self._started
+
+    @started.setter
+    def started(self, value: bool) -> None:
+        self._started = bool(value)
+
     # -- memory and devices ---------------------------------------------------------
     def add_ram(self, gpa: int, size: int | str, *, name: str = "ram") -> Region:
         region = self.vm.add_ram(gpa, size, name=name)

@@ -301,7 +301,7 @@ class VcpuContext:
         observers = self.observers
         enter = vcpu.enter
         regs = vcpu.register_cache
-        run_packed, run_arg, vcpu_fd, synced = vcpu._run_packed, vcpu._run_arg, fd.fd, vcpu.synced
+        (run_packed, run_arg), vcpu_fd, synced = vcpu.packed_entry, fd.fd, vcpu.synced
         io_loop = None            # the C loop, fetched at the first exit it can take
         c_loop = synced and fastpath.COMPILED
         n = io_first              # counts[IO] plus the fast-path I/O exits of this run
@@ -324,7 +324,7 @@ class VcpuContext:
                         hook()
                 if vmcs.dirty:
                     vmcs.realise()
-                if vcpu._dirty or not synced:
+                if vcpu.dirty or not synced:
                     kind = enter()
                 elif io_ready and c_loop and not pre_entry and not observers:
                     if io_loop is None:
@@ -343,11 +343,11 @@ class VcpuContext:
                             break
                         continue
                     if kind < 0:
-                        kind = vcpu._entry_failed(-kind)
+                        kind = vcpu.entry_failed(-kind)
                 else:                                       # vcpu.enter(), inlined
                     kind = run_packed(vcpu_fd, run_arg)
                     if kind < 0:
-                        kind = vcpu._entry_failed(-kind)
+                        kind = vcpu.entry_failed(-kind)
                 if kind >= io_tag:
                     route = io_routes.get(kind >> 32) or self._io_fast_route(kind >> 32)
                     if route is not None:
@@ -637,7 +637,7 @@ class VcpuContext:
             total.handler_seconds += stat.handler_seconds
         return RunResult(reason=action.reason, exit_code=action.exit_code, console=console,
                          exits={name: s.count for name, s in stats.items()}, elapsed_s=elapsed,
-                         rip=self.vcpu.rip if self.vcpu._regs is not None else 0,
+                         rip=0 if self.vcpu.closed else self.vcpu.rip,
                          message=action.message,
                          exception=self.last_exception if action.reason == "exception" else None,
                          stats=stats, last_exit=str(self.info))

@@ -244,7 +244,7 @@ class Snapshot:
         """
         if machine.vcpu is None:
             raise SnapshotError("the machine is closed")
-        if not machine._started:
+        if not machine.started:
             machine.setup()
         vcpu = machine.vcpu
         vcpu.flush()
@@ -388,7 +388,7 @@ class Snapshot:
             if fpu:
                 vcpu.fd.set_fpu(state.fpu)
         self._restore_devices(machine)
-        machine._started = self.started
+        machine.started = self.started
         return pages
 
     def _fast_addresses(self, vcpu: "Vcpu") -> tuple:

@@ -133,7 +133,7 @@ class _StepLimit(MinivmmError):
 def describe_exit(info: ExitInfo) -> str:
     """The exit as a trace shows it: the reason, with the port, GPA or vector."""
     text = info.reason.name
-    detail = info.detail
+    detail = info.raw_kvm_exit
     if info.reason == ExitReason.IO_INSTRUCTION and detail is not None:
         text += f" {'out' if detail.is_out else 'in'} port={detail.port:#x}"
     elif info.reason in (ExitReason.EPT_VIOLATION, ExitReason.EPT_MISCONFIGURATION):

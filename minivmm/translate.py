@@ -29,7 +29,7 @@ from .errors import MinivmmError
 from .exits import (EXCEPTIONS_WITH_ERROR_CODE, VM_ENTRY_FAILURE, ExitInfo, ExitReason,
                     InterruptionInfo, InterruptionType, IoQualification, Vector, vector_name)
 from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, InternalErrorKind, IoExit,
-                  KvmError, MmioExit, MsrExit)
+                  MmioExit, MsrExit)
 from .modes import EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, Mode, StubFrame, decode_stub_frame
 
 __all__ = ["CpuView", "ExceptionReport", "GuestFault", "IoInstruction", "RestoreUserFrame",
@@ -265,7 +265,7 @@ class Translator:
                        interruption_info=InterruptionInfo(vector, itype).encode())
             return Translation(vector, exception=ExceptionReport(vector, None, None, exit.pc))
         name = ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind
-        raise KvmError("KVM_RUN", 0, f"unexpected KVM exit {name}: {exit}")
+        raise GuestFault(f"unexpected KVM exit {name}: {exit} (minivmm has no VMX exit for it)")
 
     def _io(self, exit: IoExit, cpu: CpuView, info: ExitInfo, stepping: bool,
             out_data: int) -> Translation:

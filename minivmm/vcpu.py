@@ -143,7 +143,7 @@ def _gpr(name: str) -> property:
 
     def set(self: "Vcpu", value: int) -> None:
         setattr(self._regs, name, value & MASK64)
-        self._dirty |= _REGS
+        self.dirty |= _REGS
 
     return property(get, set, doc=f"Guest {name.upper()}.")
 
@@ -154,7 +154,7 @@ def _sreg(name: str) -> property:
 
     def set(self: "Vcpu", value: int) -> None:
         setattr(self._sregs, name, value & MASK64)
-        self._dirty |= _SREGS
+        self.dirty |= _SREGS
 
     return property(get, set, doc=f"Guest {name.upper()}.")
 
@@ -176,11 +176,21 @@ class Vcpu:
         else:
             self._regs = self.fd.get_regs()
             self._sregs = self.fd.get_sregs()
-        self._dirty = 0
+        self.dirty = 0
         self._fd = self.fd.fd
         self._run = run
         self._run_packed, self._run_arg = run_packed_for(self.fd.run_mmap)
         self.fd.set_cpuid2(kvm.get_supported_cpuid())
+
+    @property
+    def packed_entry(self) -> tuple:
+        """(function, argument): `function(self.fd.fd, argument)` is one KVM_RUN in the packed
+        form of `minivmm.fastpath` (the exit loop calls it directly)."""
+        return self._run_packed, self._run_arg
+
+    @property
+    def closed(self) -> bool:
+        return self._regs is None
 
     def close(self) -> None:
         self._regs = self._sregs = self._run = self._run_arg = None
@@ -211,18 +221,18 @@ class Vcpu:
 
     def set_regs(self, regs: KvmRegs) -> None:
         ctypes.pointer(self._regs)[0] = regs
-        self._dirty |= _REGS
+        self.dirty |= _REGS
 
     def set_sregs(self, sregs: KvmSregs) -> None:
         ctypes.pointer(self._sregs)[0] = sregs
-        self._dirty |= _SREGS
+        self.dirty |= _SREGS
 
     def segment(self, name: str) -> Segment:
         return Segment.from_kvm(getattr(self._sregs, name))
 
     def set_segment(self, name: str, segment: Segment) -> None:
         segment.to_kvm(getattr(self._sregs, name))
-        self._dirty |= _SREGS
+        self.dirty |= _SREGS
 
     def descriptor_table(self, name: str) -> tuple[int, int]:
         """(base, limit) of "gdt" or "idt"."""
@@ -232,7 +242,7 @@ class Vcpu:
     def set_descriptor_table(self, name: str, base: int, limit: int) -> None:
         table = getattr(self._sregs, name)
         table.base, table.limit = base, limit
-        self._dirty |= _SREGS
+        self.dirty |= _SREGS
 
     @property
     def cpl(self) -> int:
@@ -262,15 +272,15 @@ class Vcpu:
     def flush(self) -> None:
         """Write changed registers (and events marked with `mark_dirty(events=True)`) to KVM
         now; normally they go in at the next entry."""
-        if not self._dirty:
+        if not self.dirty:
             return
-        if self._dirty & _REGS:
+        if self.dirty & _REGS:
             self.fd.set_regs(self._regs)
-        if self._dirty & _SREGS:
+        if self.dirty & _SREGS:
             self.fd.set_sregs(self._sregs)
-        if self._dirty & _EVENTS:
+        if self.dirty & _EVENTS:
             self.fd.set_vcpu_events(self._run.s.regs.events)
-        self._dirty = 0
+        self.dirty = 0
 
     # -- the register cache, for code that writes it in place --------------------------
     @property
@@ -307,13 +317,13 @@ class Vcpu:
         `regs_address`, `sregs_address` or `events_address`): the marked groups go to
         KVM at the next entry, or at `flush()`. `events` needs sync_regs."""
         if regs:
-            self._dirty |= _REGS
+            self.dirty |= _REGS
         if sregs:
-            self._dirty |= _SREGS
+            self.dirty |= _SREGS
         if events:
             if not self.synced:
                 raise ValueError("this host has no sync_regs: set events with set_events()")
-            self._dirty |= _EVENTS
+            self.dirty |= _EVENTS
 
     def load_state(self, regs: KvmRegs, sregs: KvmSregs) -> None:
         """Write `regs` and `sregs` to KVM now (KVM_SET_SREGS, then KVM_SET_REGS) and into
@@ -321,7 +331,7 @@ class Vcpu:
         through the register attributes since the last entry are dropped."""
         ctypes.pointer(self._regs)[0] = regs
         ctypes.pointer(self._sregs)[0] = sregs
-        self._dirty = 0
+        self.dirty = 0
         self.fd.set_sregs(sregs)
         self.fd.set_regs(regs)
 
@@ -352,21 +362,23 @@ class Vcpu:
         tagged with IO_TAG and carries its port, size, direction and OUT data;
         any other exit is its KVM exit reason (ExitKind.INTR on a signal).
         """
-        if self._dirty:
-            if self.synced and not self._dirty & _SREGS:
-                self._run.kvm_dirty_regs = self._dirty
-                self._dirty = 0
+        if self.dirty:
+            if self.synced and not self.dirty & _SREGS:
+                self._run.kvm_dirty_regs = self.dirty
+                self.dirty = 0
             else:
                 self.flush()      # KVM_SET_SREGS names bad segment/control state; KVM_RUN would not
         packed = self._run_packed(self._fd, self._run_arg)
         if packed < 0:
-            packed = self._entry_failed(-packed)
+            packed = self.entry_failed(-packed)
         if not self.synced:
             ctypes.pointer(self._regs)[0] = self.fd.get_regs()
             ctypes.pointer(self._sregs)[0] = self.fd.get_sregs()
         return packed
 
-    def _entry_failed(self, err: int) -> int:
+    def entry_failed(self, err: int) -> int:
+        """What a KVM_RUN that failed with `err` means: ExitKind.INTR for a signal or an AP's
+        wake-up, else a KvmError."""
         if err == errno.EINTR:
             self._run.immediate_exit = 0
             return _EXIT_INTR

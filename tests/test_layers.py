@@ -106,12 +106,6 @@ def kvm_reach(path: str, tree: ast.Module) -> list[Finding]:
 
 
 KVM_REACH_ALLOWED = {
-    # handlers/ owner: string I/O through `vcpu.io_data(exit)` (Vcpu API).
-    ("minivmm/handlers/io.py", ".fd"): "vcpu.fd.io_data -> vcpu.io_data",
-    # handlers/ owner: `vcpu.read_msr(index)` / `vcpu.write_msr(index, value)` (False when
-    # KVM refuses), which also removes the KvmError import.
-    ("minivmm/handlers/msr.py", ".fd"): "vcpu.fd.get_msrs/set_msrs -> vcpu.read_msr/write_msr",
-    ("minivmm/handlers/msr.py", "import minivmm.kvm"): "KvmError -> vcpu.write_msr's result",
 }
 
 
@@ -178,14 +172,6 @@ def kvm_entries(path: str, tree: ast.Module) -> list[Finding]:
 
 
 KVM_ENTRIES_ALLOWED = {
-    # ept/ owner: the realisation probe runs its test guest with a raw vcpu.run_once();
-    # it should go through the VcpuContext's exit loop (run_raw) like every other run.
-    ("minivmm/ept/realise.py", "vcpu.run_once"): "machine.vcpu.run_once() -> VcpuContext.run_raw",
-    # ept/ owner: the shadow's own single-entry loop; same replacement.
-    ("minivmm/ept/shadow.py", "vcpu.run_once"): "vcpu.run_once() -> VcpuContext.run_raw",
-    # translate.py owner: an unexpected exit kind is raised as KvmError("KVM_RUN", ...); the
-    # translation should raise its own error (GuestFault or a TranslationError) instead.
-    ("minivmm/translate.py", '"KVM_RUN"'): 'KvmError("KVM_RUN") -> a translate error',
 }
 
 
@@ -246,9 +232,6 @@ def machine_parameters(path: str, tree: ast.Module) -> list[Finding]:
 
 
 MACHINE_PARAMETERS_ALLOWED = {
-    # ept/ owner: EptShadow should take the Vm (memory, VM fd, slot table) and the vCPU
-    # contexts it installs itself on, not the Machine facade.
-    ("minivmm/ept/shadow.py", "EptShadow.__init__(machine)"): "EptShadow(machine) -> EptShadow(vm, contexts)",
 }
 
 
@@ -317,26 +300,6 @@ def private_reads(path: str, tree: ast.Module) -> list[Finding]:
 
 
 PRIVATE_READS_ALLOWED = {
-    # runloop.py owner: the exit loop inlines Vcpu.enter(). The packed entry function and
-    # its argument want a public Vcpu accessor (e.g. `Vcpu.packed_entry -> (function, arg)`),
-    ("minivmm/runloop.py", "_run_packed"): "Vcpu.packed_entry",
-    ("minivmm/runloop.py", "_run_arg"): "Vcpu.packed_entry",
-    # the failed-entry path a public `Vcpu.entry_failed(errno)`,
-    ("minivmm/runloop.py", "_entry_failed"): "Vcpu.entry_failed",
-    # the per-exit "registers to write?" test a public plain attribute of Vcpu (a property
-    # would cost the hot loop a call per exit),
-    ("minivmm/runloop.py", "_dirty"): "a public Vcpu attribute for the dirty groups",
-    # and RunResult's "is the vCPU closed?" (`vcpu._regs is not None`) a `Vcpu.closed`.
-    ("minivmm/runloop.py", "_regs"): "Vcpu.closed",
-    # machine.py owner: SmpRunner calls Machine._prepare_run(); a public Machine.prepare_run().
-    ("minivmm/smp.py", "_prepare_run"): "Machine.prepare_run()",
-    # machine.py owner: whether setup() ran is only Machine._started. Needed: a public
-    # `Machine.started` (read by snapshot.take, testing.GuestSession.run, trace.Tracer.run)
-    # and a way for Snapshot.restore to set it back to the snapshot's value (a setter or
-    # `Machine.mark_started(bool)`); the three modules then switch to it.
-    ("minivmm/snapshot.py", "_started"): "Machine.started (read and set)",
-    ("minivmm/testing.py", "_started"): "Machine.started",
-    ("minivmm/trace.py", "_started"): "Machine.started",
 }
 
 

@@ -666,4 +666,4 @@ def test_guest_fault_is_a_minivmm_error():
     (1234, None, "1234"),
 ], ids=["hypercall", "memory-fault", "unknown", "irq-window", "not-a-kind"])
 def test_unexpected_exit_kind_is_kvm_error(kind, exit, name):
-    raises_untouched(Mode.LONG, kind, exit, code_cpu("90"), KvmError, f"unexpected KVM exit {name}\\b")
+    raises_untouched(Mode.LONG, kind, exit, code_cpu("90"), GuestFault, f"unexpected KVM exit {name}\\b")
