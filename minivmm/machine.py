@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import asm
-from .actions import Stop
+from .actions import Reply, Stop
 from .cpuid import CpuidLeaf, CpuidTable
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason
@@ -253,11 +253,19 @@ class Machine:
         self._started = True
 
     def apply_cpuid(self) -> None:
-        """Give KVM the CPUID table (overrides and EXECUTE_CPUID handlers); before the first run only."""
+        """Give KVM the CPUID table (overrides and EXECUTE_CPUID handlers); before the first run only.
+
+        Each EXECUTE_CPUID handler sees the table's answer for its leaf as `info.raw_kvm_exit`
+        (a `CpuidLeaf`: leaf, subleaf, eax..edx) and may return `Reply((eax, ebx, ecx, edx))`."""
         def consult(leaf: CpuidLeaf) -> None:
             info = ExitInfo().reset(ExitReason.EXECUTE_CPUID, instruction_length=2, raw_kvm_exit=leaf)
             try:
-                self.vm.dispatcher.dispatch(self.vcpu, info, leaf.leaf)
+                action = self.vm.dispatcher.dispatch(self.vcpu, info, leaf.leaf)
+                if isinstance(action, Reply):
+                    leaf.eax, leaf.ebx, leaf.ecx, leaf.edx = action.value
+                elif action is not None:
+                    raise TypeError(f"a CPUID handler answers with Reply((eax, ebx, ecx, edx)) or None, "
+                                    f"not {action!r}")
             except Exception as exc:
                 raise HandlerError(f"EXECUTE_CPUID handler raised {type(exc).__name__}: {exc} "
                                    f"(leaf {leaf.leaf:#x} subleaf {leaf.subleaf:#x})") from exc

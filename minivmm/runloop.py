@@ -98,13 +98,14 @@ _COMPLETED_BY_KVM = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.EXECUTE_RDM
                                ExitReason.EPT_MISCONFIGURATION})
 
 
-def handler_error(vcpu: Vcpu, info: ExitInfo, exc: BaseException) -> BaseException:
+def handler_error(vcpu: Vcpu, info: ExitInfo, exc: BaseException, what: str = "") -> BaseException:
     """What a raising callback stops the run with: a HandlerError chained to an Exception;
-    KeyboardInterrupt and other BaseExceptions pass through."""
+    KeyboardInterrupt and other BaseExceptions pass through. `what` names the callback kind
+    (default: the exit reason's handler)."""
     if not isinstance(exc, Exception):
         return exc
-    error = HandlerError(f"{info.reason.name} handler raised {type(exc).__name__}: {exc} "
-                         f"(guest rip={vcpu.rip:#x})")
+    what = what or f"{info.reason.name} handler"
+    error = HandlerError(f"{what} raised {type(exc).__name__}: {exc} (guest rip={vcpu.rip:#x})")
     error.__cause__ = exc
     return error
 
@@ -320,8 +321,11 @@ class VcpuContext:
                     break
                 limit -= 1
                 if pre_entry:
-                    for hook in tuple(pre_entry):          # a hook may remove itself
-                        hook()
+                    try:
+                        for hook in tuple(pre_entry):      # a hook may remove itself
+                            hook()
+                    except Exception as exc:
+                        raise handler_error(vcpu, info, exc, "pre-entry hook")
                 if vmcs.dirty:
                     vmcs.realise()
                 if vcpu.dirty or not synced:
@@ -362,8 +366,7 @@ class VcpuContext:
                             info.reset_io(site[0], detail, kind & 0xFFFFFFFF, site[1])
                             io_ready = True
                         if observers:
-                            for observer in observers:
-                                observer(vcpu, info)
+                            self._observe(observers, info)
                         action = None
                         timed = n < 64 or not n & 15             # see the docstring
                         if timed:
@@ -393,8 +396,7 @@ class VcpuContext:
                 if key is _NO_EXIT:
                     continue
                 if observers:
-                    for observer in observers:
-                        observer(vcpu, info)
+                    self._observe(observers, info)
                 reason = info.reason
                 counts[reason] += 1
                 began = clock()
@@ -467,7 +469,14 @@ class VcpuContext:
         sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
         vcpu.set_sregs(sregs)
 
-    # -- dispatch ---------------------------------------------------------------------
+    # -- observe and dispatch -----------------------------------------------------------
+    def _observe(self, observers: list, info: ExitInfo) -> None:
+        vcpu = self.vcpu
+        try:
+            for observer in observers:
+                observer(vcpu, info)
+        except Exception as exc:
+            raise handler_error(vcpu, info, exc, "observer")
     def _dispatch_io(self, info: ExitInfo, port: int) -> Action | None:
         exit = info.raw_kvm_exit
         if exit.count > 1:

@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from .fastpath import IO_TAG, run_packed_for
-from .kvm import (Cap, ExitKind, IoExit, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
+from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
                   SyncRegsFlag, VcpuFd, VmFd)
 
 MASK64 = (1 << 64) - 1
@@ -335,15 +335,7 @@ class Vcpu:
         self.fd.set_sregs(sregs)
         self.fd.set_regs(regs)
 
-    # -- exit data and MSRs, for handlers -------------------------------------------------
-    def io_data(self, exit: IoExit) -> memoryview:
-        """The data bytes of I/O exit `exit` in the kvm_run page (write them for an IN)."""
-        return self.fd.io_data(exit)
-
-    def set_mmio_data(self, data: bytes) -> None:
-        """Reply to the current MMIO read exit: the bytes (up to 8) the guest reads."""
-        self.fd.set_mmio_data(data)
-
+    # -- MSRs ----------------------------------------------------------------------
     def read_msr(self, index: int) -> int | None:
         """MSR `index` through KVM_GET_MSRS; None when KVM cannot read it."""
         return self.fd.get_msrs([index]).get(index)

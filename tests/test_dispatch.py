@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from minivmm.actions import RESUME, RETRY, Inject, Stop
+from minivmm.actions import PASSTHROUGH, RESUME, RETRY, Inject, Reply, Stop
 from minivmm.controls import ProcBasedControls
 from minivmm.exits import ExitReason, Vector
 from minivmm.machine import HandlerError
@@ -75,12 +75,13 @@ def test_cpuid_handler_modifies_leaves(make_machine) -> None:
 
     def hide_hypervisor_bit(vcpu, info):
         assert info.reason == ExitReason.EXECUTE_CPUID
-        consulted.append((info.raw_kvm_exit.leaf, info.raw_kvm_exit.subleaf))
-        info.raw_kvm_exit.ecx &= ~(1 << 31)
-        info.raw_kvm_exit.ebx = 0xB0B0
+        leaf = info.raw_kvm_exit
+        consulted.append((leaf.leaf, leaf.subleaf))
+        return Reply((leaf.eax, 0xB0B0, leaf.ecx & ~(1 << 31), leaf.edx))
 
     m.on(ExitReason.EXECUTE_CPUID, hide_hypervisor_bit, leaf=1)
-    m.on(ExitReason.EXECUTE_CPUID, lambda vcpu, info: setattr(info.raw_kvm_exit, "edx", 0x1234), leaf=0x8000_0000)
+    m.on(ExitReason.EXECUTE_CPUID, lambda vcpu, info: Reply((*(getattr(info.raw_kvm_exit, r) for r in ("eax", "ebx", "ecx")), 0x1234)),
+         leaf=0x8000_0000)
     eax, ebx, ecx, edx = _cpuid(m, 1)
     assert ebx == 0xB0B0 and not ecx & (1 << 31)
     assert eax != 0                                   # family/model untouched

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable
 
-from ..actions import RESUME, RETRY, Inject, Stop
+from ..actions import RESUME, RETRY, Inject, Reply, Stop
 from ..disasm import instruction_length
 from ..errors import MinivmmError
 from ..exits import ExitReason, Vector, vector_name
@@ -89,8 +89,7 @@ def mmio_handler(machine: ConfiguredMachine, rule: MmioRule) -> Callable:
             return Stop("stopped", message=f"{rule.name}: access to {info.guest_physical_address:#x} "
                                            f"at rip={vcpu.rip:#x}")
         if exit is not None and not getattr(exit, "is_write", True):
-            vcpu.set_mmio_data(rule.value.to_bytes(8, "little", signed=rule.value < 0))
-            info.data = rule.value
+            return Reply(rule.value)
         return RESUME
     return handler
 
@@ -126,34 +125,28 @@ def msr_handler(machine: ConfiguredMachine, rule: MsrRule) -> Callable:
         if rule.action == "deny":
             return Inject(Vector.GP, 0)
         if rule.action == "fixed":
-            if not write:
-                info.data = rule.value
-            return RESUME
+            return RESUME if write else Reply(rule.value)
         return None
     return handler
 
 
 def io_handler(machine: ConfiguredMachine, rule: IoRule) -> Callable:
     def handler(vcpu, info):
-        exit = info.raw_kvm_exit
         machine.count(rule.name)
-        data = vcpu.io_data(exit)
+        port, size = info.port, info.size
         if rule.log or rule.action == "log":
-            if exit.is_out:
-                value = int.from_bytes(data[:exit.size], "little")
-                machine.log(f"{rule.name}: out {exit.port:#x} <- {value:#x} at rip={vcpu.rip:#x}")
+            if info.is_in:
+                machine.log(f"{rule.name}: in {port:#x} at rip={vcpu.rip:#x}")
             else:
-                machine.log(f"{rule.name}: in {exit.port:#x} at rip={vcpu.rip:#x}")
+                value = int.from_bytes(info.string_data[:size], "little") if info.string_data is not None \
+                    else info.data
+                machine.log(f"{rule.name}: out {port:#x} <- {value:#x} at rip={vcpu.rip:#x}")
         if rule.action == "stop":
-            return Stop("stopped", message=f"{rule.name}: port {exit.port:#x} at rip={vcpu.rip:#x}")
+            return Stop("stopped", message=f"{rule.name}: port {port:#x} at rip={vcpu.rip:#x}")
         if rule.action in ("ignore", "fixed"):
-            if not exit.is_out:
-                value = rule.value if rule.value is not None else (1 << (8 * exit.size)) - 1
-                value &= (1 << (8 * exit.size)) - 1
-                raw = value.to_bytes(exit.size, "little")
-                for i in range(0, len(data), exit.size):
-                    data[i:i + exit.size] = raw
-                info.data = value
+            if info.is_in:
+                value = rule.value if rule.value is not None else (1 << (8 * size)) - 1
+                return Reply(value & (1 << (8 * size)) - 1)          # every item reads it
             return RESUME
         return None
     return handler

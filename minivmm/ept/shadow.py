@@ -588,16 +588,26 @@ class EptShadow:
         access.completed = True
 
     def allow_once(self) -> None:
-        """Let the access behind the current violation through once.
+        """Let the access behind the current violation through once (`AllowOnce`).
 
-        A data access is performed on RAM as if the page allowed it; an
-        instruction fetch executes one instruction with the page executable
-        (restore rights, single-step, re-protect). Return RESUME afterwards.
-        """
+        A data access is performed on RAM as if the page allowed it (a write stores the
+        guest's own value); an instruction fetch executes one instruction with the page
+        executable (restore rights, single-step, re-protect)."""
         access, ctx = self._current("allow_once")
         if access.is_fetch:
             self._step_through(ctx, access.gpa >> PAGE_SHIFT)
         elif access.is_write:
+            self.complete_write(access.data)
+        else:
+            self.complete_read(self._memory.read(access.gpa, access.size))
+
+    def emulate(self) -> None:
+        """Carry out the data access behind the current violation on RAM (`Emulate`): a write
+        stores `info.data` (the guest's value unless a handler changed it)."""
+        access, _ = self._current("emulate")
+        if access.is_fetch:
+            raise RuntimeError("emulate: an instruction fetch cannot be emulated; use AllowOnce")
+        if access.is_write:
             self.complete_write()
         else:
             self.complete_read(self._memory.read(access.gpa, access.size))
