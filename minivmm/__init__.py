@@ -4,7 +4,8 @@
 does (a VMCS, basic exit reasons with their qualifications, EPT permissions)
 and hands every exit to Python handlers.
 """
-from .actions import RESUME, RETRY, Inject, Resume, Stop
+from .actions import (ALLOW_ONCE, EMULATE, PASSTHROUGH, RESUME, RETRY, AllowOnce, Emulate, Inject, Passthrough,
+                      Reply, Resume, RunEnd, Stop)
 from .controls import PinBasedControls, ProcBasedControls, SecondaryControls, VmEntryControls, VmExitControls
 from .errors import MinivmmError
 from .exits import ExitInfo, ExitReason, Vector
@@ -14,4 +15,5 @@ from .vmcs_fields import VmcsField
 
 __all__ = ["Machine", "RunResult", "Mode", "ExitReason", "ExitInfo", "Vector", "VmcsField",
            "PinBasedControls", "ProcBasedControls", "SecondaryControls", "VmExitControls",
-           "VmEntryControls", "RESUME", "RETRY", "Resume", "Inject", "Stop", "MinivmmError"]
+           "VmEntryControls", "RESUME", "RETRY", "Resume", "Reply", "Passthrough", "PASSTHROUGH",
+           "AllowOnce", "ALLOW_ONCE", "Emulate", "EMULATE", "Inject", "Stop", "RunEnd", "MinivmmError"]

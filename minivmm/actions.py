@@ -17,6 +17,28 @@ handler is minivmm's default for the exit reason.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
+
+
+class RunEnd(StrEnum):
+    """Why a run ended: `Stop.reason` and `RunResult.reason`. A str, so `result.reason ==
+    "exit"` and JSON output keep working."""
+    EXIT = "exit"                      # the guest wrote its exit code to the debug-exit port
+    HLT = "hlt"                        # HLT with nothing to wake the vCPU
+    TIMEOUT = "timeout"                # the run's deadline (VMX-preemption timer)
+    TRIPLE_FAULT = "triple_fault"
+    EXCEPTION = "exception"            # an exception no handler took
+    ERROR = "error"                    # the guest did what the host cannot go on with
+    EXIT_LIMIT = "exit_limit"          # max_exits reached
+    STOPPED = "stopped"                # a handler's Stop, or another vCPU stopped the machine
+    INTERRUPTED = "interrupted"        # Ctrl-C
+    SYNC = "sync"                      # the guest channel's GUEST_SYNC
+    DONE = "done"                      # the guest channel's GUEST_DONE
+    ASSERT_FAILED = "assert_failed"    # the guest channel's GUEST_ASSERT
+    CRASH_ADDRESS = "crash_address"    # a fuzz target reached a configured crash address
+
+    def __repr__(self) -> str:
+        return repr(self.value)          # reads as the string it compares equal to
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,10 +102,18 @@ class Inject:
 
 @dataclass(frozen=True, slots=True)
 class Stop:
-    """End the run with this result reason, exit code and message."""
-    reason: str = "stopped"
+    """End the run with this result reason (a `RunEnd`, or its value), exit code and message."""
+    reason: RunEnd = RunEnd.STOPPED
     exit_code: int | None = None
     message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason.__class__ is not RunEnd:
+            try:
+                object.__setattr__(self, "reason", RunEnd(self.reason))
+            except ValueError:
+                raise ValueError(f"{self.reason!r} is not a run end; one of "
+                                 f"{', '.join(r.value for r in RunEnd)} (say more in message=)") from None
 
 
 Action = Resume | Reply | Passthrough | AllowOnce | Emulate | Inject | Stop

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from . import fastpath
-from .actions import RESUME, Action, AllowOnce, Emulate, Inject, Passthrough, Reply, Resume, Stop
+from .actions import RESUME, Action, RunEnd, AllowOnce, Emulate, Inject, Passthrough, Reply, Resume, Stop
 from .errors import MinivmmError
 from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
@@ -48,12 +48,11 @@ class ExitStat:
 class RunResult:
     """How a run ended.
 
-    `reason`: exit (debug-exit port), hlt, timeout, triple_fault, exception,
-    error, exit_limit, stopped (a handler's Stop), interrupted (Ctrl-C).
-    `exit_code` is the value the guest wrote to the debug-exit port;
-    `exit_status` is QEMU's isa-debug-exit status for it, (code << 1) | 1.
+    `reason` is a `RunEnd` (a str). `exit_code` is the value the guest wrote to
+    the debug-exit port; `exit_status` is QEMU's isa-debug-exit status for it,
+    (code << 1) | 1.
     """
-    reason: str
+    reason: RunEnd
     exit_code: int | None = None
     console: str = ""
     exits: dict[str, int] = field(default_factory=dict)
@@ -134,6 +133,7 @@ class VcpuContext:
         self.stop_requested: Callable[[], bool] = lambda: False
         self._io_loop: fastpath.IoLoop | None = None
         self._steps: list[Callable[[Vcpu], None]] = []
+        self._fault: tuple = (None, 0, 0)        # (exception, rip), entry, repeats: _resumed_fault
         self._step_rip: int | None = None
         self._run_mmap = vcpu.fd.run_mmap
 
@@ -407,7 +407,11 @@ class VcpuContext:
                 else:
                     action = self._dispatch_chain(self.vm.dispatcher.chain(reason, key), info)
                 seconds[reason] += clock() - began
-                if self._complete(info, RESUME if action is None else action):
+                if action is None:
+                    action = RESUME
+                if reason == ExitReason.EXCEPTION_OR_NMI and action.__class__ is Resume:
+                    action = self._resumed_fault(info, action, limit)
+                if self._complete(info, action):
                     break
         finally:
             run = run_arg = None    # no kvm_run views kept alive by a traceback
@@ -468,6 +472,20 @@ class VcpuContext:
         sregs.cs.selector, sregs.cs.dpl, sregs.cs.l, sregs.cs.db = SEL_USER_CODE64, 3, 1, 0
         sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
         vcpu.set_sregs(sregs)
+
+    def _resumed_fault(self, info: ExitInfo, action: Action, entry: int) -> Action:
+        """A handler resumed an exception exit. As on VT-x a fault executes again; when the
+        same exception repeats at the same RIP REPEATED_FAULT_LIMIT times in a row (`entry`
+        counts down once per entry), the run stops and says so."""
+        fault = (info.interruption_info, self.vcpu.rip)
+        last, last_entry, repeats = self._fault
+        repeats = repeats + 1 if fault == last and entry == last_entry - 1 else 1
+        self._fault = (fault, entry, repeats)
+        if repeats < REPEATED_FAULT_LIMIT:
+            return action
+        return Stop(RunEnd.ERROR, message=f"{info.interruption} at rip={fault[1]:#x} repeated "
+                    f"{repeats} times in a row: the handler resumed a faulting instruction, which "
+                    "executes again (move RIP, fix the cause, or return Inject(...) to deliver it)")
 
     # -- observe and dispatch -----------------------------------------------------------
     def _observe(self, observers: list, info: ExitInfo) -> None:
@@ -653,3 +671,4 @@ class VcpuContext:
 
 
 _NO_EXIT = object()
+REPEATED_FAULT_LIMIT = 1000

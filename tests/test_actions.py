@@ -182,3 +182,30 @@ def test_registry_refuses_what_a_kind_cannot_take(make_machine) -> None:
     m.hooks.add("exit", lambda vcpu, info: stop, reason=IO, port=0x80)
     assert m.run(timeout=5).message == "by a hook"
     assert RESUME.advance
+
+
+def test_resuming_a_fault_executes_it_again_until_the_run_stops_saying_so(make_machine) -> None:
+    """VT-x: a fault's RIP is the faulting instruction and its instruction length 0, so Resume
+    executes it again; the same fault 1000 times in a row at one RIP stops the run."""
+    m = make_machine(mode="user")
+    m.load_asm("nop\n ud2_at: ud2\n EXIT 0")
+    seen = []
+    m.on(ExitReason.EXCEPTION_OR_NMI, lambda vcpu, info: seen.append(vcpu.rip) or RESUME, vector=6)
+    result = m.run(timeout=20)
+    assert result.reason == "error", result
+    assert "the handler resumed a faulting instruction" in result.message
+    assert f"at rip={m.symbol('ud2_at'):#x} repeated 1000 times in a row" in result.message
+    assert seen == [m.symbol("ud2_at")] * 1000 and result.exits == {"EXCEPTION_OR_NMI": 1000}
+
+
+def test_a_handler_that_moves_rip_past_a_fault_goes_on(make_machine) -> None:
+    m = make_machine(mode="user")
+    m.load_asm("ud2\n mov $5, %ebx\n EXIT 0")
+
+    def skip(vcpu, info):
+        vcpu.rip += 2
+        return RESUME
+
+    m.on(ExitReason.EXCEPTION_OR_NMI, skip, vector=6)
+    result = m.run(timeout=5)
+    assert (result.reason, m.vcpu.rbx) == ("exit", 5), result
