@@ -402,14 +402,18 @@ class VcpuContext:
                 began = clock()
                 if reason == ExitReason.IO_INSTRUCTION:
                     action = self._dispatch_io(info, key)
-                elif reason == ExitReason.EXCEPTION_OR_NMI and not vmcs.exception_reaches_handlers(key):
-                    action = self._dispatch_chain(self.vm.dispatcher.chain(reason, key)[-1:], info)
+                elif reason == ExitReason.EXCEPTION_OR_NMI:
+                    fault_rip = vcpu.rip
+                    chain = self.vm.dispatcher.chain(reason, key)
+                    action = self._dispatch_chain(chain if vmcs.exception_reaches_handlers(key)
+                                                  else chain[-1:], info)
                 else:
                     action = self._dispatch_chain(self.vm.dispatcher.chain(reason, key), info)
                 seconds[reason] += clock() - began
                 if action is None:
                     action = RESUME
-                if reason == ExitReason.EXCEPTION_OR_NMI and action.__class__ is Resume:
+                if reason == ExitReason.EXCEPTION_OR_NMI and action.__class__ is Resume \
+                        and vcpu.rip == fault_rip:
                     action = self._resumed_fault(info, action, limit)
                 if self._complete(info, action):
                     break
@@ -474,16 +478,18 @@ class VcpuContext:
         vcpu.set_sregs(sregs)
 
     def _resumed_fault(self, info: ExitInfo, action: Action, entry: int) -> Action:
-        """A handler resumed an exception exit. As on VT-x a fault executes again; when the
-        same exception repeats at the same RIP REPEATED_FAULT_LIMIT times in a row (`entry`
-        counts down once per entry), the run stops and says so."""
-        fault = (info.interruption_info, self.vcpu.rip)
+        """A handler resumed an exception exit without moving RIP. As on VT-x a fault executes
+        again; when the same exception (vector, error code, qualification) repeats at the same
+        RIP REPEATED_FAULT_LIMIT times in a row (`entry` counts down once per entry), the run
+        stops and says so."""
+        fault = (info.interruption_info, info.interruption_error_code, info.qualification,
+                 self.vcpu.rip)
         last, last_entry, repeats = self._fault
         repeats = repeats + 1 if fault == last and entry == last_entry - 1 else 1
         self._fault = (fault, entry, repeats)
         if repeats < REPEATED_FAULT_LIMIT:
             return action
-        return Stop(RunEnd.ERROR, message=f"{info.interruption} at rip={fault[1]:#x} repeated "
+        return Stop(RunEnd.ERROR, message=f"{info.interruption} at rip={fault[3]:#x} repeated "
                     f"{repeats} times in a row: the handler resumed a faulting instruction, which "
                     "executes again (move RIP, fix the cause, or return Inject(...) to deliver it)")
 
