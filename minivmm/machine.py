@@ -244,11 +244,14 @@ class Machine:
         return min(low.end, 1 << 32) - 16 if self.mode is Mode.USER else min(low.end, 1 << 32)
 
     def setup(self) -> None:
-        """Put the vCPU into the machine's mode at the entry point (done by the first run)."""
+        """Put vCPU 0 into the machine's mode at the entry point (done by the first run).
+        Registers written before (through `m.vcpu` or VMCS guest-state fields) are kept."""
         if self.entry is None:
             raise ValueError("nothing loaded: call load(), load_image() or load_asm() first")
         stack = self.default_stack() if self.stack is None else self.stack
+        written = self.vcpu.written_since_power_on()
         setup_mode(self.vcpu, self.memory, self.mode, self.entry, stack)
+        self.vcpu.rewrite(*written)
         self.apply_cpuid()
         self._started = True
 

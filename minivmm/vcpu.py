@@ -181,6 +181,31 @@ class Vcpu:
         self._run = run
         self._run_packed, self._run_arg = run_packed_for(self.fd.run_mmap)
         self.fd.set_cpuid2(kvm.get_supported_cpuid())
+        self._power_on = (KvmRegs.from_buffer_copy(self._regs), KvmSregs.from_buffer_copy(self._sregs))
+
+    def written_since_power_on(self) -> tuple[dict[str, object], dict[str, object]]:
+        """The general and special register fields whose values differ from the state KVM
+        gave the vCPU when it was created: what the user wrote (copies)."""
+        def changed(now, before) -> dict[str, object]:
+            out = {}
+            for name, kind, *_ in now._fields_:
+                value = getattr(now, name)
+                if isinstance(value, int):
+                    if value != getattr(before, name):
+                        out[name] = value
+                elif bytes(value) != bytes(getattr(before, name)):
+                    out[name] = kind.from_buffer_copy(value)
+            return out
+        regs_before, sregs_before = self._power_on
+        return changed(self._regs, regs_before), changed(self._sregs, sregs_before)
+
+    def rewrite(self, regs: dict[str, object], sregs: dict[str, object]) -> None:
+        """Put back fields taken with `written_since_power_on`."""
+        for name, value in regs.items():
+            setattr(self._regs, name, value)
+        for name, value in sregs.items():
+            setattr(self._sregs, name, value)
+        self.dirty |= (_REGS if regs else 0) | (_SREGS if sregs else 0)
 
     @property
     def packed_entry(self) -> tuple:

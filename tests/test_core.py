@@ -441,3 +441,17 @@ def test_close_while_handling_keyboard_interrupt() -> None:
         m.close()                       # the traceback is gone here: this one works
     assert m.vcpu is None and m.vm is None
     assert failure is None, failure
+
+
+@pytest.mark.parametrize("mode", ["real", "protected", "long", "user"])
+def test_registers_written_before_the_first_run_are_kept(make_machine, mode) -> None:
+    """The mode is set up at the first run; what the user wrote before (through the vCPU or
+    a VMCS guest-state field) wins over it."""
+    from minivmm.vmcs_fields import VmcsField
+    m = make_machine(mode=mode)
+    m.load_asm("mov %eax, %ebx\n mov %esp, %ecx\n EXIT 0")
+    m.vcpu.rax = 0x1234
+    m.vmcs.write(VmcsField.VMCS_GUEST_RSP, 0x7000)
+    result = m.run(timeout=5)
+    assert result.reason == "exit", result
+    assert (m.vcpu.rbx, m.vcpu.rcx & 0xFFFF) == (0x1234, 0x7000)
