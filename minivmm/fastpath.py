@@ -42,7 +42,7 @@ import threading
 from pathlib import Path
 from typing import Callable
 
-from .actions import RESUME
+from .actions import RESUME, Reply
 from .cache import cache_dir
 from .kvm import ExitKind, Ioctl, KvmRun
 
@@ -98,7 +98,7 @@ static double monotonic(void)
 	return (double)t.tv_sec + (double)t.tv_nsec * 1e-9;
 }
 
-static PyObject *s_qualification, *s_length, *s_detail, *s_data, *s_vcpu_dirty, *s_vmcs_dirty;
+static PyObject *s_qualification, *s_length, *s_detail, *s_data, *s_value, *s_vcpu_dirty, *s_vmcs_dirty;
 
 static int truthy_attribute(PyObject *object, PyObject *name)
 {
@@ -136,7 +136,8 @@ static int handle_io(struct kvm_run *run, long long packed, PyObject **objects, 
 		     double *stats, long long *status)
 {
 	PyObject *routes = objects[0], *info = objects[1], *vcpu = objects[2], *vmcs = objects[3];
-	PyObject *pre_entry = objects[4], *observers = objects[5], *resume = objects[6], *out = objects[7];
+	PyObject *pre_entry = objects[4], *observers = objects[5], *out = objects[7];
+	PyObject *resume = PyTuple_GET_ITEM(objects[6], 0), *reply_type = PyTuple_GET_ITEM(objects[6], 1);
 	PyObject *key, *route, *site, *chain, *data, *action = NULL, *args[2] = { vcpu, info };
 	double began = 0.0;
 	int timed, state;
@@ -146,9 +147,10 @@ static int handle_io(struct kvm_run *run, long long packed, PyObject **objects, 
 		s_length = PyUnicode_InternFromString("instruction_length");
 		s_detail = PyUnicode_InternFromString("raw_kvm_exit");
 		s_data = PyUnicode_InternFromString("data");
+		s_value = PyUnicode_InternFromString("value");
 		s_vcpu_dirty = PyUnicode_InternFromString("dirty");
 		s_vmcs_dirty = PyUnicode_InternFromString("dirty");
-		if (!s_qualification || !s_length || !s_detail || !s_data || !s_vcpu_dirty || !s_vmcs_dirty)
+		if (!s_qualification || !s_length || !s_detail || !s_data || !s_value || !s_vcpu_dirty || !s_vmcs_dirty)
 			goto error;
 	}
 	if (PyErr_CheckSignals() < 0)     /* Ctrl-C, and the deadline's SIGALRM handler */
@@ -206,22 +208,40 @@ static int handle_io(struct kvm_run *run, long long packed, PyObject **objects, 
 		stats[1] += 1.0;
 	}
 	Py_DECREF(route);
-	if (action == resume) {           /* RESUME: an IN reads the handler's info.data */
+	if (action == resume || (action && (PyObject *)Py_TYPE(action) == reply_type && !(packed >> 32 & 1))) {
+		/* RESUME: an IN reads the handler's info.data; Reply(int): an IN reads the int */
+		PyObject *value = NULL;
+
+		if (action != resume) {
+			value = PyObject_GetAttr(action, s_value);
+			if (!value)
+				goto error;
+			if (!PyLong_Check(value)) {       /* bytes: Python writes them */
+				Py_DECREF(value);
+				goto hand_back;
+			}
+			if (PyObject_SetAttr(info, s_data, value) < 0) {
+				Py_DECREF(value);
+				goto error;
+			}
+		}
 		Py_DECREF(action);
 		action = NULL;
 		if (!(packed >> 32 & 1)) {
-			PyObject *value = PyObject_GetAttr(info, s_data);
 			unsigned long long bytes;
 
-			if (!value)
+			if (!value && !(value = PyObject_GetAttr(info, s_data)))
 				goto error;
 			bytes = PyLong_AsUnsignedLongLongMask(value);
 			Py_DECREF(value);
 			if (PyErr_Occurred())
 				goto error;
 			memcpy((char *)run + run->io.data_offset, &bytes, packed >> 49 & 7);
+		} else {
+			Py_XDECREF(value);
 		}
 	}
+hand_back:
 	if (action) {
 		int appended = PyList_Append(out, action);
 
@@ -464,7 +484,8 @@ class IoLoop:
     instruction's `(qualification, instruction length)`), fills
     `info.qualification`, `info.instruction_length`, `info.raw_kvm_exit` and
     `info.data` and calls the handlers with the GIL held, as the Python loop
-    does (an IN answered with `RESUME` gets `info.data` here too). It comes back
+    does (an IN answered with `RESUME` gets `info.data`, one answered with
+    `Reply(int)` that int, here too). It comes back
     at the first other exit or an instruction not decoded yet, at any other
     action, at an exception, and when a handler leaves work for the next entry
     (`vcpu.dirty`, `vmcs.dirty`, a `pre_entry` hook or an observer).
@@ -478,7 +499,8 @@ class IoLoop:
         self.stats = ffi.new("double[2]")
         # The C code gets the objects themselves: id() is the PyObject address in CPython,
         # and self.objects keeps them alive as long as the loop.
-        self._arguments = (*(ffi.cast("void *", id(o)) for o in (*self.objects, RESUME, self.out)),
+        self._markers = (RESUME, Reply)           # what the C code answers an IN from itself
+        self._arguments = (*(ffi.cast("void *", id(o)) for o in (*self.objects, self._markers, self.out)),
                            self.counters, self.stats)
 
     def serves(self, *objects) -> bool:

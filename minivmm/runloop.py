@@ -341,7 +341,7 @@ class VcpuContext:
                         outcome = io_loop.out.pop()
                         if status == LOOP_ERROR:
                             raise handler_error(vcpu, info, outcome)
-                        io_ready = outcome.__class__ is Resume and outcome.advance   # info stays as is
+                        io_ready = outcome.__class__ is Reply or outcome.__class__ is Resume and outcome.advance
                         if self._finish_io(info, outcome):
                             action = outcome
                             break
@@ -383,7 +383,7 @@ class VcpuContext:
                             io_samples += 1
                         if action is None:
                             continue
-                        io_ready = action.__class__ is Resume and action.advance   # info stays as is
+                        io_ready = action.__class__ is Reply or action.__class__ is Resume and action.advance
                         if self._finish_io(info, action):
                             break
                         continue

@@ -9,7 +9,7 @@ import pytest
 
 from conftest import interrupted_run
 from minivmm import fastpath
-from minivmm.actions import RESUME, Stop
+from minivmm.actions import RESUME, Reply, Stop
 from minivmm.exits import ExitReason
 from minivmm.machine import HandlerError
 
@@ -125,7 +125,8 @@ def test_the_exit_limit_counts_every_exit(make_machine, loop) -> None:
     assert seen == list(range(250))
 
 
-def test_in_answers_from_a_handler(make_machine, monkeypatch, loop) -> None:
+@pytest.mark.parametrize("answer_with", ["reply", "info.data"])
+def test_in_answers_from_a_handler(make_machine, monkeypatch, loop, answer_with) -> None:
     entries = count_entries(monkeypatch)
     m = flood_machine(make_machine, """
         xor %ebx, %ebx
@@ -139,13 +140,15 @@ def test_in_answers_from_a_handler(make_machine, monkeypatch, loop) -> None:
     answers = iter(range(1, 1000))
 
     def answer(vcpu, info):
+        if answer_with == "reply":
+            return Reply(next(answers))
         info.data = next(answers)
         return RESUME
 
     m.on(IO, answer, port=0x81)
     assert m.run(timeout=10).reason == "hlt"
     assert m.vcpu.rbx == sum(i & 0xFF for i in range(1, 301))
-    assert len(entries) == (1 if loop == "c" else 0)          # RESUME answers stay in C too
+    assert len(entries) == (1 if loop == "c" else 0)          # the answers stay in C too
 
 
 ENDLESS_FLOOD = "1: out %al, $0x80\n jmp 1b"             # to a port nothing claims: no Python per exit
