@@ -195,8 +195,11 @@ class VcpuContext:
         service's alone."""
         vcpu = self.vcpu
         callbacks, self._steps = self._steps, []
-        for callback in callbacks:
-            callback(vcpu)
+        try:
+            for callback in callbacks:
+                callback(vcpu)
+        except Exception as exc:
+            raise handler_error(vcpu, info, exc, "step callback")
         if callbacks and not self._steps:
             self.vmcs.step_requested = False
             self.vmcs.mark_dirty()
