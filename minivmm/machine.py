@@ -23,7 +23,7 @@ from .actions import Reply, Stop
 from .cpuid import CpuidLeaf, CpuidTable
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason
-from .handlers import Dispatcher, install_defaults
+from .handlers import install_defaults
 from .hooks import Handle, HookKind, HookRegistry
 from .kvm import Kvm, KvmError
 from .memory import GuestMemory, Region
@@ -130,10 +130,6 @@ class Machine:
         return self.vm.cpuid
 
     @property
-    def dispatcher(self) -> Dispatcher:
-        return self.vm.dispatcher
-
-    @property
     def info(self) -> ExitInfo:
         """vCPU 0's exit information."""
         return self.contexts[0].info
@@ -190,6 +186,12 @@ class Machine:
         self.vm.ports.remove(device)
 
     def invalidate_io_routes(self) -> None:
+        self.vm.invalidate_io_routes()
+
+    def set_hypercall_port(self, port: int) -> None:
+        """Move the hypercall ABI's port (default 0xf5): an OUT to `port` is EXECUTE_VMCALL."""
+        for ctx in self.contexts:
+            ctx.translator.hypercall_port = port
         self.vm.invalidate_io_routes()
 
     def irq_line(self, irq: int, level: int | bool) -> None:

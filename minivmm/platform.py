@@ -188,28 +188,12 @@ class InstalledPlatform:
 def enable_strict_ports(machine: "Machine") -> None:
     """Make an access to a port that no device claims stop the run with reason "error" and a
     message naming the port, the direction and RIP (instead of all-ones reads and dropped
-    writes). Wraps the default I/O handler only: handlers the user registered still see
+    writes). Changes the default I/O handler only: handlers the user registered still see
     their ports first, and claimed ports cost nothing extra."""
-    from .actions import Stop
     from .exits import ExitReason
-    dispatcher = machine.dispatcher
-    default = dispatcher.default(ExitReason.IO_INSTRUCTION)
-    if getattr(default, "strict_ports", False):
-        return
-    ports = machine.port_devices
-
-    def strict(vcpu, info):
-        exit = info.raw_kvm_exit
-        if exit.port not in ports:
-            what = "write to" if exit.is_out else "read from"
-            return Stop("error", message=f"strict ports: {exit.size}-byte {what} unclaimed port "
-                                         f"{exit.port:#x} at rip={vcpu.rip:#x} (vCPU {vcpu.index})")
-        return default(vcpu, info)
-
-    strict.strict_ports = True
-    dispatcher.set_default(ExitReason.IO_INSTRUCTION, strict)
+    from .handlers import io
+    machine.vm.dispatcher.set_default(ExitReason.IO_INSTRUCTION, io.port_devices(machine.vm.ports, strict=True))
     machine.invalidate_io_routes()
-    machine.strict_ports = True
 
 
 def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPlatform:

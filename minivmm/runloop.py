@@ -26,7 +26,7 @@ from .errors import MinivmmError
 from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
 from .kvm import ExitKind, IoExit, KvmError, KvmRun, decode_exit
-from .modes import CODE_BITS, EXCEPTION_PORT, HYPERCALL_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
+from .modes import EXCEPTION_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
 from .translate import ExceptionReport, RestoreUserFrame, Translator, io_qualification
 from .vcpu import Vcpu, run_timer
 from .vmcs import RFLAGS_TF, Vmcs
@@ -90,7 +90,6 @@ _unpack_io = struct.Struct("<BBHIQ").unpack_from       # kvm_run.io: direction, 
 _IO_EXIT_OFFSET = KvmRun.exit.offset
 _UNPACK = {1: struct.Struct("<B").unpack_from, 2: struct.Struct("<H").unpack_from,
            4: struct.Struct("<I").unpack_from}
-_RESERVED_PORTS_LOW, _RESERVED_PORTS_HIGH = sorted((EXCEPTION_PORT, HYPERCALL_PORT))
 _ADVANCE_BY_LENGTH = frozenset({ExitReason.EXCEPTION_OR_NMI})
 _COMPLETED_BY_KVM = frozenset({ExitReason.IO_INSTRUCTION, ExitReason.EXECUTE_RDMSR,
                                ExitReason.EXECUTE_WRMSR, ExitReason.EPT_VIOLATION,
@@ -234,7 +233,7 @@ class VcpuContext:
         of the `_io_route` keys). None for the exits the general path takes: multi-item
         (REP) accesses and the built-in kernel's ports."""
         port, size, is_out, multi, _ = unpack_io(high << 32)
-        if multi or _RESERVED_PORTS_LOW <= port <= _RESERVED_PORTS_HIGH:
+        if multi or port == EXCEPTION_PORT or port == self.translator.hypercall_port:
             return None
         data_offset = _unpack_io(self._run_mmap, _IO_EXIT_OFFSET)[4]
         route = self._io_routes[high] = (IoExit(port, size, is_out, 1, data_offset),

@@ -195,8 +195,9 @@ def io_qualification(port: int, size: int, is_out: bool, count: int,
 class Translator:
     """Translates one vCPU's KVM exits for a machine in `mode`."""
 
-    def __init__(self, mode: Mode) -> None:
+    def __init__(self, mode: Mode, hypercall_port: int = HYPERCALL_PORT) -> None:
         self.mode = Mode(mode)
+        self.hypercall_port = hypercall_port
 
     def io_instruction(self, cpu: CpuView, exit: IoExit) -> IoInstruction | None:
         """The instruction of the I/O exit `exit` in the guest's code (None where the code
@@ -272,7 +273,7 @@ class Translator:
         if exit.port == EXCEPTION_PORT and self.mode is Mode.USER and \
                 STUBS_ADDR <= cpu.rip < STUBS_ADDR + 256 * STUB_SIZE:
             return self._user_exception(exit, cpu, info, stepping)
-        if exit.port == HYPERCALL_PORT and exit.is_out:
+        if exit.port == self.hypercall_port and exit.is_out:
             insn = self.io_instruction(cpu, exit)
             info.reset(ExitReason.EXECUTE_VMCALL, raw_kvm_exit=exit,
                        instruction_length=insn.length if insn is not None else 0)

@@ -287,3 +287,19 @@ def test_inject_is_refused_in_user_mode() -> None:
                                       "    - {vector: UD, action: inject}\n"), path="u.yaml")
     with pytest.raises(ConfigError, match=r"^u.yaml:7: vmcs.exceptions\[0\]: 'inject' cannot work in user mode"):
         build_machine(config, capture_console=True)
+
+
+@pytest.mark.kvm
+def test_a_moved_hypercall_port_is_translated_as_vmcall(tmp_path: Path) -> None:
+    from minivmm.config import build_machine
+    guest = tmp_path / "moved_hypercall.S"
+    guest.write_text("mov $7, %eax\nmov $0x500, %dx\nout %al, %dx\nmov %rax, %rbx\n"
+                     "mov $8, %eax\nout %al, $0xf5\nmov %rax, %rcx\nmov $0, %al\nout %al, $0xf4\n")
+    config = parse_config(
+        f"version: 1\nimages: [{{type: asm, source: {guest}}}]\n"
+        "devices: {hypercall: {port: 0x500, calls: [{number: 7, action: return, value: 42}]}}\n")
+    with build_machine(config) as machine:
+        result = machine.run_config()
+        assert (result.reason, machine.vcpu.rbx) == ("exit", 42), result
+        assert machine.vcpu.rcx == 8            # the old port is plain I/O now: RAX unchanged
+        assert result.exits["EXECUTE_VMCALL"] == 1

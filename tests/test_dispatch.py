@@ -721,7 +721,7 @@ def test_exception_in_a_handler_is_a_handler_error(make_machine, reason, filters
     assert f"guest rip={m.vcpu.rip:#x}" in message
     assert m.last_result.reason == "error"
     # The machine is still usable once the broken handler is gone.
-    m.dispatcher.off(m.dispatcher.registrations(reason)[0])
+    m.off(broken)
     assert m.run(timeout=5).reason == "hlt"
 
 

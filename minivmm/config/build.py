@@ -343,7 +343,7 @@ class _Builder:
         for rule in hyper.calls:
             machine.on(ExitReason.EXECUTE_VMCALL, rules.hypercall_handler(machine, rule), number=rule.number)
         if hyper.port != HYPERCALL_PORT:
-            machine.on(ExitReason.IO_INSTRUCTION, rules.hypercall_port_forwarder(machine), port=hyper.port)
+            machine.set_hypercall_port(hyper.port)
 
     def mmio(self) -> None:
         machine = self.machine

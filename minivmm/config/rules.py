@@ -51,18 +51,6 @@ def _skip(machine: Machine, vcpu: Vcpu, length: int = 0) -> None:
 # devices: hypercalls and MMIO
 
 
-def hypercall_port_forwarder(machine: ConfiguredMachine) -> Callable:
-    """An OUT to a moved hypercall port dispatched as a VMCALL exit (key RAX)."""
-    def forward(vcpu, info):
-        exit = info.raw_kvm_exit
-        if not exit.is_out:
-            return None
-        action = machine.dispatcher.dispatch(vcpu, info.reset(ExitReason.EXECUTE_VMCALL, raw_kvm_exit=exit),
-                                             vcpu.rax)
-        return action if action is not None else RESUME
-    return forward
-
-
 def hypercall_handler(machine: ConfiguredMachine, rule: HypercallRule) -> Callable:
     def handler(vcpu, info):
         machine.count(rule.name)

@@ -9,9 +9,11 @@ from ..actions import RESUME, Reply, Stop
 from ..devices import DebugExit
 
 
-def port_devices(bus):
+def port_devices(bus, *, strict: bool = False):
     """The default IO_INSTRUCTION handler: the devices of `bus` (a `PortBus`); a write to a
-    debug-exit device that requests an exit stops the run."""
+    debug-exit device that requests an exit stops the run. `strict`: an access to a port no
+    device claims stops the run with reason "error" (register this handler without
+    `drops_unclaimed_writes` then)."""
     ports = bus.by_port
     exits: dict[int, Stop] = {}           # Stop is immutable and costs about 0.7 us to build
 
@@ -19,6 +21,10 @@ def port_devices(bus):
         port = info.port
         device = ports.get(port)
         size = info.size
+        if device is None and strict:
+            what = "read from" if info.is_in else "write to"
+            return Stop("error", message=f"strict ports: {size}-byte {what} unclaimed port "
+                                         f"{port:#x} at rip={vcpu.rip:#x} (vCPU {vcpu.index})")
         if info.is_in:
             if info.string_data is None:
                 info.data = device.io_read(port, size) if device is not None else (1 << (8 * size)) - 1
