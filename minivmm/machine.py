@@ -20,6 +20,7 @@ from typing import Callable
 
 from . import asm
 from .actions import Reply, Stop
+from .breakpoints import BreakpointTable
 from .cpuid import CpuidLeaf, CpuidTable
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason
@@ -72,6 +73,7 @@ class Machine:
         for device in (self.serial, self.debug_exit):
             self.add_device(device)
         self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept)
+        self.breakpoints = BreakpointTable(self.vm.memory, self.contexts, self.hooks)
         self.entry: int | None = None
         self.stack: int | None = None
         self.symbols: dict[str, int] = {}
