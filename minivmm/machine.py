@@ -296,7 +296,8 @@ class Machine:
         from .ept import EptShadow
         if self._ept is not None:
             raise RuntimeError("this machine has its EPT already")
-        ept = self._ept = EptShadow(self.vm, self.contexts, self.hooks, ad=ad, backend=backend)
+        ept = self._ept = EptShadow(self.vm, self.contexts, self.hooks, breakpoints=self.breakpoints,
+                                     ad=ad, backend=backend)
         self.vm.vmx.eptp = lambda: ept.eptp
         for ctx in self.contexts:
             ctx.ept = ept
