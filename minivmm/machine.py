@@ -72,7 +72,8 @@ class Machine:
         self.debug_exit = DebugExit()
         for device in (self.serial, self.debug_exit):
             self.add_device(device)
-        self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept)
+        self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept,
+                                  breakpoints=lambda: self.breakpoints, ept=lambda: self.ept)
         self.breakpoints = BreakpointTable(self.vm.memory, self.contexts, self.hooks)
         self.entry: int | None = None
         self.stack: int | None = None
