@@ -143,7 +143,7 @@ class Coverage:
             if end <= start:
                 raise CoverageError(f"coverage range [{start:#x}, {end:#x}) is empty")
             try:
-                code = machine.memory.read(start, end - start)
+                code = table.unpatched(start, machine.memory.read(start, end - start))
             except ValueError as exc:
                 raise CoverageError(f"coverage range [{start:#x}, {end:#x}): {exc}") from None
             found.update(basic_blocks(code, start, bits))
