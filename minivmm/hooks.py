@@ -22,7 +22,7 @@ one-shot breakpoint fires once and is gone.
 
 EPT_ACCESS (`gpa=range(start, end)` or one address, `access="r" | "w" | "rw" |
 "x"`) is an `EptShadow.monitor` (r, w, rw) or a hidden `EptShadow.hook_execute`
-(x): `info` is a new `minivmm.ept.EptAccessInfo` per access, shaped like the EPT
+(x): `info` is a new `minivmm.ept.hooks.EptAccessInfo` per access, shaped like the EPT
 violation a hypervisor would take (reason EPT_VIOLATION, the SDM 27.2.1
 qualification bits for read / write / fetch, `guest_physical_address` of the
 first byte, `guest_linear_address` where known, `data` the value read or
