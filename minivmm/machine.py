@@ -20,6 +20,7 @@ from typing import Callable
 
 from . import asm
 from .actions import Reply, Stop
+from .breakpoints import BreakpointTable
 from .cpuid import CpuidLeaf, CpuidTable
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason
@@ -71,7 +72,9 @@ class Machine:
         self.debug_exit = DebugExit()
         for device in (self.serial, self.debug_exit):
             self.add_device(device)
-        self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept)
+        self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept,
+                                  breakpoints=lambda: self.breakpoints, ept=lambda: self.ept)
+        self.breakpoints = BreakpointTable(self.vm.memory, self.contexts, self.hooks)
         self.entry: int | None = None
         self.stack: int | None = None
         self.symbols: dict[str, int] = {}
@@ -299,7 +302,8 @@ class Machine:
         from .ept import EptShadow
         if self._ept is not None:
             raise RuntimeError("this machine has its EPT already")
-        ept = self._ept = EptShadow(self.vm, self.contexts, self.hooks, ad=ad, backend=backend)
+        ept = self._ept = EptShadow(self.vm, self.contexts, self.hooks, breakpoints=self.breakpoints,
+                                     ad=ad, backend=backend)
         self.vm.vmx.eptp = lambda: ept.eptp
         for ctx in self.contexts:
             ctx.ept = ept

@@ -176,7 +176,11 @@ def test_registry_refuses_what_a_kind_cannot_take(make_machine) -> None:
     with pytest.raises(ValueError, match="no vCPU 3"):
         m.hooks.add("pre_entry", lambda vcpu, info: None, vcpu=3)
     with pytest.raises(ValueError):
+        m.hooks.add("watchpoint", lambda vcpu, info: None)
+    with pytest.raises(TypeError, match="needs address="):
         m.hooks.add("breakpoint", lambda vcpu, info: None)
+    with pytest.raises(TypeError, match="needs gpa= and access="):
+        m.hooks.add("ept_access", lambda vcpu, info: None, gpa=0x1000, access="q")
     stop = Stop("stopped", message="by a hook")
     m.load_asm("out %al, $0x80\n EXIT 0")
     m.hooks.add("exit", lambda vcpu, info: stop, reason=IO, port=0x80)

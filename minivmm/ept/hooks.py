@@ -4,18 +4,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..exits import ExitInfo, ExitReason
 from ..memory import PAGE_SHIFT
 from .tables import Perm
 
 if TYPE_CHECKING:
     from ..vcpu import Vcpu
 
-__all__ = ["Hook", "HookEvent", "EptAccess"]
+__all__ = ["Hook", "HookEvent", "EptAccess", "EptAccessInfo", "access_callback", "report_execute"]
+
+_QUALIFICATION = {"read": 1, "write": 2, "execute": 4}     # SDM 27.2.1, table 27-7 bits 0-2
 
 
 @dataclass(eq=False)
 class Hook:
-    """A monitor (`kind` "monitor") or execute hook (`kind` "execute"); `hits` counts reports."""
+    """A monitor (`kind` "monitor") or execute hook (`kind` "execute") on [start, end); `hits`
+    counts reports. A visible execute hook (`hidden` False) is an int3 of the machine's
+    `minivmm.breakpoints.BreakpointTable`."""
     kind: str
     start: int
     end: int
@@ -24,7 +29,6 @@ class Hook:
     hidden: bool = True
     hits: int = 0
     active: bool = True
-    original: bytes = b""
     bits: int = field(default=0, repr=False)
 
     def __post_init__(self) -> None:
@@ -56,6 +60,28 @@ class HookEvent:
     @property
     def is_write(self) -> bool:
         return self.kind == "write"
+
+
+@dataclass(slots=True)
+class EptAccessInfo(ExitInfo):
+    """What an "ept_access" hook of the registry gets as `info`: the access as the EPT
+    violation a hypervisor would take (reason EPT_VIOLATION; qualification bit 0 read,
+    1 write, 2 fetch; `guest_physical_address` the first byte; `guest_linear_address`
+    the instruction's for a fetch, else 0; `data` the value read or written, little
+    endian), and `event` the `HookEvent` with the size, bytes and RIP."""
+    event: HookEvent | None = None
+
+
+def access_callback(callback: Callable[["Vcpu", ExitInfo], object]) -> Callable[[HookEvent], None]:
+    """A hook callback that hands `callback(vcpu, info)` each access as an `EptAccessInfo`."""
+    def report(event: HookEvent) -> None:
+        info = EptAccessInfo(event=event)
+        info.reset(ExitReason.EPT_VIOLATION, _QUALIFICATION[event.kind], guest_physical_address=event.address,
+                   guest_linear_address=event.rip if event.kind == "execute" else 0,
+                   data=0 if event.kind == "execute" else event.value)
+        info.vcpu_index = event.vcpu.index
+        callback(event.vcpu, info)
+    return report
 
 
 @dataclass(slots=True)
@@ -100,36 +126,25 @@ def _call(hook: Hook, event: HookEvent) -> None:
 
 @dataclass
 class HookTable:
-    """The active hooks: monitors and hidden execute hooks by page, visible execute hooks by address."""
+    """The active monitors and hidden execute hooks, by page."""
     monitors: dict[int, list[Hook]] = field(default_factory=dict)
     hidden: dict[int, list[Hook]] = field(default_factory=dict)
-    visible: dict[int, list[Hook]] = field(default_factory=dict)
 
     def add_monitor(self, hook: Hook) -> None:
         for page in hook.pages:
             self.monitors.setdefault(page, []).append(hook)
 
     def add_hidden(self, hook: Hook) -> None:
-        self.hidden.setdefault(hook.start >> PAGE_SHIFT, []).append(hook)
-
-    def add_visible(self, hook: Hook) -> bool:
-        """Add a visible execute hook; True when it is the first at its address (its int3 goes in)."""
-        same = self.visible.setdefault(hook.start, [])
-        if same:
-            hook.original = same[0].original
-        same.append(hook)
-        return len(same) == 1
+        for page in hook.pages:
+            self.hidden.setdefault(page, []).append(hook)
 
     def discard_monitor(self, hook: Hook) -> None:
         for page in hook.pages:
             _discard(self.monitors, page, hook)
 
     def discard_hidden(self, hook: Hook) -> None:
-        _discard(self.hidden, hook.start >> PAGE_SHIFT, hook)
-
-    def discard_visible(self, hook: Hook) -> bool:
-        """Drop a visible execute hook; True when none is left at its address (the byte goes back)."""
-        return _discard(self.visible, hook.start, hook)
+        for page in hook.pages:
+            _discard(self.hidden, page, hook)
 
     def mask(self, page: int) -> int:
         """The rights the hooks on `page` take away in the EPT: W for write monitors, R and W for
@@ -143,7 +158,7 @@ class HookTable:
 
     def all(self) -> list[Hook]:
         found: dict[int, Hook] = {}
-        for table in (self.monitors, self.hidden, self.visible):
+        for table in (self.monitors, self.hidden):
             for hooks in table.values():
                 for hook in hooks:
                     found[id(hook)] = hook
@@ -167,15 +182,7 @@ class HookTable:
         """Report the execution of `gpa` to the hidden execute hooks on it."""
         hooks = self.hidden.get(gpa >> PAGE_SHIFT)
         if hooks:
-            _execute([h for h in hooks if h.start == gpa], gpa, vcpu)
-
-    def execute_visible(self, gpa: int, vcpu: "Vcpu") -> list[Hook] | None:
-        """Report the int3 at `gpa` to its visible execute hooks; their list, or None if it has none."""
-        hooks = self.visible.get(gpa)
-        if not hooks:
-            return None
-        _execute(list(hooks), gpa, vcpu)
-        return hooks
+            report_execute([h for h in hooks if h.start <= gpa < h.end], gpa, vcpu)
 
 
 def _discard(table: dict[int, list[Hook]], key: int, hook: Hook) -> bool:
@@ -189,7 +196,8 @@ def _discard(table: dict[int, list[Hook]], key: int, hook: Hook) -> bool:
     return False
 
 
-def _execute(hooks: list[Hook], gpa: int, vcpu: "Vcpu") -> None:
+def report_execute(hooks: list[Hook], gpa: int, vcpu: "Vcpu") -> None:
+    """Report the execution of the instruction at `gpa` to `hooks`."""
     for hook in hooks:
         hook.hits += 1
         _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))

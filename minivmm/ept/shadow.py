@@ -29,12 +29,13 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
-from ..actions import RETRY, Action, Stop
+from ..actions import Action, Stop
+from ..breakpoints import Breakpoint, BreakpointTable
 from ..exits import ExitInfo, ExitReason, InterruptionType, Vector
 from ..kvm import ExitKind, InternalErrorExit, InternalErrorKind, MmioExit, decode_exit
 from ..memory import PAGE_SHIFT, Region
 from .dirty import DirtyLog
-from .hooks import EptAccess, Hook, HookEvent, HookTable
+from .hooks import EptAccess, Hook, HookEvent, HookTable, report_execute
 from .mmio import MmioBus, MmioDevice
 from .realise import Memslots, _Kind, _kind, host_backend
 from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, parse_perms
@@ -69,10 +70,13 @@ class EptShadow:
     """
 
     def __init__(self, vm: "Vm", contexts: Sequence["VcpuContext"], hooks: "HookRegistry", *,
-                 ad: bool = True, backend: str | None = None) -> None:
+                 breakpoints: BreakpointTable | None = None, ad: bool = True,
+                 backend: str | None = None) -> None:
         self._memory = vm.memory
         self._contexts = contexts
         self._hooks = hooks
+        self._breakpoints = breakpoints if breakpoints is not None else \
+            BreakpointTable(vm.memory, contexts, hooks)
         self.tables = EptTables()
         self.ad = ad
         backend = backend or host_backend()
@@ -86,7 +90,7 @@ class EptShadow:
         self._dirty = DirtyLog(vm.fd)
         self._memslots = Memslots(vm.fd, vm.slots, self.tables, self._dirty, backend)
         self._hook_table = HookTable()
-        self._bp_handle: "Handle | None" = None
+        self._visible: dict[Hook, Breakpoint] = {}                      # int3 hooks -> their breakpoint
         self._mmio = MmioBus()
         self._accesses: dict[int, EptAccess] = {}                        # vCPU -> its violation
         self._open_reads: dict[int, tuple[EptAccess, MmioExit]] = {}     # vCPU -> read to finish
@@ -455,8 +459,8 @@ class EptShadow:
         page = gpa >> PAGE_SHIFT
         rights = self.tables.perms(gpa)
         if _kind(rights) != _Kind.HOLE and page not in self._override:
-            if gpa in self._hook_table.visible and region.mem[gpa - region.gpa] == 0xCC:
-                # CPL-0 int3 of a visible hook: report #BP here, whatever the failure data says
+            if self._breakpoints.planted(gpa):
+                # CPL-0 int3 of the breakpoint table: report #BP here, whatever the failure data says
                 info = ctx.info.reset(
                     ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,
                     interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
@@ -663,48 +667,29 @@ class EptShadow:
         return hook
 
     def hook_execute(self, address: int, callback: Callable[[HookEvent], object], *,
-                     hidden: bool = True) -> Hook:
+                     hidden: bool = True, size: int = 1) -> Hook:
         """Run `callback(event)` each time the guest executes the instruction at `address` (GPA).
 
         hidden=True: the page loses X in the EPT, guest reads still see the
         original bytes; the callback runs before the instruction, which then
         executes once with X restored (single step) before X is taken away
-        again. hidden=False: an int3 (0xCC) replaces the first byte; on the
-        breakpoint the callback runs, the byte is restored for one step and
-        the int3 put back.
+        again. `size` > 1 hooks every instruction that starts in
+        [address, address + size). hidden=False: a persistent breakpoint of
+        the machine's `BreakpointTable` (an int3 replaces the first byte; on
+        the breakpoint the callback runs, the byte is restored for one step and
+        the int3 put back).
         """
-        self._pages(address, 1)
-        hook = Hook("execute", address, address + 1, Perm.X, callback, hidden)
-        page = address >> PAGE_SHIFT
+        self._pages(address, size)
+        hook = Hook("execute", address, address + size, Perm.X, callback, hidden)
         if hidden:
             self._hook_table.add_hidden(hook)
-            self._update_masks((page,))
+            self._update_masks(hook.pages)
             return hook
-        if self._hook_table.add_visible(hook):
-            hook.original = self._memory.read(address, 1)
-            self._memory.write(address, b"\xcc")
-        if self._bp_handle is None:
-            self._bp_handle = self._hooks.add("exit", self._on_breakpoint, reason=ExitReason.EXCEPTION_OR_NMI,
-                                              vector=int(Vector.BP))
+        if size != 1:
+            raise EptError("a visible execute hook is one int3: size must be 1")
+        self._visible[hook] = self._breakpoints.add(
+            address, lambda vcpu, info: report_execute([hook], info.guest_physical_address, vcpu))
         return hook
-
-    def _on_breakpoint(self, vcpu, info: ExitInfo) -> Action | None:
-        where = self._fetch_gpa(vcpu)
-        if where is None:
-            return None
-        gpa = where[1]
-        hooks = self._hook_table.execute_visible(gpa, vcpu)
-        if hooks is None:
-            return None
-        memory = self._memory
-        memory.write(gpa, hooks[0].original)
-
-        def reinsert(vcpu) -> None:
-            if self._hook_table.visible.get(gpa):
-                memory.write(gpa, b"\xcc")
-
-        self._contexts[vcpu.index].step_once(reinsert)
-        return RETRY
 
     def remove(self, hook: Hook) -> None:
         """Remove a hook and give its pages their rights (or original byte) back."""
@@ -716,14 +701,14 @@ class EptShadow:
             self._update_masks(hook.pages)
         elif hook.hidden:
             self._hook_table.discard_hidden(hook)
-            self._update_masks((hook.start >> PAGE_SHIFT,))
-        elif self._hook_table.discard_visible(hook):
-            self._memory.write(hook.start, hook.original)
+            self._update_masks(hook.pages)
+        else:
+            self._breakpoints.remove(self._visible.pop(hook))
 
     @property
     def hooks(self) -> list[Hook]:
         """Every active hook."""
-        return self._hook_table.all()
+        return self._hook_table.all() + list(self._visible)
 
     # -- MMIO devices ---------------------------------------------------------------------------
     def add_mmio_device(self, start: int, size: int, read_cb: Callable[[int, int], int] | None,

@@ -2,14 +2,14 @@
 
 The basic-block starts of the covered code ranges are found with capstone
 (a linear sweep: the first instruction, every direct branch target, and the
-instruction after every branch, call, return or trap). Each start gets an
-`int3` (0xCC) in guest memory *and* in the snapshot's memory copy. When the
-guest reaches one, the vCPU exits with #BP at the breakpoint (user mode: the
-built-in kernel's IDT stub reports it and the machine rewinds RIP onto the
-int3; bare long mode: KVM's emulation failure on 0xCC), the handler records
-the block, writes the original byte back in both places and re-executes the
-instruction. A breakpoint thus fires at most once per campaign, and a run
-that finds nothing new costs no extra exit at all.
+instruction after every branch, call, return or trap). Each start gets a
+one-shot breakpoint of the machine's `minivmm.breakpoints.BreakpointTable`,
+with the snapshot's memory copy as a mirror: an `int3` (0xCC) in guest memory
+*and* in the copy. When the guest reaches one the table calls `Coverage`,
+which records the block, and writes the original byte back in both places
+(unless another owner, e.g. a visible execute hook, keeps the address) before
+the instruction executes. A breakpoint thus fires at most once per campaign,
+and a run that finds nothing new costs no extra exit at all.
 
 Coverage is reported as the set of block addresses hit (`hits`), the blocks
 hit by the last run (`new_blocks`, in hit order) and a bitmap (`bitmap()`,
@@ -21,17 +21,18 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Iterable
 
-from ..actions import RETRY, Stop
+from ..actions import Stop
+from ..breakpoints import INT3, Breakpoint, BreakpointTable
 from ..disasm import disassemble
 from ..errors import MinivmmError
-from ..exits import ExitReason, Vector
 from ..modes import CODE_BITS
 
 if TYPE_CHECKING:
+    from ..exits import ExitInfo
     from ..machine import Machine
     from ..snapshot import Snapshot
+    from ..vcpu import Vcpu
 
-INT3 = 0xCC
 _ENDS_BLOCK = re.compile(r"^(j\w+|call|ret\w*|loop\w*|int\w*|syscall|sysret\w*|iret\w*|ud2|hlt)$")
 _IMMEDIATE = re.compile(r"^0x[0-9a-f]+$|^\d+$")
 
@@ -118,22 +119,23 @@ class Coverage:
     new_blocks: list[int] = field(default_factory=list)
     crash_addresses: frozenset[int] = frozenset()
     on_new_block: Callable[[int], None] | None = None
-    _original: dict[int, int] = field(default_factory=dict, repr=False)
-    _machine: "Machine | None" = field(default=None, repr=False)
+    _table: BreakpointTable | None = field(default=None, repr=False)
     _snapshot: "Snapshot | None" = field(default=None, repr=False)
     _index: dict[int, int] = field(default_factory=dict, repr=False)
-    _registration: object = field(default=None, repr=False)
+    _owned: list[Breakpoint] = field(default_factory=list, repr=False)
     constants: list[bytes] = field(default_factory=list)
 
     # -- setup ---------------------------------------------------------------------------
     def install(self, machine: "Machine", snapshot: "Snapshot | None" = None,
                 crash_addresses: Iterable[int] = ()) -> None:
-        """Find the blocks, plant the breakpoints (also in `snapshot`) and hook #BP.
+        """Find the blocks and plant their breakpoints (also in `snapshot`) in the machine's
+        breakpoint table.
 
         `crash_addresses` get permanent breakpoints that end the run with
         Stop("crash_address").
         """
-        self._machine, self._snapshot = machine, snapshot
+        table = self._table = machine.breakpoints
+        self._snapshot = snapshot
         self.crash_addresses = frozenset(crash_addresses)
         bits = CODE_BITS[machine.mode]
         found: set[int] = set()
@@ -141,7 +143,7 @@ class Coverage:
             if end <= start:
                 raise CoverageError(f"coverage range [{start:#x}, {end:#x}) is empty")
             try:
-                code = machine.memory.read(start, end - start)
+                code = table.unpatched(start, machine.memory.read(start, end - start))
             except ValueError as exc:
                 raise CoverageError(f"coverage range [{start:#x}, {end:#x}): {exc}") from None
             found.update(basic_blocks(code, start, bits))
@@ -150,33 +152,25 @@ class Coverage:
                     self.constants.append(token)
         self.blocks = sorted(found)
         self._index = {addr: i for i, addr in enumerate(self.blocks)}
-        for addr in sorted(set(self.blocks) | self.crash_addresses):
-            if addr in self._original:
-                continue
-            self._original[addr] = machine.memory.read_u8(addr)
-            self._write(addr, INT3)
-        self._registration = machine.on(ExitReason.EXCEPTION_OR_NMI, self._on_breakpoint,
-                                        vector=int(Vector.BP))
+        if snapshot is not None:
+            table.add_mirror(snapshot.patch)
+        add, owned = table.add, self._owned
+        for addr in self.blocks:
+            if addr not in self.hits:
+                owned.append(add(addr, self._on_block, one_shot=True))
+        for addr in sorted(self.crash_addresses):
+            owned.append(add(addr, self._on_crash_address))
 
-    def _write(self, addr: int, value: int) -> None:
-        self._machine.memory.write_u8(addr, value)
-        if self._snapshot is not None:
-            self._snapshot.patch(addr, bytes([value]))
-
-    # -- the #BP handler --------------------------------------------------------------------
-    def _on_breakpoint(self, vcpu, info):
-        rip = vcpu.rip
-        if rip in self.crash_addresses:
-            return Stop("crash_address", message=f"reached crash address {rip:#x}")
-        original = self._original.pop(rip, None)
-        if original is None:
-            return None                     # the guest's own int3: not ours
-        self._write(rip, original)
-        self.hits.add(rip)
-        self.new_blocks.append(rip)
+    # -- the breakpoints' callbacks ------------------------------------------------------------
+    def _on_block(self, vcpu: "Vcpu", info: "ExitInfo") -> None:
+        address = info.guest_physical_address
+        self.hits.add(address)
+        self.new_blocks.append(address)
         if self.on_new_block is not None:
-            self.on_new_block(rip)
-        return RETRY
+            self.on_new_block(address)
+
+    def _on_crash_address(self, vcpu: "Vcpu", info: "ExitInfo") -> Stop:
+        return Stop("crash_address", message=f"reached crash address {info.guest_physical_address:#x}")
 
     # -- results ------------------------------------------------------------------------------
     def start_run(self) -> None:
@@ -203,24 +197,21 @@ class Coverage:
         return out
 
     def unpatched(self, address: int, code: bytes) -> bytes:
-        """`code` read from guest memory at `address`, with pending breakpoints replaced by the original bytes."""
-        if not self._original:
-            return code
-        out = bytearray(code)
-        for i in range(len(out)):
-            original = self._original.get(address + i)
-            if original is not None:
-                out[i] = original
-        return bytes(out)
+        """`code` read from guest memory at `address`, with the breakpoint table's int3s
+        replaced by the original bytes."""
+        return code if self._table is None else self._table.unpatched(address, code)
 
     def uninstall(self) -> None:
         """Remove every remaining breakpoint (guest memory and snapshot)."""
-        for addr, original in list(self._original.items()):
-            self._write(addr, original)
-        self._original.clear()
-        if self._registration is not None and self._machine is not None:
-            self._machine.off(self._registration)
-            self._registration = None
+        table = self._table
+        if table is None:
+            return
+        for breakpoint in self._owned:
+            table.remove(breakpoint)
+        self._owned.clear()
+        if self._snapshot is not None:
+            table.remove_mirror(self._snapshot.patch)
+        self._table = None
 
 
 __all__ = ["Coverage", "CoverageError", "basic_blocks", "comparison_constants", "symbol_ranges", "INT3"]
