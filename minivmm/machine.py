@@ -387,12 +387,13 @@ class Machine:
 
     def prepare_run(self) -> None:
         """What every run does before the first entry: mode setup on the first run, the CPUID
-        table while it changed, batched EPT changes (before any vCPU thread runs: replacing a
-        memslot under a running vCPU is not atomic), the debug-exit device's reset."""
+        table while it changed, the debug-exit device's reset; with several vCPUs also the
+        batched EPT changes, before any vCPU thread runs (replacing a memslot under a running
+        vCPU is not atomic)."""
         if not self._started:
             self.setup()
         if self.cpuid.dirty:
             self.apply_cpuid()
-        if self._ept is not None:
+        if self._smp is not None and self._ept is not None:
             self._ept.invept()
         self.debug_exit.reset()

@@ -523,7 +523,10 @@ class VcpuContext:
     # -- complete ---------------------------------------------------------------------
     def _finish_io(self, info: ExitInfo, action: Action) -> bool:
         """Carry out a handler's action on a fast-path I/O exit; True when the run ends."""
-        if action.__class__ is Resume and action.advance:
+        cls = action.__class__
+        if cls is Stop and info.raw_kvm_exit.is_out:
+            return True                     # the debug-exit port's: nothing to complete
+        if cls is Resume and action.advance:
             if not info.raw_kvm_exit.is_out:
                 self._complete_in(info)
             return False

@@ -88,6 +88,7 @@ from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, KvmDebugregs, Kvm
                   msrs_buffer, u64)
 from .errors import MinivmmError
 from .memory import PAGE_SIZE
+from .vcpu import DIRTY_EVENTS, DIRTY_REGS, DIRTY_SREGS
 
 if TYPE_CHECKING:
     from .machine import Machine
@@ -102,6 +103,8 @@ _CHUNK = 1 << 20
 _REGS_SIZE = ctypes.sizeof(KvmRegs)
 _SREGS_SIZE = ctypes.sizeof(KvmSregs)
 _EVENTS_SIZE = ctypes.sizeof(KvmVcpuEvents)
+_DIRTY_ALL = DIRTY_REGS | DIRTY_SREGS | DIRTY_EVENTS
+_DIRTY_REGS_EVENTS = DIRTY_REGS | DIRTY_EVENTS
 memmove = ctypes.memmove
 string_at = ctypes.string_at
 
@@ -377,9 +380,9 @@ class Snapshot:
                     # Special registers go in with KVM_SET_SREGS at the next entry,
                     # and the events by ioctl after them (`Vcpu.flush`).
                     memmove(sregs_dst, sregs_src, _SREGS_SIZE)
-                    vcpu.mark_dirty(regs=True, sregs=True, events=True)
+                    vcpu.mark_dirty(_DIRTY_ALL)
                 else:
-                    vcpu.mark_dirty(regs=True, events=True)
+                    vcpu.mark_dirty(_DIRTY_REGS_EVENTS)
             else:
                 vcpu.set_regs(state.regs)
                 vcpu.set_sregs(state.sregs)

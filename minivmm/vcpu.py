@@ -27,6 +27,7 @@ GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
 _REGS, _SREGS = int(SyncRegsFlag.REGS), int(SyncRegsFlag.SREGS)     # plain ints: IntFlag ops are slow
 _EVENTS = int(SyncRegsFlag.EVENTS)
+DIRTY_REGS, DIRTY_SREGS, DIRTY_EVENTS = _REGS, _SREGS, _EVENTS      # for Vcpu.mark_dirty
 _SYNC = _REGS | _SREGS
 
 
@@ -295,7 +296,7 @@ class Vcpu:
         self.set_events(events)
 
     def flush(self) -> None:
-        """Write changed registers (and events marked with `mark_dirty(events=True)`) to KVM
+        """Write changed registers (and events marked with `mark_dirty(DIRTY_EVENTS)`) to KVM
         now; normally they go in at the next entry."""
         if not self.dirty:
             return
@@ -312,19 +313,19 @@ class Vcpu:
     def regs_address(self) -> int:
         """Host address of the cached `KvmRegs` (kvm_run's sync_regs area on hosts with
         sync_regs). Stable for the vCPU's lifetime; after writing there, call
-        `mark_dirty(regs=True)`."""
+        `mark_dirty(DIRTY_REGS)`."""
         return ctypes.addressof(self._regs)
 
     @property
     def sregs_address(self) -> int:
         """Host address of the cached `KvmSregs`; like `regs_address`, with
-        `mark_dirty(sregs=True)`."""
+        `mark_dirty(DIRTY_SREGS)`."""
         return ctypes.addressof(self._sregs)
 
     @property
     def events_address(self) -> int:
         """Host address of kvm_run's sync_regs `KvmVcpuEvents` (hosts with sync_regs only;
-        `mark_dirty(events=True)` after writing there). ValueError without sync_regs."""
+        `mark_dirty(DIRTY_EVENTS)` after writing there). ValueError without sync_regs."""
         if not self.synced:
             raise ValueError("this host has no sync_regs: set events with set_events()")
         return ctypes.addressof(self._run.s.regs.events)
@@ -332,23 +333,19 @@ class Vcpu:
     def gpr_address(self, name: str) -> int:
         """Host address of the 64-bit general register `name` (one of GPR_NAMES) in the
         register cache, for harnesses that write it from C or through ctypes; call
-        `mark_dirty(regs=True)` after writing."""
+        `mark_dirty(DIRTY_REGS)` after writing."""
         if name not in GPR_NAMES:
             raise ValueError(f"{name!r} is not one of {', '.join(GPR_NAMES)}")
         return self.regs_address + getattr(KvmRegs, name).offset
 
-    def mark_dirty(self, *, regs: bool = False, sregs: bool = False, events: bool = False) -> None:
+    def mark_dirty(self, groups: int) -> None:
         """Record that the register cache was written in place (through `gpr_address`,
-        `regs_address`, `sregs_address` or `events_address`): the marked groups go to
-        KVM at the next entry, or at `flush()`. `events` needs sync_regs."""
-        if regs:
-            self.dirty |= _REGS
-        if sregs:
-            self.dirty |= _SREGS
-        if events:
-            if not self.synced:
-                raise ValueError("this host has no sync_regs: set events with set_events()")
-            self.dirty |= _EVENTS
+        `regs_address`, `sregs_address` or `events_address`): `groups`, SyncRegsFlag bits
+        (DIRTY_REGS, DIRTY_SREGS, DIRTY_EVENTS), go to KVM at the next entry or at
+        `flush()`. DIRTY_EVENTS needs sync_regs."""
+        if groups & _EVENTS and not self.synced:
+            raise ValueError("this host has no sync_regs: set events with set_events()")
+        self.dirty |= groups
 
     def load_state(self, regs: KvmRegs, sregs: KvmSregs) -> None:
         """Write `regs` and `sregs` to KVM now (KVM_SET_SREGS, then KVM_SET_REGS) and into

@@ -393,7 +393,8 @@ def test_vcpu_register_cache_written_in_place(make_machine) -> None:
     import ctypes
     vcpu = make_machine("long").vcpu
     ctypes.c_uint64.from_address(vcpu.gpr_address("rbx")).value = 0x1234
-    vcpu.mark_dirty(regs=True)
+    from minivmm.vcpu import DIRTY_REGS
+    vcpu.mark_dirty(DIRTY_REGS)
     assert vcpu.rbx == 0x1234
     vcpu.flush()
     assert vcpu.fd.get_regs().rbx == 0x1234

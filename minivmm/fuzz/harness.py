@@ -39,6 +39,7 @@ from time import perf_counter
 
 from ..disasm import disassemble
 from ..errors import MinivmmError
+from ..vcpu import DIRTY_REGS
 from ..exits import vector_name
 from ..machine import GuestFault
 from ..modes import CODE_BITS
@@ -176,6 +177,7 @@ class Harness:
         vcpu = machine.vcpu
         self._length_cell = (ctypes.c_uint64.from_address(vcpu.gpr_address(target.length_register))
                              if target.length_register is not None else None)
+        self._vcpu = vcpu
         self._mark_dirty = vcpu.mark_dirty
         self._counts = [0] * 80
         self._watchdog = False
@@ -225,7 +227,7 @@ class Harness:
         self._previous_length = n
         if self._length_cell is not None:
             self._length_cell.value = n
-            self._mark_dirty(regs=True)
+            self._mark_dirty(DIRTY_REGS)
         elif target.length_address is not None:
             machine.memory.write(target.length_address, struct.pack(self._length_format, n))
         self.coverage.start_run()
@@ -248,7 +250,7 @@ class Harness:
                 reason, exit_code, message, elapsed = (result.reason, result.exit_code, result.message,
                                                        result.elapsed_s)
         except GuestFault as exc:
-            rip = self.machine.vcpu.rip
+            rip = self._vcpu.rip
             return RunOutcome(Status.CRASH, "emulation_failure", data, rip, message=str(exc),
                               disassembly=self.disassemble(rip),
                               new_blocks=tuple(self.coverage.new_blocks))
@@ -262,7 +264,7 @@ class Harness:
     def classify(self, reason: str, exit_code: int | None, message: str, elapsed: float,
                  data: bytes) -> RunOutcome:
         target = self.target
-        rip = self.machine.vcpu.rip
+        rip = self._vcpu.rip
         new = tuple(self.coverage.new_blocks) if self.coverage.new_blocks else ()
         if reason == "exit":
             status = Status.CRASH if exit_code in target.crash_exit_codes else Status.OK
