@@ -138,6 +138,18 @@ class HookRegistry:
                 h.undo()
             self._handles.remove(h)
 
+    def pause(self, handle: Handle) -> None:
+        """Take an OBSERVE or PRE_ENTRY hook out of the exit loop without removing it (the loop
+        then pays nothing for it); `resume` puts it back."""
+        for hooks, installed in handle.installed:
+            if installed in hooks:
+                hooks.remove(installed)
+
+    def resume(self, handle: Handle) -> None:
+        for hooks, installed in handle.installed:
+            if installed not in hooks:
+                hooks.append(installed)
+
     def handles(self, kind: HookKind | str | None = None) -> list[Handle]:
         return [h for h in self._handles if kind is None or h.kind is HookKind(kind)]
 

@@ -112,6 +112,9 @@ class EptAccess:
 
 
 
+_R, _W = int(Perm.R), int(Perm.W)
+
+
 def _call(hook: Hook, event: HookEvent) -> None:
     """Run a hook callback; an exception it raises goes on unchanged (callers may stop runs with
     their own exception types), with a note naming the hook and the access."""
@@ -167,7 +170,7 @@ class HookTable:
     def report(self, gpa: int, data: bytes, is_write: bool, rip: int, vcpu: "Vcpu") -> None:
         """Call every monitor whose range and access type match the access [gpa, gpa+len(data))."""
         end = gpa + len(data)
-        want = Perm.W if is_write else Perm.R
+        want = _W if is_write else _R                  # plain ints: IntFlag operators are slow
         seen: set[int] = set()
         for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
             for hook in self.monitors.get(page, ()):

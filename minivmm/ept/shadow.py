@@ -99,6 +99,7 @@ class EptShadow:
         self.violations = 0
         self.emulations = 0
         self._pre_entry: "Handle | None" = None
+        self._pre_entry_active = False
         self._sync_regions()
         vm.dispatcher.set_default(ExitReason.EPT_VIOLATION, self._default_violation)
 
@@ -157,8 +158,12 @@ class EptShadow:
         """Have the pre-entry work (batched changes, an open read, TF for a step, new
         memory regions) done before the next VM entry; the hook leaves when it is idle,
         so that an idle EPT costs the exit loop nothing."""
-        if self._pre_entry is None:
-            self._pre_entry = self._hooks.add("pre_entry", self._before_entry)
+        if not self._pre_entry_active:
+            if self._pre_entry is None:
+                self._pre_entry = self._hooks.add("pre_entry", self._before_entry)
+            else:
+                self._hooks.resume(self._pre_entry)
+            self._pre_entry_active = True
 
     def _before_entry(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         if vcpu.index in self._open_reads:
@@ -166,9 +171,9 @@ class EptShadow:
         self._sync_regions()
         if self._pending:
             self.invept()
-        if not self._open_reads and not self._pending and self._pre_entry is not None:
-            self._hooks.remove(self._pre_entry)
-            self._pre_entry = None
+        if not self._open_reads and not self._pending and self._pre_entry_active:
+            self._hooks.pause(self._pre_entry)          # an idle EPT costs the exit loop nothing
+            self._pre_entry_active = False
 
     def invept(self) -> None:
         """Make every batched permission change visible to the guest now (INVEPT, SDM 30.3)."""
