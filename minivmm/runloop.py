@@ -397,6 +397,9 @@ class VcpuContext:
                 key = self._translate(kind, run, out_data)
                 if key is _NO_EXIT:
                     continue
+                if key.__class__ is Stop:
+                    action = key
+                    break
                 if observers:
                     self._observe(observers, info)
                 reason = info.reason
@@ -434,8 +437,9 @@ class VcpuContext:
 
     # -- translate ----------------------------------------------------------------------
     def _translate(self, kind: int, run, out_data: int) -> int | None | object:
-        """Fill `self.info` for the exit; its dispatch key, or _NO_EXIT when there is no VMX
-        exit to report (a signal, or a step the step service took)."""
+        """Fill `self.info` for the exit; its dispatch key, _NO_EXIT when there is no VMX exit
+        to report (a signal, or a step the step service took), or the Stop an EPT hook
+        callback returned."""
         info = self.info
         if kind == ExitKind.INTR:
             if self.deadline_expired():
@@ -453,6 +457,8 @@ class VcpuContext:
             elif kind == ExitKind.INTERNAL_ERROR:
                 translated = ept.translate_fetch_fault(self, exit)
             if translated is not None:
+                if translated.__class__ is Stop:
+                    return translated               # a hook callback ended the run
                 return _NO_EXIT if translated[0] is None else translated[1]
         translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
                                                 out_data=out_data)
@@ -469,6 +475,8 @@ class VcpuContext:
     def translate_exit(self, kind: int, run) -> tuple[ExitInfo | None, int | None]:
         """(info, key) for an exit the EPT took from KVM_RUN itself; info None for no exit."""
         key = self._translate(kind, run, 0)
+        if key.__class__ is Stop:
+            return key
         return (None, None) if key is _NO_EXIT else (self.info, key)
 
     def _restore_user_frame(self, frame: RestoreUserFrame) -> None:

@@ -303,3 +303,22 @@ def test_a_moved_hypercall_port_is_translated_as_vmcall(tmp_path: Path) -> None:
         assert (result.reason, machine.vcpu.rbx) == ("exit", 42), result
         assert machine.vcpu.rcx == 8            # the old port is plain I/O now: RAX unchanged
         assert result.exits["EXECUTE_VMCALL"] == 1
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("rule, message", [
+    ("monitors: [{start: 0x180000, size: 8, access: w, action: stop, name: guard}]",
+     "guard: write of 0x180000 at rip="),
+    ("hooks: [{address: 0x10000e, action: stop, name: reached}]", "reached: execution reached 0x10000e"),
+    ("hooks: [{address: 0x10000e, action: stop, hidden: false, name: reached}]",
+     "reached: execution reached 0x10000e"),
+])
+def test_ept_rules_stop_the_run_by_returning_stop(tmp_path: Path, rule: str, message: str) -> None:
+    """An EPT callback ends the run with the Stop it returns, like an exit handler."""
+    from minivmm.config import build_machine
+    guest = tmp_path / "ept_stop.S"
+    guest.write_text("mov $0x180000, %rdi\nmovq $1, (%rdi)\nnop\nmov $0, %al\nout %al, $0xf4\n")
+    config = parse_config(f"version: 1\nimages: [{{type: asm, source: {guest}}}]\nept: {{{rule}}}\n")
+    with build_machine(config) as machine:
+        result = machine.run_config()
+    assert result.reason == "stopped" and message in result.message, result

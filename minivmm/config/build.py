@@ -23,7 +23,6 @@ from ..exits import ExitReason
 from ..machine import Machine, RunResult
 from ..modes import CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, Mode
 from . import rules
-from .rules import RuleStop
 from .schema import Address, Config, ConfigError, ExpectConfig, ImageConfig, Loc
 
 if TYPE_CHECKING:
@@ -74,14 +73,6 @@ class ConfiguredMachine(Machine):
             self.events.append(message)
         if self.log_sink is not None:
             self.log_sink(message)
-
-    def run(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
-        try:
-            return super().run(timeout=timeout, max_exits=max_exits)
-        except RuleStop as stop:
-            result = self.last_result
-            result.reason, result.message, result.exit_code = "stopped", str(stop), None
-            return result
 
     def run_config(self, timeout: float | None = None, max_exits: int | None = None) -> RunResult:
         """Run with the config's deadline and exit limit unless given here."""

@@ -3,9 +3,8 @@
 Each compiler closes over the `ConfiguredMachine` for its counters and event
 log; the builder (`minivmm.config.build`) registers what they return. A
 handler follows the dispatcher's contract (`handler(vcpu, info) -> Action |
-None`, None passing the exit on); an EPT callback cannot return an action, so
-its `stop` raises `RuleStop`, which `ConfiguredMachine.run` turns into a
-"stopped" result.
+None`, None passing the exit on); an EPT callback returns a `Stop` to end the
+run (the access itself is completed either way).
 """
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ from typing import TYPE_CHECKING, Callable
 
 from ..actions import RESUME, RETRY, Inject, Reply, Stop
 from ..disasm import instruction_length
-from ..errors import MinivmmError
 from ..exits import ExitReason, Vector, vector_name
 from ..modes import CODE_BITS, Mode
 from .schema import ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule, MonitorRule, MsrRule
@@ -22,11 +20,6 @@ if TYPE_CHECKING:
     from ..machine import Machine
     from ..vcpu import Vcpu
     from .build import ConfiguredMachine
-
-
-class RuleStop(MinivmmError):
-    """Raised by a rule's `stop` from a callback that cannot return an action (EPT hooks);
-    `ConfiguredMachine.run` turns it into a "stopped" result."""
 
 
 def _instruction_length(machine: Machine, vcpu: Vcpu) -> int:
@@ -154,8 +147,8 @@ def monitor_callback(machine: ConfiguredMachine, rule: MonitorRule) -> Callable:
             machine.log(f"{rule.name}: {kind} of {getattr(event, 'size', 0)} bytes at "
                         f"{event.address:#x}{shown} rip={getattr(event, 'rip', 0):#x}")
         if rule.action == "stop":
-            raise RuleStop(f"{rule.name}: {getattr(event, 'kind', 'access')} of {event.address:#x} at "
-                           f"rip={getattr(event, 'rip', 0):#x}")
+            return Stop("stopped", message=f"{rule.name}: {getattr(event, 'kind', 'access')} of "
+                                           f"{event.address:#x} at rip={getattr(event, 'rip', 0):#x}")
         return None
     return callback
 
@@ -167,7 +160,7 @@ def hook_callback(machine: ConfiguredMachine, rule: HookRule, address: int) -> C
         if rule.log or rule.action == "log":
             machine.log(f"{rule.name}: executed {address:#x} rax={vcpu.rax:#x}")
         if rule.action == "stop":
-            raise RuleStop(f"{rule.name}: execution reached {address:#x}")
+            return Stop("stopped", message=f"{rule.name}: execution reached {address:#x}")
         if rule.action == "skip":
             _skip(machine, vcpu)      # the hook then runs the instruction at the new rip
         return None

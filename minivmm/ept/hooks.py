@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
+from ..actions import Stop
 from ..exits import ExitInfo, ExitReason
 from ..memory import PAGE_SHIFT
 from .tables import Perm
@@ -72,15 +73,16 @@ class EptAccessInfo(ExitInfo):
     event: HookEvent | None = None
 
 
-def access_callback(callback: Callable[["Vcpu", ExitInfo], object]) -> Callable[[HookEvent], None]:
-    """A hook callback that hands `callback(vcpu, info)` each access as an `EptAccessInfo`."""
-    def report(event: HookEvent) -> None:
+def access_callback(callback: Callable[["Vcpu", ExitInfo], object]) -> Callable[[HookEvent], object]:
+    """A hook callback that hands `callback(vcpu, info)` each access as an `EptAccessInfo`;
+    what it returns is the hook's answer (a `Stop` ends the run)."""
+    def report(event: HookEvent) -> object:
         info = EptAccessInfo(event=event)
         info.reset(ExitReason.EPT_VIOLATION, _QUALIFICATION[event.kind], guest_physical_address=event.address,
                    guest_linear_address=event.rip if event.kind == "execute" else 0,
                    data=0 if event.kind == "execute" else event.value)
         info.vcpu_index = event.vcpu.index
-        callback(event.vcpu, info)
+        return callback(event.vcpu, info)
     return report
 
 
@@ -115,15 +117,17 @@ class EptAccess:
 _R, _W = int(Perm.R), int(Perm.W)
 
 
-def _call(hook: Hook, event: HookEvent) -> None:
-    """Run a hook callback; an exception it raises goes on unchanged (callers may stop runs with
-    their own exception types), with a note naming the hook and the access."""
+def _call(hook: Hook, event: HookEvent) -> Stop | None:
+    """Run a hook callback: the `Stop` it returns, if any (anything else is ignored: the access
+    is completed either way). An exception it raises goes on with a note naming the hook and
+    the access (the run loop makes it a HandlerError)."""
     try:
-        hook.callback(event)
+        answer = hook.callback(event)
     except Exception as exc:
         exc.add_note(f"in the {hook.kind} hook on [{hook.start:#x}, {hook.end:#x}) for a {event.kind} "
                      f"at gpa {event.address:#x}, guest rip={event.rip:#x}")
         raise
+    return answer if answer.__class__ is Stop else None
 
 
 
@@ -167,25 +171,30 @@ class HookTable:
                     found[id(hook)] = hook
         return list(found.values())
 
-    def report(self, gpa: int, data: bytes, is_write: bool, rip: int, vcpu: "Vcpu") -> None:
-        """Call every monitor whose range and access type match the access [gpa, gpa+len(data))."""
+    def report(self, gpa: int, data: bytes, is_write: bool, rip: int, vcpu: "Vcpu") -> Stop | None:
+        """Call every monitor whose range and access type match the access [gpa, gpa+len(data));
+        the first Stop one of them returned."""
         end = gpa + len(data)
         want = _W if is_write else _R                  # plain ints: IntFlag operators are slow
         seen: set[int] = set()
+        stop = None
         for page in range(gpa >> PAGE_SHIFT, ((end - 1) >> PAGE_SHIFT) + 1):
             for hook in self.monitors.get(page, ()):
                 if not hook.bits & want or not (hook.start < end and gpa < hook.end) or id(hook) in seen:
                     continue
                 seen.add(id(hook))
                 hook.hits += 1
-                _call(hook, HookEvent(hook, "write" if is_write else "read", gpa, len(data),
-                                      int.from_bytes(data, "little"), rip, vcpu, data))
+                answer = _call(hook, HookEvent(hook, "write" if is_write else "read", gpa, len(data),
+                                               int.from_bytes(data, "little"), rip, vcpu, data))
+                stop = stop or answer
+        return stop
 
-    def execute_hidden(self, gpa: int, vcpu: "Vcpu") -> None:
-        """Report the execution of `gpa` to the hidden execute hooks on it."""
+    def execute_hidden(self, gpa: int, vcpu: "Vcpu") -> Stop | None:
+        """Report the execution of `gpa` to the hidden execute hooks on it; the first Stop."""
         hooks = self.hidden.get(gpa >> PAGE_SHIFT)
         if hooks:
-            report_execute([h for h in hooks if h.start <= gpa < h.end], gpa, vcpu)
+            return report_execute([h for h in hooks if h.start <= gpa < h.end], gpa, vcpu)
+        return None
 
 
 def _discard(table: dict[int, list[Hook]], key: int, hook: Hook) -> bool:
@@ -199,8 +208,10 @@ def _discard(table: dict[int, list[Hook]], key: int, hook: Hook) -> bool:
     return False
 
 
-def report_execute(hooks: list[Hook], gpa: int, vcpu: "Vcpu") -> None:
-    """Report the execution of the instruction at `gpa` to `hooks`."""
+def report_execute(hooks: list[Hook], gpa: int, vcpu: "Vcpu") -> Stop | None:
+    """Report the execution of the instruction at `gpa` to `hooks`; the first Stop."""
+    stop = None
     for hook in hooks:
         hook.hits += 1
-        _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+        stop = stop or _call(hook, HookEvent(hook, "execute", gpa, 1, gpa, vcpu.rip, vcpu))
+    return stop

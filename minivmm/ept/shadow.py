@@ -388,7 +388,8 @@ class EptShadow:
 
         Returns None when the GPA is neither managed RAM nor a device (an EPT
         misconfiguration for the machine), (None, None) when the access was
-        completed here, else (info, gpa) for dispatch.
+        completed here, a Stop when a monitor's callback ended the run, else
+        (info, gpa) for dispatch.
         """
         self._handling.index = ctx.index
         gpa = exit.phys_addr
@@ -477,7 +478,9 @@ class EptShadow:
                 self._refetched[ctx.index] = seen
                 return _HANDLED
             return None                         # an ordinary emulation failure
-        self._hook_table.execute_hidden(gpa, vcpu)
+        stop = self._hook_table.execute_hidden(gpa, vcpu)
+        if stop is not None:
+            return stop                         # the run ends before the instruction
         if rights & _X or self._base.get(page, 7) & _X:
             self._step_through(ctx, page)
             return _HANDLED
@@ -550,10 +553,12 @@ class EptShadow:
                         _W if is_write else _R)
                     or page not in self._hook_table.monitors
                     or not self._base.get(page, 7) & (_W if is_write else _R)):
-                self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
-                return self.translate_mmio(ctx, nxt) or ctx.translate_exit(ExitKind.MMIO, vcpu.fd.run)
+                stop = self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
+                return stop or self.translate_mmio(ctx, nxt) or ctx.translate_exit(ExitKind.MMIO, vcpu.fd.run)
             current = nxt
-        self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
+        stop = self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
+        if stop is not None:
+            return stop
         if leftover is not None:
             return ctx.translate_exit(leftover, vcpu.fd.run)
         return _HANDLED
