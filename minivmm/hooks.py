@@ -7,7 +7,7 @@
 | `OBSERVE`   | for every exit, before the handlers       | None               |
 | `PRE_ENTRY` | before every entry into the guest         | None               |
 | `BREAKPOINT`| when the guest executes `address` (int3)  | None or an Action  |
-| `EPT_ACCESS`| for guest accesses to `gpa` (EPT rights)  | None               |
+| `EPT_ACCESS`| for guest accesses to `gpa` (EPT rights)  | None or a Stop     |
 
 Every callback is `callback(vcpu, info)`: the `Vcpu` and its `ExitInfo` (for
 PRE_ENTRY the last exit's). `vcpu=` installs OBSERVE and PRE_ENTRY callbacks on
@@ -27,8 +27,8 @@ violation a hypervisor would take (reason EPT_VIOLATION, the SDM 27.2.1
 qualification bits for read / write / fetch, `guest_physical_address` of the
 first byte, `guest_linear_address` where known, `data` the value read or
 written as a little-endian int) with `info.event` the `HookEvent` (size, bytes,
-rip). The access completes on RAM whatever the callback returns; an execute
-hook runs before the instruction.
+rip). The access completes on RAM; a returned `Stop` then ends the run (an
+execute hook runs before the instruction, so the run ends at it).
 """
 from __future__ import annotations
 
