@@ -269,3 +269,26 @@ def test_ept_monitor_and_mtf_trace_on_an_application_processor(make_machine) -> 
     assert events == [(1, 0x5a, starts[3])]     # KVM reports a write with RIP past the store
     assert not machine.contexts[0].vmcs.mtf and "MONITOR_TRAP_FLAG" not in machine.contexts[0].stats
     assert not vcpu_threads()
+
+
+def test_pre_entry_hooks_and_steps_on_an_application_processor(make_machine) -> None:
+    """PRE_ENTRY hooks and the step service work per vCPU: a hook on vCPU 1 sees only vCPU 1's
+    entries, and a step requested on vCPU 1 (from its first exit) runs after its next
+    instruction there."""
+    machine = smp_machine(make_machine, START_AP + WAIT_FOR_FLAG, AP_REPORTS)
+    entries, steps = set(), []
+
+    def on_port_80(vcpu, info):
+        machine.step_once(lambda v: steps.append((v.index, v.rip)), vcpu=vcpu.index)
+
+    machine.hooks.add("pre_entry", lambda vcpu, info: entries.add(vcpu.index), vcpu=1)
+    machine.on(ExitReason.IO_INSTRUCTION, on_port_80, port=0x80)
+    result = machine.run(timeout=20)
+    assert (result.reason, result.exit_code) == ("exit", 0), result
+    assert entries == {1}
+    code = assemble(AP_REPORTS, code_bits=16, load_address=0).data
+    from minivmm.disasm import disassemble
+    starts = [address for address, _, _ in disassemble(code, 0, 16)]
+    # the OUT at starts[1] exited; the step lands after the next instruction (the flag store)
+    assert steps == [(1, starts[3])], (steps, starts)
+    assert not vcpu_threads()
