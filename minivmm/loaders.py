@@ -22,14 +22,29 @@ from elftools.elf.elffile import ELFFile
 
 from .cache import cache_dir
 from .errors import MinivmmError
+from .modes import ImageRange
 
 __all__ = ["LoaderError", "LoadedImage", "load_asm", "load_flat", "load_elf", "build_c_elf",
            "load_multiboot", "MultibootHeader", "MultibootModule", "parse_multiboot_header",
-           "build_multiboot_info", "MULTIBOOT_INFO_ADDRESS"]
+           "build_multiboot_info", "MULTIBOOT_INFO_ADDRESS", "ImageOverlapError", "check_no_overlap"]
 
 
 class LoaderError(MinivmmError, ValueError):
     """An image cannot be loaded: the message says what is wrong with it."""
+
+
+class ImageOverlapError(LoaderError):
+    """Two images claim the same guest-physical bytes; the message names both ranges."""
+
+
+def check_no_overlap(placed: Sequence[ImageRange], new: ImageRange) -> None:
+    """Raise ImageOverlapError if `new` shares a byte with one of the `placed` ranges, unless
+    it lies inside that range's zero-fill tail (`ImageRange.bss`)."""
+    for old in placed:
+        inside_bss = old.end - old.bss <= new.start and new.end <= old.end
+        if new.start < old.end and old.start < new.end and not inside_bss:
+            raise ImageOverlapError(f"{new} overlaps {old}: the later image would overwrite the "
+                                    "earlier one's bytes")
 
 
 @dataclass
@@ -39,6 +54,8 @@ class LoadedImage:
     entry: int | None = None
     symbols: dict[str, int] = field(default_factory=dict)
     registers: dict[str, int] = field(default_factory=dict)
+    zero_fill: dict[int, int] = field(default_factory=dict)
+    """Per segment address: how many of its trailing bytes are zero-fill (ELF bss)."""
 
     @property
     def end_address(self) -> int:
@@ -86,6 +103,7 @@ def _read_elf(stream, name: str) -> tuple[LoadedImage, list[tuple[int, int, int]
             raise LoaderError(f"{name}: ELF type {elf['e_type']}, expected an executable (ET_EXEC)")
         segments = []
         layout = []
+        zero_fill = {}
         for segment in elf.iter_segments():
             if segment["p_type"] != "PT_LOAD" or segment["p_memsz"] == 0:
                 continue
@@ -93,11 +111,12 @@ def _read_elf(stream, name: str) -> tuple[LoadedImage, list[tuple[int, int, int]
             if segment["p_memsz"] < len(data):
                 raise LoaderError(f"{name}: a PT_LOAD segment has p_memsz < p_filesz")
             segments.append((segment["p_paddr"], data + bytes(segment["p_memsz"] - len(data))))
+            zero_fill[segment["p_paddr"]] = segment["p_memsz"] - len(data)
             layout.append((segment["p_vaddr"], segment["p_paddr"], segment["p_memsz"]))
         if not segments:
             raise LoaderError(f"{name}: no PT_LOAD segment")
         symbols = _elf_symbols(elf)
-        return LoadedImage(segments, elf["e_entry"], symbols), layout
+        return LoadedImage(segments, elf["e_entry"], symbols, zero_fill=zero_fill), layout
     except ELFError as exc:
         raise LoaderError(f"{name}: not a valid ELF file: {exc}") from None
 

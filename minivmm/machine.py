@@ -28,7 +28,8 @@ from .handlers import install_defaults
 from .hooks import Handle, HookKind, HookRegistry
 from .kvm import Kvm, KvmError
 from .memory import GuestMemory, Region
-from .modes import CODE_BITS, DEFAULT_LOAD_ADDRESS, Mode, setup_mode
+from .modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, ImageRange, Mode, choose_system_base, default_stack,
+                    setup_mode)
 from .runloop import ExitStat, HandlerError, RunResult, VcpuContext
 from .translate import ExceptionReport, GuestFault
 from .vcpu import Vcpu
@@ -78,6 +79,9 @@ class Machine:
         self.entry: int | None = None
         self.stack: int | None = None
         self.symbols: dict[str, int] = {}
+        self.images: list[ImageRange] = []      # what load/load_image/place put in guest RAM
+        self.system_tables = True               # False: setup writes no GDT/TSS (multiboot kernels)
+        self.system_base: int | None = None     # where setup put the system area
         self.last_result: RunResult | None = None
         self._started = False
         self._ept = None
@@ -205,17 +209,34 @@ class Machine:
         self.vm.fd.irq_line(irq, int(bool(level)))
 
     # -- images ---------------------------------------------------------------------
-    def load(self, data: bytes, address: int | None = None, *, entry: int | None = None) -> None:
-        """Copy a flat image into guest RAM; the entry defaults to its first byte."""
+    def load(self, data: bytes, address: int | None = None, *, entry: int | None = None,
+             name: str | None = None) -> None:
+        """Copy a flat image into guest RAM; the entry defaults to its first byte.
+        Raises ImageOverlapError when it overlaps an image loaded before."""
         address = DEFAULT_LOAD_ADDRESS[self.mode] if address is None else address
-        self.memory.write(address, data)
+        self.place(address, data, name or "image")
         if entry is not None or self.entry is None:
             self.entry = address if entry is None else entry
 
     def load_image(self, image: asm.GuestImage) -> None:
-        self.memory.write(image.load_address, image.data)
+        """Copy an assembled image to its load address and take its entry and symbols.
+        Raises ImageOverlapError when it overlaps an image loaded before."""
+        self.place(image.load_address, image.data, image.source or "image")
         self.entry = image.entry
         self.symbols.update(image.symbols)
+
+    def place(self, address: int, data: bytes, name: str = "image", *, bss: int = 0) -> ImageRange:
+        """Write image bytes at `address` and record them in `images` (setup keeps the system
+        area off them); ImageOverlapError if they overlap bytes an earlier image owns (its
+        last `bss` bytes, zero-fill, may take a later image)."""
+        from .loaders import check_no_overlap
+        placed = ImageRange(address, address + len(data), name, bss)
+        if data:
+            check_no_overlap(self.images, placed)
+        self.memory.write(address, data)
+        if data:
+            self.images.append(placed)
+        return placed
 
     def load_asm(self, source: str | os.PathLike, *, load_address: int | None = None,
                  **kwargs) -> asm.GuestImage:
@@ -243,22 +264,33 @@ class Machine:
             raise KeyError(f"no symbol {name!r} in the loaded images") from None
 
     def default_stack(self) -> int:
-        if self.mode is Mode.REAL:
-            return DEFAULT_LOAD_ADDRESS[Mode.REAL]
+        """The initial stack pointer when `stack` is None (`minivmm.modes.default_stack`)."""
         low = self.memory.region_at(0)
-        return min(low.end, 1 << 32) - 16 if self.mode is Mode.USER else min(low.end, 1 << 32)
+        return default_stack(self.mode, low.end if low is not None else 0)
 
     def setup(self) -> None:
         """Put vCPU 0 into the machine's mode at the entry point (done by the first run).
-        Registers written before (through `m.vcpu` or VMCS guest-state fields) are kept."""
+        Registers written before (through `m.vcpu` or VMCS guest-state fields) are kept.
+        The system area goes where no loaded image is (`minivmm.modes.choose_system_base`),
+        or nowhere when `system_tables` is False."""
         if self.entry is None:
             raise ValueError("nothing loaded: call load(), load_image() or load_asm() first")
         stack = self.default_stack() if self.stack is None else self.stack
+        base = self._system_base(stack)
         written = self.vcpu.written_since_power_on()
-        setup_mode(self.vcpu, self.memory, self.mode, self.entry, stack)
+        setup_mode(self.vcpu, self.memory, self.mode, self.entry, stack, base=base or 0,
+                   tables=base is not None)
+        self.system_base = base
         self.vcpu.rewrite(*written)
         self.apply_cpuid()
         self._started = True
+
+    def _system_base(self, stack: int) -> int | None:
+        """Where setup writes the system area: None in real mode or without system tables."""
+        if self.mode is Mode.REAL or not self.system_tables:
+            return None
+        ram = [(region.gpa, region.end) for region in self.memory.regions]
+        return choose_system_base(self.mode, self.images, ram, stack)
 
     def apply_cpuid(self) -> None:
         """Give KVM the CPUID table (overrides and EXECUTE_CPUID handlers); before the first run only.

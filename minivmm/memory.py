@@ -37,6 +37,34 @@ class GuestMemoryError(MinivmmError, ValueError):
     """A guest-physical access or region layout that is not valid."""
 
 
+RAM_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+"""How guest RAM is mapped (Python's mmap module has MAP_NORESERVE from 3.13 on)."""
+
+
+def check_reservable(size: int) -> None:
+    """Raise GuestMemoryError unless the host lets this process map `size` bytes of guest RAM
+    the way `Region` maps it (a trial mapping, released at once; no page is touched)."""
+    if size <= 0:
+        return
+    try:
+        trial = mmap.mmap(-1, size, RAM_MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
+    except (OSError, OverflowError) as exc:
+        available = _host_available()
+        hint = f"; the host has about {available >> 20} MiB of RAM and swap available" if available else ""
+        raise GuestMemoryError(f"the host cannot reserve {size:#x} bytes ({size >> 20} MiB) of guest RAM: "
+                               f"{getattr(exc, 'strerror', None) or exc}{hint}") from None
+    trial.close()
+
+
+def _host_available() -> int | None:
+    """MemAvailable plus SwapFree from /proc/meminfo, in bytes (None when unreadable)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+        return sum(int(fields[key].split()[0]) * 1024 for key in ("MemAvailable", "SwapFree"))
+    except (OSError, KeyError, ValueError):
+        return None
+
+
 @dataclass(eq=False)
 class Region:
     """One contiguous block of guest RAM backed by an anonymous host mapping."""
@@ -48,8 +76,7 @@ class Region:
     host_addr: int = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        self.mem = mmap.mmap(-1, self.size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0),
-                             mmap.PROT_READ | mmap.PROT_WRITE)
+        self.mem = mmap.mmap(-1, self.size, RAM_MAP_FLAGS, mmap.PROT_READ | mmap.PROT_WRITE)
         view = ctypes.c_char.from_buffer(self.mem)
         self.host_addr = ctypes.addressof(view)
         del view

@@ -38,12 +38,13 @@ from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
 from .devices.scratch import ScratchRegister
+from .memory import GuestMemoryError
 
 if TYPE_CHECKING:
     from .machine import Machine
 
 __all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
-           "PlatformConfig", "RamWindow", "ScratchConfig", "install_platform", "acpi_checksum",
+           "PlatformConfig", "RamWindow", "RamWindowError", "check_ram_windows", "ScratchConfig", "install_platform", "acpi_checksum",
            "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
 
 # ---------------------------------------------------------------------------
@@ -150,6 +151,31 @@ class RamWindow:
     name: str = "window"
 
 
+class RamWindowError(GuestMemoryError):
+    """A RAM window that cannot be added; `index` is its place in the window list."""
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
+
+def check_ram_windows(ram_size: int, windows: "list[RamWindow]") -> None:
+    """Raise RamWindowError for the first window that is not page aligned, is empty, or
+    overlaps the RAM at [0, ram_size) or an earlier window (what `GuestMemory.add_region`
+    would refuse)."""
+    taken = [(0, ram_size, "the RAM at 0 (machine.memory)")]
+    for index, window in enumerate(windows):
+        start, end = window.start, window.start + window.size
+        if start % 4096 or window.size % 4096 or window.size <= 0:
+            raise RamWindowError(f"RAM window {window.name} needs a page-aligned start and a non-zero "
+                                 f"page-multiple size; got start {start:#x} size {window.size:#x}", index)
+        for other_start, other_end, what in taken:
+            if start < other_end and other_start < end:
+                raise RamWindowError(f"RAM window {window.name} [{start:#x}, {end:#x}) overlaps {what} "
+                                     f"[{other_start:#x}, {other_end:#x})", index)
+        taken.append((start, end, f"RAM window {window.name}"))
+
+
 @dataclass
 class ScratchConfig:
     port: int = 0x520
@@ -201,6 +227,8 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
     kept as `machine.platform`."""
     installed = InstalledPlatform()
     ram_size = sum(region.size for region in machine.memory.regions)
+    low = machine.memory.region_at(0)
+    check_ram_windows(low.end if low is not None else 0, config.ram_windows)
     if config.pit:
         if not getattr(machine, "irqchip", False):
             raise ValueError("the in-kernel PIT needs the in-kernel irqchip (platform.irqchip: true)")

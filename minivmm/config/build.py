@@ -21,7 +21,8 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 from ..devices import DebugExit, PortDevice, Serial16550
 from ..exits import ExitReason
 from ..machine import Machine, RunResult
-from ..modes import CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, Mode
+from ..modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, ImageRange, Mode, SystemAreaError,
+                     choose_system_base, default_stack)
 from . import rules
 from .schema import Address, Config, ConfigError, ExpectConfig, ImageConfig, Loc
 
@@ -105,6 +106,7 @@ def build_machine(config: Config, *, capture_console: bool = False,
     Errors found only now (unknown symbols, controls the host cannot honour,
     loader errors) are `ConfigError`s naming the key too.
     """
+    preflight(config)
     sink = console
     serial = config.devices.serial
     opened = None
@@ -159,11 +161,55 @@ def check_expectation(expect: ExpectConfig | None, result: RunResult,
     return problems
 
 
+def preflight(config: Config) -> None:
+    """The checks of what the host must give (RAM windows that fit together, guest RAM the
+    host can reserve, a console file that can be created) that `build_machine` does before
+    it creates the VM and `check_config` does instead of creating it."""
+    _check_ram_windows(config)
+    _check_reservation(config)
+    _check_console_file(config)
+
+
+def _check_ram_windows(config: Config) -> None:
+    """RAM windows overlap neither machine.memory nor each other."""
+    from ..platform import RamWindowError, check_ram_windows
+    try:
+        check_ram_windows(config.machine.memory, config.platform.ram_windows)
+    except RamWindowError as exc:
+        raise ConfigError(str(exc), str(config.path), f"platform.ram_windows[{exc.index}]") from None
+
+
+def _check_reservation(config: Config) -> None:
+    """The host can map all of guest RAM (machine.memory plus the RAM windows)."""
+    from ..memory import GuestMemoryError, check_reservable
+    total = config.machine.memory + sum(window.size for window in config.platform.ram_windows)
+    try:
+        check_reservable(total)
+    except GuestMemoryError as exc:
+        raise ConfigError(str(exc), str(config.path), "machine.memory") from None
+
+
+def _check_console_file(config: Config) -> None:
+    """With `devices.serial.output: file`, the file's folder exists and the path is no folder."""
+    serial = config.devices.serial
+    if serial.output != "file" or serial.path is None:
+        return
+    path = Path(serial.path)
+    problem = f"the console file's folder {path.parent} does not exist" if not path.parent.is_dir() \
+        else f"the console file {path} is a folder" if path.is_dir() else None
+    if problem:
+        raise ConfigError(f"cannot open the console file: {problem}", str(config.path),
+                          "devices.serial.path")
+
+
 def check_config(config: Config) -> dict[str, int]:
-    """Everything `build_machine` checks that needs no VM: load (assemble, compile) the images,
-    check they fit, resolve every symbol the config uses. Returns the symbols."""
+    """Everything `build_machine` checks that needs no VM: the host checks (`preflight`),
+    load (assemble, compile) the images, check they fit, do not overlap and leave room for
+    the system area, resolve every symbol the config uses. Returns the symbols."""
+    preflight(config)
     builder = _Builder(config, None)
     entry = builder.images()
+    builder.system_area()
     mc = config.machine
     if builder.resolve(mc.entry, entry) is None:
         raise ConfigError("no entry point: give machine.entry", str(config.path), "machine.entry")
@@ -186,6 +232,10 @@ class _Builder:
         self.config = config
         self.machine = machine
         self.symbols: dict[str, int] = {}
+        self.placed: list[ImageRange] = []
+        self.owners: dict[str, ImageConfig] = {}
+        # A multiboot kernel loads its own GDT (Multiboot 0.6.96 section 3.2): no system area.
+        self.system_tables = not any(image.type == "multiboot" for image in config.images)
 
     def resolve(self, value: Address | None, default: int | None = None) -> int | None:
         if value is None:
@@ -216,6 +266,8 @@ class _Builder:
         mc = config.machine
         machine.entry = self.resolve(mc.entry, entry)
         machine.stack = self.resolve(mc.stack)
+        machine.system_tables = self.system_tables
+        self.system_area()
         if machine.entry is None:
             raise ConfigError("no entry point: give machine.entry", str(config.path), "machine.entry")
         try:
@@ -257,8 +309,7 @@ class _Builder:
                 if address + len(data) > memory:
                     raise image.loc.error(f"the image's bytes at [{address:#x}, {address + len(data):#x}) do "
                                           f"not fit in guest RAM ({memory:#x} bytes; raise machine.memory)")
-                if machine is not None:
-                    machine.memory.write(address, data)
+                self.place(image, address, data, loaded.zero_fill.get(address, 0))
             self.symbols.update(loaded.symbols)
             if machine is not None:
                 machine.symbols.update(loaded.symbols)
@@ -267,6 +318,40 @@ class _Builder:
                 entry = image_entry
             self.initial_registers.update(loaded.registers)
         return entry
+
+    def place(self, image: ImageConfig, address: int, data: bytes, bss: int = 0) -> None:
+        """Record (and with a machine, write) one segment of `image`; a ConfigError when it
+        overlaps a segment of an image placed before."""
+        from ..loaders import ImageOverlapError, check_no_overlap
+        if not data:
+            return
+        name = f"{image.loc.key or 'image'} ({image.path.name if image.path else image.type})"
+        placed = ImageRange(address, address + len(data), name, bss)
+        try:
+            check_no_overlap(self.placed, placed)
+        except ImageOverlapError as exc:
+            raise image.loc.error(str(exc)) from None
+        self.placed.append(placed)
+        self.owners[name] = image
+        if self.machine is not None:
+            self.machine.place(address, data, name, bss=bss)
+
+    def system_area(self) -> None:
+        """Check that the mode's system area has a place where no image is (the place
+        `Machine.setup` will choose); a ConfigError naming the image and the structure."""
+        mc = self.config.machine
+        mode = Mode(mc.mode)
+        if mode is Mode.REAL or not self.system_tables:
+            return
+        ram = [(0, mc.memory)] + [(w.start, w.start + w.size) for w in self.config.platform.ram_windows]
+        stack = self.resolve(mc.stack)
+        try:
+            choose_system_base(mode, self.placed, ram, default_stack(mode, mc.memory) if stack is None else stack)
+        except SystemAreaError as exc:
+            owner = self.owners.get(exc.image.name) if exc.image is not None else None
+            if owner is not None:
+                raise owner.loc.error(str(exc)) from None
+            raise ConfigError(str(exc), str(self.config.path), "machine.memory") from None
 
     def load_image(self, image: ImageConfig, loaders: ModuleType) -> LoadedImage:
         mode = Mode(self.config.machine.mode)
@@ -290,8 +375,7 @@ class _Builder:
         else:
             data = image.path.read_bytes()
         if image.assemble:
-            data = loaders.load_asm(image.path, code_bits=32, load_address=DEFAULT_LOAD_ADDRESS[mode],
-                                    defines=image.defines).segments[0][1]
+            data = self.assemble_multiboot(image, loaders, DEFAULT_LOAD_ADDRESS[mode])
         modules = []
         for module in image.modules:
             try:
@@ -303,6 +387,23 @@ class _Builder:
         return loaders.load_multiboot(data, cmdline=image.cmdline, memory_size=self.config.machine.memory,
                                       modules=modules,
                                       kernel_name=image.path.parent.name if image.build else image.path.name)
+
+    @staticmethod
+    def assemble_multiboot(image: ImageConfig, loaders: ModuleType, default_address: int) -> bytes:
+        """Assemble a multiboot kernel source, linked where it loads: at `default_address`, or
+        again at its header's load_addr when it has the address fields (flags bit 16,
+        Multiboot 0.6.96 section 3.1.3) and they name another address, so that its symbols
+        are its physical addresses."""
+        data = loaders.load_asm(image.path, code_bits=32, load_address=default_address,
+                                defines=image.defines).segments[0][1]
+        try:
+            header = loaders.parse_multiboot_header(data)
+        except loaders.LoaderError:
+            return data                     # load_multiboot reports it
+        if header.flags & loaders.MULTIBOOT_AOUT_KLUDGE and header.load_addr != default_address:
+            data = loaders.load_asm(image.path, code_bits=32, load_address=header.load_addr,
+                                    defines=image.defines).segments[0][1]
+        return data
 
     # -- devices ------------------------------------------------------------------------
     def devices(self) -> None:

@@ -1,0 +1,118 @@
+"""`minivmm check` finds what `run` would fail on, with the key named: images that overlap
+each other or minivmm's system area, overlapping RAM windows, a console file in a missing
+folder, guest RAM the host cannot reserve; and `run` reports the same errors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import GUESTS
+from minivmm import cli
+from minivmm.config import ConfigError, build_machine, check_config, load_config
+
+
+def write(tmp_path: Path, text: str, name: str = "c.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text("version: 1\n" + text)
+    return path
+
+
+def check_error(path: Path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        check_config(load_config(path))
+    return info.value
+
+
+def same_error_from_run(path: Path, capsys) -> str:
+    """The CLI's check and run messages for `path` (they must be equal); returns it."""
+    assert cli.main(["check", str(path)]) == 2
+    checked = capsys.readouterr().err
+    assert cli.main(["run", str(path)]) == 2
+    assert capsys.readouterr().err == checked
+    return checked
+
+
+HELLO = GUESTS / "hello_long.S"
+
+
+def test_overlapping_images_name_both(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long}}
+images:
+  - {{type: asm, source: {HELLO}}}
+  - {{type: asm, source: {HELLO}, address: 0x100010}}
+""")
+    error = check_error(path)
+    assert error.key == "images[1]"
+    assert "images[1] (hello_long.S) [0x100010," in str(error)
+    assert "overlaps images[0] (hello_long.S) [0x100000," in str(error)
+    same_error_from_run(path, capsys)
+
+
+def test_image_over_the_user_mode_system_area(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: user}}
+images:
+  - {{type: asm, source: {HELLO}, address: 0x2000}}
+""")
+    error = check_error(path)
+    assert error.key == "images[0]"
+    assert "images[0] (hello_long.S) [0x2000," in str(error) and "minivmm's IDT" in str(error)
+    same_error_from_run(path, capsys)
+
+
+@pytest.mark.kvm
+def test_low_long_mode_image_moves_the_system_area(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long}}
+images:
+  - {{type: asm, source: {HELLO}, address: 0x3000}}
+expect: {{result: exit, exit_code: 0}}
+""")
+    check_config(load_config(path))
+    with build_machine(load_config(path), capture_console=True) as machine:
+        result = machine.run_config()
+        assert (result.reason, result.exit_code) == ("exit", 0)
+        assert machine.system_base == 0x10000
+
+
+def test_overlapping_ram_windows(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long}}
+images: [{{type: asm, source: {HELLO}}}]
+platform:
+  ram_windows:
+    - {{start: 0x40000000, size: 1M, name: a}}
+    - {{start: 0x40080000, size: 1M, name: b}}
+""")
+    error = check_error(path)
+    assert error.key == "platform.ram_windows[1]"
+    assert "RAM window b [0x40080000, 0x40180000) overlaps RAM window a [0x40000000, 0x40100000)" in str(error)
+    same_error_from_run(path, capsys)
+
+
+def test_ram_window_over_machine_memory(tmp_path: Path) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long, memory: 4M}}
+images: [{{type: asm, source: {HELLO}}}]
+platform: {{ram_windows: [{{start: 0x200000, size: 1M, name: low}}]}}
+""")
+    error = check_error(path)
+    assert error.key == "platform.ram_windows[0]" and "machine.memory" in str(error)
+
+
+def test_console_file_in_a_missing_folder(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long}}
+images: [{{type: asm, source: {HELLO}}}]
+devices: {{serial: {{output: file, path: no/such/dir/console.txt}}}}
+""")
+    error = check_error(path)
+    assert error.key == "devices.serial.path"
+    assert "folder" in str(error) and "does not exist" in str(error)
+    same_error_from_run(path, capsys)
+
+
+def test_memory_the_host_cannot_reserve(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long, memory: 1048576G}}
+images: [{{type: asm, source: {HELLO}}}]
+""")
+    error = check_error(path)
+    assert error.key == "machine.memory"
+    assert "cannot reserve" in str(error)
+    same_error_from_run(path, capsys)
