@@ -6,6 +6,7 @@ handler takes the parsed arguments and returns the exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fuzz.add_argument("--no-coverage", action="store_true", help="blind fuzzing (no breakpoints)")
     fuzz.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. fuzz.timeout=0.5; repeatable")
+    fuzz.add_argument("--json", action="store_true",
+                      help="print the final summary as one JSON object on stdout instead of text")
     fuzz.set_defaults(handler=cmd_fuzz)
 
     afl = subparsers.add_parser(
@@ -142,12 +145,23 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         print("minivmm: interrupted", file=sys.stderr)
         return 130
     status.done()
+    if args.json:
+        print(json.dumps(fuzz_summary(stats, args.config, args.crashes)))
+        return EXIT_OK
     print(f"{stats.runs} runs in {stats.elapsed_s:.1f}s ({stats.runs_per_s:,.0f}/s), "
           f"coverage {len(stats.hits)}/{stats.blocks} blocks, {stats.crashes} unique crashes, "
           f"{stats.timeouts} timeouts")
     for site in sorted(stats.crash_sites):
         print(f"  crash {site}: {args.crashes / ('crash-' + site)}")
     return EXIT_OK
+
+
+def fuzz_summary(stats, config: str, crashes: Path) -> dict:
+    """`minivmm fuzz --json`: the campaign's totals and one input file per crash site."""
+    return {"config": str(config), "runs": stats.runs, "elapsed_s": round(stats.elapsed_s, 3),
+            "runs_per_s": round(stats.runs_per_s, 1), "blocks_hit": len(stats.hits), "blocks": stats.blocks,
+            "crashes": stats.crashes, "timeouts": stats.timeouts,
+            "crash_sites": {site: str(crashes / f"crash-{site}") for site in sorted(stats.crash_sites)}}
 
 
 def cmd_afl(args: argparse.Namespace) -> int:
