@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "streaming the console")
     run.add_argument("--trace", action="store_true", help="report every VM exit (reason, qualification, "
                      "rip) on stderr (in the JSON object with --json)")
+    run.add_argument("--input", metavar="FILE", help="place FILE in the guest as the config's `fuzz:` target "
+                     "receives an input (replays a crash of `minivmm fuzz` or AFL++)")
     run.set_defaults(handler=cmd_run)
 
     check = commands.add_parser(
@@ -167,6 +169,8 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except Exception as exc:
         return _vm_failure(args, config, exc, out)
     with machine:
+        if getattr(args, "input", None) is not None and not _place_fuzz_input(machine, config, args.input):
+            return EXIT_USAGE
         if args.trace:
             _install_exit_trace(machine, trace_lines, None if args.json else sys.stderr)
         try:
@@ -199,6 +203,20 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                    + (f": {result.message}" if result.message else "")
                    + (f" (exit status {status})" if status else ""))
     return status
+
+
+def _place_fuzz_input(machine, config, path: str) -> bool:
+    """`run --input FILE`: the file's bytes where the fuzz harness puts an input; False
+    (after saying why) when the config has no usable `fuzz:` target or FILE is unreadable."""
+    from .fuzz.harness import FuzzError, FuzzTarget, place_input
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        place_input(machine, FuzzTarget.from_config(config, machine), data)
+    except (OSError, FuzzError) as exc:
+        _error(f"--input: {exc}")
+        return False
+    return True
 
 
 def _default_message(reason: str) -> str:

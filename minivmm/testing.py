@@ -310,13 +310,16 @@ class GuestFactory:
         return Machine(memory, mode or self.default_mode, kvm_path=kvm_path())
 
     def _find(self, name: str | os.PathLike, subdirs: Sequence[str] = ("", "guests")) -> Path:
+        """A relative name is looked up next to the test file, then under pytest's rootdir
+        (`guests/`, `configs/`); never under the current directory, so a suite runs the same
+        from wherever pytest is started."""
         path = Path(name)
         if path.is_absolute():
             if path.is_file():
                 return path
             raise FileNotFoundError(f"guest file not found: {path}")
         tried = []
-        for base in (self.base_dir, self.rootdir, Path.cwd()):
+        for base in (self.base_dir, self.rootdir):
             for sub in subdirs:
                 candidate = base / sub / path
                 tried.append(str(candidate))

@@ -1,7 +1,12 @@
 """AFL++ bridge: `minivmm afl CONFIG` is an AFL++ target that restores a snapshot instead of forking.
 
-    AFL_SKIP_BIN_CHECK=1 afl-fuzz -i seeds -o out -t 2000 -x parser.dict -- minivmm afl configs/fuzz_parser.yaml
-    AFL_SKIP_BIN_CHECK=1 afl-fuzz -i seeds -o out -- minivmm afl configs/fuzz_parser.yaml @@
+    minivmm afl-fuzz -i seeds -o out -t 2000 -x parser.dict -- configs/fuzz_parser.yaml
+    minivmm afl-fuzz -i seeds -o out -- configs/fuzz_parser.yaml @@
+
+`minivmm afl-fuzz AFL-OPTIONS -- CONFIG [AFL-OPTIONS-OF-minivmm-afl]` runs
+afl-fuzz on `minivmm afl CONFIG ...` with the environment such a target
+needs (`afl_fuzz_environment`); the bridge itself can also be given to
+afl-fuzz directly, as below.
 
 Protocol (AFL's forkserver, as AFL++ 4 speaks it without extended options):
 the target writes a 4-byte hello to fd 199; then per run AFL writes 4 bytes
@@ -42,7 +47,9 @@ itself with SIGSEGV on a crash.
 
 Installing AFL++: `apt-get install -y afl++` (Debian/Ubuntu). afl-fuzz
 refuses script targets and some host settings unless told otherwise: set
-AFL_SKIP_BIN_CHECK=1 (minivmm is a Python entry point), and where
+AFL_SKIP_BIN_CHECK=1 (minivmm is a Python entry point, not an instrumented
+ELF; `minivmm afl-fuzz` sets it, and a longer forkserver start-up timeout,
+AFL_FORKSRV_INIT_TMOUT, as the bridge builds its VM before the hello), and where
 /proc/sys/kernel/core_pattern pipes to a program,
 AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES=1 (or fix core_pattern);
 AFL_SKIP_CPUFREQ=1 avoids the CPU governor check.
@@ -54,9 +61,9 @@ VM with its own snapshot: instances share nothing but AFL's sync directory.
 Run one main and several secondary instances on one output directory, one
 per core:
 
-    afl-fuzz -i seeds -o sync -M main -- minivmm afl configs/fuzz_parser.yaml
-    afl-fuzz -i seeds -o sync -S s1   -- minivmm afl configs/fuzz_parser.yaml
-    afl-fuzz -i seeds -o sync -S s2   -- minivmm afl configs/fuzz_parser.yaml
+    minivmm afl-fuzz -i seeds -o sync -M main -- configs/fuzz_parser.yaml
+    minivmm afl-fuzz -i seeds -o sync -S s1   -- configs/fuzz_parser.yaml
+    minivmm afl-fuzz -i seeds -o sync -S s2   -- configs/fuzz_parser.yaml
 
 Each secondary imports the queue entries of the others every few minutes (or
 as soon as it idles), so a block one instance reaches becomes a seed for all.
@@ -286,6 +293,50 @@ def write_dictionary(harness: Harness, path: str | os.PathLike) -> int:
     return len(lines)
 
 
+# What `minivmm afl-fuzz` puts into afl-fuzz's environment unless already set there.
+AFL_FUZZ_DEFAULTS = {
+    "AFL_SKIP_BIN_CHECK": "1",              # the target is a Python entry point, not an instrumented ELF
+    "AFL_FORKSRV_INIT_TMOUT": "30000",      # ms until the hello: the bridge builds its VM first
+}
+
+
+def afl_fuzz_environment(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """`environ` (default os.environ) with AFL_FUZZ_DEFAULTS added where not set."""
+    env = dict(os.environ if environ is None else environ)
+    for key, value in AFL_FUZZ_DEFAULTS.items():
+        env.setdefault(key, value)
+    return env
+
+
+def split_afl_fuzz_arguments(argv: list[str]) -> tuple[list[str], list[str]]:
+    """`AFL-OPTIONS -- CONFIG [MINIVMM-AFL-OPTIONS]` -> (afl-fuzz options, `minivmm afl` arguments)."""
+    if "--" not in argv:
+        raise AflError("expected AFL-OPTIONS -- CONFIG [OPTIONS], e.g. -i seeds -o out -- configs/fuzz_parser.yaml")
+    cut = argv.index("--")
+    target = argv[cut + 1:]
+    if not target:
+        raise AflError("no CONFIG after --")
+    return argv[:cut], target
+
+
+def afl_fuzz_command(afl_fuzz: str, afl_args: list[str], target_args: list[str]) -> list[str]:
+    """The afl-fuzz command line that fuzzes `minivmm afl TARGET-ARGS` with this interpreter."""
+    return [afl_fuzz, *afl_args, "--", sys.executable, "-m", "minivmm", "afl", *target_args]
+
+
+def exec_afl_fuzz(argv: list[str]) -> None:
+    """Replace this process with afl-fuzz running the bridge (see `split_afl_fuzz_arguments`)."""
+    import shutil
+    afl_fuzz = os.environ.get("AFL_FUZZ_PATH") or shutil.which("afl-fuzz")
+    if afl_fuzz is None:
+        raise AflError("afl-fuzz not found on PATH (apt-get install -y afl++, or set AFL_FUZZ_PATH)")
+    afl_args, target_args = split_afl_fuzz_arguments(argv)
+    command = afl_fuzz_command(afl_fuzz, afl_args, target_args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execve(afl_fuzz, command, afl_fuzz_environment())
+
+
 def main(harness: Harness, input_path: str | None) -> int:
     """Serve AFL if started by afl-fuzz, else run the input once."""
     bridge = AflBridge(harness, input_path=input_path)
@@ -308,4 +359,5 @@ def main(harness: Harness, input_path: str | None) -> int:
 
 
 __all__ = ["AflBridge", "AflError", "SharedMap", "map_size_from_env", "wait_status", "write_dictionary",
-           "forkserver_present", "FORKSRV_FD", "DEFAULT_MAP_SIZE"]
+           "forkserver_present", "FORKSRV_FD", "DEFAULT_MAP_SIZE", "AFL_FUZZ_DEFAULTS", "afl_fuzz_environment",
+           "split_afl_fuzz_arguments", "afl_fuzz_command", "exec_afl_fuzz"]

@@ -6,6 +6,7 @@ handler takes the parsed arguments and returns the exit status.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -39,6 +40,8 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fuzz.add_argument("--no-coverage", action="store_true", help="blind fuzzing (no breakpoints)")
     fuzz.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. fuzz.timeout=0.5; repeatable")
+    fuzz.add_argument("--json", action="store_true",
+                      help="print the final summary as one JSON object on stdout instead of text")
     fuzz.set_defaults(handler=cmd_fuzz)
 
     afl = subparsers.add_parser(
@@ -50,8 +53,7 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
                     "deadline as SIGKILL.",
         epilog="examples:\n"
                "  minivmm afl configs/fuzz_parser.yaml --write-dict parser.dict\n"
-               "  AFL_SKIP_BIN_CHECK=1 afl-fuzz -i seeds -o out -x parser.dict -- "
-               "minivmm afl configs/fuzz_parser.yaml\n"
+               "  minivmm afl-fuzz -i seeds -o out -x parser.dict -- configs/fuzz_parser.yaml\n"
                "  AFL_SKIP_BIN_CHECK=1 afl-fuzz -i seeds -o out -- minivmm afl configs/fuzz_parser.yaml @@\n"
                "  minivmm afl configs/fuzz_parser.yaml crash.bin      # one run; SIGSEGV if it crashes")
     afl.add_argument("config", metavar="CONFIG", help="a YAML config with a `fuzz:` section")
@@ -64,6 +66,25 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     afl.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value; repeatable")
     afl.set_defaults(handler=cmd_afl)
+
+    # "+" as the option prefix: every "-x" argument goes through to afl-fuzz untouched.
+    afl_fuzz = subparsers.add_parser(
+        "afl-fuzz", help="run afl-fuzz on `minivmm afl CONFIG` with the environment it needs",
+        prefix_chars="+", add_help=False, usage=AFL_FUZZ_USAGE)
+    afl_fuzz.add_argument("argv", nargs=argparse.REMAINDER)
+    afl_fuzz.set_defaults(handler=cmd_afl_fuzz)
+
+
+AFL_FUZZ_USAGE = """minivmm afl-fuzz AFL-OPTIONS -- CONFIG [minivmm afl OPTIONS] [@@]
+
+Runs afl-fuzz with AFL-OPTIONS on `minivmm afl CONFIG ...` (this Python), adding
+AFL_SKIP_BIN_CHECK=1 (the target is not an instrumented ELF) and a longer
+forkserver start-up timeout (AFL_FORKSRV_INIT_TMOUT=30000) unless set.
+
+examples:
+  minivmm afl-fuzz -i seeds -o out -- configs/fuzz_parser.yaml
+  minivmm afl-fuzz -i seeds -o sync -M main -- configs/fuzz_parser.yaml
+  minivmm afl-fuzz -i seeds -o sync -S s1 -- configs/fuzz_parser.yaml --timeout 2 @@"""
 
 
 def _positive_int(text: str) -> int:
@@ -124,12 +145,23 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         print("minivmm: interrupted", file=sys.stderr)
         return 130
     status.done()
+    if args.json:
+        print(json.dumps(fuzz_summary(stats, args.config, args.crashes)))
+        return EXIT_OK
     print(f"{stats.runs} runs in {stats.elapsed_s:.1f}s ({stats.runs_per_s:,.0f}/s), "
           f"coverage {len(stats.hits)}/{stats.blocks} blocks, {stats.crashes} unique crashes, "
           f"{stats.timeouts} timeouts")
     for site in sorted(stats.crash_sites):
         print(f"  crash {site}: {args.crashes / ('crash-' + site)}")
     return EXIT_OK
+
+
+def fuzz_summary(stats, config: str, crashes: Path) -> dict:
+    """`minivmm fuzz --json`: the campaign's totals and one input file per crash site."""
+    return {"config": str(config), "runs": stats.runs, "elapsed_s": round(stats.elapsed_s, 3),
+            "runs_per_s": round(stats.runs_per_s, 1), "blocks_hit": len(stats.hits), "blocks": stats.blocks,
+            "crashes": stats.crashes, "timeouts": stats.timeouts,
+            "crash_sites": {site: str(crashes / f"crash-{site}") for site in sorted(stats.crash_sites)}}
 
 
 def cmd_afl(args: argparse.Namespace) -> int:
@@ -158,4 +190,17 @@ def cmd_afl(args: argparse.Namespace) -> int:
         harness.close()
 
 
-__all__ = ["add_commands", "cmd_fuzz", "cmd_afl"]
+def cmd_afl_fuzz(args: argparse.Namespace) -> int:
+    """Exec afl-fuzz on the bridge; returns only on a usage error."""
+    from .afl import AflError, exec_afl_fuzz
+    if not args.argv or args.argv[0] in ("-h", "--help"):
+        print(AFL_FUZZ_USAGE, file=sys.stdout if args.argv else sys.stderr)
+        return EXIT_OK if args.argv else EXIT_USAGE
+    try:
+        exec_afl_fuzz(args.argv)
+    except (AflError, OSError) as exc:
+        print(f"minivmm afl-fuzz: {exc}", file=sys.stderr)
+    return EXIT_USAGE
+
+
+__all__ = ["add_commands", "cmd_fuzz", "cmd_afl", "cmd_afl_fuzz"]

@@ -105,6 +105,26 @@ class FuzzTarget:
                    timeout=fuzz.timeout)
 
 
+def place_input(machine: "Machine", target: FuzzTarget, data: bytes) -> bytes:
+    """Put `data` into a machine that stands where a harness would take its snapshot, as
+    `Harness.prepare` does: cut to `max_input_size`, written at `input_address`, its length
+    in `length_register` or at `length_address`. Returns the bytes placed."""
+    data = bytes(data[: target.max_input_size])
+    region = machine.memory.region_at(target.input_address)
+    if region is None or target.input_address + target.max_input_size > region.end:
+        raise FuzzError(f"input buffer [{target.input_address:#x}, "
+                        f"{target.input_address + target.max_input_size:#x}) is not inside guest RAM")
+    machine.memory.write(target.input_address, data)
+    if target.length_register is not None:
+        if target.length_register not in GPR_NAMES:
+            raise FuzzError(f"length register {target.length_register!r} is not one of {', '.join(GPR_NAMES)}")
+        setattr(machine.vcpu, target.length_register, len(data))
+    elif target.length_address is not None:
+        fmt = {1: "<B", 2: "<H", 4: "<I", 8: "<Q"}[target.length_size]
+        machine.memory.write(target.length_address, struct.pack(fmt, len(data)))
+    return data
+
+
 @dataclass(slots=True)
 class RunOutcome:
     """One classified run."""
@@ -300,4 +320,4 @@ class Harness:
         return [self.run(data) for data in inputs]
 
 
-__all__ = ["Harness", "FuzzTarget", "RunOutcome", "Status", "FuzzError"]
+__all__ = ["Harness", "FuzzTarget", "RunOutcome", "Status", "FuzzError", "place_input"]
