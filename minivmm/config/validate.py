@@ -51,6 +51,7 @@ MAX_STRING_CHARS = 65_536           # one scalar
 MAX_KEY_CHARS = 256                 # one mapping key
 MAX_NUMBER_CHARS = 100              # a scalar read as a number
 MAX_SECONDS = 1_000_000.0           # timeouts
+MAX_MEMORY = 64 << 30               # machine.memory
 INT_MIN, INT_LIMIT = -(1 << 63), 1 << 64     # integers fit in 64 bits (signed or unsigned)
 
 
@@ -609,6 +610,20 @@ def _uint(node: Node) -> int:
     return value
 
 
+def _u32(node: Node) -> int:
+    value = _int(node)
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise node.expected("a 32-bit value 0-0xffffffff")
+    return value
+
+
+def _define_name(node: Node, name: str) -> str:
+    """An assembler define's name: a symbol name (nothing the assembler would read as more)."""
+    if _SYMBOL_RE.match(name):
+        return name
+    raise node.error(f"expected a symbol name as the define's name, got {_shorten(repr(name))}")
+
+
 def _size(node: Node) -> int:
     try:
         value = _int(node)
@@ -656,6 +671,8 @@ def _address(node: Node) -> Address:
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise node.expected("a non-negative address or a symbol name")
+        if value >= INT_LIMIT:
+            raise node.expected("an address that fits in 64 bits")
         return value
     if isinstance(value, str):
         try:
@@ -942,6 +959,8 @@ class _Validator:
         mc = MachineConfig()
         mc.name = m.get("name", _str, "")
         mc.memory = m.get("memory", _size, DEFAULT_MEMORY)
+        if mc.memory > MAX_MEMORY:
+            raise m.items["memory"].expected(f"a size of at most {MAX_MEMORY >> 30}G")
         if mc.memory % 4096:
             raise m.items["memory"].expected("a size that is a multiple of 4K")
         if m.has("mode"):
@@ -1005,7 +1024,7 @@ class _Validator:
         if kind in ("asm", "multiboot") and m.has("defines"):
             defines = _Map(m.items["defines"], tuple(m.items["defines"].value or ()) if isinstance(
                 m.items["defines"].value, dict) else (), "a mapping of NAME: integer")
-            image.defines = {name: _int(child) for name, child in defines.items.items()}
+            image.defines = {_define_name(child, name): _int(child) for name, child in defines.items.items()}
         image.entry = m.get("entry", _address)
         return image
 
@@ -1099,10 +1118,11 @@ class _Validator:
 
         def lookup(name_node: Node, name: Any) -> Any:
             if not isinstance(name, str) or name not in names:
-                close = difflib.get_close_matches(str(name), list(names), 1, 0.7)
+                close = difflib.get_close_matches(name, list(names), 1, 0.7) if isinstance(name, str) else []
                 hint = f" (did you mean {close[0]!r}?)" if close else \
                     " (SDM names such as CPU_BASED_HLT_EXITING; see `minivmm caps`)"
-                raise name_node.error(f"expected a VMX control name, got {name!r}{hint}")
+                shown = _shorten(repr(name)) if isinstance(name, str) else name_node.shown()
+                raise name_node.error(f"expected a VMX control name, got {shown}{hint}")
             return names[name]
 
         if isinstance(node.value, list):
@@ -1124,7 +1144,7 @@ class _Validator:
 
     def msr_rule(self, node: Node) -> MsrRule:
         m = _Map(node, ("msr", "action", "value", "read", "write", "name", "log"))
-        msr = m.need("msr", _uint, "the MSR index")
+        msr = m.need("msr", _u32, "the MSR index")
         action = m.get("action", _choice("allow", "deny", "fixed", "log", "count"), "log")
         if action == "fixed" and not m.has("value"):
             raise ConfigError("action 'fixed' needs a 'value'", m.node.where, _join(m.node.key, "value"))
@@ -1155,7 +1175,7 @@ class _Validator:
 
     def cpuid_rule(self, node: Node) -> CpuidRule:
         m = _Map(node, ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"))
-        rule = CpuidRule(m.need("leaf", _uint, "the CPUID leaf (EAX)"), m.get("subleaf", _uint),
+        rule = CpuidRule(m.need("leaf", _u32, "the CPUID leaf (EAX)"), m.get("subleaf", _u32),
                          loc=_loc(node))
         for reg in ("eax", "ebx", "ecx", "edx"):
             setattr(rule, reg, m.get(reg, _reg32_value))
