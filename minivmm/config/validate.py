@@ -610,6 +610,13 @@ def _uint(node: Node) -> int:
     return value
 
 
+def _count(node: Node) -> int:
+    try:
+        return count_value(node.value)
+    except ValueError as exc:
+        raise node.expected(str(exc)) from None
+
+
 def _u32(node: Node) -> int:
     value = _int(node)
     if not 0 <= value <= 0xFFFFFFFF:
@@ -975,7 +982,7 @@ class _Validator:
                             if child.value is not None}
         if m.has("timeout"):
             mc.timeout = _seconds(m.items["timeout"])
-        mc.max_exits = m.get("max_exits", _size)
+        mc.max_exits = m.get("max_exits", _count)
         mc.vcpus = m.get("vcpus", _int, 1)
         if not 1 <= mc.vcpus <= 64:
             raise m.items["vcpus"].expected("a vCPU count from 1 to 64")
