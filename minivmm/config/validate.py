@@ -1,7 +1,10 @@
 """Config validation: YAML text to located `Node`s to the schema's typed `Config`.
 
-YAML is read with yaml's node API (`yaml.compose`) into `Node`s that keep the
-file and line of every value; `--set` overrides are applied to that tree; then
+A config file is read within limits (a regular file under a size cap, UTF-8
+without control characters); its YAML events (libyaml's parser when PyYAML has
+it) are built into `Node`s that keep the file and line of every value, within
+nesting, value, alias and length limits, with scalars typed only as str, int,
+float, bool or null; `--set` overrides are applied to that tree; then
 `_Validator` walks it, checking every key and converting every value, and
 raises `ConfigError("file:line: key: what was expected, got what")` at the
 first problem. Symbols are only recorded here (`SymbolRef`): they resolve
