@@ -3,19 +3,31 @@
 Exit status of `minivmm run`: the guest's debug-exit code when it reports one
 (a rule's `stop` without one: 0); 0 when it halts; 124 on timeout; 125 on a
 triple fault, invalid guest state, unhandled exception, exit limit or another
-VM failure; 130 when interrupted; 2 on a config or usage error.
+VM failure; 1 when the run does not match the config's `expect:` (unless
+`--no-expect`); 130 when interrupted; 2 on a config or usage error (one line
+on stderr); 70 on an internal error (a minivmm bug); 0 when stdout is a pipe
+closed by its reader (`| head`).
+
+Errors are one line on stderr; `--debug` or MINIVMM_DEBUG=1 adds the traceback.
 """
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import os
 import sys
-from typing import Any, Sequence, TextIO
+import traceback
+from typing import Any, Callable, Sequence, TextIO
 
 from .config import ConfigError, build_machine, check_config, load_config
+from .config.validate import count_value, seconds_value
+from .errors import MinivmmError
 
 EXIT_OK = 0
+EXIT_EXPECTATION = 1
 EXIT_USAGE = 2
+EXIT_INTERNAL = 70
 EXIT_TIMEOUT = 124
 EXIT_VM_FAILURE = 125
 EXIT_INTERRUPTED = 130
@@ -38,7 +50,10 @@ def exit_status(reason: str, exit_code: int | None) -> int:
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse with exit status 2 and `minivmm: error:` messages (argparse's own convention)."""
+    """argparse with exit status 2 and a one-line `minivmm: error:` message (no usage dump)."""
+
+    def error(self, message: str) -> None:     # type: ignore[override]
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                "  minivmm trace configs/hello_real.yaml --max 20\n  minivmm caps --json\n\n"
                "Run `minivmm COMMAND --help` for each command's options.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (also "
+                        "MINIVMM_DEBUG=1; accepted anywhere on the command line)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
     raw = argparse.RawDescriptionHelpFormatter
@@ -61,11 +78,15 @@ def build_parser() -> argparse.ArgumentParser:
                "  minivmm run configs/hello_long.yaml --set machine.memory=4M --set machine.timeout=2\n\n"
                "exit status: the guest's debug-exit code; 0 when it halts; 124 on timeout;\n"
                "125 on a triple fault, invalid guest state, unhandled exception, exit limit\n"
-               "or other VM failure; 2 on a config or usage error.")
+               "or other VM failure; 1 when the run does not match the config's expect:;\n"
+               "2 on a config or usage error; 70 on an internal error.")
     _config_arguments(run)
     run.add_argument("--timeout", type=positive_seconds, metavar="S", help="deadline in seconds (overrides "
                      "machine.timeout)")
-    run.add_argument("--max-exits", type=int, metavar="N", help="exit limit (overrides machine.max_exits)")
+    run.add_argument("--max-exits", type=positive_count, metavar="N", help="exit limit (overrides "
+                     "machine.max_exits)")
+    run.add_argument("--no-expect", action="store_true", help="do not check the run against the config's "
+                     "expect: block")
     run.add_argument("--json", action="store_true", help="print one JSON object with the result instead of "
                      "streaming the console")
     run.add_argument("--trace", action="store_true", help="report every VM exit (reason, qualification, "
@@ -77,8 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     check = commands.add_parser(
         "check", help="validate a config without running it", formatter_class=raw,
         description="Validate the config, assemble/load its images and resolve every symbol; no VM is created.",
-        epilog="example:\n  minivmm check configs/elf_hello.yaml && echo valid")
+        epilog="examples:\n  minivmm check configs/elf_hello.yaml && echo valid\n"
+               "  minivmm check --json fuzz/crash-1.yaml")
     _config_arguments(check)
+    check.add_argument("--json", action="store_true", help="print one JSON object {ok, config, errors}")
     check.set_defaults(handler=cmd_check)
 
     trace = commands.add_parser(
@@ -89,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
                "  minivmm trace configs/hello_long.yaml --json | head\n"
                "  minivmm trace configs/mb_smp.yaml --vcpu 1 --max 50")
     _config_arguments(trace)
-    trace.add_argument("--max", type=int, default=1000, metavar="N", help="stop after N instructions "
+    trace.add_argument("--max", type=positive_count, default=1000, metavar="N", help="stop after N instructions "
                        "(default 1000)")
     trace.add_argument("--json", action="store_true", help="JSON lines instead of text")
     trace.add_argument("--vcpu", type=int, default=0, metavar="N", help="the vCPU to trace (default 0, "
@@ -116,17 +139,53 @@ def _config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def positive_seconds(text: str) -> float:
+    """An argparse type: seconds as the config takes them (finite, above 0, at most the config's cap)."""
     try:
-        value = float(text)
+        return seconds_value(float(text) if len(text) <= 100 else text)
+    except ValueError as exc:
+        what = str(exc) if "finite" in str(exc) else "a positive number of seconds"
+        raise argparse.ArgumentTypeError(f"expected {what}, got {_shown(text)}") from None
+
+
+def positive_count(text: str) -> int:
+    """An argparse type: a count like the config's max_exits (an integer from 1, 0x hex or K/M/G)."""
+    try:
+        return count_value(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
-    return value
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_shown(text)}") from None
+
+
+def _shown(text: str) -> str:
+    shown = repr(text)
+    return shown if len(shown) <= 60 else f"{shown[:40]}... ({len(text)} characters)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `minivmm` and `python -m minivmm`; returns the exit status."""
+    """Entry point of `minivmm` and `python -m minivmm`; returns the exit status.
+
+    Every error ends as one line on stderr; an exception minivmm does not expect
+    is reported as a minivmm bug (status 70); `--debug` adds tracebacks.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = _debug_wanted(argv)
+    argv = _without_debug(argv)
+    try:
+        return _dispatch(argv, debug)
+    except BrokenPipeError:
+        _silence_stdout()
+        return EXIT_OK
+    except KeyboardInterrupt:
+        _error("interrupted")
+        return EXIT_INTERRUPTED
+    except Exception as exc:        # the top-level guard: anything else is a bug, reported in one line
+        if debug:
+            _print_traceback()
+        _error(f"internal error: {type(exc).__name__}: {_shorten(str(exc))} (this is a minivmm bug; "
+               "rerun with --debug for the traceback)")
+        return EXIT_INTERNAL
+
+
+def _dispatch(argv: list[str], debug: bool) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -135,17 +194,100 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ConfigError as exc:
-        print(f"minivmm: {exc}", file=sys.stderr)
+        if debug:
+            _print_traceback()
+        _error(str(exc))
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("minivmm: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:
-        return EXIT_OK
+
+
+def _debug_wanted(argv: Sequence[str]) -> bool:
+    return os.environ.get("MINIVMM_DEBUG", "").strip() not in ("", "0") or "--debug" in _options(argv)
+
+
+def _options(argv: Sequence[str]) -> list[str]:
+    """The arguments before a `--` separator."""
+    return list(argv[:argv.index("--")]) if "--" in argv else list(argv)
+
+
+def _without_debug(argv: list[str]) -> list[str]:
+    head = _options(argv)
+    return [arg for arg in head if arg != "--debug"] + argv[len(head):]
+
+
+def _print_traceback() -> None:
+    try:
+        traceback.print_exc(file=sys.stderr)
+    except OSError:
+        pass
+
+
+def _one_line(text: str) -> str:
+    """`text` with line breaks and other control characters escaped, so it prints as one line."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+def _shorten(text: str, width: int = 300) -> str:
+    return text if len(text) <= width else f"{text[:width]}..."
 
 
 def _error(message: str) -> None:
-    print(f"minivmm: {message}", file=sys.stderr)
+    """`minivmm: message` as one line on stderr; a closed stderr is ignored."""
+    try:
+        print(f"minivmm: {_one_line(message)}", file=sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
+def _silence_stdout() -> None:
+    """Point stdout's descriptor at /dev/null, so the interpreter's final flush of a pipe its reader
+    closed neither fails nor complains."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError, io.UnsupportedOperation):
+        pass
+
+
+class _ConsoleClosed(MinivmmError, BrokenPipeError):
+    """The reader of stdout went away: the console sink ends the run with this."""
+
+
+class _StdoutSink:
+    """The guest console to stdout, flushed at each newline. When the reader closes the pipe the
+    sink stops the run (by raising from the serial port's handler) and remembers it in `closed`."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream: Any = getattr(stream, "buffer", stream)
+        self.text = isinstance(self.stream, io.TextIOBase)
+        self.closed = False
+
+    def __call__(self, data: bytes) -> None:
+        if self.closed:
+            raise _ConsoleClosed("stdout was closed by its reader")
+        try:
+            self.stream.write(data.decode("latin-1") if self.text else data)
+            if data == b"\n":
+                self.stream.flush()
+        except BrokenPipeError:
+            self._close()
+            raise _ConsoleClosed("stdout was closed by its reader") from None
+
+    def flush(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.stream.flush()
+        except BrokenPipeError:
+            self._close()
+        except (OSError, ValueError):
+            pass
+
+    def _close(self) -> None:
+        self.closed = True
+        _silence_stdout()
 
 
 # ---------------------------------------------------------------------------
@@ -160,10 +302,11 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
     def log(message: str) -> None:
         if not args.json:
-            print(f"minivmm: {message}", file=sys.stderr)
+            _error(message)
 
+    sink = _StdoutSink(sys.stdout) if not args.json and config.devices.serial.output == "stdout" else None
     try:
-        machine = build_machine(config, capture_console=args.json, log=log)
+        machine = build_machine(config, capture_console=args.json, console=sink, log=log)
     except ConfigError:
         raise
     except Exception as exc:
@@ -179,10 +322,15 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
             _error("interrupted")
             return EXIT_INTERRUPTED
         except Exception as exc:
+            if sink is not None and sink.closed:
+                return EXIT_OK
             return _vm_failure(args, config, exc, out, console=machine.serial.text)
         events = machine.events
         counters = machine.counters
+    if sink is not None and sink.closed:
+        return EXIT_OK          # the reader of the console went away: not a guest failure
     status = exit_status(result.reason, result.exit_code)
+    failures = [] if args.no_expect else expectation_failures(config.expect, result)
     if args.json:
         report: dict[str, Any] = {
             "config": str(config.path), "result": JSON_RESULTS.get(result.reason, "error"),
@@ -196,12 +344,18 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
                                    "error_code": exc.error_code, "cr2": exc.cr2, "rip": exc.rip}
         if args.trace:
             report["trace"] = trace_lines
+        if config.expect is not None and not args.no_expect:
+            report["expectation"] = {"ok": not failures, "failures": failures}
+            report["status"] = EXIT_EXPECTATION if failures else status
         print(json.dumps(report), file=out)
     else:
         if result.reason not in ("exit", "hlt") or result.message and result.reason != "exit":
             _error(f"{config.path}: {result.reason}"
                    + (f": {result.message}" if result.message else "")
                    + (f" (exit status {status})" if status else ""))
+    if failures:
+        _error(f"{config.path}: expectation failed: {'; '.join(failures)}")
+        return EXIT_EXPECTATION
     return status
 
 
@@ -217,6 +371,25 @@ def _place_fuzz_input(machine, config, path: str) -> bool:
         _error(f"--input: {exc}")
         return False
     return True
+
+
+def expectation_failures(expect: Any, result: Any) -> list[str]:
+    """How `result` differs from the config's `expect:` (result, exit code, console and message
+    substrings), each as `expected X, got Y`; counters are left to the test suite."""
+    if expect is None:
+        return []
+    failures: list[str] = []
+    if expect.result is not None and result.reason != expect.result:
+        failures.append(f"expected result {expect.result!r}, got {result.reason!r}")
+    if expect.exit_code is not None and result.exit_code != expect.exit_code:
+        failures.append(f"expected exit code {expect.exit_code}, got {result.exit_code}")
+    if expect.console is not None and expect.console not in result.console:
+        failures.append(f"expected the console to contain {_shown(expect.console)}, "
+                        f"got {_shown(result.console)}")
+    if expect.message is not None and expect.message not in result.message:
+        failures.append(f"expected the message to contain {_shown(expect.message)}, "
+                        f"got {_shown(result.message)}")
+    return failures
 
 
 def _default_message(reason: str) -> str:
@@ -263,20 +436,33 @@ def _install_exit_trace(machine, lines: list[str], stream: TextIO | None) -> Non
 
 def cmd_check(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
-    config = load_config(args.config, args.overrides)
-    symbols = check_config(config)
-    images = ", ".join(image.type for image in config.images)
-    print(f"{config.path}: ok ({config.machine.mode} mode, {config.machine.memory // 1024} KiB, "
-          f"images: {images}, {len(symbols)} symbols)", file=out)
+    try:
+        config = load_config(args.config, args.overrides)
+        symbols = check_config(config)
+    except ConfigError as exc:
+        if getattr(args, "json", False):
+            print(json.dumps({"ok": False, "config": args.config, "errors": [_error_object(exc)]}), file=out)
+        raise
+    images = [image.type for image in config.images]
+    if getattr(args, "json", False):
+        print(json.dumps({"ok": True, "config": args.config, "errors": [], "mode": config.machine.mode,
+                          "memory": config.machine.memory, "images": images, "symbols": len(symbols)}),
+              file=out)
+    else:
+        print(f"{config.path}: ok ({config.machine.mode} mode, {config.machine.memory // 1024} KiB, "
+              f"images: {', '.join(images)}, {len(symbols)} symbols)", file=out)
     return EXIT_OK
+
+
+def _error_object(exc: ConfigError) -> dict[str, Any]:
+    """A config error for `check --json`: where (`file:line`), key, message and the whole line."""
+    return {"where": exc.where, "key": exc.key, "message": exc.detail, "text": _one_line(str(exc))}
 
 
 def cmd_trace(args: argparse.Namespace, out: TextIO | None = None) -> int:
     from .trace import trace_config
     out = out or sys.stdout
     config = load_config(args.config, args.overrides)
-    if args.max <= 0:
-        raise ConfigError("--max: expected a positive number of instructions", "command line")
     if not 0 <= args.vcpu < config.machine.vcpus:
         raise ConfigError(f"--vcpu {args.vcpu}: the machine has {config.machine.vcpus} vCPU(s) "
                           f"(machine.vcpus)", "command line")

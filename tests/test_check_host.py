@@ -109,7 +109,7 @@ devices: {{serial: {{output: file, path: no/such/dir/console.txt}}}}
 
 
 def test_memory_the_host_cannot_reserve(tmp_path: Path, capsys) -> None:
-    path = write(tmp_path, f"""machine: {{mode: long, memory: 1048576G}}
+    path = write(tmp_path, f"""machine: {{mode: long, memory: 60G}}
 images: [{{type: asm, source: {HELLO}}}]
 """)
     error = check_error(path)

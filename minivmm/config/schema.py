@@ -1,7 +1,7 @@
 """The config schema: the typed result of validation, the SCHEMA summary and `ConfigError`.
 
-A config is read with yaml's node API (`yaml.compose`), so every value keeps
-the line it came from; every error names the file, the line and the dotted
+A config is read from YAML events into located nodes (`minivmm.config.validate`),
+so every value keeps the line it came from; every error names the file, the line and the dotted
 key (`images[0].source`) and says what was expected. Unknown keys are errors
 (with a "did you mean" for near misses). Integers accept decimal, `0x` hex and
 K/M/G size suffixes; addresses also accept symbol names defined by the loaded

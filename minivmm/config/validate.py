@@ -1,7 +1,10 @@
 """Config validation: YAML text to located `Node`s to the schema's typed `Config`.
 
-YAML is read with yaml's node API (`yaml.compose`) into `Node`s that keep the
-file and line of every value; `--set` overrides are applied to that tree; then
+A config file is read within limits (a regular file under a size cap, UTF-8
+without control characters); its YAML events (libyaml's parser when PyYAML has
+it) are built into `Node`s that keep the file and line of every value, within
+nesting, value, alias and length limits, with scalars typed only as str, int,
+float, bool or null; `--set` overrides are applied to that tree; then
 `_Validator` walks it, checking every key and converting every value, and
 raises `ConfigError("file:line: key: what was expected, got what")` at the
 first problem. Symbols are only recorded here (`SymbolRef`): they resolve
@@ -9,8 +12,12 @@ when the images are loaded (`minivmm.config.build`).
 """
 from __future__ import annotations
 
+import codecs
 import difflib
+import math
+import os
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -33,6 +40,130 @@ REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", 
                   "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 MODES = ("real", "protected", "long", "user")
 _SYMBOL_RE = re.compile(r"^[A-Za-z_.$][A-Za-z0-9_.$]*$")
+
+
+# ---------------------------------------------------------------------------
+# Limits on what a config file may hold (hostile input gets one error, not a blow-up)
+
+MAX_CONFIG_BYTES = 1 << 20          # default size cap; MINIVMM_MAX_CONFIG_SIZE overrides it
+CONFIG_SIZE_ENV = "MINIVMM_MAX_CONFIG_SIZE"
+MAX_DEPTH = 32                      # nested mappings/lists
+MAX_VALUES = 100_000                # values in one document, aliases expanded
+MAX_ALIAS_VALUES = 1_000            # values copied by alias expansion
+MAX_STRING_CHARS = 65_536           # one scalar
+MAX_KEY_CHARS = 256                 # one mapping key
+MAX_NUMBER_CHARS = 100              # a scalar read as a number
+MAX_SECONDS = 1_000_000.0           # timeouts
+MAX_MEMORY = 64 << 30               # machine.memory
+INT_MIN, INT_LIMIT = -(1 << 63), 1 << 64     # integers fit in 64 bits (signed or unsigned)
+
+
+def config_size_limit() -> int:
+    """The config size cap in bytes: `MINIVMM_MAX_CONFIG_SIZE` (a size like 4M) or 1 MiB."""
+    text = os.environ.get(CONFIG_SIZE_ENV, "").strip()
+    if not text:
+        return MAX_CONFIG_BYTES
+    try:
+        value = parse_size(text) if len(text) <= MAX_NUMBER_CHARS else -1
+    except ValueError:
+        value = -1
+    if value <= 0:
+        raise ConfigError(f"expected a positive size like 4M, got {_shorten(text)!r}", "environment",
+                          CONFIG_SIZE_ENV)
+    return value
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"))
+    return next((name for test, name in kinds if test(mode)), "not a regular file")
+
+
+def read_config_bytes(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes (ConfigError otherwise); never blocks
+    on a FIFO and never reads more than `limit` + 1 bytes."""
+    where = str(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise ConfigError("no such config file", where) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot open the config: {exc.strerror or exc}", where) from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"expected a regular file, got {_file_kind(info.st_mode)}", where)
+        if info.st_size > limit:
+            raise _too_large(where, limit)
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, min(limit + 1 - size, 1 << 16))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    except OSError as exc:
+        raise ConfigError(f"cannot read the config: {exc.strerror or exc}", where) from None
+    finally:
+        os.close(fd)
+    if size > limit:
+        raise _too_large(where, limit)
+    return b"".join(chunks)
+
+
+def _too_large(where: str, limit: int) -> ConfigError:
+    return ConfigError(f"expected a config of at most {limit} bytes (set {CONFIG_SIZE_ENV}=SIZE to allow "
+                       "more)", where)
+
+
+def _byte_position(data: bytes, offset: int) -> tuple[int, int]:
+    """1-based (line, column in characters) of byte `offset`; CR, LF and CRLF each end a line."""
+    head = data[:offset]
+    line = 1 + head.count(b"\n") + head.count(b"\r") - head.count(b"\r\n")
+    start = max(head.rfind(b"\n"), head.rfind(b"\r")) + 1
+    return line, len(head[start:].decode("utf-8", errors="replace")) + 1
+
+
+def _text_position(text: str, offset: int) -> tuple[int, int]:
+    """1-based (line, column) of character `offset` in `text`."""
+    return _byte_position(text[:offset].encode("utf-8", errors="replace"),
+                          len(text[:offset].encode("utf-8", errors="replace")))
+
+
+_BOMS = ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"),
+         (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16"))
+# what YAML allows in a stream (printable characters, tab and line breaks)
+_NOT_PRINTABLE = re.compile("[^\t\n\r\x20-\x7e\x85\xa0-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def decode_config(data: bytes, file: str) -> str:
+    """UTF-8 text (a leading UTF-8 byte-order mark dropped) of only the characters YAML allows;
+    ConfigError at `file:line:col` otherwise."""
+    for bom, name in _BOMS:
+        if data.startswith(bom):
+            raise ConfigError(f"expected UTF-8 text, got a {name} byte-order mark", f"{file}:1:1")
+    if data.startswith(codecs.BOM_UTF8):
+        data = data[len(codecs.BOM_UTF8):]
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line, column = _byte_position(data, exc.start)
+        raise ConfigError(f"expected UTF-8 text, got the byte 0x{data[exc.start]:02x}",
+                          f"{file}:{line}:{column}") from None
+    check_printable(text, file)
+    return text
+
+
+def check_printable(text: str, file: str, origin: str | None = None) -> None:
+    """ConfigError at `file:line:col` (or `origin`) on the first character YAML does not allow."""
+    bad = _NOT_PRINTABLE.search(text)
+    if bad:
+        line, column = _text_position(text, bad.start())
+        char = bad.group()
+        what = "a NUL byte" if char == "\0" else f"the control character U+{ord(char):04X}"
+        raise ConfigError(f"expected printable text, got {what}", origin or f"{file}:{line}:{column}")
 
 
 # ---------------------------------------------------------------------------
@@ -66,7 +197,11 @@ class Node:
             return "a list"
         if self.value is None:
             return "nothing (null)"
-        return repr(self.value)
+        return _shorten(repr(self.value))
+
+
+def _shorten(text: str, width: int = 80) -> str:
+    return text if len(text) <= width else f"{text[:width - 20]}... ({len(text)} characters)"
 
 
 def _loc(node: Node | None) -> Loc:
@@ -77,43 +212,304 @@ def _join(key: str, name: str) -> str:
     return f"{key}.{name}" if key else name
 
 
-def _from_yaml(ynode: yaml.Node, file: str, key: str, constructor: yaml.constructor.SafeConstructor,
-               line: int | None = None, origin: str | None = None) -> Node:
-    line = ynode.start_mark.line + 1 if line is None else line
-    if isinstance(ynode, yaml.MappingNode):
-        out: dict[str, Node] = {}
-        for knode, vnode in ynode.value:
-            kline = knode.start_mark.line + 1
-            if not isinstance(knode, yaml.ScalarNode):
-                raise ConfigError("mapping keys must be plain names or numbers", origin or f"{file}:{kline}", key)
-            name = str(constructor.construct_object(knode))
-            if name in out:
-                raise ConfigError(f"duplicate key {name!r}", origin or f"{file}:{kline}", _join(key, name))
-            out[name] = _from_yaml(vnode, file, _join(key, name), constructor, kline, origin)
-        return Node(out, file, line, key, origin)
-    if isinstance(ynode, yaml.SequenceNode):
-        return Node([_from_yaml(item, file, f"{key}[{i}]", constructor, None, origin)
-                     for i, item in enumerate(ynode.value)], file, line, key, origin)
+# -- scalars: typed by the schema, so YAML itself builds only str, int, float, bool and None --
+
+_TAG = "tag:yaml.org,2002:"
+_SCALAR_TAGS = {f"{_TAG}{name}" for name in ("str", "int", "float", "bool", "null")}
+_COLLECTION_TAGS = {None, "!", f"{_TAG}map", f"{_TAG}seq"}
+# YAML 1.1's implicit bool, int, float and null (no timestamps, merge keys or `=`)
+_IMPLICIT: dict[str | None, list[tuple[str, re.Pattern]]] = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag in _SCALAR_TAGS]
+    for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()}
+_TRUE, _FALSE = {"yes", "true", "on"}, {"no", "false", "off"}
+
+
+def _plain_tag(value: str) -> str:
+    """The tag YAML 1.1 gives an untagged plain scalar (str unless it reads as bool/int/float/null)."""
+    for tag, regexp in _IMPLICIT.get(value[:1] if value else "", []) + _IMPLICIT.get(None, []):
+        if regexp.match(value):
+            return tag
+    return f"{_TAG}str"
+
+
+def _yaml_int(text: str) -> int:
+    """A YAML 1.1 integer: sign, then 0b binary, 0x hex, 0 octal, base 60 (1:30) or decimal."""
+    text = text.replace("_", "")
+    sign = -1 if text.startswith("-") else 1
+    text = text[1:] if text[:1] in "+-" else text
+    if text.startswith(("0b", "0x")):
+        return sign * int(text[2:], 2 if text[1] == "b" else 16)
+    if ":" in text:
+        value = 0
+        for part in text.split(":"):
+            value = value * 60 + int(part)
+        return sign * value
+    if len(text) > 1 and text.startswith("0"):
+        return sign * int(text[1:], 8)
+    return sign * int(text)
+
+
+def _yaml_float(text: str) -> float:
+    """A YAML 1.1 float, including .inf, -.inf, .nan and base 60 (1:30.5)."""
+    text = text.replace("_", "").lower()
+    sign = -1.0 if text.startswith("-") else 1.0
+    text = text[1:] if text[:1] in "+-" else text
+    if text in (".inf", ".nan"):
+        return sign * float(text[1:])
+    if ":" in text:
+        value = 0.0
+        for part in text.split(":"):
+            value = value * 60 + float(part)
+        return sign * value
+    return sign * float(text)
+
+
+def _yaml_null(text: str) -> None:
+    if text not in ("", "~", "null", "Null", "NULL"):
+        raise ValueError(text)
+    return None
+
+
+def _yaml_bool(text: str) -> bool:
+    if text.lower() in _TRUE | _FALSE:
+        return text.lower() in _TRUE
+    raise ValueError(text)
+
+
+_CONSTRUCT: dict[str, Callable[[str], Any]] = {
+    f"{_TAG}str": str, f"{_TAG}int": _yaml_int, f"{_TAG}float": _yaml_float,
+    f"{_TAG}bool": _yaml_bool, f"{_TAG}null": _yaml_null}
+
+
+def _tag_name(tag: str) -> str:
+    return "!!" + tag[len(_TAG):] if tag.startswith(_TAG) else tag
+
+
+class _TreeBuilder:
+    """YAML events to one located `Node` tree, iteratively, within the limits above.
+
+    Mapping values carry the line of their key; an alias is expanded into a
+    copy (its values keep the lines they were written at) so that `--set` and
+    error keys see a plain tree.
+    """
+
+    def __init__(self, file: str, origin: str | None = None, line: int | None = None, key: str = "") -> None:
+        self.file = file
+        self.key = key                      # the dotted key of the root
+        self.origin = origin
+        self.line = line                    # a fixed line for every node (--set values), else the mark's
+        self.stack: list[tuple[Node, str | None]] = []     # open collections and their anchors
+        self.pending: list[tuple[str, int] | None] = []     # per open mapping: the key awaiting its value
+        self.anchors: dict[str, Node] = {}
+        self.values = 0
+        self.alias_values = 0
+        self.documents = 0
+        self.root: Node | None = None
+
+    def where(self, mark: Any) -> str:
+        return self.origin or f"{self.file}:{self.line if self.line is not None else mark.line + 1}"
+
+    def fail(self, message: str, mark: Any, key: str = "") -> ConfigError:
+        return ConfigError(message, self.where(mark), key)
+
+    def feed(self, event: yaml.Event) -> None:
+        if isinstance(event, yaml.DocumentStartEvent):
+            self.documents += 1
+            if self.documents > 1:
+                raise self.fail("expected one YAML document, found a second one", event.start_mark)
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            node, anchor = self.stack.pop()
+            self.pending.pop()
+            if anchor is not None:
+                self.anchors[anchor] = node
+        elif isinstance(event, (yaml.ScalarEvent, yaml.AliasEvent, yaml.MappingStartEvent,
+                                yaml.SequenceStartEvent)):
+            self.value_or_key(event)
+
+    def value_or_key(self, event: yaml.Event) -> None:
+        if self.stack and isinstance(self.stack[-1][0].value, dict) and self.pending[-1] is None:
+            self.pending[-1] = (self.key_name(event), event.start_mark.line + 1)
+            return
+        key, line = self.slot(event)
+        self.count(event, key)
+        if isinstance(event, yaml.AliasEvent):
+            node = self.expand(event, key, line)
+        elif isinstance(event, yaml.ScalarEvent):
+            node = Node(self.scalar(event, key), self.file, line, key, self.origin)
+        else:
+            node = self.open(event, key, line)
+        self.attach(node)
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            self.stack.append((node, event.anchor))
+            self.pending.append(None)
+        elif isinstance(event, yaml.ScalarEvent) and event.anchor is not None:
+            self.anchors[event.anchor] = node
+
+    def slot(self, event: yaml.Event) -> tuple[str, int]:
+        """The dotted key and the line of the value `event` starts."""
+        line = self.line if self.line is not None else event.start_mark.line + 1
+        if not self.stack:
+            return self.key, line
+        parent = self.stack[-1][0]
+        if isinstance(parent.value, dict):
+            name, key_line = self.pending[-1]
+            return _join(parent.key, name), self.line if self.line is not None else key_line
+        return f"{parent.key}[{len(parent.value)}]", line
+
+    def attach(self, node: Node) -> None:
+        if not self.stack:
+            self.root = node
+            return
+        parent = self.stack[-1][0]
+        if isinstance(parent.value, dict):
+            name, _ = self.pending[-1]
+            parent.value[name] = node
+            self.pending[-1] = None
+        else:
+            parent.value.append(node)
+
+    def count(self, event: yaml.Event, key: str, values: int = 1) -> None:
+        self.values += values
+        if self.values > MAX_VALUES:
+            raise self.fail(f"expected at most {MAX_VALUES} values in a config", event.start_mark, key)
+
+    def key_name(self, event: yaml.Event) -> str:
+        parent = self.stack[-1][0]
+        if isinstance(event, yaml.AliasEvent):
+            target = self.anchors.get(event.anchor)
+            value = target.value if target is not None and not isinstance(target.value, (dict, list)) else None
+            if value is None:
+                raise self.fail("mapping keys must be plain names or numbers", event.start_mark, parent.key)
+        elif isinstance(event, yaml.ScalarEvent):
+            if len(event.value) > MAX_KEY_CHARS:
+                raise self.fail(f"expected a key of at most {MAX_KEY_CHARS} characters, got one of "
+                                f"{len(event.value)}", event.start_mark, parent.key)
+            value = self.scalar(event, parent.key)
+        else:
+            raise self.fail("mapping keys must be plain names or numbers", event.start_mark, parent.key)
+        name = str(value)
+        if name in parent.value:
+            raise self.fail(f"duplicate key {_shorten(name)!r}", event.start_mark, _join(parent.key, name))
+        return name
+
+    def scalar(self, event: yaml.ScalarEvent, key: str) -> Any:
+        text, tag = event.value, event.tag
+        if len(text) > MAX_STRING_CHARS:
+            raise self.fail(f"expected a value of at most {MAX_STRING_CHARS} characters, got one of "
+                            f"{len(text)}", event.start_mark, key)
+        if tag is None:
+            tag = _plain_tag(text) if event.implicit[0] else f"{_TAG}str"
+        elif tag == "!":
+            tag = f"{_TAG}str"
+        if tag not in _CONSTRUCT:
+            raise self.fail(f"expected a plain value, got the YAML tag {_shorten(_tag_name(tag))} (minivmm "
+                            "configs use only str, int, float, bool and null)", event.start_mark, key)
+        if tag != f"{_TAG}str" and len(text) > MAX_NUMBER_CHARS:
+            raise self.fail(f"expected a number of at most {MAX_NUMBER_CHARS} characters, got one of "
+                            f"{len(text)}", event.start_mark, key)
+        try:
+            return _CONSTRUCT[tag](text)
+        except ValueError:
+            raise self.fail(f"expected a value for {_tag_name(tag)}, got {_shorten(repr(text))}",
+                            event.start_mark, key) from None
+
+    def open(self, event: yaml.Event, key: str, line: int) -> Node:
+        if event.tag not in _COLLECTION_TAGS:
+            raise self.fail(f"expected a plain mapping or list, got the YAML tag "
+                            f"{_shorten(_tag_name(event.tag))}", event.start_mark, key)
+        if len(self.stack) >= MAX_DEPTH:
+            raise self.fail(f"expected at most {MAX_DEPTH} levels of nesting", event.start_mark, key)
+        value: dict | list = {} if isinstance(event, yaml.MappingStartEvent) else []
+        return Node(value, self.file, line, key, self.origin)
+
+    def expand(self, event: yaml.AliasEvent, key: str, line: int) -> Node:
+        target = self.anchors.get(event.anchor)
+        if target is None:
+            inside = any(anchor == event.anchor for _, anchor in self.stack)
+            raise self.fail(f"alias *{_shorten(event.anchor)} refers to "
+                            + ("the collection that contains it" if inside else "no anchor defined before it"),
+                            event.start_mark, key)
+        size = _tree_size(target, MAX_ALIAS_VALUES - self.alias_values + 1)
+        self.alias_values += size
+        if self.alias_values > MAX_ALIAS_VALUES:
+            raise self.fail(f"expected aliases to expand to at most {MAX_ALIAS_VALUES} values in all",
+                            event.start_mark, key)
+        self.count(event, key, size - 1)
+        if len(self.stack) + _tree_depth(target) > MAX_DEPTH + 1:
+            raise self.fail(f"expected at most {MAX_DEPTH} levels of nesting", event.start_mark, key)
+        return _copy_tree(target, key, line if not isinstance(target.value, (dict, list)) else target.line)
+
+
+def _tree_size(node: Node, limit: int) -> int:
+    """The number of values in `node`'s tree, counting stopped once above `limit`."""
+    size, todo = 0, [node]
+    while todo and size <= limit:
+        current = todo.pop()
+        size += 1
+        if isinstance(current.value, dict):
+            todo.extend(current.value.values())
+        elif isinstance(current.value, list):
+            todo.extend(current.value)
+    return size
+
+
+def _tree_depth(node: Node) -> int:
+    if isinstance(node.value, dict):
+        return 1 + max((_tree_depth(child) for child in node.value.values()), default=0)
+    if isinstance(node.value, list):
+        return 1 + max((_tree_depth(child) for child in node.value), default=0)
+    return 0
+
+
+def _copy_tree(node: Node, key: str, line: int) -> Node:
+    """A copy of `node` placed at `key` (children keyed below it, keeping their lines)."""
+    if isinstance(node.value, dict):
+        value: Any = {name: _copy_tree(child, _join(key, name), child.line) for name, child in node.value.items()}
+    elif isinstance(node.value, list):
+        value = [_copy_tree(child, f"{key}[{i}]", child.line) for i, child in enumerate(node.value)]
+    else:
+        value = node.value
+    return Node(value, node.file, line, key, node.origin)
+
+
+def _event_parser(text: str) -> Any:
+    """A YAML event source: libyaml's when PyYAML has it, else PyYAML's own parser."""
+    cparser = getattr(yaml, "CParser", None) or getattr(getattr(yaml, "cyaml", None), "CParser", None)
+    return cparser(text) if cparser is not None else yaml.SafeLoader(text)
+
+
+def _compose(text: str, file: str, origin: str | None = None, line: int | None = None,
+             key: str = "") -> Node | None:
+    """`text` (one YAML document) as a located `Node` tree rooted at `key`; None for an empty stream."""
+    check_printable(text, file, origin)
+    builder = _TreeBuilder(file, origin, line, key)
+    parser = _event_parser(text)
     try:
-        value = constructor.construct_object(ynode)
+        while parser.check_event():
+            builder.feed(parser.get_event())
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = origin or (f"{file}:{mark.line + 1}" if mark else file)
+        column = f" (column {mark.column + 1})" if mark and not origin else ""
+        raise ConfigError(f"invalid YAML: {_one_line(exc.problem or exc.context or 'syntax error')}{column}",
+                          where) from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid value: {exc}", origin or f"{file}:{line}", key) from None
-    return Node(value, file, line, key, origin)
+        raise ConfigError(f"invalid YAML: {_one_line(str(exc))}", origin or file) from None
+    finally:
+        parser.dispose()
+    return builder.root
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
 
 
 def parse_yaml(text: str, file: str) -> Node:
     """Compose `text` into a located `Node` tree (an empty document is an empty mapping)."""
-    try:
-        ynode = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        line = mark.line + 1 if mark else 0
-        raise ConfigError(f"invalid YAML: {exc.problem or exc.context}", f"{file}:{line}") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"invalid YAML: {exc}", file) from None
-    if ynode is None:
-        return Node({}, file, 1, "")
-    return _from_yaml(ynode, file, "", yaml.SafeLoader(""))
+    if len(text) > MAX_CONFIG_BYTES and len(text) > config_size_limit():
+        raise _too_large(file, config_size_limit())
+    root = _compose(text, file)
+    return root if root is not None else Node({}, file, 1, "")
 
 
 _PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
@@ -130,10 +526,10 @@ def apply_override(root: Node, assignment: str) -> None:
         parts.append(int(index) if index else name)
     if not parts:
         raise ConfigError("expected a dotted key before '='", origin)
-    try:
-        ynode = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"the value is not valid YAML: {exc}", origin) from None
+    if len(parts) > MAX_DEPTH:
+        raise ConfigError(f"expected a key of at most {MAX_DEPTH} parts", origin)
+    if len(text) > MAX_STRING_CHARS:
+        raise ConfigError(f"expected a value of at most {MAX_STRING_CHARS} characters", origin)
     node, key = root, ""
     for i, part in enumerate(parts):
         last = i == len(parts) - 1
@@ -148,8 +544,7 @@ def apply_override(root: Node, assignment: str) -> None:
                 raise ConfigError(f"{key} is not a mapping", origin)
             key = _join(key, part)
         if last:
-            new = (_from_yaml(ynode, "--set", key, yaml.SafeLoader(""), 0, origin) if ynode is not None
-                   else Node(None, "--set", 0, key, origin))
+            new = _compose(text, "--set", origin, 0, key) or Node(None, "--set", 0, key, origin)
             if isinstance(part, int):
                 node.value[part] = new
             else:
@@ -166,24 +561,49 @@ def apply_override(root: Node, assignment: str) -> None:
 
 
 def _int(node: Node) -> int:
+    """An integer that fits in 64 bits (signed or unsigned): YAML's, or a string like 4K or 0x1000."""
     value = node.value
     if isinstance(value, bool):
         raise node.expected("an integer")
-    if isinstance(value, int):
-        return value
     if isinstance(value, str):
         try:
-            return _parse_number(value)
+            value = _parse_number(value)
         except ValueError:
             pass
+    if isinstance(value, int) and not isinstance(value, bool):
+        if not INT_MIN <= value < INT_LIMIT:
+            raise node.expected("an integer that fits in 64 bits")
+        return value
     raise node.expected("an integer (decimal, 0x hex, or with a K/M/G suffix)")
 
 
 def _parse_number(text: str) -> int:
     text = text.strip()
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError(f"more than {MAX_NUMBER_CHARS} characters")
     if text.startswith("-"):
         return -parse_size(text[1:])
     return parse_size(text)
+
+
+def seconds_value(value: Any) -> float:
+    """`value` as a timeout: a finite number above 0 and at most MAX_SECONDS (ValueError otherwise)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value) if not isinstance(value, int) or abs(value) < INT_LIMIT else math.inf
+        if math.isfinite(seconds) and 0 < seconds <= MAX_SECONDS:
+            return seconds
+        if not seconds <= 0:
+            raise ValueError(f"a finite number of seconds, at most {MAX_SECONDS:.0f}")
+    raise ValueError("a positive number of seconds")
+
+
+def count_value(value: Any) -> int:
+    """`value` as a limit like max_exits: an integer from 1 below 2**64 (ValueError otherwise)."""
+    if isinstance(value, str):
+        value = _parse_number(value)
+    if isinstance(value, int) and not isinstance(value, bool) and 0 < value < INT_LIMIT:
+        return value
+    raise ValueError("a positive integer")
 
 
 def _uint(node: Node) -> int:
@@ -191,6 +611,27 @@ def _uint(node: Node) -> int:
     if value < 0:
         raise node.expected("a non-negative integer")
     return value
+
+
+def _count(node: Node) -> int:
+    try:
+        return count_value(node.value)
+    except ValueError as exc:
+        raise node.expected(str(exc)) from None
+
+
+def _u32(node: Node) -> int:
+    value = _int(node)
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise node.expected("a 32-bit value 0-0xffffffff")
+    return value
+
+
+def _define_name(node: Node, name: str) -> str:
+    """An assembler define's name: a symbol name (nothing the assembler would read as more)."""
+    if _SYMBOL_RE.match(name):
+        return name
+    raise node.error(f"expected a symbol name as the define's name, got {_shorten(repr(name))}")
 
 
 def _size(node: Node) -> int:
@@ -211,10 +652,10 @@ def _port(node: Node) -> int:
 
 
 def _seconds(node: Node) -> float:
-    value = node.value
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
-        return float(value)
-    raise node.expected("a positive number of seconds")
+    try:
+        return seconds_value(node.value)
+    except ValueError as exc:
+        raise node.expected(str(exc)) from None
 
 
 def _str(node: Node) -> str:
@@ -240,6 +681,8 @@ def _address(node: Node) -> Address:
     if isinstance(value, int) and not isinstance(value, bool):
         if value < 0:
             raise node.expected("a non-negative address or a symbol name")
+        if value >= INT_LIMIT:
+            raise node.expected("an address that fits in 64 bits")
         return value
     if isinstance(value, str):
         try:
@@ -405,14 +848,10 @@ def _range(m: _Map, start_key: str = "start") -> tuple[Address, Address | None, 
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
-    """Read, override (`--set` assignments) and validate a config file."""
+    """Read, override (`--set` assignments) and validate a config file: a regular UTF-8 file within
+    the size cap (`config_size_limit`), one YAML document within the nesting, value and alias limits."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        raise ConfigError("no such config file", str(path)) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the config: {exc}", str(path)) from None
+    text = decode_config(read_config_bytes(path, config_size_limit()), str(path))
     return parse_config(text, path=path, overrides=overrides)
 
 
@@ -530,6 +969,8 @@ class _Validator:
         mc = MachineConfig()
         mc.name = m.get("name", _str, "")
         mc.memory = m.get("memory", _size, DEFAULT_MEMORY)
+        if mc.memory > MAX_MEMORY:
+            raise m.items["memory"].expected(f"a size of at most {MAX_MEMORY >> 30}G")
         if mc.memory % 4096:
             raise m.items["memory"].expected("a size that is a multiple of 4K")
         if m.has("mode"):
@@ -544,7 +985,7 @@ class _Validator:
                             if child.value is not None}
         if m.has("timeout"):
             mc.timeout = _seconds(m.items["timeout"])
-        mc.max_exits = m.get("max_exits", _size)
+        mc.max_exits = m.get("max_exits", _count)
         mc.vcpus = m.get("vcpus", _int, 1)
         if not 1 <= mc.vcpus <= 64:
             raise m.items["vcpus"].expected("a vCPU count from 1 to 64")
@@ -593,7 +1034,7 @@ class _Validator:
         if kind in ("asm", "multiboot") and m.has("defines"):
             defines = _Map(m.items["defines"], tuple(m.items["defines"].value or ()) if isinstance(
                 m.items["defines"].value, dict) else (), "a mapping of NAME: integer")
-            image.defines = {name: _int(child) for name, child in defines.items.items()}
+            image.defines = {_define_name(child, name): _int(child) for name, child in defines.items.items()}
         image.entry = m.get("entry", _address)
         return image
 
@@ -687,10 +1128,11 @@ class _Validator:
 
         def lookup(name_node: Node, name: Any) -> Any:
             if not isinstance(name, str) or name not in names:
-                close = difflib.get_close_matches(str(name), list(names), 1, 0.7)
+                close = difflib.get_close_matches(name, list(names), 1, 0.7) if isinstance(name, str) else []
                 hint = f" (did you mean {close[0]!r}?)" if close else \
                     " (SDM names such as CPU_BASED_HLT_EXITING; see `minivmm caps`)"
-                raise name_node.error(f"expected a VMX control name, got {name!r}{hint}")
+                shown = _shorten(repr(name)) if isinstance(name, str) else name_node.shown()
+                raise name_node.error(f"expected a VMX control name, got {shown}{hint}")
             return names[name]
 
         if isinstance(node.value, list):
@@ -712,7 +1154,7 @@ class _Validator:
 
     def msr_rule(self, node: Node) -> MsrRule:
         m = _Map(node, ("msr", "action", "value", "read", "write", "name", "log"))
-        msr = m.need("msr", _uint, "the MSR index")
+        msr = m.need("msr", _u32, "the MSR index")
         action = m.get("action", _choice("allow", "deny", "fixed", "log", "count"), "log")
         if action == "fixed" and not m.has("value"):
             raise ConfigError("action 'fixed' needs a 'value'", m.node.where, _join(m.node.key, "value"))
@@ -743,7 +1185,7 @@ class _Validator:
 
     def cpuid_rule(self, node: Node) -> CpuidRule:
         m = _Map(node, ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"))
-        rule = CpuidRule(m.need("leaf", _uint, "the CPUID leaf (EAX)"), m.get("subleaf", _uint),
+        rule = CpuidRule(m.need("leaf", _u32, "the CPUID leaf (EAX)"), m.get("subleaf", _u32),
                          loc=_loc(node))
         for reg in ("eax", "ebx", "ecx", "edx"):
             setattr(rule, reg, m.get(reg, _reg32_value))
