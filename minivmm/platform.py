@@ -149,6 +149,7 @@ class RamWindow:
     start: int
     size: int
     name: str = "window"
+    where: str = ""                 # "file:line" of its config entry, for error messages
 
 
 class RamWindowError(GuestMemoryError):

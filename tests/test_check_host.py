@@ -116,3 +116,19 @@ images: [{{type: asm, source: {HELLO}}}]
     assert error.key == "machine.memory"
     assert "cannot reserve" in str(error)
     same_error_from_run(path, capsys)
+
+
+def test_host_limits_name_the_file_line_and_key(tmp_path: Path, capsys) -> None:
+    """Guest RAM the host cannot give is reported at the line that asked for it: machine.memory,
+    or the RAM window that pushed the total over."""
+    path = write(tmp_path, f"""machine: {{mode: long,
+  memory: 60G}}
+images: [{{type: asm, source: {HELLO}}}]
+""")
+    assert f"{path}:3: machine.memory: the host cannot reserve" in same_error_from_run(path, capsys)
+    path = write(tmp_path, f"""images: [{{type: asm, source: {HELLO}}}]
+platform:
+  ram_windows:
+    - {{start: 0x100000000, size: 60G}}
+""", "w.yaml")
+    assert f"{path}:5: platform.ram_windows[0]: the host cannot reserve" in same_error_from_run(path, capsys)

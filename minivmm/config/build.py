@@ -176,17 +176,24 @@ def _check_ram_windows(config: Config) -> None:
     try:
         check_ram_windows(config.machine.memory, config.platform.ram_windows)
     except RamWindowError as exc:
-        raise ConfigError(str(exc), str(config.path), f"platform.ram_windows[{exc.index}]") from None
+        window = config.platform.ram_windows[exc.index]
+        raise ConfigError(str(exc), window.where or str(config.path),
+                          f"platform.ram_windows[{exc.index}]") from None
 
 
 def _check_reservation(config: Config) -> None:
-    """The host can map all of guest RAM (machine.memory plus the RAM windows)."""
+    """The host can map all of guest RAM: machine.memory, then with each RAM window added."""
     from ..memory import GuestMemoryError, check_reservable
-    total = config.machine.memory + sum(window.size for window in config.platform.ram_windows)
-    try:
-        check_reservable(total)
-    except GuestMemoryError as exc:
-        raise ConfigError(str(exc), str(config.path), "machine.memory") from None
+    total = config.machine.memory
+    steps = [(total, config.machine.memory_loc.where or str(config.path), "machine.memory")]
+    for index, window in enumerate(config.platform.ram_windows):
+        total += window.size
+        steps.append((total, window.where or str(config.path), f"platform.ram_windows[{index}]"))
+    for size, where, key in steps:
+        try:
+            check_reservable(size)
+        except GuestMemoryError as exc:
+            raise ConfigError(str(exc), where, key) from None
 
 
 def _check_console_file(config: Config) -> None:

@@ -153,6 +153,7 @@ class MachineConfig:
     timeout: float | None = DEFAULT_TIMEOUT
     max_exits: int | None = None
     vcpus: int = 1
+    memory_loc: Loc = Loc(key="machine.memory")     # where `memory` was given, for host checks
 
 
 @dataclass

@@ -958,7 +958,7 @@ class _Validator:
             if start % 4096 or size % 4096 or size == 0:
                 raise n.error(f"a RAM window needs a page-aligned start and a non-zero page-multiple size; "
                               f"got start {start:#x} size {size:#x}")
-            return RamWindow(start, size, w.get("name", _str, f"window@{start:#x}"))
+            return RamWindow(start, size, w.get("name", _str, f"window@{start:#x}"), n.where)
 
         platform.ram_windows = m.get("ram_windows", _list(window, "a list of {start, size} RAM windows"), [])
         return platform
@@ -969,6 +969,8 @@ class _Validator:
         mc = MachineConfig()
         mc.name = m.get("name", _str, "")
         mc.memory = m.get("memory", _size, DEFAULT_MEMORY)
+        where = m.items["memory"] if m.has("memory") else node
+        mc.memory_loc = Loc(where.where, "machine.memory")
         if mc.memory > MAX_MEMORY:
             raise m.items["memory"].expected(f"a size of at most {MAX_MEMORY >> 30}G")
         if mc.memory % 4096:
