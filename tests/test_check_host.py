@@ -132,3 +132,12 @@ platform:
     - {{start: 0x100000000, size: 60G}}
 """, "w.yaml")
     assert f"{path}:5: platform.ram_windows[0]: the host cannot reserve" in same_error_from_run(path, capsys)
+
+
+def test_an_entry_point_outside_guest_ram_is_a_config_error(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long,
+  entry: 0xffffffffffffffff}}
+images: [{{type: asm, source: {HELLO}}}]
+""")
+    message = same_error_from_run(path, capsys)
+    assert f"{path}:3: machine.entry: the entry point 0xffffffffffffffff is outside guest RAM" in message

@@ -209,6 +209,17 @@ def _check_console_file(config: Config) -> None:
                           "devices.serial.path")
 
 
+def _check_entry(config: Config, entry: int | None) -> None:
+    """There is an entry point, and it is in guest RAM (machine.memory or a RAM window)."""
+    where = config.machine.entry_loc.where or str(config.path)
+    if entry is None:
+        raise ConfigError("no entry point: give machine.entry", where, "machine.entry")
+    ram = [(0, config.machine.memory)] + [(w.start, w.start + w.size) for w in config.platform.ram_windows]
+    if not any(start <= entry < end for start, end in ram):
+        raise ConfigError(f"the entry point {entry:#x} is outside guest RAM "
+                          f"(machine.memory is {config.machine.memory:#x} bytes at 0)", where, "machine.entry")
+
+
 def check_config(config: Config) -> dict[str, int]:
     """Everything `build_machine` checks that needs no VM: the host checks (`preflight`),
     load (assemble, compile) the images, check they fit, do not overlap and leave room for
@@ -218,8 +229,7 @@ def check_config(config: Config) -> dict[str, int]:
     entry = builder.images()
     builder.system_area()
     mc = config.machine
-    if builder.resolve(mc.entry, entry) is None:
-        raise ConfigError("no entry point: give machine.entry", str(config.path), "machine.entry")
+    _check_entry(config, builder.resolve(mc.entry, entry))
     builder.resolve(mc.stack)
     for value in mc.registers.values():
         builder.resolve(value)
@@ -275,8 +285,7 @@ class _Builder:
         machine.stack = self.resolve(mc.stack)
         machine.system_tables = self.system_tables
         self.system_area()
-        if machine.entry is None:
-            raise ConfigError("no entry point: give machine.entry", str(config.path), "machine.entry")
+        _check_entry(config, machine.entry)
         try:
             machine.setup()
         except Exception as exc:

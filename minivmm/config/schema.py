@@ -154,6 +154,7 @@ class MachineConfig:
     max_exits: int | None = None
     vcpus: int = 1
     memory_loc: Loc = Loc(key="machine.memory")     # where `memory` was given, for host checks
+    entry_loc: Loc = Loc(key="machine.entry")
 
 
 @dataclass

@@ -979,6 +979,7 @@ class _Validator:
             mc.mode = _choice(*MODES)(m.items["mode"])
             mc.mode_given = True
         mc.entry = m.get("entry", _address)
+        mc.entry_loc = Loc((m.items["entry"] if m.has("entry") else node).where, "machine.entry")
         mc.stack = m.get("stack", _address)
         registers = m.child("registers")
         if registers is not None:
