@@ -8,6 +8,12 @@ must do because of the translation is returned as a continuation, never done
 here: this module issues no ioctl and changes no guest state, so every exit kind
 and host quirk is tested with fabricated exits and no VM (tests/test_translate.py).
 
+KVM exits that concern EPT pages (MMIO on managed RAM, fetches from pages
+without X, MMIO devices) are `minivmm.ept.EptShadow`'s: the run loop asks it
+first. Unlike this module it acts while it translates (it emulates allowed
+accesses, joins split accesses and runs hook callbacks); moving that into
+continuations carried out by the loop's complete stage is still to do.
+
 Host facts the translation depends on (see the README's host section):
 - VMCALL cannot reach user space on KVM; minivmm's hypercall ABI is an OUT to
   HYPERCALL_PORT, reported as EXECUTE_VMCALL.
