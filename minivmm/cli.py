@@ -20,7 +20,8 @@ import sys
 import traceback
 from typing import Any, Callable, Sequence, TextIO
 
-from .config import ConfigError, build_machine, check_config, load_config
+from .config import ConfigError, build_machine, check_config, check_expectation, load_config
+from .config.build import shown
 from .config.validate import count_value, seconds_value
 from .errors import MinivmmError
 
@@ -144,7 +145,7 @@ def positive_seconds(text: str) -> float:
         return seconds_value(float(text) if len(text) <= 100 else text)
     except ValueError as exc:
         what = str(exc) if "finite" in str(exc) else "a positive number of seconds"
-        raise argparse.ArgumentTypeError(f"expected {what}, got {_shown(text)}") from None
+        raise argparse.ArgumentTypeError(f"expected {what}, got {shown(text)}") from None
 
 
 def positive_count(text: str) -> int:
@@ -152,12 +153,7 @@ def positive_count(text: str) -> int:
     try:
         return count_value(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {_shown(text)}") from None
-
-
-def _shown(text: str) -> str:
-    shown = repr(text)
-    return shown if len(shown) <= 60 else f"{shown[:40]}... ({len(text)} characters)"
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {shown(text)}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -330,7 +326,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     if sink is not None and sink.closed:
         return EXIT_OK          # the reader of the console went away: not a guest failure
     status = exit_status(result.reason, result.exit_code)
-    failures = [] if args.no_expect else expectation_failures(config.expect, result)
+    failures = [] if args.no_expect else check_expectation(config.expect, result)
     if args.json:
         report: dict[str, Any] = {
             "config": str(config.path), "result": JSON_RESULTS.get(result.reason, "error"),
@@ -371,25 +367,6 @@ def _place_fuzz_input(machine, config, path: str) -> bool:
         _error(f"--input: {exc}")
         return False
     return True
-
-
-def expectation_failures(expect: Any, result: Any) -> list[str]:
-    """How `result` differs from the config's `expect:` (result, exit code, console and message
-    substrings), each as `expected X, got Y`; counters are left to the test suite."""
-    if expect is None:
-        return []
-    failures: list[str] = []
-    if expect.result is not None and result.reason != expect.result:
-        failures.append(f"expected result {expect.result!r}, got {result.reason!r}")
-    if expect.exit_code is not None and result.exit_code != expect.exit_code:
-        failures.append(f"expected exit code {expect.exit_code}, got {result.exit_code}")
-    if expect.console is not None and expect.console not in result.console:
-        failures.append(f"expected the console to contain {_shown(expect.console)}, "
-                        f"got {_shown(result.console)}")
-    if expect.message is not None and expect.message not in result.message:
-        failures.append(f"expected the message to contain {_shown(expect.message)}, "
-                        f"got {_shown(result.message)}")
-    return failures
 
 
 def _default_message(reason: str) -> str:

@@ -142,23 +142,33 @@ def run_config(config: Config, **kwargs: Any) -> tuple[RunResult, ConfiguredMach
 
 def check_expectation(expect: ExpectConfig | None, result: RunResult,
                       counters: dict[str, int] | None = None) -> list[str]:
-    """The ways `result` differs from `expect` (empty when it matches)."""
+    """How `result` differs from `expect`, each as `expected X, got Y` (empty when it
+    matches). Counters are compared when `counters` is given."""
     if expect is None:
         return []
     problems: list[str] = []
     if expect.result is not None and result.reason != expect.result:
-        problems.append(f"result {result.reason!r}, expected {expect.result!r} ({result.message})")
+        problems.append(f"expected result {expect.result!r}, got {str(result.reason)!r}"
+                        + (f" ({result.message})" if result.message else ""))
     if expect.exit_code is not None and result.exit_code != expect.exit_code:
-        problems.append(f"exit code {result.exit_code}, expected {expect.exit_code}")
+        problems.append(f"expected exit code {expect.exit_code}, got {result.exit_code}")
     if expect.console is not None and expect.console not in result.console:
-        problems.append(f"console {result.console!r} does not contain {expect.console!r}")
+        problems.append(f"expected the console to contain {shown(expect.console)}, "
+                        f"got {shown(result.console)}")
     if expect.message is not None and expect.message not in result.message:
-        problems.append(f"message {result.message!r} does not contain {expect.message!r}")
-    for name, value in expect.counters.items():
-        got = (counters or {}).get(name, 0)
+        problems.append(f"expected the message to contain {shown(expect.message)}, "
+                        f"got {shown(result.message)}")
+    for name, value in expect.counters.items() if counters is not None else ():
+        got = counters.get(name, 0)
         if got != value:
-            problems.append(f"counter {name!r} is {got}, expected {value}")
+            problems.append(f"expected counter {name!r} {value}, got {got}")
     return problems
+
+
+def shown(text: str) -> str:
+    """`text` quoted for a one-line message, cut when it is long."""
+    quoted = repr(text)
+    return quoted if len(quoted) <= 60 else f"{quoted[:40]}... ({len(text)} characters)"
 
 
 def preflight(config: Config) -> None:
