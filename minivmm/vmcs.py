@@ -284,10 +284,7 @@ class Vmcs:
         self.user_mode = user_mode
         self.on_routing_change = on_routing_change
         self.capabilities = vmx.capabilities
-        self.controls: dict[VmcsField, int] = {}
-        for cls, (field, msr) in _CONTROL_FIELDS.items():
-            default = {ProcBasedControls: DEFAULT_PROC_BASED, SecondaryControls: DEFAULT_SECONDARY}.get(cls, 0)
-            self.controls[field] = adjust_controls(default, self.capabilities[msr])
+        self.controls = default_controls(self.capabilities)
         self.exception_bitmap = 0
         self.tsc_offset = 0
         self.step_requested = False
@@ -315,8 +312,7 @@ class Vmcs:
     def set_control(self, flag: IntFlag, enabled: bool = True) -> None:
         """Set or clear one control bit (checked against the capability MSR)."""
         field, _ = _CONTROL_FIELDS[type(flag)]
-        value = self.controls[field] | flag if enabled else self.controls[field] & ~flag
-        self.write(field, value)
+        self.write(field, self.controls[field] | flag if enabled else self.controls[field] & ~flag)
 
     def intercept_exception(self, vector: int, enabled: bool = True) -> None:
         mask = 1 << vector
@@ -460,6 +456,26 @@ class Vmcs:
             self._realised.tsc_offset = offset
 
 
+def default_controls(capabilities: dict[VmxMsr, int]) -> dict[VmcsField, int]:
+    """The control fields a new VMCS starts with: minivmm's defaults, adjusted to what the
+    capability MSRs allow (SDM appendix A.3)."""
+    controls = {}
+    for cls, (field, msr) in _CONTROL_FIELDS.items():
+        default = {ProcBasedControls: DEFAULT_PROC_BASED, SecondaryControls: DEFAULT_SECONDARY}.get(cls, 0)
+        controls[field] = adjust_controls(default, capabilities[msr])
+    return controls
+
+
+def check_control_change(controls: dict[VmcsField, int], flag: IntFlag, enabled: bool,
+                         capabilities: dict[VmxMsr, int]) -> None:
+    """Set or clear `flag` in `controls` as `Vmcs.set_control` does, raising what its VMWRITE
+    would raise (UnsupportedControlError) for a value the capability MSR refuses."""
+    field, msr = _CONTROL_FIELDS[type(flag)]
+    value = controls[field] | flag if enabled else controls[field] & ~flag
+    check_controls(value, capabilities[msr], type(flag), msr)
+    controls[field] = value
+
+
 def control_class_for(name: str) -> IntFlag:
     """The control flag with this SDM name (e.g. "CPU_BASED_HLT_EXITING")."""
     for cls in _CONTROL_FIELDS:
@@ -468,5 +484,5 @@ def control_class_for(name: str) -> IntFlag:
     raise KeyError(f"no VMX control named {name!r}")
 
 
-__all__ = ["Vmcs", "VmxVmState", "VmcsError", "MsrBitmap", "IoBitmaps", "capability_report", "capability_table",
+__all__ = ["Vmcs", "VmxVmState", "VmcsError", "check_control_change", "default_controls", "MsrBitmap", "IoBitmaps", "capability_report", "capability_table",
            "vmx_capability_msrs", "host_capabilities", "control_class_for", "CONTROLS_FOR_MSR"]

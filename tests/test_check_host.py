@@ -141,3 +141,13 @@ images: [{{type: asm, source: {HELLO}}}]
 """)
     message = same_error_from_run(path, capsys)
     assert f"{path}:3: machine.entry: the entry point 0xffffffffffffffff is outside guest RAM" in message
+
+
+def test_a_control_the_host_cannot_honour_fails_check_as_it_fails_run(tmp_path: Path, capsys) -> None:
+    path = write(tmp_path, f"""machine: {{mode: long}}
+images: [{{type: asm, source: {HELLO}}}]
+vmcs:
+  controls: [CPU_BASED_HLT_EXITING, CPU_BASED_RDTSC_EXITING]
+""")
+    message = same_error_from_run(path, capsys)
+    assert f"{path}:5: vmcs.controls[1]: this host cannot honour CPU_BASED_RDTSC_EXITING" in message

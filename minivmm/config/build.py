@@ -20,6 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 
 from ..devices import DebugExit, PortDevice, Serial16550
 from ..exits import ExitReason
+from ..controls import UnsupportedControlError
 from ..machine import Machine, RunResult
 from ..modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, ImageRange, Mode, SystemAreaError,
                      choose_system_base, default_stack)
@@ -249,7 +250,28 @@ def check_config(config: Config) -> dict[str, int]:
         builder.resolve(hook.address)
     for spec, loc in config.handlers:
         resolve_handler(spec, config.base_dir, loc)
+    _check_controls(config)
     return builder.symbols
+
+
+def _check_controls(config: Config) -> None:
+    """The config's VMX controls pass this host's capability MSRs, as the run's VMWRITEs must
+    (skipped where KVM cannot be opened: the run fails there anyway)."""
+    if not config.vmcs.controls:
+        return
+    from ..kvm import Kvm, KvmError
+    from ..vmcs import check_control_change, default_controls, vmx_capability_msrs
+    try:
+        with Kvm() as kvm:
+            capabilities = vmx_capability_msrs(kvm)
+    except KvmError:
+        return
+    controls = default_controls(capabilities)
+    for setting in config.vmcs.controls:
+        try:
+            check_control_change(controls, setting.flag, setting.enabled, capabilities)
+        except UnsupportedControlError as exc:
+            raise setting.loc.error(f"this host cannot honour {setting.name}: {exc}") from None
 
 
 class _Builder:
@@ -486,10 +508,8 @@ class _Builder:
         for setting in config.controls:
             try:
                 vmcs.set_control(setting.flag, enabled=setting.enabled)
-            except Exception as exc:
-                if type(exc).__name__ == "UnsupportedControlError":
-                    raise setting.loc.error(f"this host cannot honour {setting.name}: {exc}") from None
-                raise
+            except UnsupportedControlError as exc:
+                raise setting.loc.error(f"this host cannot honour {setting.name}: {exc}") from None
         for vector in config.exception_bitmap:
             vmcs.intercept_exception(vector)
         for rule in config.exceptions:
