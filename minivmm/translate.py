@@ -35,7 +35,7 @@ from .errors import MinivmmError
 from .exits import (EXCEPTIONS_WITH_ERROR_CODE, VM_ENTRY_FAILURE, ExitInfo, ExitReason,
                     InterruptionInfo, InterruptionType, IoQualification, Vector, vector_name)
 from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, InternalErrorKind, IoExit,
-                  MmioExit, MsrExit)
+                  MemoryFaultExit, MmioExit, MsrExit)
 from .modes import EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, Mode, StubFrame, decode_stub_frame
 
 __all__ = ["CpuView", "ExceptionReport", "GuestFault", "IoInstruction", "RestoreUserFrame",
@@ -241,6 +241,13 @@ class Translator:
             info.reset(ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
                        raw_kvm_exit=exit)
             return Translation(exit.phys_addr)
+        if kind == ExitKind.MEMORY_FAULT:
+            # KVM could not map guest memory for an access (api.rst 5, KVM_EXIT_MEMORY_FAULT):
+            # the second-level translation refused it, an EPT violation whose access KVM
+            # does not say (qualification 0)
+            assert isinstance(exit, MemoryFaultExit)
+            info.reset(ExitReason.EPT_VIOLATION, guest_physical_address=exit.gpa, raw_kvm_exit=exit)
+            return Translation(exit.gpa)
         if kind == ExitKind.FAIL_ENTRY:
             assert isinstance(exit, FailEntryExit)
             hardware = exit.hardware_entry_failure_reason

@@ -22,6 +22,7 @@ from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcp
 MASK64 = (1 << 64) - 1
 _EXIT_INTR = int(ExitKind.INTR)
 _EXIT_IO = int(ExitKind.IO)
+_EXIT_MEMORY_FAULT = int(ExitKind.MEMORY_FAULT)
 GPR_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
              "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
 CONTROL_REGISTER_NAMES = ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
@@ -392,7 +393,8 @@ class Vcpu:
 
     def entry_failed(self, err: int) -> int:
         """What a KVM_RUN that failed with `err` means: ExitKind.INTR for a signal or an AP's
-        wake-up, else a KvmError."""
+        wake-up, ExitKind.MEMORY_FAULT for an EFAULT that KVM describes in kvm_run
+        (KVM_CAP_MEMORY_FAULT_INFO, api.rst 5 "KVM_EXIT_MEMORY_FAULT"), else a KvmError."""
         if err == errno.EINTR:
             self._run.immediate_exit = 0
             return _EXIT_INTR
@@ -400,6 +402,8 @@ class Vcpu:
             # An AP woken in MP state UNINITIALIZED (INIT/SIPI from the in-kernel LAPIC):
             # KVM asks for KVM_RUN again, reported like a signal.
             return _EXIT_INTR
+        if err == errno.EFAULT and self._run.exit_reason == _EXIT_MEMORY_FAULT:
+            return _EXIT_MEMORY_FAULT
         raise KvmError("KVM_RUN", err)
 
     def run_once(self) -> int:

@@ -657,13 +657,21 @@ def test_guest_fault_is_a_minivmm_error():
     assert issubclass(GuestFault, MinivmmError) and issubclass(GuestFault, RuntimeError)
 
 
+def test_memory_fault_is_an_ept_violation_of_unknown_access():
+    """KVM_EXIT_MEMORY_FAULT (KVM could not map guest memory for an access): an EPT violation
+    at the GPA, qualification 0 (KVM does not say which access)."""
+    exit = MemoryFaultExit(0, 0x18_0000, 0x1000)
+    translation, info = translate(Mode.LONG, ExitKind.MEMORY_FAULT, exit, code_cpu("90"))
+    assert translation == Translation(key=0x18_0000)
+    expect(info, reason=ExitReason.EPT_VIOLATION, guest_physical_address=0x18_0000, raw_kvm_exit=exit)
+
+
 # --- exits minivmm does not translate ---------------------------------------------------
 @pytest.mark.parametrize("kind, exit, name", [
     (ExitKind.HYPERCALL, HypercallExit(0, (1, 2)), "HYPERCALL"),
-    (ExitKind.MEMORY_FAULT, MemoryFaultExit(0, 0x1000, 0x1000), "MEMORY_FAULT"),
     (ExitKind.UNKNOWN, None, "UNKNOWN"),
     (ExitKind.IRQ_WINDOW_OPEN, None, "IRQ_WINDOW_OPEN"),
     (1234, None, "1234"),
-], ids=["hypercall", "memory-fault", "unknown", "irq-window", "not-a-kind"])
-def test_unexpected_exit_kind_is_kvm_error(kind, exit, name):
+], ids=["hypercall", "unknown", "irq-window", "not-a-kind"])
+def test_unexpected_exit_kind_is_a_guest_fault(kind, exit, name):
     raises_untouched(Mode.LONG, kind, exit, code_cpu("90"), GuestFault, f"unexpected KVM exit {name}\\b")

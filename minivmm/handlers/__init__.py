@@ -137,6 +137,7 @@ def install_defaults(dispatcher: Dispatcher, ports: "PortBus") -> None:
     d.set_default(ExitReason.EXECUTE_HLT, hlt.stop_on_hlt)
     d.set_default(ExitReason.EXCEPTION_OR_NMI, exception.stop_on_exception)
     d.set_default(ExitReason.EPT_MISCONFIGURATION, ept.stop_on_unmapped)
+    d.set_default(ExitReason.EPT_VIOLATION, ept.stop_on_violation)
     d.set_default(ExitReason.MONITOR_TRAP_FLAG, mtf.continue_after_step)
     d.set_default(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED, timer.stop_on_deadline)
     d.set_default(ExitReason.TRIPLE_FAULT, triple_fault.stop_on_triple_fault)
