@@ -27,7 +27,7 @@ from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
 from .kvm import ExitKind, IoExit, KvmError, KvmRun, decode_exit
 from .modes import EXCEPTION_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
-from .translate import ExceptionReport, RestoreUserFrame, Translator, io_qualification
+from .translate import ExceptionReport, RestoreUserFrame, Translator, exception_report, io_qualification
 from .vcpu import Vcpu, run_timer
 from .vmcs import RFLAGS_TF, Vmcs
 
@@ -400,6 +400,8 @@ class VcpuContext:
                 if key.__class__ is Stop:
                     action = key
                     break
+                if info.reason == ExitReason.EXCEPTION_OR_NMI:
+                    self.last_exception = exception_report(info, vcpu.rip, vcpu.cr2)
                 if observers:
                     self._observe(observers, info)
                 reason = info.reason
@@ -466,8 +468,6 @@ class VcpuContext:
             return _NO_EXIT
         if translation.restore is not None:
             self._restore_user_frame(translation.restore)
-        if translation.exception is not None:
-            self.last_exception = translation.exception
         if translation.step and not self._stepped(info):
             return _NO_EXIT
         return translation.key

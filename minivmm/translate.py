@@ -38,7 +38,7 @@ from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, Interna
                   MemoryFaultExit, MmioExit, MsrExit)
 from .modes import EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, Mode, StubFrame, decode_stub_frame
 
-__all__ = ["CpuView", "ExceptionReport", "GuestFault", "IoInstruction", "RestoreUserFrame",
+__all__ = ["CpuView", "ExceptionReport", "GuestFault", "exception_report", "IoInstruction", "RestoreUserFrame",
            "Translation", "Translator", "find_io_instruction", "io_qualification"]
 
 
@@ -113,12 +113,19 @@ class Translation:
 
     `key` is the dispatch filter value (port, MSR, vector, GPA, hypercall
     number), `restore` the stub-frame continuation, `step` whether the exit is a
-    single-step trap that belongs to the step service, `exception` the exception
-    the exit reports."""
+    single-step trap that belongs to the step service."""
     key: int | None = None
     restore: RestoreUserFrame | None = None
     step: bool = False
-    exception: ExceptionReport | None = None
+
+
+def exception_report(info: ExitInfo, rip: int, cr2: int) -> ExceptionReport:
+    """The exception of an EXCEPTION_OR_NMI exit whose faulting instruction is at `rip` (after
+    the stub-frame restore), as `last_exception` and RunResult show it; CR2 only for #PF."""
+    interruption = info.interruption
+    error_code = info.interruption_error_code if interruption.error_code_valid else None
+    return ExceptionReport(interruption.vector, error_code,
+                           cr2 if interruption.vector == Vector.PF else None, rip)
 
 
 _ENTRY_FAILURES = {int(r): r for r in (ExitReason.INVALID_GUEST_STATE, ExitReason.MSR_LOADING,
@@ -277,7 +284,7 @@ class Translator:
             info.reset(ExitReason.EXCEPTION_OR_NMI, qualification, raw_kvm_exit=exit,
                        instruction_length=int(software),
                        interruption_info=InterruptionInfo(vector, itype).encode())
-            return Translation(vector, exception=ExceptionReport(vector, None, None, exit.pc))
+            return Translation(vector)
         name = ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind
         raise GuestFault(f"unexpected KVM exit {name}: {exit} (minivmm has no VMX exit for it)")
 
@@ -319,8 +326,7 @@ class Translator:
         info.reset(ExitReason.EXCEPTION_OR_NMI, cr2 or 0,
                    interruption_info=InterruptionInfo(vector, itype, has_error).encode(),
                    interruption_error_code=error_code or 0, instruction_length=length, raw_kvm_exit=exit)
-        return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags),
-                           exception=ExceptionReport(vector, error_code, cr2, rip))
+        return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags))
 
     def _internal_error(self, exit: InternalErrorExit, cpu: CpuView, info: ExitInfo) -> Translation:
         code = exit.instruction_bytes()
@@ -329,7 +335,7 @@ class Translator:
             breakpoint = InterruptionInfo(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION)
             info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,
                        interruption_info=breakpoint.encode())
-            return Translation(int(Vector.BP), exception=ExceptionReport(Vector.BP, None, None, rip))
+            return Translation(int(Vector.BP))
         suberror = InternalErrorKind(exit.suberror).name if exit.suberror in (1, 2, 3, 4) \
             else exit.suberror
         raise GuestFault(f"KVM could not emulate the instruction at rip={rip:#x} "

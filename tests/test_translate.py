@@ -26,7 +26,7 @@ from minivmm.kvm import (DebugExit, ExitKind, FailEntryExit, HltExit, HypercallE
                          MmioExit, MsrExit, ShutdownExit, SystemEventExit)
 from minivmm.modes import (EXCEPTION_PORT, HYPERCALL_PORT, KERNEL_STACK_TOP, SEL_USER_CODE64,
                            SEL_USER_DATA, STUB_SIZE, STUBS_ADDR, Mode, StubFrame)
-from minivmm.translate import (ExceptionReport, GuestFault, IoInstruction, RestoreUserFrame,
+from minivmm.translate import (ExceptionReport, GuestFault, IoInstruction, RestoreUserFrame, exception_report,
                                Translation, Translator, find_io_instruction, io_qualification)
 
 CODE = 0x100000          # where the fake's guest code lives (bare images load at 1 MiB)
@@ -400,8 +400,8 @@ def test_user_exception(vector, error_code, itype, has_error, back, length, step
     report = ExceptionReport(vector, error_code if has_error else None,
                              cr2 if vector == Vector.PF else None, rip)
     assert translation == Translation(key=int(vector),
-                                      restore=RestoreUserFrame(rip, USER_RSP, USER_RFLAGS),
-                                      step=False, exception=report)
+                                      restore=RestoreUserFrame(rip, USER_RSP, USER_RFLAGS), step=False)
+    assert exception_report(info, translation.restore.rip, cr2) == report
     expect(info, ignore=("qualification",) if vector == Vector.PF else (),
            reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype, has_error),
            interruption_error_code=error_code if has_error else 0, instruction_length=length,
@@ -414,7 +414,7 @@ def test_user_exception_without_error_code_ignores_the_pushed_zero_slot():
     not an error code."""
     translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True),
                                   stub_cpu(Vector.UD, 0x99))
-    assert translation.exception == ExceptionReport(Vector.UD, None, None, USER_RIP)
+    assert exception_report(info, translation.restore.rip, 0) == ExceptionReport(Vector.UD, None, None, USER_RIP)
     assert (info.interruption_info, info.interruption_error_code) == (intr_info(6, HW), 0)
 
 
@@ -434,7 +434,7 @@ def test_user_db_while_stepping_is_mtf():
     exit = io_exit(EXCEPTION_PORT, 1, True)
     translation, info = translate(Mode.USER, ExitKind.IO, exit, stub_cpu(Vector.DB), stepping=True)
     assert translation == Translation(key=None, restore=RestoreUserFrame(USER_RIP, USER_RSP, USER_RFLAGS),
-                                      step=True, exception=None)
+                                      step=True)
     expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
 
 
@@ -443,7 +443,7 @@ def test_user_exception_frame_is_read_at_rsp():
     cpu = stub_cpu(Vector.GP, 0x10, rip=0x200123, rsp=0xE800)
     translation, info = translate(Mode.USER, ExitKind.IO, io_exit(EXCEPTION_PORT, 1, True), cpu)
     assert translation.restore == RestoreUserFrame(0x200123, USER_RSP, USER_RFLAGS)
-    assert translation.exception == ExceptionReport(Vector.GP, 0x10, None, 0x200123)
+    assert exception_report(info, translation.restore.rip, 0) == ExceptionReport(Vector.GP, 0x10, None, 0x200123)
 
 
 @pytest.mark.parametrize("at", [STUBS_ADDR, STUBS_ADDR + 9, STUBS_END - 1],
@@ -561,7 +561,7 @@ DR6_BS = 0xFFFF_4FF0        # DR6 with BS (single step) set
 def test_debug_db_while_stepping_is_mtf(mode):
     exit = DebugExit(Vector.DB, CODE + 1, DR6_BS, 0x400)
     translation, info = translate(mode, ExitKind.DEBUG, exit, code_cpu("90", 1), stepping=True)
-    assert translation == Translation(key=None, restore=None, step=True, exception=None)
+    assert translation == Translation(key=None, restore=None, step=True)
     expect(info, reason=ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
 
 
@@ -573,8 +573,8 @@ def test_debug_db_while_stepping_is_mtf(mode):
 def test_debug_exception(vector, itype, stepping):
     exit = DebugExit(vector, CODE, DR6_B0 if vector == Vector.DB else 0xFFFF_0FF0, 0x401)
     translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("cc"), stepping=stepping)
-    assert translation == Translation(key=int(vector), restore=None, step=False,
-                                      exception=ExceptionReport(vector, None, None, CODE))
+    assert translation == Translation(key=int(vector), restore=None, step=False)
+    assert exception_report(info, exit.pc, 0) == ExceptionReport(vector, None, None, CODE)
     expect(info, ignore=("qualification", "instruction_length"),
            reason=ExitReason.EXCEPTION_OR_NMI, interruption_info=intr_info(vector, itype), raw_kvm_exit=exit)
     assert info.interruption == InterruptionInfo(vector, InterruptionType(itype))
@@ -618,8 +618,8 @@ def test_emulation_failure_int3_is_breakpoint(code, mode):
     bits = {Mode.REAL: 16, Mode.PROTECTED: 32, Mode.LONG: 64}[mode]
     cpu = code_cpu(code[:2], bits=bits, base=0x7C00 if mode is Mode.REAL else CODE)
     translation, info = translate(mode, ExitKind.INTERNAL_ERROR, exit, cpu)
-    assert translation == Translation(key=int(Vector.BP), restore=None, step=False,
-                                      exception=ExceptionReport(Vector.BP, None, None, cpu.rip))
+    assert translation == Translation(key=int(Vector.BP), restore=None, step=False)
+    assert exception_report(info, cpu.rip, 0) == ExceptionReport(Vector.BP, None, None, cpu.rip)
     expect(info, reason=ExitReason.EXCEPTION_OR_NMI, instruction_length=1,
            interruption_info=intr_info(3, SW), raw_kvm_exit=exit)
 
