@@ -20,14 +20,14 @@ REAL_MODE_TSS_ADDR = 0xFFFBD000
 class Vm:
     """One KVM VM and the state its vCPUs share."""
 
-    def __init__(self, kvm: Kvm, *, irqchip: bool = False) -> None:
+    def __init__(self, kvm: Kvm) -> None:
         self.kvm = kvm
         self.memory = GuestMemory()
         self.slots = SlotTable()
         self._route_caches: list[dict] = []
         self.ports = PortBus(on_change=self.invalidate_io_routes)
         self.dispatcher = Dispatcher()
-        self.irqchip = irqchip
+        self.irqchip = False                 # KVM's in-kernel irqchip (create_irqchip)
         self.fd: VmFd | None = kvm.create_vm()
         try:
             try:
