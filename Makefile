@@ -4,8 +4,12 @@
 VENV ?= .venv
 PYTHON ?= python3
 STAMP := $(VENV)/.stamp
-# tool:Debian package; the tests need binutils and gcc for guests, AFL++ for the AFL++ bridge
-SYSTEM_TOOLS := as:binutils ld:binutils objcopy:binutils gcc:gcc afl-fuzz:afl++
+# tool:Debian package (a tool starting with / is a file that must exist). The tests need
+# binutils and gcc for guests, AFL++ for the AFL++ bridge, gdb for the gdb stub, and real
+# static Linux programs and their baselines for the Linux personality.
+SYSTEM_TOOLS := as:binutils ld:binutils objcopy:binutils gcc:gcc afl-fuzz:afl++ gdb:gdb \
+                busybox:busybox-static musl-gcc:musl-tools qemu-x86_64:qemu-user \
+                /usr/lib/x86_64-linux-gnu/libz.a:zlib1g-dev
 BENCH_TOOLS := qemu-system-x86_64:qemu-system-x86
 HELLO_CONFIGS := configs/hello_real.yaml configs/hello_protected.yaml \
                  configs/hello_long.yaml configs/hello_user.yaml
@@ -27,7 +31,11 @@ system-packages:
 install-tools:
 	@missing=""; \
 	for pair in $(TOOLS); do \
-		command -v $${pair%%:*} >/dev/null 2>&1 || missing="$$missing $${pair#*:}"; \
+		tool=$${pair%%:*}; \
+		case $$tool in \
+			/*) test -e $$tool ;; \
+			*) command -v $$tool >/dev/null 2>&1 ;; \
+		esac || missing="$$missing $${pair#*:}"; \
 	done; \
 	if [ -n "$$missing" ]; then \
 		if [ "$$(id -u)" = 0 ]; then \
