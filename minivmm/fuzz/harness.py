@@ -37,7 +37,11 @@ from typing import TYPE_CHECKING, Iterable
 
 from time import perf_counter
 
+from .. import fastpath
 from ..disasm import disassemble
+from ..exits import ExitReason
+from ..fastpath import CYCLE_SLOW, IO_TAG, FuzzCycle
+from ..kvm import KvmError, KvmRegs
 from ..errors import MinivmmError
 from ..vcpu import DIRTY_REGS
 from ..exits import vector_name
@@ -204,6 +208,15 @@ class Harness:
         if fast and target.timeout is not None and threading.current_thread() is threading.main_thread():
             run_timer.start_watchdog(max(0.005, min(0.05, target.timeout / 4)))
             self._watchdog = True
+        self._cycle: FuzzCycle | None = None
+        self._cycle_plan: tuple | None = None
+        self._exit_highs = frozenset()
+        self._use_cycle = self._watchdog and vcpu.synced and not restore_fpu and fastpath.COMPILED
+        if self._use_cycle:
+            de = machine.debug_exit
+            # The packed form's upper half (fastpath) of each single-item OUT to the device.
+            self._exit_highs = frozenset(
+                (IO_TAG | size << 49 | port << 33 | 1 << 32) >> 32 for port in de.ports for size in (1, 2, 4))
 
     @classmethod
     def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
@@ -255,6 +268,16 @@ class Harness:
 
     def run(self, data: bytes) -> RunOutcome:
         """Run one input from the snapshot and classify the run."""
+        if self._use_cycle:
+            cycle = self._ready_cycle()
+            if cycle is not None:
+                if len(data) > self.target.max_input_size:
+                    data = data[: self.target.max_input_size]
+                if data.__class__ is not bytes:
+                    data = bytes(data)
+                outcome = self._run_cycle(cycle, data)
+                if outcome is not None:
+                    return outcome
         data = self.prepare(data)
         self.runs += 1
         target = self.target
@@ -275,6 +298,94 @@ class Harness:
                               disassembly=self.disassemble(rip),
                               new_blocks=tuple(self.coverage.new_blocks))
         return self.classify(reason, exit_code, message, elapsed, data)
+
+    # -- the C cycle (fastpath.FuzzCycle) -------------------------------------------------
+    def _ready_cycle(self) -> FuzzCycle | None:
+        """The C cycle when this run may use it: nothing pending that the Python entry path
+        would do first (registers written by hand, pre-entry hooks, VMCS or CPUID changes),
+        and a snapshot restore that is memory from one memslot's dirty log plus sync_regs."""
+        machine = self.machine
+        if (self._vcpu.dirty or machine.pre_entry or machine.vmcs.dirty or machine.cpuid.dirty
+                or machine.smp is not None or not machine.started):
+            return None
+        plan = self.snapshot.cycle_plan(machine)
+        if plan is None:
+            return None
+        if plan != self._cycle_plan:
+            self._cycle = self._make_cycle(plan)
+            self._cycle_plan = plan
+        return self._cycle
+
+    def _make_cycle(self, plan: tuple) -> FuzzCycle:
+        vm_fd, slot, bitmap, npages, guest, copy = plan
+        machine, target, vcpu = self.machine, self.target, self._vcpu
+        regs, sregs, events = self.snapshot.register_addresses
+        length_offset, length_address = -1, 0
+        if target.length_register is not None:
+            length_offset = getattr(KvmRegs, target.length_register).offset
+        elif target.length_address is not None:
+            region = machine.memory.region_at(target.length_address)
+            length_address = region.host_addr + (target.length_address - region.gpa)
+        cycle = FuzzCycle(vm_fd=vm_fd, vcpu_fd=vcpu.fd.fd, slot=slot, bitmap=bitmap, npages=npages,
+                          guest=guest, copy=copy, run=ctypes.addressof(vcpu.fd.run), regs=regs,
+                          sregs=sregs, events=events, input=self._input_host,
+                          input_copy=self.snapshot.copy_address(target.input_address),
+                          length_offset=length_offset, length_address=length_address,
+                          length_size=target.length_size)
+        return cycle
+
+    def _exit_is_plain(self) -> bool:
+        """Whether an OUT to the debug-exit device goes to the port devices alone (no user
+        handler in its chain), so that the cycle may complete it as that handler would."""
+        dispatcher = self.machine.vm.dispatcher
+        if dispatcher.version != self._route_version:
+            self._route_version = dispatcher.version
+            default = dispatcher.default(ExitReason.IO_INSTRUCTION)
+            self._plain = all(dispatcher.chain(ExitReason.IO_INSTRUCTION, port) == (default,)
+                              for port in self.machine.debug_exit.ports) and \
+                getattr(default, "__qualname__", "") == "port_devices.<locals>.handle"
+        return self._plain
+
+    def _run_cycle(self, cycle: FuzzCycle, data: bytes) -> RunOutcome | None:
+        """One run through the C cycle; None when it did nothing (the Python path runs)."""
+        machine = self.machine
+        target = self.target
+        timeout = target.timeout
+        start = perf_counter()
+        run_timer.arm(self._vcpu, timeout)
+        try:
+            cycle.previous = self._previous_length
+            packed = cycle.run(data)
+            if packed == CYCLE_SLOW:
+                return None
+            self._previous_length = len(data)
+            self.snapshot.restore_devices(machine)
+            self.coverage.start_run()
+            self.runs += 1
+            if packed < 0 and cycle.stage == 1:
+                raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -packed)
+            if packed >> 32 in self._exit_highs and not machine.context.observers and self._exit_is_plain():
+                # What the port devices' handler does with it (minivmm.handlers.io).
+                de = machine.debug_exit
+                de.reset()
+                de.io_write(packed >> 33 & 0xFFFF, packed >> 49 & 7, packed & 0xFFFFFFFF)
+                return RunOutcome(Status.CRASH if de.value in target.crash_exit_codes else Status.OK,
+                                  "exit", data, self._vcpu.rip, exit_code=de.value,
+                                  elapsed_s=perf_counter() - start)
+            try:
+                stop = machine.run_raw(None, target.max_exits, self._counts, pending=packed)
+            except GuestFault as exc:
+                rip = self._vcpu.rip
+                return RunOutcome(Status.CRASH, "emulation_failure", data, rip, message=str(exc),
+                                  disassembly=self.disassemble(rip),
+                                  new_blocks=tuple(self.coverage.new_blocks))
+        finally:
+            run_timer.disarm()
+        elapsed = perf_counter() - start
+        if stop.reason == "timeout" and elapsed < timeout / 2:
+            # The deadline thread signalled a run that had just ended: run again.
+            return None
+        return self.classify(stop.reason, stop.exit_code, stop.message, elapsed, data)
 
     def _run_raw(self) -> tuple[str, int | None, str, float]:
         start = perf_counter()
