@@ -33,7 +33,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING, Iterable, Sequence
 
 from time import perf_counter
 
@@ -49,6 +49,7 @@ from ..machine import GuestFault
 from ..modes import CODE_BITS
 from ..snapshot import Snapshot
 from ..vcpu import GPR_NAMES, run_timer
+from .batch import BatchError, BatchRunner
 from .coverage import Coverage
 
 if TYPE_CHECKING:
@@ -80,6 +81,7 @@ class FuzzTarget:
     coverage_ranges: list[tuple[int, int]] = field(default_factory=list)
     timeout: float = 1.0
     max_exits: int | None = 100_000
+    batch_regions: tuple[tuple[int, int], ...] = ()     # writable [start, end) reset between batch inputs
 
     @classmethod
     def from_config(cls, config: "Config", machine: "Machine") -> "FuzzTarget":
@@ -106,7 +108,7 @@ class FuzzTarget:
                    length_register=fuzz.length_register, length_address=fuzz.length_address,
                    crash_vectors=frozenset(fuzz.crash_vectors),
                    crash_addresses=tuple(fuzz.crash_addresses), coverage_ranges=ranges,
-                   timeout=fuzz.timeout)
+                   timeout=fuzz.timeout, batch_regions=tuple(tuple(r) for r in fuzz.batch_regions))
 
 
 def place_input(machine: "Machine", target: FuzzTarget, data: bytes) -> bytes:
@@ -173,7 +175,7 @@ class Harness:
     """Runs inputs against one machine from one snapshot; see the module docstring."""
 
     def __init__(self, machine: "Machine", target: FuzzTarget, *, coverage: bool = True,
-                 restore_fpu: bool = False, fast: bool = True) -> None:
+                 restore_fpu: bool = False, fast: bool = True, batch: int = 1) -> None:
         self.machine = machine
         self.fast = fast
         self._route_version = -1
@@ -213,16 +215,26 @@ class Harness:
         self._exit_highs = frozenset()
         self._use_cycle = self._watchdog and vcpu.synced and not restore_fpu and fastpath.COMPILED
         if self._use_cycle:
+            self._pre_entry, self._observers = machine.pre_entry, machine.context.observers
+            self._vmcs, self._cpuid = machine.vmcs, machine.cpuid
             de = machine.debug_exit
             # The packed form's upper half (fastpath) of each single-item OUT to the device.
             self._exit_highs = frozenset(
                 (IO_TAG | size << 49 | port << 33 | 1 << 32) >> 32 for port in de.ports for size in (1, 2, 4))
+        self.batch = batch
+        self.batch_runner: BatchRunner | None = None
+        if batch > 1:
+            try:
+                self.batch_runner = BatchRunner(self, batch, target.batch_regions)
+            except BatchError as exc:
+                raise FuzzError(str(exc)) from None
 
     @classmethod
     def from_config(cls, config: "Config", *, coverage: bool = True, **kwargs) -> "Harness":
         """Build the config's machine and a harness for its `fuzz:` section."""
         from ..config import build_machine
         machine = build_machine(config, capture_console=True)
+        kwargs.setdefault("batch", config.fuzz.batch if config.fuzz is not None else 1)
         try:
             return cls(machine, FuzzTarget.from_config(config, machine), coverage=coverage, **kwargs)
         except BaseException:
@@ -305,7 +317,7 @@ class Harness:
         would do first (registers written by hand, pre-entry hooks, VMCS or CPUID changes),
         and a snapshot restore that is memory from one memslot's dirty log plus sync_regs."""
         machine = self.machine
-        if (self._vcpu.dirty or machine.pre_entry or machine.vmcs.dirty or machine.cpuid.dirty
+        if (self._vcpu.dirty or self._pre_entry or self._vmcs.dirty or self._cpuid.dirty
                 or machine.smp is not None or not machine.started):
             return None
         plan = self.snapshot.cycle_plan(machine)
@@ -364,7 +376,7 @@ class Harness:
             self.runs += 1
             if packed < 0 and cycle.stage == 1:
                 raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -packed)
-            if packed >> 32 in self._exit_highs and not machine.context.observers and self._exit_is_plain():
+            if packed >> 32 in self._exit_highs and not self._observers and self._exit_is_plain():
                 # What the port devices' handler does with it (minivmm.handlers.io).
                 de = machine.debug_exit
                 de.reset()
@@ -411,7 +423,7 @@ class Harness:
                               exc.error_code, exc.cr2, message=message,
                               disassembly=self.disassemble(exc.rip) if crash else "",
                               new_blocks=new, elapsed_s=elapsed)
-        if reason in ("triple_fault", "crash_address", "error"):
+        if reason in ("triple_fault", "crash_address", "error", "emulation_failure"):
             return RunOutcome(Status.CRASH, reason, data, rip, message=message,
                               disassembly=self.disassemble(rip), new_blocks=new, elapsed_s=elapsed)
         return RunOutcome(Status.OK, reason, data, rip, exit_code=exit_code, message=message,
@@ -428,7 +440,41 @@ class Harness:
         return "\n".join(lines) or f"  {rip:#x}: <undecodable: {code[:8].hex(' ')}>"
 
     def run_many(self, inputs: Iterable[bytes]) -> list[RunOutcome]:
-        return [self.run(data) for data in inputs]
+        return self.run_batch(list(inputs))
+
+    # -- batch mode (minivmm.fuzz.batch) ----------------------------------------------------
+    def run_batch(self, inputs: Sequence[bytes]) -> list[RunOutcome]:
+        """One outcome per input, in order, as `run` gives them; in batches of up to `batch`
+        inputs per guest entry when the harness was made with `batch` > 1."""
+        if self.batch_runner is None:
+            return [self.run(data) for data in inputs]
+        return self.batch_runner.run(inputs)
+
+    @property
+    def input_length(self) -> int:
+        """Length of the input the guest's buffer holds past the snapshot's bytes."""
+        return self._previous_length
+
+    def restore_for_batch(self) -> None:
+        """The snapshot's state, for a batch to start from."""
+        self.snapshot.restore(self.machine, fpu=self.restore_fpu)
+
+    def after_batch(self) -> None:
+        """A batch ran: its writes to the input buffer are in the dirty log, so the next
+        restore puts back the snapshot's bytes there."""
+        self._previous_length = 0
+
+    def run_prepared(self, timeout: float | None, max_exits: int | None) -> tuple[str, int | None, str, float]:
+        """Run the machine from where it stands: (reason, exit code, message, seconds)."""
+        start = perf_counter()
+        try:
+            if self.fast:
+                stop = self.machine.run_raw(timeout, max_exits, self._counts)
+                return stop.reason, stop.exit_code, stop.message, perf_counter() - start
+            result = self.machine.run(timeout=timeout, max_exits=max_exits)
+            return result.reason, result.exit_code, result.message, result.elapsed_s
+        except GuestFault as exc:
+            return "emulation_failure", None, str(exc), perf_counter() - start
 
 
 __all__ = ["Harness", "FuzzTarget", "RunOutcome", "Status", "FuzzError", "place_input"]

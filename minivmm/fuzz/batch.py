@@ -1,0 +1,393 @@
+"""Batch mode: many inputs per guest entry, outcomes as in per-run mode.
+
+    harness = Harness(machine, target, batch=256)
+    outcomes = harness.run_batch(inputs)          # one RunOutcome per input, in order
+
+The host writes a batch of inputs into an input ring in guest memory and
+enters the guest once. A small CPL-3 runtime (`batch_runtime.S`, assembled
+into a free range of guest RAM, the *batch area*) calls the target function
+once per input. Between inputs it resets the registers (the snapshot's) and
+the declared writable regions (copies of the snapshot's bytes kept in the
+batch area), places the input and its length, and records the function's
+return value. The guest exits only at the end of the batch or when the host
+is needed: a crash, a coverage breakpoint hit for the first time, a port the
+host emulates, the deadline.
+
+The target: the snapshot's entry must be the per-run wrapper
+`FUZZ_ENTRY function` of minivmm.inc (`call function` then `out %al` to the
+debug-exit port); a per-run run reports AL through debug-exit, batch mode
+calls `function` and reports its AL as that exit would be reported (reason
+"exit", the wrapper's RIP). Until both wrapper blocks are covered, inputs
+run per-run (so their coverage is found where per-run mode finds it).
+
+What keeps the outcomes those of per-run mode:
+
+* declared regions: a stack window below the snapshot's RSP and the regions
+  given as `FuzzTarget.batch_regions`; after each batch the host reads the
+  dirty log, and a page written outside the declared regions (and outside
+  what the host restores anyway: the system area, the batch area, the input
+  buffer) is added to the regions (`BatchStats.widened`) and the whole batch
+  runs again. The first batch of a target usually finds its data pages so.
+* a crash (or any other stop) while input k runs: inputs before k have their
+  results, input k is classified as in per-run mode, the host restores the
+  snapshot and the next batch starts with input k+1.
+* the deadline (`FuzzTarget.timeout`) is per batch; when it passes, the
+  inputs from the one running on are run per-run, which finds the one that
+  hangs, with its own deadline.
+* coverage: the one-shot breakpoints are handled by the host as in per-run
+  mode (the guest exits at the first hit of a block), and the block is
+  attributed to the input the runtime was running.
+
+Coverage inside the guest (handling the int3 in the guest's #BP handler
+instead of exiting) was measured and rejected, see the README's batch mode
+section: a breakpoint fires once per campaign, and on a host where CPL-0 code
+is emulated the in-guest handler would cost about as much as the exit.
+
+The batch size adapts: it starts at `START_SIZE` and doubles after every
+clean batch up to the harness's `batch`; a stop inside a batch halves it.
+"""
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
+
+from .. import asm
+from ..kvm import KvmRegs
+from ..memory import PAGE_SIZE
+from ..modes import SYSTEM_AREA_END, Mode
+
+if TYPE_CHECKING:
+    from .harness import Harness, RunOutcome
+
+RUNTIME_SOURCE = Path(__file__).with_name("batch_runtime.S")
+START_SIZE = 8
+MAX_BATCH = 1024
+STACK_WINDOW = 2 * PAGE_SIZE          # declared below (and including) the snapshot's RSP page
+MAX_REGIONS = 64                      # the control block's region table
+COPIES_SIZE = 64 * PAGE_SIZE          # room for the declared regions' copies
+MIN_DATA = 64 * 1024                  # the smallest input ring worth a batch area
+
+# The batch area, offsets from its base.
+_CODE, _CTL, _STACK_TOP, _RESULTS, _RING = 0x0000, 0x1000, 0x3000, 0x3000, 0x3000 + 8 * MAX_BATCH
+_TAIL = _RING + 16 * MAX_BATCH
+# The control block (batch_runtime.S).
+_COUNT, _CURRENT, _PREVIOUS, _FUNCTION, _NREGIONS, _STATE, _REGS, _REGIONS = (
+    0x00, 0x08, 0x10, 0x18, 0x20, 0x28, 0x40, 0x100)
+_CALL, _OUT_IMM8 = 0xE8, 0xE6
+
+
+class BatchError(ValueError):
+    """A target batch mode cannot run (no wrapper, no room for the batch area, ...)."""
+
+
+@dataclass
+class BatchStats:
+    """What batch mode did: batches, inputs, stops inside a batch, batches run again."""
+    batches: int = 0
+    inputs: int = 0
+    per_run: int = 0                  # inputs run per-run (wrapper coverage, after a deadline)
+    stops: int = 0                    # batches ended early by a crash or another stop
+    timeouts: int = 0                 # batches whose deadline passed
+    reruns: int = 0                   # batches run again after a widening
+    widened: list[tuple[int, int]] = field(default_factory=list)
+    """Pages found written outside the declared regions, added to them: (gpa, length)."""
+    size: int = START_SIZE            # the current adaptive batch size
+
+
+def _pages(start: int, end: int) -> range:
+    return range(start & ~(PAGE_SIZE - 1), (end + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1), PAGE_SIZE)
+
+
+def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) ranges sorted and merged."""
+    out: list[list[int]] = []
+    for start, end in sorted(ranges):
+        if out and start <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], end)
+        else:
+            out.append([start, end])
+    return [(s, e) for s, e in out]
+
+
+@dataclass
+class _Attempt:
+    finished: bool
+    undeclared: list[int]
+    outcomes: list = field(default_factory=list)
+    stop: "RunOutcome | None" = None
+
+
+class BatchRunner:
+    """Batch mode of one harness (`Harness(..., batch=N)` makes it); see the module docstring."""
+
+    def __init__(self, harness: "Harness", limit: int, regions: Sequence[tuple[int, int]] = (),
+                 area: tuple[int, int] | None = None) -> None:
+        machine = harness.machine
+        target = harness.target
+        if machine.mode is not Mode.USER:
+            raise BatchError("batch mode runs user-mode (CPL 3) targets; the machine is in "
+                             f"{machine.mode.value} mode")
+        if target.length_register is None and target.length_address is None:
+            raise BatchError("batch mode needs the input length in a register or in memory")
+        self.harness = harness
+        self.limit = max(1, min(limit, MAX_BATCH))
+        self.stats = BatchStats(size=min(START_SIZE, self.limit))
+        snapshot = harness.snapshot
+        regs = snapshot.vcpu.regs
+        self.entry = regs.rip
+        self.function, self.exit_rip = self._wrapper(self.entry)
+        self.wrapper_blocks = {self.entry, self.entry + 5} & set(harness.coverage.blocks)
+        tail_size = -(-target.max_input_size // PAGE_SIZE) * PAGE_SIZE
+        fixed = _TAIL + tail_size + COPIES_SIZE
+        self.base, size = area if area is not None else self._find_area(fixed + MIN_DATA)
+        if size < fixed + MIN_DATA:
+            raise BatchError(f"the batch area [{self.base:#x}, {self.base + size:#x}) is smaller than "
+                             f"{(fixed + MIN_DATA) // 1024} KiB")
+        self.ctl = self.base + _CTL
+        self.tail = self.base + _TAIL
+        self.copies = self.tail + tail_size
+        self.data = self.copies + COPIES_SIZE
+        self.data_size = self.base + size - self.data
+        self.area = (self.base, self.base + size)
+        self._copies_used = 0
+        self.regions: list[tuple[int, int, int]] = []          # (gpa, copy gpa, length)
+        rsp = regs.rsp
+        stack_top = min((rsp & ~(PAGE_SIZE - 1)) + PAGE_SIZE, machine.memory.region_at(rsp - 1).end)
+        self._declare(_merge([(max(stack_top - STACK_WINDOW, SYSTEM_AREA_END), stack_top),
+                              *[(s, e) for s, e in regions]]))
+        self._install()
+
+    # -- setup -------------------------------------------------------------------------------
+    def _wrapper(self, entry: int) -> tuple[int, int]:
+        """(function, RIP after the wrapper's OUT) of the FUZZ_ENTRY wrapper at `entry`."""
+        harness = self.harness
+        code = harness.coverage.unpatched(entry, harness.machine.memory.read(entry, 7))
+        ports = harness.machine.debug_exit.ports
+        if code[0] != _CALL or code[5] != _OUT_IMM8 or code[6] not in ports:
+            raise BatchError(f"batch mode needs the snapshot's entry ({entry:#x}) to be the wrapper "
+                             "FUZZ_ENTRY function (call function; out %al, $DEBUG_EXIT_PORT), found "
+                             f"{code.hex(' ')}")
+        return (entry + 5 + struct.unpack_from("<i", code, 1)[0]) & (1 << 64) - 1, entry + 7
+
+    def _find_area(self, need: int) -> tuple[int, int]:
+        """The largest free page-aligned range of guest RAM: no image, not the system area, not
+        the stack window, not the input buffer."""
+        machine = self.harness.machine
+        target = self.harness.target
+        rsp = self.harness.snapshot.vcpu.regs.rsp
+        taken = [(0, SYSTEM_AREA_END), (rsp - 16 * PAGE_SIZE, rsp + PAGE_SIZE),
+                 (target.input_address, target.input_address + target.max_input_size)]
+        taken += [(image.start, image.end + image.bss) for image in machine.images]
+        if target.length_address is not None:
+            taken.append((target.length_address, target.length_address + target.length_size))
+        best = (0, 0)
+        for region in machine.memory.regions:
+            cursor = region.gpa
+            for start, end in _merge([(max(s, region.gpa), min(e, region.end)) for s, e in taken
+                                      if s < region.end and e > region.gpa]) + [(region.end, region.end)]:
+                low = (cursor + PAGE_SIZE - 1) & ~(PAGE_SIZE - 1)
+                high = start & ~(PAGE_SIZE - 1)
+                if high - low > best[1]:
+                    best = (low, high - low)
+                cursor = max(cursor, end)
+        if best[1] < need:
+            raise BatchError(f"no free guest RAM for the batch area ({need // 1024} KiB needed, "
+                             f"the largest free range has {best[1] // 1024} KiB)")
+        return best
+
+    def _install(self) -> None:
+        """Assemble the runtime at the batch area; write it and the input buffer's snapshot
+        bytes into guest memory and into the snapshot's copy (restores keep them)."""
+        harness = self.harness
+        target = harness.target
+        base = self.base
+        if target.length_register is not None:
+            mode, offset, address = 0, getattr(KvmRegs, target.length_register).offset, 0
+        else:
+            mode, offset, address = target.length_size, 0, target.length_address
+        defines = {"CTL": self.ctl, "RESULTS": base + _RESULTS, "RING": base + _RING, "DATA": self.data,
+                   "TAIL": self.tail, "INPUT": target.input_address, "STACK_TOP": base + _STACK_TOP,
+                   "LENGTH_MODE": mode, "LENGTH_OFFSET": offset, "LENGTH_ADDRESS": address,
+                   "EXIT_PORT": harness.machine.debug_exit.port}
+        image = asm.assemble(RUNTIME_SOURCE, code_bits=64, load_address=base + _CODE, entry_symbol="batch_entry",
+                             defines=defines)
+        if len(image.data) > _CTL - _CODE:
+            raise BatchError("the batch runtime does not fit its page")
+        self.runtime_entry = image.symbols["batch_entry"]
+        self.done_rip = image.symbols["batch_done_end"]
+        self._write_both(base + _CODE, image.data)
+        snapshot = harness.snapshot
+        self._write_both(self.tail, snapshot.read(target.input_address, target.max_input_size))
+
+    def _write_both(self, gpa: int, data: bytes) -> None:
+        self.harness.machine.memory.write(gpa, data)
+        self.harness.snapshot.patch(gpa, data)
+
+    def _declare(self, ranges: list[tuple[int, int]]) -> None:
+        """Add [start, end) ranges (page-rounded) to the declared regions, copies included."""
+        declared = _merge([(gpa, gpa + length) for gpa, _, length in self.regions])
+        fresh = []
+        for start, end in _merge([(p.start, p.stop) for p in (_pages(s, e) for s, e in ranges)]):
+            for page in range(start, end, PAGE_SIZE):
+                if not any(s <= page < e for s, e in declared):
+                    fresh.append((page, page + PAGE_SIZE))
+        for start, end in _merge(fresh):
+            length = end - start
+            if self._copies_used + length > COPIES_SIZE:
+                raise BatchError(f"the declared regions outgrow the batch area's {COPIES_SIZE // 1024} KiB "
+                                 "of copies")
+            copy = self.copies + self._copies_used
+            self._copies_used += length
+            self._write_both(copy, self.harness.snapshot.read(start, length))
+            self.regions.append((start, copy, length))
+        if len(self.regions) > MAX_REGIONS:
+            raise BatchError(f"more than {MAX_REGIONS} declared regions")
+
+    def allowed(self, gpa: int) -> bool:
+        """Whether a dirty page is one the batch may write: a declared region, or memory the host
+        restores after the batch anyway (system area, batch area, input buffer, length)."""
+        target = self.harness.target
+        if gpa < SYSTEM_AREA_END or self.area[0] <= gpa < self.area[1]:
+            return True
+        if target.input_address & ~(PAGE_SIZE - 1) <= gpa < target.input_address + target.max_input_size:
+            return True
+        if target.length_address is not None and \
+                target.length_address & ~(PAGE_SIZE - 1) <= gpa < target.length_address + target.length_size:
+            return True
+        return any(start <= gpa < start + length for start, _, length in self.regions)
+
+    # -- running -----------------------------------------------------------------------------
+    def run(self, inputs: Sequence[bytes]) -> list["RunOutcome"]:
+        """Outcomes of `inputs` (cut to the maximum size), one per input, in order."""
+        harness = self.harness
+        limit = harness.target.max_input_size
+        pending = [d[:limit] if d.__class__ is bytes else bytes(d[:limit]) for d in inputs]
+        out: list[RunOutcome] = []
+        stats = self.stats
+        coverage = harness.coverage
+        while len(out) < len(pending):
+            if self.wrapper_blocks and not self.wrapper_blocks <= coverage.hits:
+                out.append(harness.run(pending[len(out)]))
+                stats.per_run += 1
+                continue
+            chunk = self._chunk(pending, len(out))
+            done = self._batch(chunk)
+            out.extend(done)
+            stats.inputs += len(done)
+        return out
+
+    def _chunk(self, pending: list[bytes], start: int) -> list[bytes]:
+        chunk, used = [], 0
+        for data in pending[start: start + self.stats.size]:
+            if chunk and used + len(data) > self.data_size:
+                break
+            if len(data) > self.data_size:
+                raise BatchError(f"an input of {len(data)} bytes does not fit the batch area's "
+                                 f"{self.data_size} bytes of input ring")
+            chunk.append(data)
+            used += (len(data) + 7) & ~7
+        return chunk
+
+    def _batch(self, chunk: list[bytes]) -> list["RunOutcome"]:
+        """Run `chunk` as one batch (again after a widening); the outcomes of the inputs it
+        decided: all of them, or those up to the one a stop ended the batch in."""
+        harness = self.harness
+        stats = self.stats
+        found: dict[int, list[int]] = {}     # input index -> blocks first hit, over all attempts
+        while True:
+            attempt = self._attempt(chunk, found)
+            stats.batches += 1
+            if not attempt.undeclared:
+                break
+            self._declare([(gpa, gpa + PAGE_SIZE) for gpa in attempt.undeclared])
+            stats.widened.extend((gpa, PAGE_SIZE) for gpa in attempt.undeclared)
+            stats.reruns += 1
+        outcomes = attempt.outcomes
+        if attempt.finished:
+            stats.size = min(self.limit, stats.size * 2)
+            return outcomes
+        stats.size = max(1, stats.size // 2)
+        if attempt.stop is None:                      # the deadline or the exit budget
+            stats.timeouts += 1
+            for index in range(len(outcomes), len(chunk)):
+                outcome = harness.run(chunk[index])
+                if found.get(index):
+                    outcome.new_blocks = tuple(found[index]) + outcome.new_blocks
+                outcomes.append(outcome)
+                stats.per_run += 1
+            return outcomes
+        stats.stops += 1
+        outcomes.append(attempt.stop)
+        return outcomes
+
+    def _attempt(self, chunk: list[bytes], found: dict[int, list[int]]) -> "_Attempt":
+        """One entry of the guest for `chunk`, from the snapshot's state."""
+        from .harness import RunOutcome, Status
+        harness = self.harness
+        machine = harness.machine
+        memory = machine.memory
+        target = harness.target
+        coverage = harness.coverage
+        harness.restore_for_batch()
+        self._load(chunk)
+        previous_hook = coverage.on_new_block
+        ctl_current = self.ctl + _CURRENT
+
+        def attribute(address: int) -> None:
+            found.setdefault(struct.unpack("<Q", memory.read(ctl_current, 8))[0], []).append(address)
+            if previous_hook is not None:
+                previous_hook(address)
+        coverage.on_new_block = attribute
+        coverage.start_run()
+        try:
+            reason, exit_code, message, elapsed = harness.run_prepared(
+                target.timeout, None if target.max_exits is None else target.max_exits * len(chunk))
+        finally:
+            coverage.on_new_block = previous_hook
+        header = memory.read(self.ctl, _REGS)
+        count, current = struct.unpack_from("<QQ", header, _COUNT)
+        state = struct.unpack_from("<Q", header, _STATE)[0]
+        done = min(current, count, len(chunk))
+        results = struct.unpack(f"<{done}Q", memory.read(self.base + _RESULTS, 8 * done))
+        undeclared = [gpa for gpa in machine.ept.dirty_pages(clear=False) if not self.allowed(gpa)]
+        harness.after_batch()
+        attempt = _Attempt(finished=reason == "exit" and state == 1 and done == len(chunk),
+                           undeclared=undeclared)
+        for index in range(done):
+            code = results[index] & 0xFF
+            attempt.outcomes.append(RunOutcome(Status.CRASH if code in target.crash_exit_codes else Status.OK,
+                                               "exit", chunk[index], self.exit_rip, exit_code=code,
+                                               new_blocks=tuple(found.get(index, ()))))
+        if not attempt.finished and done < len(chunk) and reason not in ("timeout", "exit_limit"):
+            stop = harness.classify(reason, exit_code, message, elapsed, chunk[done])
+            stop.new_blocks = tuple(found.get(done, ()))
+            attempt.stop = stop
+        return attempt
+
+    def _load(self, chunk: list[bytes]) -> None:
+        """Write the ring, the control block and the runtime's registers for `chunk`."""
+        harness = self.harness
+        memory = harness.machine.memory
+        ring, data, offset = bytearray(), bytearray(), 0
+        for item in chunk:
+            ring += struct.pack("<QQ", offset, len(item))
+            padded = (len(item) + 7) & ~7
+            data += item + bytes(padded - len(item))
+            offset += padded
+        memory.write(self.base + _RING, bytes(ring))
+        memory.write(self.data, bytes(data))
+        regs = bytes(harness.snapshot.vcpu.regs)
+        table = b"".join(struct.pack("<QQQ", gpa, copy, length) for gpa, copy, length in self.regions)
+        ctl = bytearray(_REGIONS)
+        struct.pack_into("<QQQQQQ", ctl, 0, len(chunk), 0, harness.input_length, self.function,
+                         len(self.regions), 0)
+        ctl[_REGS:_REGS + len(regs)] = regs
+        memory.write(self.ctl, bytes(ctl) + table)
+        vcpu = harness.machine.vcpu
+        vcpu.rip = self.runtime_entry
+        vcpu.rsp = self.base + _STACK_TOP
+
+
+__all__ = ["BatchRunner", "BatchStats", "BatchError", "START_SIZE", "MAX_BATCH"]
