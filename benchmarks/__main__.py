@@ -33,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             summary.append(f"{name}: FAILED (exit status {done.returncode})")
         else:
-            summary.append(lines[-1])
+            # The closing `name ratio=...` lines (fuzz prints two), else the last line.
+            closing = []
+            for line in reversed(lines):
+                if " ratio=" not in line:
+                    break
+                closing.insert(0, line)
+            summary.extend(closing or lines[-1:])
     print("\n== summary")
     print("\n".join(summary))
     return 1 if failed else 0

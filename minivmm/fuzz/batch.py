@@ -32,8 +32,9 @@ What keeps the outcomes those of per-run mode:
   results, input k is classified as in per-run mode, the host restores the
   snapshot and the next batch starts with input k+1.
 * the deadline (`FuzzTarget.timeout`) is per batch; when it passes, the
-  inputs from the one running on are run per-run, which finds the one that
-  hangs, with its own deadline.
+  input that was running is run again per-run, with its own deadline (a
+  hang times out there; a batch that was merely long gets the input's real
+  outcome), and the next batch starts after it.
 * coverage: the one-shot breakpoints are handled by the host as in per-run
   mode (the guest exits at the first hit of a block), and the block is
   attributed to the input the runtime was running.
@@ -309,14 +310,16 @@ class BatchRunner:
             stats.size = min(self.limit, stats.size * 2)
             return outcomes
         stats.size = max(1, stats.size // 2)
-        if attempt.stop is None:                      # the deadline or the exit budget
+        if attempt.stop is None:
+            # The deadline (or the exit budget) ran out in input k: run k alone, per-run, with
+            # its own deadline; the inputs after it go to the next batch.
             stats.timeouts += 1
-            for index in range(len(outcomes), len(chunk)):
-                outcome = harness.run(chunk[index])
-                if found.get(index):
-                    outcome.new_blocks = tuple(found[index]) + outcome.new_blocks
-                outcomes.append(outcome)
-                stats.per_run += 1
+            index = len(outcomes)
+            outcome = harness.run(chunk[index])
+            if found.get(index):
+                outcome.new_blocks = tuple(found[index]) + outcome.new_blocks
+            outcomes.append(outcome)
+            stats.per_run += 1
             return outcomes
         stats.stops += 1
         outcomes.append(attempt.stop)
