@@ -32,8 +32,11 @@ def _harness(batch: int, timeout: float = 0.5, **kwargs) -> Harness:
 
 
 @pytest.mark.kvm
-def test_batch_outcomes_equal_per_run_outcomes() -> None:
-    """The equality corpus: statuses, crash sites, exit codes and new coverage per input."""
+@pytest.mark.parametrize("log_capacity", [256, 2])
+def test_batch_outcomes_equal_per_run_outcomes(log_capacity, monkeypatch) -> None:
+    """The equality corpus: statuses, crash sites, exit codes and new coverage per input (in
+    hit order, also when the in-guest coverage log fills and exits take over)."""
+    monkeypatch.setattr("minivmm.fuzz.batch.HIT_CAPACITY", log_capacity)
     rng = random.Random(7)
     corpus = CORPUS + [bytes(rng.choice(b"ABCDEGHIJz\x00\x05") for _ in range(rng.randrange(1, 6)))
                        for _ in range(60)]
@@ -48,6 +51,7 @@ def test_batch_outcomes_equal_per_run_outcomes() -> None:
     # It really ran in batches: far fewer entries than inputs, stops for the crashes.
     assert stats.batches < len(corpus) // 2 and stats.stops >= 4 and stats.inputs > len(corpus) // 2
     assert len(hits) > 20
+    assert stats.guest_hits > 0 and (log_capacity > 20 or stats.guest_hits < len(hits))
     statuses = {o[0] for o in expected}
     assert statuses == {Status.OK, Status.CRASH, Status.TIMEOUT}
 
@@ -125,6 +129,15 @@ def test_coverage_is_attributed_to_the_input_that_reached_it() -> None:
         assert not blocks[0] & blocks[2] and not blocks[2] & blocks[4]
         assert g in blocks[0]
         assert set().union(*blocks) == h.coverage.hits
+        # Taken inside the guest (bp_handler), not by exits; the bytes are back everywhere.
+        assert h.batch_runner.stats.guest_hits == len(h.coverage.hits)
+        fresh = Harness.from_config(load_config(BATCH), coverage=False)
+        try:
+            for address in h.coverage.hits:
+                original = fresh.machine.memory.read(address, 1)
+                assert machine.memory.read(address, 1) == original == h.snapshot.read(address, 1)
+        finally:
+            fresh.close()
 
 
 @pytest.mark.kvm

@@ -14,12 +14,19 @@
  *   LENGTH_MODE 0: the length goes into the register image at LENGTH_OFFSET;
  *              1, 2, 4, 8: into memory at LENGTH_ADDRESS, that many bytes
  *   EXIT_PORT  the debug-exit port
+ *   COV_LO, COV_SPAN, KINDS, ORIGS, HITLOG, HIT_CAPACITY, BP_STUB  in-guest coverage (below)
  *
  * Per input k: reset every declared region from its copy, copy input k into the buffer
  * (and the snapshot's bytes over what the previous, longer input left), put its length
  * in place, load the snapshot's registers (RFLAGS first, RSP last) and call the function;
  * its return value (AL) goes to RESULTS[k]. After the last input it sets the state to 1
  * and writes to the debug-exit port: the only exit of a batch that ends cleanly.
+ *
+ * bp_handler is the #BP gate's handler while a batch runs (CPL 0, keep it short: the host
+ * may emulate CPL-0 code). For an int3 that coverage planted (KINDS[rip - COV_LO] set) it
+ * writes the original byte (ORIGS) back, clears KINDS, logs (address | input << 48) in
+ * HITLOG and resumes at the block. Anything else (no batch active, not a coverage block,
+ * the log full) goes on to the built-in kernel's stub, which reports to the host.
  */
 .set CTL_COUNT, CTL + 0x00
 .set CTL_CURRENT, CTL + 0x08
@@ -27,10 +34,12 @@
 .set CTL_FUNCTION, CTL + 0x18
 .set CTL_NREGIONS, CTL + 0x20
 .set CTL_STATE, CTL + 0x28
+.set CTL_ACTIVE, CTL + 0x30        /* 1 while the host runs a batch */
+.set CTL_HITS, CTL + 0x38          /* HITLOG entries */
 .set CTL_REGS, CTL + 0x40          /* struct kvm_regs: rax rbx rcx rdx rsi rdi rsp rbp r8-r15 rip rflags */
 .set CTL_REGIONS, CTL + 0x100      /* (destination, source, length) triples */
 
-.globl batch_entry, batch_returned, batch_done, batch_done_end
+.globl batch_entry, batch_returned, batch_done, batch_done_end, bp_handler
 .text
 batch_entry:
 next_input:
@@ -113,3 +122,36 @@ batch_done:
     outb %al, $EXIT_PORT
 batch_done_end:
     jmp batch_done
+
+bp_handler:
+    push %rax
+    push %rbx
+    cmpq $0, CTL_ACTIVE
+    je 8f
+    cmpq $HIT_CAPACITY, CTL_HITS
+    jae 8f
+    mov 16(%rsp), %rax              /* the RIP after the int3 */
+    dec %rax
+    mov %rax, %rbx
+    sub $COV_LO, %rbx
+    cmp $COV_SPAN, %rbx
+    jae 8f
+    cmpb $0, KINDS(%rbx)
+    je 8f
+    movb $0, KINDS(%rbx)
+    movzbl ORIGS(%rbx), %ebx
+    mov %bl, (%rax)
+    mov %rax, 16(%rsp)
+    mov CTL_CURRENT, %rbx
+    shl $48, %rbx
+    or %rax, %rbx
+    mov CTL_HITS, %rax
+    mov %rbx, HITLOG(,%rax,8)
+    inc %rax
+    mov %rax, CTL_HITS
+    pop %rbx
+    pop %rax
+    iretq
+8:  pop %rbx
+    pop %rax
+    jmp BP_STUB
