@@ -49,14 +49,8 @@ from .kvm import ExitKind, Ioctl, KvmRun
 IO_TAG = 1 << 56
 _EXIT_IO = int(ExitKind.IO)
 
-_CDEF = """
-long long minivmm_run_packed(int fd, void *run);
-long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcpu, void *vmcs,
-                          void *pre_entry, void *observers, void *resume, void *out,
-                          long long *counters, double *stats);
-long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap,
-                                unsigned long long npages, unsigned long long guest,
-                                unsigned long long copy, int clear);
+# The fuzz cycle's argument block, declared once for cffi and for the C source.
+_CYCLE_STRUCT = """
 struct minivmm_fuzz_cycle {
     int vm_fd, vcpu_fd;
     unsigned int slot, length_size;
@@ -68,9 +62,18 @@ struct minivmm_fuzz_cycle {
     long long pages;
     int stage;
 };
+"""
+_CDEF = _CYCLE_STRUCT + """
+long long minivmm_run_packed(int fd, void *run);
+long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcpu, void *vmcs,
+                          void *pre_entry, void *observers, void *resume, void *out,
+                          long long *counters, double *stats);
+long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap,
+                                unsigned long long npages, unsigned long long guest,
+                                unsigned long long copy, int clear);
 long long minivmm_fuzz_cycle(struct minivmm_fuzz_cycle *c, const char *data, unsigned long long n);
 """
-_SOURCE = r"""
+_SOURCE = _CYCLE_STRUCT + r"""
 #include <Python.h>
 #include <errno.h>
 #include <string.h>
@@ -376,17 +379,6 @@ long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long
 	return (long long)pages;
 }
 
-struct minivmm_fuzz_cycle {
-	int vm_fd, vcpu_fd;
-	unsigned int slot, length_size;
-	unsigned long long bitmap, npages, guest, copy;
-	unsigned long long run, regs, sregs, events;
-	unsigned long long input, input_copy, previous;
-	long long length_offset;
-	unsigned long long length_address;
-	long long pages;
-	int stage;
-};
 
 /* One fuzz run up to its first exit: what Snapshot.restore + Harness.prepare + one
  * KVM_RUN do for a single-slot guest on a host with sync_regs. CYCLE_SLOW (nothing done)
