@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 from .. import asm
+from ..errors import MinivmmError
 from ..kvm import KvmRegs
 from ..memory import PAGE_SIZE
 from ..modes import IDT_ADDR, STUB_SIZE, STUBS_ADDR, SYSTEM_AREA_END, Mode
@@ -87,7 +88,7 @@ _BP_VECTOR = 3
 _CALL, _OUT_IMM8 = 0xE8, 0xE6
 
 
-class BatchError(ValueError):
+class BatchError(MinivmmError, ValueError):
     """A target batch mode cannot run (no wrapper, no room for the batch area, ...)."""
 
 
