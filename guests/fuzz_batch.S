@@ -7,7 +7,9 @@
  *   'C' #PF (write to 8)    'D' #UD (ud2)          'E' #DE (divide by the second byte)
  *   'F' spin forever        'G' print the rest on the serial port, return 0
  *   'H' debug-exit 7 from inside the function       'I' write `far`, a page of its own, return 2
- *   'J' use 12 KiB of stack, return 3               else return 0 (an empty input too)
+ *   'J' use 12 KiB of stack, return 3
+ *   'K' 'W' write a byte at the 32-bit address in bytes 2-5, return 4
+ *   else return 0 (an empty input too)
  */
 .include "minivmm.inc"
 .globl _start, fuzz_one, input, counter, far, fuzz_coverage_start, fuzz_coverage_end
@@ -42,6 +44,8 @@ fuzz_coverage_start:
     je i
     cmp $'J', %cl
     je j
+    cmp $'K', %cl
+    je k
 9:  ret
 a:  mov $1, %eax
     ret
@@ -80,6 +84,12 @@ j:  sub $12288, %rsp
     movq $3, 8192(%rsp)
     add $12288, %rsp
     mov $3, %eax
+    ret
+k:  cmpb $'W', input+1(%rip)
+    jne 9b
+    mov input+2(%rip), %eax
+    movb $0xcc, (%rax)
+    mov $4, %eax
     ret
 fuzz_coverage_end:
 

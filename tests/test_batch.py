@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import random
+import struct
 import subprocess
 import sys
 
@@ -185,3 +186,25 @@ def test_cli_batch_option(tmp_path) -> None:
     bad = subprocess.run([sys.executable, "-m", "minivmm", "fuzz", str(BATCH), "--corpus", str(tmp_path / "c"),
                           "--crashes", str(tmp_path / "x"), "--batch", "5000"], capture_output=True, text=True)
     assert bad.returncode == 2 and "batch size" in bad.stderr
+
+
+@pytest.mark.kvm
+def test_a_write_into_the_batch_area_falls_back_to_per_run() -> None:
+    """'KW' writes where the input says; aimed at the runtime's code it would break the batch,
+    so the batch runs again per-run and batch mode stops for this harness."""
+    with _harness(1) as per_run:
+        base = None
+        with _harness(64) as h:
+            base = h.batch_runner.base
+        aim = b"KW" + struct.pack("<I", base + 0x40)
+        inputs = [b"A", aim, b"A", b"B", b"C", b"A"]
+        warm_up = [b"A", b"KW" + struct.pack("<I", 0x180000)]          # free RAM outside the area: fine
+        per_run.run_batch(warm_up)
+        expected = [_outcome_key(o) for o in per_run.run_batch(inputs)]
+    with _harness(64) as h:
+        h.run_batch(warm_up)
+        assert not h.batch_runner.stats.disabled
+        got = [_outcome_key(o) for o in h.run_batch(inputs)]
+        assert "batch area" in h.batch_runner.stats.disabled
+        assert got == expected
+        assert [o.exit_code for o in h.run_batch([b"A", b"KW" + struct.pack("<I", base + 0x40)])] == [1, 4]

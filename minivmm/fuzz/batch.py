@@ -102,6 +102,8 @@ class BatchStats:
     timeouts: int = 0                 # batches whose deadline passed
     reruns: int = 0                   # batches run again after a widening
     guest_hits: int = 0               # coverage breakpoints taken inside the guest (no exit)
+    disabled: str = ""
+    """Why batch mode gave up (the target wrote into the batch area); inputs run per-run then."""
     widened: list[tuple[int, int]] = field(default_factory=list)
     """Pages found written outside the declared regions, added to them: (gpa, length)."""
     size: int = START_SIZE            # the current adaptive batch size
@@ -283,11 +285,17 @@ class BatchRunner:
         if len(self.regions) > MAX_REGIONS:
             raise BatchError(f"more than {MAX_REGIONS} declared regions")
 
+    def runtime_writes(self, gpa: int) -> bool:
+        """Whether the runtime itself writes the batch-area page `gpa` (control block, hit log and
+        stack, results, the coverage marks); the rest of the area only the host writes."""
+        offset = gpa - self.base
+        return (_CTL <= offset < _RING or self.kinds <= gpa < self.origs)
+
     def allowed(self, gpa: int) -> bool:
         """Whether a dirty page is one the batch may write: a declared region, or memory the host
-        restores after the batch anyway (system area, batch area, input buffer, length)."""
+        restores after the batch anyway (system area, the runtime's pages, input buffer, length)."""
         target = self.harness.target
-        if gpa < SYSTEM_AREA_END or self.area[0] <= gpa < self.area[1]:
+        if gpa < SYSTEM_AREA_END or (self.area[0] <= gpa < self.area[1] and self.runtime_writes(gpa)):
             return True
         if target.input_address & ~(PAGE_SIZE - 1) <= gpa < target.input_address + target.max_input_size:
             return True
@@ -306,7 +314,7 @@ class BatchRunner:
         stats = self.stats
         coverage = harness.coverage
         while len(out) < len(pending):
-            if self.wrapper_blocks and not self.wrapper_blocks <= coverage.hits:
+            if stats.disabled or (self.wrapper_blocks and not self.wrapper_blocks <= coverage.hits):
                 out.append(harness.run(pending[len(out)]))
                 stats.per_run += 1
                 continue
@@ -337,6 +345,21 @@ class BatchRunner:
         while True:
             attempt = self._attempt(chunk, found)
             stats.batches += 1
+            scribbled = [gpa for gpa in attempt.undeclared if self.area[0] <= gpa < self.area[1]]
+            if scribbled:
+                # The target wrote into the batch area (the runtime, the ring, the copies): what
+                # this batch did cannot be trusted, and the next one would not be either.
+                stats.disabled = (f"the target wrote into the batch area at {scribbled[0]:#x} "
+                                  f"[{self.area[0]:#x}, {self.area[1]:#x}); give FuzzTarget.batch_area "
+                                  "a range it leaves alone")
+                outcomes = []
+                for index, data in enumerate(chunk):
+                    outcome = harness.run(data)
+                    if found.get(index):
+                        outcome.new_blocks = tuple(found[index]) + outcome.new_blocks
+                    outcomes.append(outcome)
+                    stats.per_run += 1
+                return outcomes
             if not attempt.undeclared:
                 break
             self._declare([(gpa, gpa + PAGE_SIZE) for gpa in attempt.undeclared])

@@ -156,7 +156,7 @@ class Fuzzer:
                     corpus = self.corpus
                     parent = corpus[-1] if rng.random() < 0.5 else corpus[rng.randrange(len(corpus))]
                     picked.append((mutate(parent, corpus), False))
-            if count == 1:
+            if harness.batch_runner is None:
                 outcomes = [harness.run(picked[0][0])]
             else:
                 outcomes = harness.run_batch([data for data, _ in picked])

@@ -82,6 +82,7 @@ class FuzzTarget:
     timeout: float = 1.0
     max_exits: int | None = 100_000
     batch_regions: tuple[tuple[int, int], ...] = ()     # writable [start, end) reset between batch inputs
+    batch_area: tuple[int, int] | None = None          # (gpa, size) of free RAM for batch mode's runtime
 
     @classmethod
     def from_config(cls, config: "Config", machine: "Machine") -> "FuzzTarget":
@@ -225,7 +226,7 @@ class Harness:
         self.batch_runner: BatchRunner | None = None
         if batch > 1:
             try:
-                self.batch_runner = BatchRunner(self, batch, target.batch_regions)
+                self.batch_runner = BatchRunner(self, batch, target.batch_regions, target.batch_area)
             except BatchError as exc:
                 raise FuzzError(str(exc)) from None
 
