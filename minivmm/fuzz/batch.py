@@ -48,7 +48,8 @@ What keeps the outcomes those of per-run mode:
   plain VT-x host) the exit path serves, with the same attribution.
 
 The batch size adapts: it starts at `START_SIZE` and doubles after every
-clean batch up to the harness's `batch`; a stop inside a batch halves it.
+batch that ran all its inputs, up to the harness's `batch`; a deadline that
+passes halves it (a crash costs one batch end at any size: it leaves it).
 """
 from __future__ import annotations
 
@@ -369,8 +370,8 @@ class BatchRunner:
         if attempt.finished:
             stats.size = min(self.limit, stats.size * 2)
             return outcomes
-        stats.size = max(1, stats.size // 2)
         if attempt.stop is None:
+            stats.size = max(1, stats.size // 2)
             # The deadline (or the exit budget) ran out in input k: run k alone, per-run, with
             # its own deadline; the inputs after it go to the next batch.
             stats.timeouts += 1
