@@ -611,10 +611,10 @@ class FuzzCycle:
     (the input, the snapshot's bytes past it up to the previous input's length,
     the length register or the length in memory) and one KVM_RUN do, and
     returns the exit packed as `run_packed` does: a negative errno (`stage`
-    says where: 1 the dirty log, 2 KVM_RUN) or CYCLE_SLOW. Measured on the
-    project's hosts the Python steps cost about 17 us per run against the
-    C loop's 45 us for a whole ~400-instruction run; this call about 2 us.
-    The harness keeps the Python path for everything this does not cover.
+    says where: 1 the dirty log, 2 KVM_RUN) or CYCLE_SLOW. Those Python steps
+    cost a large part of a short run on the project's hosts (README,
+    "Benchmarks"). The harness keeps the Python path for everything this does
+    not cover.
     """
 
     def __init__(self, *, vm_fd: int, vcpu_fd: int, slot: int, bitmap: int, npages: int,

@@ -210,3 +210,15 @@ def test_a_write_into_the_batch_area_falls_back_to_per_run() -> None:
         assert "batch area" in h.batch_runner.stats.disabled
         assert got == expected
         assert [o.exit_code for o in h.run_batch([b"A", b"KW" + struct.pack("<I", base + 0x40)])] == [1, 4]
+
+
+@pytest.mark.parametrize("value, message", [("0", "positive integer"), ("2000", "batch size from 1 to 1024"),
+                                            ("[1]", "positive integer")])
+def test_config_batch_size_is_checked(tmp_path, value, message) -> None:
+    from minivmm.config import ConfigError
+    text = BATCH.read_text().replace("batch: 64", f"batch: {value}")
+    path = tmp_path / "fuzz_batch.yaml"
+    path.write_text(text.replace("../guests/", f"{ROOT}/guests/"))
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_config(path)
+    assert "fuzz.batch" in str(caught.value) and f"{path}:" in str(caught.value)

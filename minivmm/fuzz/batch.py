@@ -42,10 +42,11 @@ What keeps the outcomes those of per-run mode:
   (`Coverage.taken_in_guest`: the hit, the attribution, the byte in the
   snapshot's copy). An int3 it does not own (another breakpoint there, a
   full log, per-run runs) goes on to the built-in kernel's stub and the exit
-  as before. benchmarks/fuzz_coverage_path.py measured both on the project's
-  host (CPL-0 code emulated): about 48 us per first hit in the guest against
-  about 235 us through the exit. Where KVM takes #BP itself (guest debug on a
-  plain VT-x host) the exit path serves, with the same attribution.
+  as before. benchmarks/fuzz_coverage_path.py measures both; on the project's
+  host, where CPL-0 code is emulated, the in-guest handler is still several
+  times cheaper than the exit (README, "Batch mode"). Where KVM takes #BP
+  itself (guest debug on a plain VT-x host) the exit path serves, with the
+  same attribution.
 
 The batch size adapts: it starts at `START_SIZE` and doubles after every
 batch that ran all its inputs, up to the harness's `batch`; a deadline that
