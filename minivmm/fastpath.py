@@ -83,7 +83,6 @@ _SOURCE = _CYCLE_STRUCT + r"""
 
 #define IO_TAG (1LL << 56)
 #define LOOP_YIELD (-1000000LL)
-#define CYCLE_SLOW (-1000001LL)
 enum { LOOP_ACTION = 1, LOOP_ERROR = 2, LOOP_STATE = 3 };
 
 static long long pack_exit(struct kvm_run *run)
@@ -381,17 +380,17 @@ long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long
 
 
 /* One fuzz run up to its first exit: what Snapshot.restore + Harness.prepare + one
- * KVM_RUN do for a single-slot guest on a host with sync_regs. CYCLE_SLOW (nothing done)
- * when the special registers differ from the snapshot's (they need KVM_SET_SREGS); a
- * negative errno with c->stage 1 (dirty log) or 2 (KVM_RUN); else the packed exit. */
+ * KVM_RUN do for a single-slot guest on a host with sync_regs. A negative errno with
+ * c->stage 1 (dirty log) or 2 (KVM_RUN); else the packed exit. The special registers go
+ * in only when they differ from the snapshot's (KVM applies sync_regs as regs, sregs,
+ * events: the order Snapshot.restore uses). */
 long long minivmm_fuzz_cycle(struct minivmm_fuzz_cycle *c, const char *data, unsigned long long n)
 {
 	struct kvm_run *run = (struct kvm_run *)c->run;
 	char *input = (char *)c->input;
+	unsigned int dirty = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS;
 	long long pages;
 
-	if (memcmp(&run->s.regs.sregs, (void *)c->sregs, sizeof(struct kvm_sregs)))
-		return CYCLE_SLOW;
 	c->stage = 1;
 	pages = minivmm_restore_dirty(c->vm_fd, c->slot, c->bitmap, c->npages, c->guest, c->copy, 1);
 	if (pages < 0)
@@ -399,6 +398,10 @@ long long minivmm_fuzz_cycle(struct minivmm_fuzz_cycle *c, const char *data, uns
 	c->pages = pages;
 	memcpy(&run->s.regs.regs, (void *)c->regs, sizeof(struct kvm_regs));
 	memcpy(&run->s.regs.events, (void *)c->events, sizeof(struct kvm_vcpu_events));
+	if (memcmp(&run->s.regs.sregs, (void *)c->sregs, sizeof(struct kvm_sregs))) {
+		memcpy(&run->s.regs.sregs, (void *)c->sregs, sizeof(struct kvm_sregs));
+		dirty |= KVM_SYNC_X86_SREGS;
+	}
 	if (c->previous > n)
 		memcpy(input + n, (char *)c->input_copy + n, c->previous - n);
 	memcpy(input, data, n);
@@ -407,7 +410,7 @@ long long minivmm_fuzz_cycle(struct minivmm_fuzz_cycle *c, const char *data, uns
 		*(unsigned long long *)((char *)&run->s.regs.regs + c->length_offset) = n;
 	else if (c->length_address)
 		memcpy((void *)c->length_address, &n, c->length_size);     /* little-endian */
-	run->kvm_dirty_regs = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS;
+	run->kvm_dirty_regs = dirty;
 	c->stage = 2;
 	if (ioctl(c->vcpu_fd, KVM_RUN, 0) < 0)
 		return -errno;
@@ -599,10 +602,6 @@ def run_packed_for(run_mmap) -> tuple[RunPacked, object]:
     return _python_run_packed, run_mmap
 
 
-CYCLE_SLOW = -1_000_001
-"""`FuzzCycle.run` did nothing: the special registers differ from the snapshot's."""
-
-
 class FuzzCycle:
     """One fuzz run up to its first exit in one C call (`minivmm_fuzz_cycle`).
 
@@ -610,8 +609,8 @@ class FuzzCycle:
     guest, general registers and events through sync_regs), `Harness.prepare`
     (the input, the snapshot's bytes past it up to the previous input's length,
     the length register or the length in memory) and one KVM_RUN do, and
-    returns the exit packed as `run_packed` does: a negative errno (`stage`
-    says where: 1 the dirty log, 2 KVM_RUN) or CYCLE_SLOW. Those Python steps
+    returns the exit packed as `run_packed` does, or a negative errno (`stage`
+    says where: 1 the dirty log, 2 KVM_RUN). Those Python steps
     cost a large part of a short run on the project's hosts (README,
     "Benchmarks"). The harness keeps the Python path for everything this does
     not cover.

@@ -146,6 +146,8 @@ class BatchRunner:
                              f"{machine.mode.value} mode")
         if target.length_register is None and target.length_address is None:
             raise BatchError("batch mode needs the input length in a register or in memory")
+        if harness.restore_fpu:
+            raise BatchError("batch mode does not reset the FPU state between inputs: use restore_fpu=False")
         self.harness = harness
         self.limit = max(1, min(limit, MAX_BATCH))
         self.stats = BatchStats(size=min(START_SIZE, self.limit))

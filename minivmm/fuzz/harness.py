@@ -25,6 +25,14 @@ User-mode (CPL 3) targets are the fast path: their code runs natively.
 With `fast=True` (the default) a run goes through `Machine.run_raw`, which
 skips building a RunResult, and deadlines come from `run_timer`'s watchdog
 thread instead of a timer armed per run; `fast=False` runs `Machine.run`.
+Where the C fast path is built, a run is one C call up to the guest's first
+exit (`fastpath.FuzzCycle`: the snapshot's dirty pages, registers and events,
+the input and its length, KVM_RUN); the run loop takes that exit, and the
+debug-exit write that ends most runs is completed here as the port devices
+would complete it.
+
+`Harness(..., batch=N)` with N > 1 adds batch mode (`run_batch`, see
+`minivmm.fuzz.batch`): up to N inputs per guest entry, the same outcomes.
 """
 from __future__ import annotations
 
@@ -40,7 +48,7 @@ from time import perf_counter
 from .. import fastpath
 from ..disasm import disassemble
 from ..exits import ExitReason
-from ..fastpath import CYCLE_SLOW, IO_TAG, FuzzCycle
+from ..fastpath import IO_TAG, FuzzCycle
 from ..kvm import KvmError, KvmRegs
 from ..errors import MinivmmError
 from ..vcpu import DIRTY_REGS
@@ -222,6 +230,7 @@ class Harness:
             # The packed form's upper half (fastpath) of each single-item OUT to the device.
             self._exit_highs = frozenset(
                 (IO_TAG | size << 49 | port << 33 | 1 << 32) >> 32 for port in de.ports for size in (1, 2, 4))
+        self.cycle_runs = 0                   # runs that went through the C cycle
         self.batch = batch
         self.batch_runner: BatchRunner | None = None
         if batch > 1:
@@ -360,7 +369,8 @@ class Harness:
         return self._plain
 
     def _run_cycle(self, cycle: FuzzCycle, data: bytes) -> RunOutcome | None:
-        """One run through the C cycle; None when it did nothing (the Python path runs)."""
+        """One run through the C cycle; None when the deadline signal came early (the Python
+        path runs the input again)."""
         machine = self.machine
         target = self.target
         timeout = target.timeout
@@ -369,12 +379,11 @@ class Harness:
         try:
             cycle.previous = self._previous_length
             packed = cycle.run(data)
-            if packed == CYCLE_SLOW:
-                return None
             self._previous_length = len(data)
             self.snapshot.restore_devices(machine)
             self.coverage.start_run()
             self.runs += 1
+            self.cycle_runs += 1
             if packed < 0 and cycle.stage == 1:
                 raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -packed)
             if packed >> 32 in self._exit_highs and not self._observers and self._exit_is_plain():
