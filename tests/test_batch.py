@@ -164,6 +164,24 @@ def test_a_target_without_the_wrapper_is_refused() -> None:
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("override, message", [
+    ("fuzz.batch_regions=[[0x7000000, 0x7001000]]", "not in guest RAM"),
+])
+def test_bad_batch_settings_are_refused(override, message) -> None:
+    with pytest.raises(FuzzError, match=message):
+        Harness.from_config(load_config(BATCH, overrides=[override]))
+
+
+@pytest.mark.kvm
+def test_a_batch_area_outside_ram_is_refused(make_machine) -> None:
+    m = make_machine("user")
+    m.load_asm(GUEST)
+    target = FuzzTarget(input_address=m.symbol("input"), length_register="rsi", batch_area=(0x300000, 0x80000))
+    with pytest.raises(FuzzError, match="batch area"):
+        Harness(m, target, batch=8)
+
+
+@pytest.mark.kvm
 def test_fuzzer_in_batch_mode_finds_the_crashes(tmp_path) -> None:
     with _harness(32, timeout=0.02) as h:
         fuzzer = Fuzzer(h, corpus_dir=tmp_path / "corpus", crashes_dir=tmp_path / "crashes", seed=3)

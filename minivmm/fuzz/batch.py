@@ -159,6 +159,10 @@ class BatchRunner:
         tail_size = -(-target.max_input_size // PAGE_SIZE) * PAGE_SIZE
         fixed = _TAIL + tail_size + COPIES_SIZE
         self.base, size = area if area is not None else self._find_area(fixed + MIN_DATA)
+        home = machine.memory.region_at(self.base)
+        if home is None or self.base % PAGE_SIZE or self.base + size > home.end or self.base < SYSTEM_AREA_END:
+            raise BatchError(f"the batch area [{self.base:#x}, {self.base + size:#x}) is not page-aligned "
+                             "guest RAM above the system area")
         if size < fixed + MIN_DATA:
             raise BatchError(f"the batch area [{self.base:#x}, {self.base + size:#x}) is smaller than "
                              f"{(fixed + MIN_DATA) // 1024} KiB")
@@ -181,6 +185,9 @@ class BatchRunner:
         self.area = (self.base, self.base + size)
         self._copies_used = 0
         self.regions: list[tuple[int, int, int]] = []          # (gpa, copy gpa, length)
+        for start, end in regions:
+            if machine.memory.region_at(start) is None or machine.memory.region_at(end - 1) is None:
+                raise BatchError(f"batch region [{start:#x}, {end:#x}) is not in guest RAM")
         rsp = regs.rsp
         stack_top = min((rsp & ~(PAGE_SIZE - 1)) + PAGE_SIZE, machine.memory.region_at(rsp - 1).end)
         self._declare(_merge([(max(stack_top - STACK_WINDOW, SYSTEM_AREA_END), stack_top),

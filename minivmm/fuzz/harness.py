@@ -237,6 +237,10 @@ class Harness:
             try:
                 self.batch_runner = BatchRunner(self, batch, target.batch_regions, target.batch_area)
             except BatchError as exc:
+                if self._watchdog:
+                    run_timer.stop_watchdog()
+                    self._watchdog = False
+                self.snapshot.close()
                 raise FuzzError(str(exc)) from None
 
     @classmethod
