@@ -28,6 +28,8 @@ What keeps the outcomes those of per-run mode:
   what the host restores anyway: the system area, the batch area, the input
   buffer) is added to the regions (`BatchStats.widened`) and the whole batch
   runs again. The first batch of a target usually finds its data pages so.
+  (A block first hit in a batch that runs again keeps the input it was hit
+  by: the breakpoints fire once.)
 * a crash (or any other stop) while input k runs: inputs before k have their
   results, input k is classified as in per-run mode, the host restores the
   snapshot and the next batch starts with input k+1.
