@@ -180,6 +180,9 @@ class RunOutcome:
         return text
 
 
+_OK, _CRASH = Status.OK, Status.CRASH
+
+
 class Harness:
     """Runs inputs against one machine from one snapshot; see the module docstring."""
 
@@ -225,6 +228,7 @@ class Harness:
         self._use_cycle = self._watchdog and vcpu.synced and not restore_fpu and fastpath.COMPILED
         if self._use_cycle:
             self._pre_entry, self._observers = machine.pre_entry, machine.context.observers
+            self._dispatcher, self._regs = machine.vm.dispatcher, vcpu.register_cache
             self._vmcs, self._cpuid = machine.vmcs, machine.cpuid
             de = machine.debug_exit
             # The packed form's upper half (fastpath) of each single-item OUT to the device.
@@ -284,6 +288,8 @@ class Harness:
             self.snapshot.restore_range(machine, target.input_address + n, self._previous_length - n)
         ctypes.memmove(self._input_host, data, n)
         self._previous_length = n
+        if self._cycle is not None:
+            self._cycle.previous = n
         if self._length_cell is not None:
             self._length_cell.value = n
             self._mark_dirty(DIRTY_REGS)
@@ -340,6 +346,7 @@ class Harness:
         if plan != self._cycle_plan:
             self._cycle = self._make_cycle(plan)
             self._cycle_plan = plan
+            self._cycle.previous = self._previous_length
         return self._cycle
 
     def _make_cycle(self, plan: tuple) -> FuzzCycle:
@@ -381,7 +388,6 @@ class Harness:
         start = perf_counter()
         run_timer.arm(self._vcpu, timeout)
         try:
-            cycle.previous = self._previous_length
             packed = cycle.run(data)
             self._previous_length = len(data)
             self.snapshot.restore_devices(machine)
@@ -390,14 +396,15 @@ class Harness:
             self.cycle_runs += 1
             if packed < 0 and cycle.stage == 1:
                 raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -packed)
-            if packed >> 32 in self._exit_highs and not self._observers and self._exit_is_plain():
+            if packed >> 32 in self._exit_highs and not self._observers and \
+                    (self._dispatcher.version == self._route_version and self._plain or self._exit_is_plain()):
                 # What the port devices' handler does with it (minivmm.handlers.io).
                 de = machine.debug_exit
                 de.reset()
                 de.io_write(packed >> 33 & 0xFFFF, packed >> 49 & 7, packed & 0xFFFFFFFF)
-                return RunOutcome(Status.CRASH if de.value in target.crash_exit_codes else Status.OK,
-                                  "exit", data, self._vcpu.rip, exit_code=de.value,
-                                  elapsed_s=perf_counter() - start)
+                code = de.value
+                return RunOutcome(_CRASH if code in target.crash_exit_codes else _OK, "exit", data,
+                                  self._regs.rip, None, None, None, code, "", "", (), perf_counter() - start)
             try:
                 stop = machine.run_raw(None, target.max_exits, self._counts, pending=packed)
             except GuestFault as exc:
@@ -477,6 +484,8 @@ class Harness:
         """A batch ran: its writes to the input buffer are in the dirty log, so the next
         restore puts back the snapshot's bytes there."""
         self._previous_length = 0
+        if self._cycle is not None:
+            self._cycle.previous = 0
 
     def run_prepared(self, timeout: float | None, max_exits: int | None) -> tuple[str, int | None, str, float]:
         """Run the machine from where it stands: (reason, exit code, message, seconds)."""
