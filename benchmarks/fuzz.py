@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = build_machine(load_config(CONFIG), capture_console=True)
     code = fresh.memory.read(function, stop - function)
     image = fresh.images[0]
-    image_bytes = fresh.memory.read(image.start, image.end + image.bss - image.start)
+    image_bytes = fresh.memory.read(image.start, image.end - image.start)
     fresh.close()
     ratios: dict[str, float] = {}
     batch_rates: dict[str, float] = {}

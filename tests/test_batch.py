@@ -240,3 +240,17 @@ def test_config_batch_size_is_checked(tmp_path, value, message) -> None:
     with pytest.raises(ConfigError, match=message) as caught:
         load_config(path)
     assert "fuzz.batch" in str(caught.value) and f"{path}:" in str(caught.value)
+
+
+@pytest.mark.kvm
+def test_an_images_zero_fill_is_declared_up_front(make_machine) -> None:
+    m = make_machine("user")
+    m.load_asm(GUEST)
+    m.place(0x180000, bytes(0x2000), name="scratch", bss=0x2000)         # an ELF-style bss
+    target = FuzzTarget(input_address=m.symbol("input"), length_register="rsi")
+    with Harness(m, target, batch=8) as h:
+        declared = [(gpa, gpa + length) for gpa, _, length in h.batch_runner.regions]
+        assert any(start <= 0x180000 and 0x182000 <= end for start, end in declared)
+        outcomes = h.run_batch([b"KW" + struct.pack("<I", 0x181000)] * 3)
+        assert [o.exit_code for o in outcomes] == [4, 4, 4]
+        assert h.batch_runner.stats.reruns == 0 and not h.batch_runner.stats.widened

@@ -22,8 +22,9 @@ run per-run (so their coverage is found where per-run mode finds it).
 
 What keeps the outcomes those of per-run mode:
 
-* declared regions: a stack window below the snapshot's RSP and the regions
-  given as `FuzzTarget.batch_regions`; after each batch the host reads the
+* declared regions: a stack window below the snapshot's RSP, the images'
+  zero-fill (ELF bss) when small, and the regions given as
+  `FuzzTarget.batch_regions`; after each batch the host reads the
   dirty log, and a page written outside the declared regions (and outside
   what the host restores anyway: the system area, the batch area, the input
   buffer) is added to the regions (`BatchStats.widened`) and the whole batch
@@ -75,6 +76,7 @@ START_SIZE = 8
 MAX_BATCH = 1024
 STACK_WINDOW = 2 * PAGE_SIZE          # declared below (and including) the snapshot's RSP page
 MAX_REGIONS = 64                      # the control block's region table
+MAX_INFERRED = 16 * PAGE_SIZE         # an image's zero-fill declared up front when at most this
 COPIES_SIZE = 64 * PAGE_SIZE          # room for the declared regions' copies
 MIN_DATA = 64 * 1024                  # the smallest input ring worth a batch area
 MAX_COVERAGE_SPAN = 256 * 1024        # in-guest coverage tables: one byte each per covered byte
@@ -192,8 +194,13 @@ class BatchRunner:
                 raise BatchError(f"batch region [{start:#x}, {end:#x}) is not in guest RAM")
         rsp = regs.rsp
         stack_top = min((rsp & ~(PAGE_SIZE - 1)) + PAGE_SIZE, machine.memory.region_at(rsp - 1).end)
+        # The images' zero-fill (ELF bss) is writable: small ones are declared up front, the
+        # pages of large ones when the dirty log shows them written. The input buffer is not.
+        buffer = _pages(target.input_address, target.input_address + target.max_input_size)
+        inferred = [(page, page + PAGE_SIZE) for image in machine.images if 0 < image.bss <= MAX_INFERRED
+                    for page in _pages(image.end - image.bss, image.end) if page not in buffer]
         self._declare(_merge([(max(stack_top - STACK_WINDOW, SYSTEM_AREA_END), stack_top),
-                              *[(s, e) for s, e in regions]]))
+                              *[(s, e) for s, e in regions], *inferred]))
         self._install()
 
     # -- setup -------------------------------------------------------------------------------
@@ -216,7 +223,7 @@ class BatchRunner:
         rsp = self.harness.snapshot.vcpu.regs.rsp
         taken = [(0, SYSTEM_AREA_END), (rsp - 16 * PAGE_SIZE, rsp + PAGE_SIZE),
                  (target.input_address, target.input_address + target.max_input_size)]
-        taken += [(image.start, image.end + image.bss) for image in machine.images]
+        taken += [(image.start, image.end) for image in machine.images]
         if target.length_address is not None:
             taken.append((target.length_address, target.length_address + target.length_size))
         best = (0, 0)
