@@ -12,6 +12,7 @@ import pytest
 from minivmm.config import load_config
 from minivmm.fuzz import FuzzError, FuzzTarget, Harness, Status
 from minivmm.fuzz.engine import Fuzzer
+from minivmm.fuzz.mutator import Mutator
 
 from conftest import CONFIGS, ROOT
 
@@ -39,8 +40,11 @@ def test_batch_outcomes_equal_per_run_outcomes(log_capacity, monkeypatch) -> Non
     hit order, also when the in-guest coverage log fills and exits take over)."""
     monkeypatch.setattr("minivmm.fuzz.batch.HIT_CAPACITY", log_capacity)
     rng = random.Random(7)
+    mutator = Mutator(64, rng)
     corpus = CORPUS + [bytes(rng.choice(b"ABCDEGHIJz\x00\x05") for _ in range(rng.randrange(1, 6)))
                        for _ in range(60)]
+    mutated = (mutator.mutate(rng.choice(CORPUS), CORPUS) for _ in range(400))
+    corpus += [data for data in mutated if not data.startswith(b"F")][:300]    # one hang is enough
     with _harness(1) as per_run:
         expected = [_outcome_key(o) for o in per_run.run_batch(corpus)]
         assert per_run.batch_runner is None
