@@ -153,7 +153,7 @@ def test_the_c_cycle_runs_as_the_python_path() -> None:
     corpus = [b"A", b"Ghi", b"H", b"B", b"B", b"C", b"F", b"J", b"I", b"A" * 200, b"E\x00", b"", b"Gxyz", b"A"]
     outcomes = {}
     for fast in (True, False):
-        with Harness.from_config(load_config(config, overrides=["fuzz.timeout=0.1"]), batch=1, fast=fast) as h:
+        with Harness.from_config(load_config(config, overrides=["fuzz.timeout=0.5"]), batch=1, fast=fast) as h:
             outcomes[fast] = [(o.status, o.reason, o.rip, o.vector, o.cr2, o.exit_code, o.new_blocks,
                                bytes(h.machine.serial.output)) for o in map(h.run, corpus)]
             if fast and fastpath.COMPILED:
