@@ -1,7 +1,8 @@
 """Run every benchmark (`python -m benchmarks` / `make bench`) and print their last lines.
 
 Each benchmark compares minivmm against a C loop over /dev/kvm built with gcc in
-the same run and ends with one line `name ratio=R ...`; `--only NAME` runs one.
+the same run and ends with one line `name ratio=R ...` (fuzz with two: per-run and batch
+mode); the summary shows those closing lines. `--only NAME` runs one.
 """
 from __future__ import annotations
 
