@@ -57,6 +57,7 @@ passes halves it (a crash costs one batch end at any size: it leaves it).
 """
 from __future__ import annotations
 
+import ctypes
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -80,6 +81,7 @@ MAX_INFERRED = 16 * PAGE_SIZE         # an image's zero-fill declared up front w
 COPIES_SIZE = 64 * PAGE_SIZE          # room for the declared regions' copies
 MIN_DATA = 64 * 1024                  # the smallest input ring worth a batch area
 MAX_COVERAGE_SPAN = 256 * 1024        # in-guest coverage tables: one byte each per covered byte
+LARGE_INPUTS = 4096                   # bytes per input from which the ring is written input by input
 HIT_CAPACITY = 256                    # in-guest coverage hits logged per batch before the host drains
 
 # The batch area, offsets from its base.
@@ -134,6 +136,7 @@ def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
 class _Attempt:
     finished: bool
     undeclared: list[int]
+    scribbled: list[int] = field(default_factory=list)
     outcomes: list = field(default_factory=list)
     stop: "RunOutcome | None" = None
 
@@ -186,6 +189,7 @@ class BatchRunner:
         self.kinds, self.origs = self.data, self.data + table
         self.data += 2 * table
         self.data_size = self.base + size - self.data
+        self._data_host = home.host_addr + (self.data - home.gpa)
         self.area = (self.base, self.base + size)
         self._copies_used = 0
         self.regions: list[tuple[int, int, int]] = []          # (gpa, copy gpa, length)
@@ -353,7 +357,7 @@ class BatchRunner:
                 raise BatchError(f"an input of {len(data)} bytes does not fit the batch area's "
                                  f"{self.data_size} bytes of input ring")
             chunk.append(data)
-            used += (len(data) + 7) & ~7
+            used += len(data)
         return chunk
 
     def _batch(self, chunk: list[bytes]) -> list["RunOutcome"]:
@@ -365,7 +369,7 @@ class BatchRunner:
         while True:
             attempt = self._attempt(chunk, found)
             stats.batches += 1
-            scribbled = [gpa for gpa in attempt.undeclared if self.area[0] <= gpa < self.area[1]]
+            scribbled = attempt.scribbled
             if scribbled:
                 # The target wrote into the batch area (the runtime, the ring, the copies): what
                 # this batch did cannot be trusted, and the next one would not be either.
@@ -460,9 +464,12 @@ class BatchRunner:
         results = struct.unpack(f"<{done}Q", memory.read(self.base + _RESULTS, 8 * done))
         undeclared = [gpa for gpa in machine.ept.dirty_pages(clear=False)
                       if gpa not in taken_pages and not self.allowed(gpa)]
+        in_area = [gpa for gpa in undeclared if self.area[0] <= gpa < self.area[1]]
+        undeclared = [gpa for gpa in undeclared if not self.area[0] <= gpa < self.area[1]]
+        scribbled = self._changed(in_area, chunk)
         harness.after_batch()
         attempt = _Attempt(finished=reason == "exit" and state == 1 and done == len(chunk),
-                           undeclared=undeclared)
+                           undeclared=undeclared, scribbled=scribbled)
         for index in range(done):
             code = results[index] & 0xFF
             attempt.outcomes.append(RunOutcome(Status.CRASH if code in target.crash_exit_codes else Status.OK,
@@ -474,18 +481,44 @@ class BatchRunner:
             attempt.stop = stop
         return attempt
 
+    def _changed(self, pages: list[int], chunk: list[bytes]) -> list[int]:
+        """Those of the batch-area `pages` (reported dirty, outside the runtime's own pages) whose
+        bytes are not what the host put there: the snapshot's copy (runtime, copies, tables), or
+        this batch's inputs in the ring. Some hosts report pages the host itself wrote (first
+        writes to never-touched memory) in the dirty log: only a changed byte counts."""
+        memory = self.harness.machine.memory
+        snapshot = self.harness.snapshot
+        ring_end = self.data + sum(map(len, chunk))
+        joined = None
+        changed = []
+        for gpa in pages:
+            if gpa + PAGE_SIZE > self.data:
+                low, high = max(gpa, self.data), min(gpa + PAGE_SIZE, ring_end)
+                if high <= low:
+                    continue                                  # ring space this batch did not use
+                if joined is None:
+                    joined = b"".join(chunk)
+                if memory.read(low, high - low) != joined[low - self.data: high - self.data]:
+                    changed.append(gpa)
+            elif memory.read(gpa, PAGE_SIZE) != snapshot.read(gpa, PAGE_SIZE):
+                changed.append(gpa)
+        return changed
+
     def _load(self, chunk: list[bytes]) -> None:
         """Write the ring, the control block and the runtime's registers for `chunk`."""
         harness = self.harness
         memory = harness.machine.memory
-        ring, data, offset = bytearray(), bytearray(), 0
+        ring, offset = [], 0
         for item in chunk:
-            ring += struct.pack("<QQ", offset, len(item))
-            padded = (len(item) + 7) & ~7
-            data += item + bytes(padded - len(item))
-            offset += padded
-        memory.write(self.base + _RING, bytes(ring))
-        memory.write(self.data, bytes(data))
+            ring += (offset, len(item))
+            offset += len(item)
+        memory.write(self.base + _RING, struct.pack(f"<{len(ring)}Q", *ring))
+        if offset >= LARGE_INPUTS * len(chunk):           # one copy each, no joined buffer
+            host = self._data_host
+            for item, at in zip(chunk, ring[::2]):
+                ctypes.memmove(host + at, item, len(item))
+        else:
+            ctypes.memmove(self._data_host, b"".join(chunk), offset)
         regs = bytes(harness.snapshot.vcpu.regs)
         table = b"".join(struct.pack("<QQQ", gpa, copy, length) for gpa, copy, length in self.regions)
         ctl = bytearray(_REGIONS)
