@@ -17,7 +17,6 @@ import io
 import json
 import os
 import sys
-import traceback
 from typing import Any, Callable, Sequence, TextIO
 
 from .config import ConfigError, build_machine, check_config, check_expectation, load_config
@@ -211,6 +210,7 @@ def _without_debug(argv: list[str]) -> list[str]:
 
 
 def _print_traceback() -> None:
+    import traceback
     try:
         traceback.print_exc(file=sys.stderr)
     except OSError:
