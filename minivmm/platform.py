@@ -13,7 +13,9 @@ Each piece is optional and off unless asked for (YAML `platform:` section, or
 |              | created before the vCPUs (`Machine(irqchip=True)`), forced on by SMP.   |
 |              | HLT is then handled in the kernel: it no longer exits, a halted vCPU     |
 |              | waits in KVM_RUN for an interrupt (or the run deadline).                |
-| `pit`        | KVM's in-kernel 8254 PIT (needs the irqchip)                            |
+| `pit`        | KVM's in-kernel 8254 PIT on IRQ 0 and port 0x61 (needs the irqchip)     |
+| `rtc`        | the MC146818 RTC/CMOS at 0x70/0x71, IRQ 8 (interrupts need the irqchip);|
+|              | `rtc_start` fixes its start time (epoch seconds), else the host's clock |
 | `fw_cfg`     | QEMU's fw_cfg, port interface: selector 0x510 (16-bit write), data 0x511 |
 | `acpi`       | RSDP/RSDT/FADT/FACS/DSDT/MADT in 0xE0000-0xFFFFF and the PM1 block at    |
 |              | 0x600 with the PM timer at 0x608 (3.579545 MHz, 24 or 32 bits)          |
@@ -21,6 +23,10 @@ Each piece is optional and off unless asked for (YAML `platform:` section, or
 | `scratch`    | a register at a chosen port that reads back what was written            |
 | `ram_windows`| extra guest RAM regions (e.g. above the low RAM, as an MMIO-style window)|
 | `strict_ports`| an access to a port no device claims stops the run (reason "error")    |
+| `testdev`    | QEMU's pc-testdev (see `minivmm.devices.testdev`; needs the irqchip)    |
+
+`pc_platform()` (YAML `platform: pc`) is the set a PC kernel expects: irqchip, PIT, RTC,
+fw_cfg, ACPI and PCI; the test device stays off unless asked for.
 
 Without `strict_ports`, reads of unclaimed ports return all ones and writes are
 dropped, as on a PC's ISA bus (minivmm's default).
@@ -37,6 +43,7 @@ from typing import TYPE_CHECKING
 from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
+from .devices.rtc import RTC_IRQ, CmosRtc
 from .devices.scratch import ScratchRegister
 from .memory import GuestMemoryError
 
@@ -45,7 +52,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
            "PlatformConfig", "RamWindow", "RamWindowError", "check_ram_windows", "ScratchConfig", "install_platform", "acpi_checksum",
-           "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
+           "CmosRtc", "pc_platform", "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
 
 # ---------------------------------------------------------------------------
 # ACPI tables
@@ -196,6 +203,9 @@ class PlatformConfig:
     scratch: list[ScratchConfig] = field(default_factory=list)
     ram_windows: list[RamWindow] = field(default_factory=list)
     strict_ports: bool = False
+    rtc: bool = False
+    rtc_start: float | None = None
+    testdev: bool = False
 
     @property
     def empty(self) -> bool:
@@ -210,6 +220,23 @@ class InstalledPlatform:
     acpi_tables: AcpiTables | None = None
     pci: PciNoDevices | None = None
     scratch: list[ScratchRegister] = field(default_factory=list)
+    rtc: CmosRtc | None = None
+    testdev: object | None = None
+
+
+def pc_platform(**overrides) -> PlatformConfig:
+    """What a kernel written for QEMU's pc machine expects: irqchip, PIT, RTC, fw_cfg, ACPI
+    and PCI (`overrides` change single pieces, e.g. `testdev=True`)."""
+    return PlatformConfig(**{**dict(irqchip=True, pit=True, rtc=True, fw_cfg=True, acpi=True, pci=True),
+                             **overrides})
+
+
+def _irq_line(machine: "Machine", irq: int):
+    """A `level -> None` driver of ISA line `irq` through KVM_IRQ_LINE, or None without the irqchip."""
+    if not machine.vm.irqchip:
+        return None
+    fd = machine.vm.fd
+    return lambda level: fd.irq_line(irq, level)
 
 
 def enable_strict_ports(machine: "Machine") -> None:
@@ -231,9 +258,7 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
     low = machine.memory.region_at(0)
     check_ram_windows(low.end if low is not None else 0, config.ram_windows)
     if config.pit:
-        if not getattr(machine, "irqchip", False):
-            raise ValueError("the in-kernel PIT needs the in-kernel irqchip (platform.irqchip: true)")
-        machine.vm.fd.create_pit2()
+        machine.vm.create_pit()
     for window in config.ram_windows:
         machine.add_ram(window.start, window.size, name=window.name)
     if config.fw_cfg:
@@ -257,6 +282,11 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         device = ScratchRegister(port=scratch.port, width=scratch.width)
         machine.add_device(device)
         installed.scratch.append(device)
+    if config.rtc:
+        installed.rtc = CmosRtc(start=config.rtc_start, irq=_irq_line(machine, RTC_IRQ), memory_size=ram_size)
+        machine.add_device(installed.rtc)
+        installed.rtc.start_timer()
+        machine.vm.on_close.append(installed.rtc.close)
     if config.strict_ports:
         enable_strict_ports(machine)
     machine.platform = installed

@@ -3,7 +3,7 @@ small interface they share.
 
 ``serial`` (16550 UART), ``debug_exit`` (QEMU's isa-debug-exit) and the PC platform
 devices that `minivmm.platform` assembles: ``fw_cfg`` (QEMU's fw_cfg), ``acpi_pm``
-(ACPI PM1 block and PM timer), ``pci`` (configuration mechanism #1, no device) and
+(ACPI PM1 block and PM timer), ``rtc`` (MC146818 RTC/CMOS), ``pci`` (configuration mechanism #1, no device) and
 ``scratch`` (a read-back register).
 
 A device claims a range of ports; the I/O exit handler routes each access whose
@@ -20,10 +20,11 @@ from minivmm.devices.acpi_pm import AcpiPm
 from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.fw_cfg import FwCfg
 from minivmm.devices.pci import PciNoDevices
+from minivmm.devices.rtc import CmosRtc
 from minivmm.devices.scratch import ScratchRegister
 from minivmm.devices.serial import Serial16550
 
-__all__ = ["AcpiPm", "DebugExit", "FwCfg", "PciNoDevices", "PortDevice", "ResettableDevice",
+__all__ = ["AcpiPm", "CmosRtc", "DebugExit", "FwCfg", "PciNoDevices", "PortDevice", "ResettableDevice",
            "ScratchRegister", "Serial16550"]
 
 

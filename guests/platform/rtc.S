@@ -1,0 +1,118 @@
+/* RTC kernel: reads the date from the MC146818 (BCD, 24-hour), waits for the
+ * update-in-progress bit to rise and fall with the seconds register moving on, then
+ * switches to binary mode, sets the alarm two seconds ahead and sleeps (sti; hlt) until
+ * the alarm interrupt arrives on IRQ 8 through the 8259s (its handler leaves with
+ * IRQ_RETURN, see pc.inc).
+ * Prints "date: CCYY-MM-DD HH:MM:SS", "uip: ok", "alarm: SS at SS flags FF", exits 0;
+ * failures: 1 register B is not 24-hour BCD, 2 UIP never rose, 3 UIP never fell, 4 the
+ * seconds did not move across the update, 5 the alarm came at the wrong second,
+ * 6 register C lacked IRQF|AF. */
+.include "pc.inc"
+.set POLLS, 400000
+KERNEL_START
+    CMOS_READ 0x0B
+    and $0x06, %al
+    cmp $0x02, %al
+    je 1f
+    EXIT 1
+1:  CMOS_READ 0x0A                          /* read the date outside an update */
+    test $0x80, %al
+    jnz 1b
+    PUTS s_date
+    CMOS_READ 0x32
+    call print_byte
+    CMOS_READ 0x09
+    PRINT_HEX '-', print_byte
+    CMOS_READ 0x08
+    PRINT_HEX '-', print_byte
+    CMOS_READ 0x07
+    PRINT_HEX ' ', print_byte
+    CMOS_READ 0x04
+    PRINT_HEX ':', print_byte
+    CMOS_READ 0x02
+    PRINT_HEX ':', print_byte
+    CMOS_READ 0x00
+    PRINT_HEX '\n', print_byte
+
+    mov $POLLS, %ecx                         /* UIP rises ... */
+2:  CMOS_READ 0x0A
+    test $0x80, %al
+    jnz 3f
+    loop 2b
+    EXIT 2
+3:  CMOS_READ 0x00
+    mov %al, %bl
+    mov $POLLS, %ecx                         /* ... and falls, with the seconds moved on */
+4:  CMOS_READ 0x0A
+    test $0x80, %al
+    jz 5f
+    loop 4b
+    EXIT 3
+5:  CMOS_READ 0x00
+    cmp %al, %bl
+    jne 6f
+    EXIT 4
+6:  PUTS s_uip
+
+    SET_GATE 0x28, rtc_irq
+    PIC_REMAP
+    mov $0xFE, %al                           /* unmask IRQ 8 */
+    outb %al, $PIC2 + 1
+    CMOS_WRITE 0x0B, $0x06                   /* binary, 24-hour */
+    CMOS_READ 0x00
+    add $2, %al
+    cmp $60, %al
+    jb 7f
+    sub $60, %al
+7:  mov %al, alarm_second
+    CMOS_WRITE 0x01, alarm_second
+    CMOS_WRITE 0x03, $0xFF                   /* any minute */
+    CMOS_WRITE 0x05, $0xFF                   /* any hour */
+    CMOS_READ 0x0C                           /* clear old flags */
+    CMOS_WRITE 0x0B, $0x26                   /* AIE */
+8:  sti
+    hlt
+    cli
+    cmpb $0, irq_count
+    je 8b
+    CMOS_READ 0x00
+    mov %al, %bl
+    PUTS s_alarm
+    mov alarm_second, %al
+    PRINT_HEX ' ', print_byte
+    PUTS s_at
+    mov %bl, %al
+    PRINT_HEX ' ', print_byte
+    PUTS s_flags
+    mov irq_flags, %al
+    PRINT_HEX '\n', print_byte
+    cmp alarm_second, %bl
+    je 9f
+    EXIT 5
+9:  mov irq_flags, %al
+    and $0xA0, %al
+    cmp $0xA0, %al
+    je 10f
+    EXIT 6
+10: EXIT 0
+    hlt
+
+rtc_irq:
+    push %eax
+    CMOS_READ 0x0C
+    mov %al, irq_flags
+    incb irq_count
+    mov $PIC_EOI, %al
+    outb %al, $PIC2
+    outb %al, $PIC1
+    IRQ_RETURN
+
+s_date:  .asciz "date: "
+s_uip:   .asciz "uip: ok\n"
+s_alarm: .asciz "alarm: "
+s_at:    .asciz "at "
+s_flags: .asciz "flags "
+alarm_second: .byte 0
+irq_count:    .byte 0
+irq_flags:    .byte 0
+KERNEL_DATA

@@ -1,0 +1,215 @@
+"""PC platform fidelity (issue 17): the MC146818 RTC/CMOS, the in-kernel PIT, QEMU's pc-testdev,
+`platform: pc`, each as register logic and through a multiboot kernel written for it
+(guests/platform/)."""
+from __future__ import annotations
+
+import calendar
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from minivmm.config import ConfigError, build_machine, check_expectation, load_config, parse_config
+from minivmm.devices.rtc import UIP_WINDOW, CmosRtc, RegisterB, RegisterC, periodic_hz
+
+PLATFORM_GUESTS = Path(__file__).resolve().parent.parent / "guests" / "platform"
+START = calendar.timegm((2026, 12, 1, 12, 34, 56))
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def rtc_at(start: float = START, **kwargs) -> tuple[CmosRtc, FakeClock]:
+    clock = FakeClock()
+    return CmosRtc(start=start, clock=clock, **kwargs), clock
+
+
+def read(rtc: CmosRtc, index: int) -> int:
+    rtc.io_write(0x70, 1, index)
+    return rtc.io_read(0x71, 1)
+
+
+def write(rtc: CmosRtc, index: int, value: int) -> None:
+    rtc.io_write(0x70, 1, index)
+    rtc.io_write(0x71, 1, value)
+
+
+def run_kernel(name: str, **overrides) -> tuple:
+    config = load_config(PLATFORM_GUESTS / f"{name}.yaml")
+    with build_machine(config, capture_console=True) as machine:
+        result = machine.run_config()
+        counters = dict(machine.counters)
+        platform = machine.platform
+    problems = check_expectation(config.expect, result, counters)
+    assert not problems, f"{name}: " + "; ".join(problems) + f"\nconsole:\n{result.console}"
+    return result, platform
+
+
+# -- RTC register logic (MC146818A data sheet) ------------------------------------------------
+def test_rtc_reads_the_start_time_in_bcd_24_hour_form() -> None:
+    rtc, _ = rtc_at()
+    assert [read(rtc, i) for i in (0, 2, 4, 7, 8, 9, 0x32)] == [0x56, 0x34, 0x12, 0x01, 0x12, 0x26, 0x20]
+    assert read(rtc, 6) == 3                                 # 2026-12-01 is a Tuesday: day 3 (Sunday = 1)
+    assert read(rtc, 0x0B) == RegisterB.HOURS_24 and read(rtc, 0x0D) == 0x80
+    assert read(rtc, 0x0A) == 0x26
+
+
+def test_rtc_binary_and_12_hour_modes() -> None:
+    rtc, _ = rtc_at(calendar.timegm((2026, 12, 1, 15, 4, 9)))
+    write(rtc, 0x0B, RegisterB.DM_BINARY)                    # binary, 12-hour
+    assert (read(rtc, 0), read(rtc, 2), read(rtc, 4)) == (9, 4, 0x80 | 3)
+    write(rtc, 0x0B, 0)                                      # BCD, 12-hour
+    assert read(rtc, 4) == 0x83
+    write(rtc, 0x04, 0x12)                                   # 12 AM is midnight
+    assert time.gmtime(int(rtc.guest_time())).tm_hour == 0
+
+
+def test_rtc_time_runs_with_the_clock_and_writes_move_it() -> None:
+    rtc, clock = rtc_at()
+    clock.now += 5
+    assert read(rtc, 0) == 0x01 and read(rtc, 2) == 0x35     # 12:35:01
+    write(rtc, 0x09, 0x30)                                   # year 2030
+    assert read(rtc, 9) == 0x30 and time.gmtime(int(rtc.guest_time())).tm_year == 2030
+
+
+def test_rtc_set_bit_stops_the_clock_until_cleared() -> None:
+    rtc, clock = rtc_at()
+    write(rtc, 0x0B, RegisterB.SET | RegisterB.HOURS_24)
+    write(rtc, 0x00, 0x10)
+    clock.now += 30
+    assert read(rtc, 0) == 0x10                              # stands still
+    assert not read(rtc, 0x0A) & 0x80                        # no update in progress while SET
+    write(rtc, 0x0B, RegisterB.HOURS_24)
+    clock.now += 2
+    assert read(rtc, 0) == 0x12 and read(rtc, 2) == 0x34
+
+
+def test_rtc_update_in_progress_before_each_second_boundary() -> None:
+    rtc, clock = rtc_at()
+    clock.now += 1 - UIP_WINDOW / 2                           # inside the window before 12:34:57
+    assert read(rtc, 0x0A) & 0x80 and read(rtc, 0) == 0x56
+    clock.now += UIP_WINDOW                                   # past the boundary
+    assert not read(rtc, 0x0A) & 0x80 and read(rtc, 0) == 0x57
+    clock.now += 0.5
+    assert not read(rtc, 0x0A) & 0x80
+
+
+def test_rtc_flags_latch_raise_irq_8_only_when_enabled_and_clear_on_read() -> None:
+    levels: list[int] = []
+    rtc, clock = rtc_at(irq=levels.append)
+    clock.now += 1.0
+    assert read(rtc, 0x0C) == RegisterC.UF | RegisterC.PF   # flags latch even when disabled
+    assert levels == []
+    write(rtc, 0x0B, RegisterB.HOURS_24 | RegisterB.UIE)
+    clock.now += 1.0
+    rtc.tick()
+    assert levels == [1] and rtc.interrupts == 1
+    assert read(rtc, 0x0C) & (RegisterC.IRQF | RegisterC.UF) == RegisterC.IRQF | RegisterC.UF
+    assert levels == [1, 0] and read(rtc, 0x0C) == 0
+
+
+def test_rtc_alarm_with_dont_care_fields_and_next_event() -> None:
+    levels: list[int] = []
+    rtc, clock = rtc_at(irq=levels.append)
+    write(rtc, 0x01, 0x05)                                    # hh:mm:05 for any hour and minute
+    write(rtc, 0x03, 0xFF)
+    write(rtc, 0x05, 0xC0)
+    write(rtc, 0x0B, RegisterB.HOURS_24 | RegisterB.AIE)
+    assert rtc.next_alarm(rtc.guest_time()) == START + 9      # 12:35:05
+    assert rtc.next_event() == pytest.approx(clock.now + 9)
+    clock.now += 8.5
+    rtc.tick()
+    assert levels == []
+    clock.now += 1
+    rtc.tick()
+    assert levels == [1] and read(rtc, 0x0C) & RegisterC.AF
+    write(rtc, 0x05, 0x11)                                    # 11:mm:05: tomorrow
+    assert rtc.next_alarm(rtc.guest_time()) == calendar.timegm((2026, 12, 2, 11, 0, 5))
+
+
+def test_rtc_periodic_rate_and_nmi_mask() -> None:
+    assert periodic_hz(0x26) == 1024 and periodic_hz(0x2F) == 2 and periodic_hz(0x21) == 256
+    assert periodic_hz(0x20) == 0
+    rtc, clock = rtc_at()
+    write(rtc, 0x0A, 0x2F)                                    # 2 Hz
+    write(rtc, 0x0B, RegisterB.HOURS_24 | RegisterB.PIE)
+    read(rtc, 0x0C)
+    assert rtc.next_event() == pytest.approx(clock.now + 0.5, abs=0.5)
+    clock.now += 0.6
+    assert read(rtc, 0x0C) & RegisterC.PF
+    rtc.io_write(0x70, 1, 0x80 | 0x0E)
+    assert rtc.nmi_masked and rtc.io_read(0x70, 1) == 0xFF
+    rtc.io_write(0x71, 1, 0x5A)
+    rtc.io_write(0x70, 1, 0x0E)
+    assert not rtc.nmi_masked and rtc.io_read(0x71, 1) == 0x5A   # CMOS RAM
+
+
+def test_rtc_cmos_memory_size_fields() -> None:
+    rtc, _ = rtc_at(memory_size=32 << 20)
+    word = lambda i: read(rtc, i) | read(rtc, i + 1) << 8   # noqa: E731
+    assert word(0x15) == 640 and word(0x17) == 31 << 10 and word(0x30) == 31 << 10
+    assert word(0x34) == (16 << 20) >> 16
+    big, _ = rtc_at(memory_size=5 << 30)
+    assert read(big, 0x5B) | read(big, 0x5C) << 8 | read(big, 0x5D) << 16 == (1 << 30) >> 16
+    assert read(big, 0x17) | read(big, 0x18) << 8 == 0xFFFF
+
+
+def test_rtc_timer_thread_raises_the_alarm_on_its_own() -> None:
+    levels: list[int] = []
+    rtc = CmosRtc(start=START + 0.9, irq=levels.append)
+    try:
+        write(rtc, 0x0B, RegisterB.HOURS_24 | RegisterB.UIE)
+        rtc.start_timer()
+        deadline = time.monotonic() + 3
+        while not levels and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert levels == [1]
+    finally:
+        rtc.close()
+
+
+# -- config -------------------------------------------------------------------------------------
+def config_text(platform: str) -> str:
+    return ("version: 1\nimages:\n  - {type: multiboot, path: k.bin}\n"
+            f"platform: {platform}\n")
+
+
+def test_platform_pc_is_the_pc_set_and_testdev_stays_off(tmp_path: Path) -> None:
+    (tmp_path / "k.bin").write_bytes(b"")
+    pc = parse_config(config_text("pc"), path=tmp_path / "c.yaml").platform
+    assert (pc.irqchip, pc.pit, pc.rtc, pc.fw_cfg, pc.acpi, pc.pci, pc.testdev) == (True,) * 6 + (False,)
+    with_testdev = parse_config(config_text("{pc: true, testdev: true, pci: false}"), path=tmp_path / "c.yaml").platform
+    assert with_testdev.testdev and not with_testdev.pci and with_testdev.pit
+
+
+def test_platform_rtc_start_forms_and_errors(tmp_path: Path) -> None:
+    (tmp_path / "k.bin").write_bytes(b"")
+    parsed = parse_config(config_text('{rtc: {start: "2026-12-01 12:34:56"}}'), path=tmp_path / "c.yaml").platform
+    assert parsed.rtc and parsed.rtc_start == START
+    assert parse_config(config_text("{rtc: {start: 1000}}"), path=tmp_path / "c.yaml").platform.rtc_start == 1000
+    with pytest.raises(ConfigError, match=r"c.yaml:4: platform.rtc.start: expected epoch seconds"):
+        parse_config(config_text('{rtc: {start: "yesterday"}}'), path=tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="expected 'pc' or a mapping"):
+        parse_config(config_text("q35"), path=tmp_path / "c.yaml")
+    with pytest.raises(ConfigError, match="testdev.*irqchip"):
+        parse_config(config_text("{testdev: true}"), path=tmp_path / "c.yaml")
+
+
+# -- guests --------------------------------------------------------------------------------------
+@pytest.mark.kvm
+def test_rtc_kernel_reads_the_date_sees_uip_toggle_and_gets_the_alarm() -> None:
+    result, platform = run_kernel("rtc")
+    date = re.search(r"date: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)", result.console)
+    assert date, result.console
+    read_at = calendar.timegm(tuple(int(x) for x in date.groups()))
+    assert START <= read_at <= START + 2
+    assert "uip: ok" in result.console
+    alarm = re.search(r"alarm: (\w\w) at (\w\w) flags (\w\w)", result.console)
+    assert alarm and alarm[1] == alarm[2] and int(alarm[3], 16) & 0xA0 == 0xA0
+    assert platform.rtc.interrupts >= 1
