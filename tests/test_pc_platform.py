@@ -213,3 +213,25 @@ def test_rtc_kernel_reads_the_date_sees_uip_toggle_and_gets_the_alarm() -> None:
     alarm = re.search(r"alarm: (\w\w) at (\w\w) flags (\w\w)", result.console)
     assert alarm and alarm[1] == alarm[2] and int(alarm[3], 16) & 0xA0 == 0xA0
     assert platform.rtc.interrupts >= 1
+
+
+PM_TIMER_HZ = 3_579_545
+PIT_HZ = 1_193_182
+
+
+@pytest.mark.kvm
+def test_timer_kernel_counts_pit_ticks_at_the_programmed_rate() -> None:
+    result, platform = run_kernel("timer")
+    ticks, pm = (int(x, 16) for x in re.search(r"pit: (\w+) ticks in (\w+) pm", result.console).groups())
+    rate = ticks / (pm / PM_TIMER_HZ)
+    assert rate == pytest.approx(PIT_HZ / 5966, rel=0.10), result.console
+    oneshot = int(re.search(r"oneshot: (\w+) pm", result.console)[1], 16) / PM_TIMER_HZ
+    assert oneshot == pytest.approx(59659 / PIT_HZ, rel=0.10), result.console
+    assert platform.rtc is not None and platform.acpi_pm is not None and platform.pci is not None
+
+
+def test_pit_needs_the_irqchip(make_machine) -> None:
+    from minivmm.platform import PlatformConfig, install_platform
+    machine = make_machine("protected")
+    with pytest.raises(ValueError, match="PIT needs the in-kernel irqchip"):
+        install_platform(machine, PlatformConfig(pit=True))
