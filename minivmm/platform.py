@@ -38,13 +38,16 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
+from .actions import RESUME, Reply
 from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
 from .devices.rtc import RTC_IRQ, CmosRtc
 from .devices.scratch import ScratchRegister
+from .devices.testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
+from .exits import ExitReason
 from .memory import GuestMemoryError
 
 if TYPE_CHECKING:
@@ -52,7 +55,7 @@ if TYPE_CHECKING:
 
 __all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
            "PlatformConfig", "RamWindow", "RamWindowError", "check_ram_windows", "ScratchConfig", "install_platform", "acpi_checksum",
-           "CmosRtc", "pc_platform", "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
+           "CmosRtc", "PcTestdev", "pc_platform", "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
 
 # ---------------------------------------------------------------------------
 # ACPI tables
@@ -221,7 +224,7 @@ class InstalledPlatform:
     pci: PciNoDevices | None = None
     scratch: list[ScratchRegister] = field(default_factory=list)
     rtc: CmosRtc | None = None
-    testdev: object | None = None
+    testdev: PcTestdev | None = None
 
 
 def pc_platform(**overrides) -> PlatformConfig:
@@ -237,6 +240,47 @@ def _irq_line(machine: "Machine", irq: int):
         return None
     fd = machine.vm.fd
     return lambda level: fd.irq_line(irq, level)
+
+
+def _host_page_flusher(machine: "Machine") -> Callable[[int], None]:
+    """`flush(gpa)`: protect and unprotect the host mapping of the guest page at `gpa`, which
+    makes KVM drop its mapping of it (the pc-testdev flush port; QEMU does the same)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    memory = machine.memory
+
+    def flush(gpa: int) -> None:
+        region = memory.region_at(gpa)
+        if region is None:
+            return                                          # not RAM: nothing mapped to flush
+        host = region.host_addr + (gpa - region.gpa)
+        for prot in (0, mmap.PROT_READ | mmap.PROT_WRITE):          # PROT_NONE, then read/write
+            if libc.mprotect(host, 4096, prot) != 0:
+                raise OSError(ctypes.get_errno(), f"mprotect of the guest page at {gpa:#x} failed")
+    return flush
+
+
+def install_testdev(machine: "Machine") -> PcTestdev:
+    """QEMU's pc-testdev (`minivmm.devices.testdev`): its ports, its IRQ lines driven through
+    KVM_IRQ_LINE, and its IORAM served by an EPT-misconfiguration (MMIO exit) hook."""
+    if not machine.vm.irqchip:
+        raise ValueError("the test device drives IRQ lines through the in-kernel irqchip (platform.irqchip: true)")
+    fd = machine.vm.fd
+    device = PcTestdev(set_irq=lambda line, level: fd.irq_line(line, level), flush_page=_host_page_flusher(machine))
+    machine.add_device(device)
+    machine.add_device(device.irq_lines)
+
+    def iomem(vcpu, info):
+        exit = info.raw_kvm_exit
+        if exit.is_write:
+            device.iomem_write(exit.phys_addr, exit.data[:exit.length])
+            return RESUME
+        return Reply(device.iomem_read(exit.phys_addr, exit.length))
+
+    machine.on(ExitReason.EPT_MISCONFIGURATION, iomem, address=(IOMEM_BASE, IOMEM_BASE + IOMEM_SIZE))
+    return device
 
 
 def enable_strict_ports(machine: "Machine") -> None:
@@ -287,6 +331,8 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         machine.add_device(installed.rtc)
         installed.rtc.start_timer()
         machine.vm.on_close.append(installed.rtc.close)
+    if config.testdev:
+        installed.testdev = install_testdev(machine)
     if config.strict_ports:
         enable_strict_ports(machine)
     machine.platform = installed

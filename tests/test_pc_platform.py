@@ -235,3 +235,42 @@ def test_pit_needs_the_irqchip(make_machine) -> None:
     machine = make_machine("protected")
     with pytest.raises(ValueError, match="PIT needs the in-kernel irqchip"):
         install_platform(machine, PlatformConfig(pit=True))
+
+
+# -- pc-testdev (QEMU hw/misc/pc-testdev.c) -------------------------------------------------------
+def test_testdev_scratch_flush_irq_lines_and_iomem_logic() -> None:
+    from minivmm.devices.testdev import IOMEM_BASE, PcTestdev
+    lines: list[tuple[int, int]] = []
+    flushed: list[int] = []
+    dev = PcTestdev(set_irq=lambda line, level: lines.append((line, level)), flush_page=flushed.append)
+    assert dev.ports == range(0xE0, 0xEC) and dev.irq_lines.ports == range(0x2000, 0x2018)
+    dev.io_write(0xE0, 4, 0x11223344)
+    assert dev.io_read(0xE0, 4) == 0x11223344 and dev.io_read(0xEA, 1) == 0x22
+    dev.io_write(0xEB, 1, 0x99)
+    assert dev.io_read(0xE0, 4) == 0x99223344
+    dev.io_write(0xE4, 4, 0x12345)
+    assert flushed == [0x12000] and dev.flushes == [0x12000]
+    dev.irq_lines.io_write(0x2000 + 5, 1, 7)
+    dev.irq_lines.io_write(0x2000 + 5, 1, 0)
+    assert lines == [(5, 1), (5, 0)] and dev.irq_lines.changes == 2
+    dev.iomem_write(IOMEM_BASE + 0xFFFE, b"\x01\x02\x03\x04")      # clipped at the end
+    assert dev.iomem_read(IOMEM_BASE + 0xFFFE, 2) == 0x0201
+
+
+@pytest.mark.kvm
+def test_irq_kernel_routes_edge_and_level_lines_through_the_ioapic_and_uses_iomem_by_mmio() -> None:
+    result, platform = run_kernel("irq")
+    assert "edge: 00000002" in result.console and "level: 00000002" in result.console
+    assert "masked: 00000001 then 00000002" in result.console
+    dev = platform.testdev
+    assert dev.irq_lines.changes == 8 and dev.irq_lines.levels == [0] * 24
+    assert len(dev.flushes) == 1 and dev.flushes[0] % 4096 == 0
+    assert dev.mmio_writes == 2 and dev.mmio_reads == 2             # every IORAM access was an exit
+    assert dev.iomem[0x10:0x14] == (0x12345678).to_bytes(4, "little") and dev.iomem[0x20] == 0xA5
+    assert dev.scratch.value == 0xDEADBEEF
+
+
+def test_testdev_needs_the_irqchip(make_machine) -> None:
+    from minivmm.platform import install_testdev
+    with pytest.raises(ValueError, match="irqchip"):
+        install_testdev(make_machine("protected"))
