@@ -40,11 +40,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
-from .actions import RESUME, Reply
-from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
+from .actions import RESUME, RETRY, Reply, Stop
+from .devices.acpi_pm import SLP_TYP_S3, PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
-from .devices.rtc import RTC_IRQ, CmosRtc
+from .devices.rtc import RTC_IRQ, CmosRtc, RegisterC
 from .devices.scratch import ScratchRegister
 from .devices.testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
 from .exits import ExitReason
@@ -71,6 +71,12 @@ CREATOR_ID = b"MVMM"
 FADT_WBINVD = 1 << 0
 FADT_TMR_VAL_EXT = 1 << 8
 MADT_PCAT_COMPAT = 1 << 0
+
+
+# Name(_S3_, Package() {1, 1, 0, 0}) and Name(_S5_, Package() {0, 0, 0, 0}) in AML (ACPI 6.5
+# 7.4.2 and 20.2.5): the SLP_TYP values for PM1a/PM1b, which AcpiPm decodes.
+DSDT_SLEEP_STATES = (bytes.fromhex("08 5F53335F 12 08 04 0A01 0A01 00 00") +
+                     bytes.fromhex("08 5F53355F 12 06 04 00 00 00 00"))
 
 
 def acpi_checksum(data: bytes) -> int:
@@ -102,7 +108,8 @@ class AcpiTables:
 
 def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BASE,
                       timer_32bit: bool = True, sci_irq: int = SCI_IRQ) -> AcpiTables:
-    """RSDP (revision 0, ACPI 1.0 style, pointing at the RSDT), FACS, an empty DSDT, a
+    """RSDP (revision 0, ACPI 1.0 style, pointing at the RSDT), FACS, a DSDT with only \\_S3 and
+    \\_S5 (DSDT_SLEEP_STATES), a
     revision-1 FADT (PM1a event/control blocks, PM_TMR_BLK = pm_base + 8, SCI on
     `sci_irq`) and the MADT: one processor-local-APIC entry per vCPU (APIC ID = vCPU
     index, enabled), an IOAPIC at 0xFEC00000 (GSI base 0) and the interrupt source
@@ -120,7 +127,7 @@ def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BAS
 
     place("RSDP", bytes(20))                                # filled in at the end
     facs = place("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"), 64)
-    dsdt = place("DSDT", _table(b"DSDT", 1, b""))
+    dsdt = place("DSDT", _table(b"DSDT", 1, DSDT_SLEEP_STATES))
     fadt_body = bytearray(116 - 36)
 
     def put(offset: int, fmt: str, *values: int) -> None:
@@ -283,6 +290,43 @@ def install_testdev(machine: "Machine") -> PcTestdev:
     return device
 
 
+S3_MAX_SLEEP = 600.0
+"""Seconds a suspended machine waits for a wake event before the run stops with an error."""
+
+
+def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> None:
+    """ACPI S3 on a write of SLP_TYP=S3|SLP_EN to PM1a_CNT: the vCPU stops in that exit with
+    its state and memory kept, until `pm.wake()` or an RTC alarm (RTC_EN) wakes it; then it
+    resumes as firmware would, without a BIOS: in real mode at the FACS firmware waking vector
+    (CS = vector >> 4, IP = vector & 0xF), WAK_STS set in PM1_STS. (ACPI 6.5 16.3.)"""
+    from .modes import RFLAGS_FIXED
+    from .vcpu import Segment
+    memory = machine.memory
+    waking_vector_at = tables.addresses["FACS"] + 12
+
+    def pm1_control(vcpu, info):
+        if info.is_in or info.string_data is not None:
+            return None
+        pm.io_write(info.port, info.size, info.data)
+        if pm.take_sleep_request() != SLP_TYP_S3:
+            return RESUME
+        if not pm.suspend_until_wake(S3_MAX_SLEEP):
+            return Stop("error", message=f"S3: no wake event in {S3_MAX_SLEEP:.0f} s")
+        vector = int.from_bytes(memory.read(waking_vector_at, 4), "little")
+        if vector == 0 or vector > 0xFFFFF:
+            return Stop("error", message=f"S3 resume: the FACS firmware waking vector is {vector:#x}")
+        sregs = vcpu.sregs
+        Segment(selector=vector >> 4, base=vector & ~0xF, limit=0xFFFF, type=0xB, g=0, db=0).to_kvm(sregs.cs)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            Segment(selector=0, base=0, limit=0xFFFF, type=0x3, g=0, db=0).to_kvm(getattr(sregs, name))
+        sregs.cr0, sregs.cr4, sregs.efer = 0x10, 0, 0                    # CR0.ET only: real mode
+        vcpu.set_sregs(sregs)
+        vcpu.rip, vcpu.rflags = vector & 0xF, RFLAGS_FIXED
+        return RETRY
+
+    machine.on(ExitReason.IO_INSTRUCTION, pm1_control, port=pm.base + 4)
+
+
 def enable_strict_ports(machine: "Machine") -> None:
     """Make an access to a port that no device claims stop the run with reason "error" and a
     message naming the port, the direction and RIP (instead of all-ones reads and dropped
@@ -319,6 +363,7 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         installed.acpi_tables = tables
         installed.acpi_pm = AcpiPm(timer_32bit=config.pm_timer_32bit)
         machine.add_device(installed.acpi_pm)
+        install_sleep_states(machine, installed.acpi_pm, tables)
     if config.pci:
         installed.pci = PciNoDevices()
         machine.add_device(installed.pci)
@@ -331,6 +376,9 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         machine.add_device(installed.rtc)
         installed.rtc.start_timer()
         machine.vm.on_close.append(installed.rtc.close)
+        if installed.acpi_pm is not None:
+            pm = installed.acpi_pm
+            installed.rtc.add_listener(lambda flags: pm.rtc_alarm() if flags & RegisterC.AF else None)
     if config.testdev:
         installed.testdev = install_testdev(machine)
     if config.strict_ports:

@@ -274,3 +274,57 @@ def test_testdev_needs_the_irqchip(make_machine) -> None:
     from minivmm.platform import install_testdev
     with pytest.raises(ValueError, match="irqchip"):
         install_testdev(make_machine("protected"))
+
+
+# -- ACPI S3 (ACPI 6.5 16.1-16.3) -----------------------------------------------------------------
+def test_pm1_control_latches_sleep_requests_and_wakes() -> None:
+    from minivmm.devices.acpi_pm import RTC_STS, SLP_TYP_S3, WAK_STS, AcpiPm
+    pm = AcpiPm()
+    pm.io_write(0x604, 2, (SLP_TYP_S3 << 10) | (1 << 13))
+    assert pm.take_sleep_request() == SLP_TYP_S3 and pm.take_sleep_request() is None
+    assert not pm.io_read(0x604, 2) & (1 << 13)              # SLP_EN is write-only
+    pm.rtc_alarm()                                           # RTC_EN clear, not sleeping
+    assert pm.io_read(0x600, 2) == RTC_STS and not pm.suspended
+    pm.io_write(0x602, 2, RTC_STS)                           # RTC_EN
+    pm.io_write(0x600, 2, 0xFFFF)
+    assert pm.suspend_until_wake(timeout=0.05) is False
+    import threading
+    threading.Timer(0.05, pm.rtc_alarm).start()
+    assert pm.suspend_until_wake(timeout=5) and pm.wake_reason == "rtc"
+    assert pm.io_read(0x600, 2) & WAK_STS
+
+
+def test_dsdt_names_the_sleep_states() -> None:
+    from minivmm.platform import build_acpi_tables
+    tables = build_acpi_tables(1)
+    assert b"_S3_\x12\x08\x04\x0a\x01\x0a\x01" in tables.blob and b"_S5_" in tables.blob
+
+
+@pytest.mark.kvm
+def test_s3_kernel_is_woken_by_the_rtc_alarm_and_resumes_at_its_waking_vector() -> None:
+    start = time.monotonic()
+    result, platform = run_kernel("s3")
+    assert time.monotonic() - start >= 0.9                    # the alarm was 1-2 s ahead
+    assert "entering S3" in result.console
+    assert platform.acpi_pm.suspends == 1 and platform.acpi_pm.wake_reason == "rtc"
+
+
+@pytest.mark.kvm
+def test_s3_kernel_woken_by_a_host_call() -> None:
+    import threading
+    config = load_config(PLATFORM_GUESTS / "s3.yaml")
+    with build_machine(config, capture_console=True) as machine:
+        pm = machine.platform.acpi_pm
+
+        def wake_when_suspended() -> None:
+            deadline = time.monotonic() + 10
+            while not pm.suspended and time.monotonic() < deadline:
+                time.sleep(0.005)
+            pm.wake()
+
+        waker = threading.Thread(target=wake_when_suspended)
+        waker.start()
+        result = machine.run_config()
+        waker.join()
+    assert result.reason == "exit" and result.exit_code == 0, result.console
+    assert "resumed: memory intact" in result.console and pm.wake_reason == "host"
