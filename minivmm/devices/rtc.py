@@ -26,7 +26,6 @@ References: Motorola MC146818A data sheet (register map, UIP timing, periodic ra
 """
 from __future__ import annotations
 
-import calendar
 import threading
 import time
 from dataclasses import dataclass, field
@@ -215,6 +214,7 @@ class CmosRtc:
             self._changed.set()
 
     def _write_time(self, index: int, value: int, now: float) -> None:
+        import calendar                     # only a guest setting the clock needs it
         current = self.guest_time(now)
         tm = list(time.gmtime(int(current))[:6])               # year, month, day, hour, minute, second
         if index == REG_HOURS:
