@@ -10,7 +10,8 @@ Register A's update-in-progress bit (UIP) is 1 during the last 2228 us before ea
 boundary (244 us of warning plus the 1984 us update cycle of a 32.768 kHz time base), so a
 guest polling it sees it toggle once a second. Register C latches the periodic (PF), alarm
 (AF) and update-ended (UF) flags and IRQF; reading it clears them. IRQ 8 goes high when a
-flag rises whose enable bit (register B PIE/AIE/UIE) is set, and low when C is read. The
+flag rises whose enable bit (register B PIE/AIE/UIE) is set (PF only counts while PIE is set,
+as in QEMU, whose periodic timer runs only then; the data sheet latches it regardless), and low when C is read. The
 interrupts are timed by a host thread (`start_timer`/`close`) that asks `next_event` when the next
 one is due; without `irq` the flags still work by polling.
 
@@ -259,7 +260,7 @@ class CmosRtc:
         """Latch the flags of what happened since the last look."""
         raised = RegisterC(0)
         period = self._period_count(now)
-        if period != self._seen_period and periodic_hz(self._cmos[REG_A]):
+        if period != self._seen_period and periodic_hz(self._cmos[REG_A]) and self.register_b & RegisterB.PIE:
             raised |= RegisterC.PF
         self._seen_period = period
         if self._frozen is None:
