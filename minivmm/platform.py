@@ -44,18 +44,18 @@ from .actions import RESUME, RETRY, Reply, Stop
 from .devices.acpi_pm import SLP_TYP_S3, PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
-from .devices.rtc import RTC_IRQ, CmosRtc, RegisterC
 from .devices.scratch import ScratchRegister
-from .devices.testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev
 from .exits import ExitReason
 from .memory import GuestMemoryError
 
 if TYPE_CHECKING:
+    from .devices.rtc import CmosRtc
+    from .devices.testdev import PcTestdev
     from .machine import Machine
 
 __all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
            "PlatformConfig", "RamWindow", "RamWindowError", "check_ram_windows", "ScratchConfig", "install_platform", "acpi_checksum",
-           "CmosRtc", "PcTestdev", "pc_platform", "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
+           "pc_platform", "install_testdev", "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
 
 # ---------------------------------------------------------------------------
 # ACPI tables
@@ -230,8 +230,8 @@ class InstalledPlatform:
     acpi_tables: AcpiTables | None = None
     pci: PciNoDevices | None = None
     scratch: list[ScratchRegister] = field(default_factory=list)
-    rtc: CmosRtc | None = None
-    testdev: PcTestdev | None = None
+    rtc: "CmosRtc | None" = None
+    testdev: "PcTestdev | None" = None
 
 
 def pc_platform(**overrides) -> PlatformConfig:
@@ -269,11 +269,12 @@ def _host_page_flusher(machine: "Machine") -> Callable[[int], None]:
     return flush
 
 
-def install_testdev(machine: "Machine") -> PcTestdev:
+def install_testdev(machine: "Machine") -> "PcTestdev":
     """QEMU's pc-testdev (`minivmm.devices.testdev`): its ports, its IRQ lines driven through
     KVM_IRQ_LINE, and its IORAM served by an EPT-misconfiguration (MMIO exit) hook."""
     if not machine.vm.irqchip:
         raise ValueError("the test device drives IRQ lines through the in-kernel irqchip (platform.irqchip: true)")
+    from .devices.testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev      # loaded when asked for
     fd = machine.vm.fd
     device = PcTestdev(set_irq=lambda line, level: fd.irq_line(line, level), flush_page=_host_page_flusher(machine))
     machine.add_device(device)
@@ -372,6 +373,7 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         machine.add_device(device)
         installed.scratch.append(device)
     if config.rtc:
+        from .devices.rtc import RTC_IRQ, CmosRtc, RegisterC
         installed.rtc = CmosRtc(start=config.rtc_start, irq=_irq_line(machine, RTC_IRQ), memory_size=ram_size)
         machine.add_device(installed.rtc)
         installed.rtc.start_timer()

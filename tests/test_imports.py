@@ -45,10 +45,11 @@ def test_asm_reexports_cache_dir() -> None:
     assert "cache_dir" in minivmm.asm.__all__
 
 
-def test_cli_start_loads_no_disassembler_elf_reader_assembler_or_fuzzer() -> None:
+def test_cli_start_loads_no_disassembler_elf_reader_assembler_fuzzer_or_rtc() -> None:
     code = ("import sys, minivmm.cli; print(sorted({m.split('.')[0] for m in sys.modules} & "
-            "{'capstone', 'elftools', 'cffi'}), 'minivmm.asm' in sys.modules, 'minivmm.fuzz.harness' in sys.modules)")
-    assert _run(code) == "[] False False"
+            "{'capstone', 'elftools', 'cffi'}), 'minivmm.asm' in sys.modules, 'minivmm.fuzz.harness' in sys.modules, "
+            "'minivmm.devices.rtc' in sys.modules)")
+    assert _run(code) == "[] False False False"
 
 
 def test_built_fast_path_loads_without_cffi() -> None:

@@ -20,13 +20,23 @@ from minivmm.devices.acpi_pm import AcpiPm
 from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.fw_cfg import FwCfg
 from minivmm.devices.pci import PciNoDevices
-from minivmm.devices.rtc import CmosRtc
 from minivmm.devices.scratch import ScratchRegister
 from minivmm.devices.serial import Serial16550
-from minivmm.devices.testdev import PcTestdev
 
 __all__ = ["AcpiPm", "CmosRtc", "DebugExit", "FwCfg", "PciNoDevices", "PcTestdev", "PortDevice", "ResettableDevice",
            "ScratchRegister", "Serial16550"]
+
+
+_LAZY = {"CmosRtc": "rtc", "PcTestdev": "testdev"}    # loaded when a platform asks for them
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
