@@ -212,7 +212,10 @@ def test_rtc_kernel_reads_the_date_sees_uip_toggle_and_gets_the_alarm() -> None:
     assert "uip: ok" in result.console
     alarm = re.search(r"alarm: (\w\w) at (\w\w) flags (\w\w)", result.console)
     assert alarm and alarm[1] == alarm[2] and int(alarm[3], 16) & 0xA0 == 0xA0
-    assert platform.rtc.interrupts >= 1
+    assert "update: ok" in result.console
+    count, pm = (int(x, 16) for x in re.search(r"periodic: (\w+) in (\w+) pm", result.console).groups())
+    assert count / (pm / PM_TIMER_HZ) == pytest.approx(64, rel=0.10), result.console
+    assert platform.rtc.interrupts >= 1 + 1 + 17                     # alarm, update, periodic
 
 
 PM_TIMER_HZ = 3_579_545

@@ -42,6 +42,7 @@ KERNEL_START
     mov $PM_TIMER, %dx
     in %dx, %eax
     sub pm_start, %eax
+    and $0xFFFFFF, %eax                      /* a 24-bit PM timer (QEMU's) wraps */
     mov %eax, %ebx
     PUTS s_pit
     mov $TICKS, %eax
@@ -77,6 +78,7 @@ KERNEL_START
 5:  mov $PM_TIMER, %dx
     in %dx, %eax
     sub pm_start, %eax
+    and $0xFFFFFF, %eax                      /* a 24-bit PM timer (QEMU's) wraps */
     mov %eax, %ebx
     PUTS s_oneshot
     mov %ebx, %eax
