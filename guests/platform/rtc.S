@@ -3,14 +3,14 @@
  * switches to binary mode, sets the alarm two seconds ahead and sleeps (sti; hlt) until
  * the alarm interrupt arrives on IRQ 8 through the 8259s (its handler leaves with
  * IRQ_RETURN, see pc.inc); then it waits for one update-ended interrupt, and counts
- * PERIODIC periodic interrupts at 64 Hz against the ACPI PM timer.
+ * PERIODIC periodic interrupts at 16 Hz against the ACPI PM timer.
  * Prints "date: CCYY-MM-DD HH:MM:SS", "uip: ok", "alarm: SS at SS flags FF", "update: ok",
  * "periodic: NNNNNNNN in PPPPPPPP pm" (hex), exits 0; failures: 1 register B is not
  * 24-hour BCD, 2 UIP never rose, 3 UIP never fell, 4 the seconds did not move across the
  * update, 5 the alarm came at the wrong second, 6 register C lacked IRQF|AF. */
 .include "pc.inc"
 .set POLLS, 400000
-.set PERIODIC, 16
+.set PERIODIC, 8                             /* at 16 Hz: half a second */
 .set PM_TIMER, 0x608
 KERNEL_START
     CMOS_READ 0x0B
@@ -37,15 +37,15 @@ KERNEL_START
     CMOS_READ 0x00
     PRINT_HEX '\n', print_byte
 
-    mov $POLLS, %ecx                         /* UIP rises ... */
+    CMOS_READ 0x00                           /* the seconds before an update ... */
+    mov %al, %bl
+    mov $POLLS, %ecx                         /* ... UIP rises ... */
 2:  CMOS_READ 0x0A
     test $0x80, %al
     jnz 3f
     loop 2b
     EXIT 2
-3:  CMOS_READ 0x00
-    mov %al, %bl
-    mov $POLLS, %ecx                         /* ... and falls, with the seconds moved on */
+3:  mov $POLLS, %ecx                         /* ... and falls, with the seconds moved on */
 4:  CMOS_READ 0x0A
     test $0x80, %al
     jz 5f
@@ -107,7 +107,7 @@ KERNEL_START
     CMOS_WRITE 0x0B, $0x06
     PUTS s_update
 
-    CMOS_WRITE 0x0A, $0x2A                   /* PIE at 64 Hz, timed by the PM timer */
+    CMOS_WRITE 0x0A, $0x2C                   /* PIE at 16 Hz, timed by the PM timer */
     CMOS_WRITE 0x0B, $0x46
     CMOS_READ 0x0C
     movl $0, pf_count

@@ -9,7 +9,8 @@
  * count was loaded. */
 .include "pc.inc"
 .set DIVISOR, 5966                           /* 200 Hz */
-.set TICKS, 100
+.set TICKS, 200                              /* a 1 s window */
+.set SETTLE, 5
 .set ONESHOT, 59659                          /* 50 ms */
 .set PM_TIMER, 0x608
 .set POLLS, 400000
@@ -24,11 +25,11 @@ KERNEL_START
     outb %al, $0x40
     mov $(DIVISOR >> 8), %al
     outb %al, $0x40
-1:  sti                                      /* the first tick starts the window */
+1:  sti                                      /* the window starts at tick SETTLE */
     hlt
     cli
-    cmpl $0, ticks
-    je 1b
+    cmpl $SETTLE, ticks
+    jb 1b
     mov $PM_TIMER, %dx
     in %dx, %eax
     mov %eax, pm_start
