@@ -1,8 +1,8 @@
 """The assembly of a PC platform for kernels written for QEMU's `-kernel`: which of the
 platform devices to add (fw_cfg, the ACPI PM timer, an empty PCI bus, scratch
-registers), the ACPI tables that describe them, extra RAM windows and strict ports.
-The devices themselves live in `minivmm.devices` (one module each); their names are
-re-exported here.
+registers, the RTC, QEMU's pc-testdev), the ACPI tables that describe them, ACPI S3,
+extra RAM windows and strict ports. The devices themselves live in `minivmm.devices`
+(one module each); the older ones' names are re-exported here.
 
 Each piece is optional and off unless asked for (YAML `platform:` section, or
 `install_platform(machine, PlatformConfig(...))` from Python):
@@ -18,7 +18,10 @@ Each piece is optional and off unless asked for (YAML `platform:` section, or
 |              | `rtc_start` fixes its start time (epoch seconds), else the host's clock |
 | `fw_cfg`     | QEMU's fw_cfg, port interface: selector 0x510 (16-bit write), data 0x511 |
 | `acpi`       | RSDP/RSDT/FADT/FACS/DSDT/MADT in 0xE0000-0xFFFFF and the PM1 block at    |
-|              | 0x600 with the PM timer at 0x608 (3.579545 MHz, 24 or 32 bits)          |
+|              | 0x600 with the PM timer at 0x608 (3.579545 MHz, 24 or 32 bits); S3:     |
+|              | SLP_TYP=1|SLP_EN stops the vCPU until the RTC alarm or `acpi_pm.wake()`,|
+|              | then real mode at the FACS waking vector (`install_sleep_states`; with  |
+|              | several vCPUs only the one that wrote PM1a_CNT stops)                   |
 | `pci`        | ports 0xCF8-0xCFF: configuration mechanism #1 with no device (all ones) |
 | `scratch`    | a register at a chosen port that reads back what was written            |
 | `ram_windows`| extra guest RAM regions (e.g. above the low RAM, as an MMIO-style window)|
