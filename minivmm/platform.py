@@ -304,7 +304,7 @@ def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> 
     resumes as firmware would, without a BIOS: in real mode at the FACS firmware waking vector
     (CS = vector >> 4, IP = vector & 0xF), WAK_STS set in PM1_STS. (ACPI 6.5 16.3.)"""
     from .modes import RFLAGS_FIXED
-    from .vcpu import Segment
+    from .vcpu import Segment, run_timer
     memory = machine.memory
     waking_vector_at = tables.addresses["FACS"] + 12
 
@@ -314,7 +314,9 @@ def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> 
         pm.io_write(info.port, info.size, info.data)
         if pm.take_sleep_request() != SLP_TYP_S3:
             return RESUME
-        if not pm.suspend_until_wake(S3_MAX_SLEEP):
+        if not pm.suspend_until_wake(S3_MAX_SLEEP, give_up=lambda: run_timer.expired):
+            if run_timer.expired:
+                return Stop("timeout", message="the run's deadline passed while the machine slept in S3")
             return Stop("error", message=f"S3: no wake event in {S3_MAX_SLEEP:.0f} s")
         vector = int.from_bytes(memory.read(waking_vector_at, 4), "little")
         if vector == 0 or vector > 0xFFFFF:

@@ -403,3 +403,14 @@ def test_platform_kernels_behave_the_same_under_qemu(tmp_path: Path) -> None:
             out, err = process.communicate(timeout=120)
         assert process.returncode == 1, f"{name} under QEMU: status {process.returncode}\n{out}\n{err}"
         assert shape(ours[name]) == shape(out), f"{name}: minivmm vs QEMU\n{ours[name]}\n---\n{out}"
+
+
+@pytest.mark.kvm
+def test_the_run_deadline_ends_an_s3_sleep() -> None:
+    config = load_config(PLATFORM_GUESTS / "s3.yaml", overrides=["machine.timeout=0.5"])
+    start = time.monotonic()
+    with build_machine(config, capture_console=True) as machine:
+        result = machine.run_config()
+        pm = machine.platform.acpi_pm
+    assert result.reason == "timeout" and "slept in S3" in result.message
+    assert pm.suspends == 1 and not pm.suspended and time.monotonic() - start < 1.5

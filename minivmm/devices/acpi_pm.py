@@ -15,6 +15,7 @@ import struct
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 __all__ = ["AcpiPm", "PM_BASE", "PM_TIMER_HZ", "PM1_EVT_LEN", "PM1_CNT_LEN", "PM_TMR_LEN", "SLP_TYP_S3",
            "SLP_TYP_S5", "WAK_STS", "RTC_STS"]
@@ -93,9 +94,10 @@ class AcpiPm:
         request, self._sleep_request = self._sleep_request, None
         return request
 
-    def suspend_until_wake(self, timeout: float | None = None) -> bool:
+    def suspend_until_wake(self, timeout: float | None = None,
+                           give_up: Callable[[], bool] = lambda: False) -> bool:
         """Block (the vCPU stays stopped) until `wake` or an enabled RTC alarm; False when
-        `timeout` seconds passed first."""
+        `timeout` seconds passed or `give_up()` (polled every 50 ms) said so first."""
         self.suspended = True
         self.suspends += 1
         self.wake_reason = ""
@@ -103,7 +105,7 @@ class AcpiPm:
         try:
             deadline = None if timeout is None else time.monotonic() + timeout
             while not self._woken.wait(0.05):
-                if deadline is not None and time.monotonic() >= deadline:
+                if give_up() or deadline is not None and time.monotonic() >= deadline:
                     return False
             return True
         finally:
