@@ -290,7 +290,10 @@ class HostCapabilities:
     ``hw_breakpoints``: KVM_CAP_GUEST_DEBUG_HW_BPS > 0; ``readonly_mem``:
     KVM_CAP_READONLY_MEM; ``dirty_log``: dirty-page logging on memslots;
     ``sync_regs``: KVM_CAP_SYNC_REGS; ``tsc_control``: KVM_CAP_TSC_CONTROL;
-    ``user_mode_kernel``: minivmm's built-in CPL-0 kernel can run.
+    ``user_mode_kernel``: minivmm's built-in CPL-0 kernel can run;
+    ``tsc_offset``: the per-vCPU TSC offset (KVM_VCPU_TSC_OFFSET) is honoured
+    (probed); ``msr_exit_all``: a default-deny MSR filter is accepted, so every
+    RDMSR/WRMSR can exit (probed). See `minivmm.capabilities`.
     """
 
     msr_filter: bool
@@ -302,6 +305,8 @@ class HostCapabilities:
     sync_regs: bool
     tsc_control: bool
     user_mode_kernel: bool = True
+    tsc_offset: bool = False
+    msr_exit_all: bool = False
 
 
 VMCS_REVISION_ID = 1
@@ -331,13 +336,15 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
     PIN_BASED_VMX_PREEMPTION_TIMER        always    the KVM_RUN deadline; expiry exits as 52
     PIN_BASED_EXTERNAL_INTERRUPT_EXITING  never     interrupts are delivered in the kernel
     PIN_BASED_NMI_EXITING, VIRTUAL_NMIS   never     NMIs never reach user space
-    CPU_BASED_HLT_EXITING                 always    KVM_EXIT_HLT (VM without in-kernel LAPIC)
+    CPU_BASED_HLT_EXITING                 must be 1 KVM_EXIT_HLT (VM without in-kernel LAPIC)
     CPU_BASED_UNCONDITIONAL_IO_EXITING    always    every port access is a KVM_EXIT_IO
     CPU_BASED_USE_IO_BITMAPS              always    bitmaps filter KVM_EXIT_IO in minivmm
-    CPU_BASED_USE_TSC_OFFSETTING          always    guest IA32_TSC written via KVM_SET_MSRS
+    CPU_BASED_USE_TSC_OFFSETTING          if tsc    KVM_VCPU_TSC_OFFSET (probed: honoured)
     CPU_BASED_ACTIVATE_SECONDARY_CONTROLS always    needed for EPT
     CPU_BASED_MONITOR_TRAP_FLAG           if debug  KVM_GUESTDBG_SINGLESTEP
-    CPU_BASED_USE_MSR_BITMAPS             if filter KVM MSR filter + user-space MSR exits
+    CPU_BASED_USE_MSR_BITMAPS             always    KVM MSR filter + user-space MSR exits; 0
+                                                    (every RDMSR/WRMSR exits) only where a
+                                                    default-deny filter works, else must be 1
     RDTSC, RDPMC, INVLPG, MWAIT, MONITOR, never     KVM handles these in the kernel and
     PAUSE, CR3/CR8, MOV-DR, TPR shadow,             never exits to user space for them
     interrupt/NMI window exiting
@@ -387,14 +394,19 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
         ProcBasedControls.CPU_BASED_HLT_EXITING
         | ProcBasedControls.CPU_BASED_UNCONDITIONAL_IO_EXITING
         | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
-        | ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING
+        | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
         | ProcBasedControls.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
     )
     proc1 &= ~(ProcBasedControls.CPU_BASED_CR3_LOAD_EXITING | ProcBasedControls.CPU_BASED_CR3_STORE_EXITING)
     if caps.guest_debug:
         proc1 |= ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG
-    if caps.msr_filter and caps.user_space_msr:
-        proc1 |= ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
+    if caps.tsc_offset:
+        proc1 |= ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING
+    # HLT always exits to user space without an in-kernel irqchip; without a default-deny MSR
+    # filter MSR accesses cannot all exit, so the bitmaps cannot be turned off
+    proc0 = ProcBasedControls.CPU_BASED_HLT_EXITING
+    if not caps.msr_exit_all:
+        proc0 |= ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
 
     sec1 = SecondaryControls.SECONDARY_ENABLE_EPT | SecondaryControls.SECONDARY_UNRESTRICTED_GUEST
     if caps.tsc_control:
@@ -439,7 +451,7 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
     return {
         VmxMsr.IA32_VMX_BASIC: basic,
         VmxMsr.IA32_VMX_PINBASED_CTLS: _ctls(PIN_BASED_DEFAULT1 & pin1, pin1),
-        VmxMsr.IA32_VMX_PROCBASED_CTLS: _ctls(PROC_BASED_DEFAULT1 & proc1, proc1),
+        VmxMsr.IA32_VMX_PROCBASED_CTLS: _ctls(PROC_BASED_DEFAULT1 & proc1 | proc0, proc1),
         VmxMsr.IA32_VMX_EXIT_CTLS: _ctls(VM_EXIT_DEFAULT1 & exit1, exit1),
         VmxMsr.IA32_VMX_ENTRY_CTLS: _ctls(VM_ENTRY_DEFAULT1 & entry1, entry1),
         VmxMsr.IA32_VMX_MISC: VMX_MISC_STORE_EFER_LMA | VMX_MISC_ACTIVITY_HLT,
@@ -447,7 +459,7 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
         VmxMsr.IA32_VMX_PROCBASED_CTLS2: _ctls(0, sec1),
         VmxMsr.IA32_VMX_EPT_VPID_CAP: int(ept),
         VmxMsr.IA32_VMX_TRUE_PINBASED_CTLS: _ctls(0, pin1),
-        VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS: _ctls(0, proc1),
+        VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS: _ctls(proc0, proc1),
         VmxMsr.IA32_VMX_TRUE_EXIT_CTLS: _ctls(0, exit1),
         VmxMsr.IA32_VMX_TRUE_ENTRY_CTLS: _ctls(0, entry1),
     }

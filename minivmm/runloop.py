@@ -27,7 +27,8 @@ from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
 from .kvm import ExitKind, IoExit, KvmError, KvmRun, decode_exit
 from .modes import EXCEPTION_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
-from .translate import ExceptionReport, RestoreUserFrame, Translator, exception_report, io_qualification
+from .translate import (ExceptionReport, GuestFault, RestoreUserFrame, Translator, exception_report,
+                        io_qualification)
 from .vcpu import Vcpu, run_timer
 from .vmcs import RFLAGS_TF, Vmcs
 
@@ -120,7 +121,7 @@ class VcpuContext:
         self.info.vcpu_index = vcpu.index
         self._io_routes = vm.route_cache()
         self.vmcs = Vmcs(vcpu, self.info, vm.vmx, self.mode is Mode.USER,
-                         on_routing_change=self._io_routes.clear)
+                         on_routing_change=self._io_routes.clear, mode=self.mode)
         self.translator = Translator(self.mode)
         self.stats: dict[str, ExitStat] = {}
         self.pre_entry: list[Callable[[], None]] = []
@@ -202,9 +203,9 @@ class VcpuContext:
         if callbacks and not self._steps:
             self.vmcs.step_requested = False
             self.vmcs.mark_dirty()
+        previous, self._step_rip = self._step_rip, vcpu.rip
         if not self.vmcs.mtf:
             return False
-        previous, self._step_rip = self._step_rip, vcpu.rip
         if previous is not None and self.read_code(previous, 1) == b"\xf4":
             info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, raw_kvm_exit=info.raw_kvm_exit)
         return True
@@ -462,12 +463,15 @@ class VcpuContext:
                 if translated.__class__ is Stop:
                     return translated               # a hook callback ended the run
                 return _NO_EXIT if translated[0] is None else translated[1]
-        translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
-                                                out_data=out_data)
+        try:
+            translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
+                                                    out_data=out_data)
+        except GuestFault as fault:
+            return Stop(RunEnd.ERROR, message=str(fault))     # the guest's doing: a result, not a raise
         if translation is None:
             return _NO_EXIT
         if translation.restore is not None:
-            self._restore_user_frame(translation.restore)
+            self._restore_user_frame(translation.restore, translation.step)
         if translation.step and not self._stepped(info):
             return _NO_EXIT
         return translation.key
@@ -479,13 +483,45 @@ class VcpuContext:
             return key
         return (None, None) if key is _NO_EXIT else (self.info, key)
 
-    def _restore_user_frame(self, frame: RestoreUserFrame) -> None:
+    def _restore_user_frame(self, frame: RestoreUserFrame, step: bool = False) -> None:
         vcpu = self.vcpu
-        vcpu.rip, vcpu.rsp, vcpu.rflags = frame.rip, frame.rsp, frame.rflags
+        rflags = frame.rflags
+        if self.vmcs.tf_stepping:
+            rflags = self._hide_tf(frame, step)
+        vcpu.rip, vcpu.rsp, vcpu.rflags = frame.rip, frame.rsp, rflags
         sregs = vcpu.sregs
         sregs.cs.selector, sregs.cs.dpl, sregs.cs.l, sregs.cs.db = SEL_USER_CODE64, 3, 1, 0
         sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
         vcpu.set_sregs(sregs)
+
+    def _hide_tf(self, frame: RestoreUserFrame, step: bool) -> int:
+        """The RFLAGS of a user-mode stub frame taken under minivmm's single-step, as the guest's
+        own: a `popf` just stepped over sets the guest's TF, a `pushf` gets the guest's TF in
+        the value it pushed (SDM vol. 2 PUSHF/POPF), and the frame's flags carry it too."""
+        vmcs = self.vmcs
+        previous = self._step_rip
+        if step and previous is not None:
+            code = self.read_code(previous, 4)
+            position = 0
+            while position < len(code) and (code[position] == 0x66 or 0x40 <= code[position] <= 0x4F):
+                position += 1
+            opcode = code[position:position + 1]
+            if opcode == b"\x9d":
+                vmcs.guest_tf = bool(frame.rflags & RFLAGS_TF)
+            elif opcode == b"\x9c":
+                size = 2 if code[:1] == b"\x66" else 8
+                pushed = int.from_bytes(self._read_virtual(frame.rsp, size), "little")
+                if pushed & RFLAGS_TF and not vmcs.guest_tf:
+                    self._write_virtual(frame.rsp, (pushed & ~RFLAGS_TF).to_bytes(size, "little"))
+        return vmcs.guest_rflags(frame.rflags)
+
+    def _read_virtual(self, gva: int, size: int) -> bytes:
+        from .pagewalk import read_virtual
+        return read_virtual(self.vm.memory, self.vcpu, gva, size)
+
+    def _write_virtual(self, gva: int, data: bytes) -> None:
+        from .pagewalk import write_virtual
+        write_virtual(self.vm.memory, self.vcpu, gva, data)
 
     def _resumed_fault(self, info: ExitInfo, action: Action, entry: int) -> Action:
         """A handler resumed an exception exit without moving RIP. As on VT-x a fault executes
@@ -568,6 +604,10 @@ class VcpuContext:
             return False
         if reason == ExitReason.IO_INSTRUCTION and not info.raw_kvm_exit.is_out:
             self._complete_in(info)
+        elif reason == ExitReason.EPT_MISCONFIGURATION and cls is Resume and action.advance \
+                and not info.raw_kvm_exit.is_write:
+            self._reply(info, info.data)        # a read answered through info.data, as an IN is
+            return False
         elif reason == ExitReason.EXECUTE_RDMSR or reason == ExitReason.EXECUTE_WRMSR:
             if cls is Inject and action.vector == Vector.GP:
                 vcpu.fd.set_msr_reply(0, error=True)        # KVM injects the #GP itself
@@ -662,7 +702,7 @@ class VcpuContext:
             kind = vcpu.run_once()
         finally:
             run.immediate_exit = 0
-        if self.vmcs.user_mode and self.stepping and not vcpu.rflags & RFLAGS_TF:
+        if self.vmcs.tf_stepping and not vcpu.rflags & RFLAGS_TF:
             vcpu.rflags |= RFLAGS_TF          # a completed exit drops TF on some hosts
         return kind
 

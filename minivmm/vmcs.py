@@ -12,9 +12,9 @@ before the next VM entry:
 | CPU_BASED_USE_MSR_BITMAPS + MSR bitmap  | KVM_X86_SET_MSR_FILTER with user-space MSR exits for the MSRs whose bitmap bit is 1; with the control 0 every RDMSR/WRMSR exits (SDM 25.6.9) |
 | CPU_BASED_USE_IO_BITMAPS + I/O bitmaps  | ports whose bit is 1 reach user I/O handlers; others go to the machine's devices |
 | CPU_BASED_UNCONDITIONAL_IO_EXITING      | every port reaches user I/O handlers         |
-| exception bitmap                        | vectors whose bit is 1 reach user exception handlers (#BP/#DB through KVM_SET_GUEST_DEBUG; every vector in user mode through the built-in kernel's IDT) |
-| CPU_BASED_MONITOR_TRAP_FLAG             | KVM_GUESTDBG_SINGLESTEP; each step exits as MONITOR_TRAP_FLAG |
-| CPU_BASED_USE_TSC_OFFSETTING + offset   | IA32_TSC_ADJUST                                |
+| exception bitmap                        | vectors whose bit is 1 reach user exception handlers (#BP/#DB through KVM_SET_GUEST_DEBUG where the host exits on them; every vector in user mode through the built-in kernel's IDT); a bit the mode cannot honour makes the VMWRITE fail |
+| CPU_BASED_MONITOR_TRAP_FLAG             | KVM_GUESTDBG_SINGLESTEP; each step exits as MONITOR_TRAP_FLAG (user mode: RFLAGS.TF, hidden from the guest's `pushf` and from the flags handlers see) |
+| CPU_BASED_USE_TSC_OFFSETTING + offset   | KVM_VCPU_TSC_OFFSET, added to the vCPU's own TSC offset (only where the host honours it: `minivmm.capabilities`) |
 | PIN_BASED_VMX_PREEMPTION_TIMER          | the run deadline (`Machine.run(timeout=)`)     |
 | SECONDARY_ENABLE_EPT + EPT pointer      | `machine.ept` (memslots and host page protection) |
 
@@ -33,7 +33,10 @@ from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinB
                        VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
 from .errors import MinivmmError
 from .exits import ExitInfo
-from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag, VmFd
+from .capabilities import HostModel, deny_all_filter_ranges, host_model
+from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, GuestDebugFlag, Kvm, KvmDeviceAttr,
+                  MsrExitReasonFlag, MsrFilterFlag, VmFd)
+from .modes import Mode
 from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
                           field_group)
 
@@ -48,34 +51,32 @@ class VmcsError(MinivmmError, ValueError):
 
 
 def host_capabilities(kvm: Kvm) -> HostCapabilities:
-    """Probe what this KVM host can honour (KVM_CHECK_EXTENSION)."""
-    c = kvm.check_extension
-    return HostCapabilities(
-        msr_filter=c(Cap.X86_MSR_FILTER) > 0, user_space_msr=c(Cap.X86_USER_SPACE_MSR) > 0,
-        guest_debug=c(Cap.SET_GUEST_DEBUG) > 0, hw_breakpoints=c(Cap.GUEST_DEBUG_HW_BPS) > 0,
-        readonly_mem=c(Cap.READONLY_MEM) > 0, dirty_log=True, sync_regs=c(Cap.SYNC_REGS) > 0,
-        tsc_control=c(Cap.TSC_CONTROL) > 0)
+    """What this KVM host can honour (KVM_CHECK_EXTENSION and the probes of
+    `minivmm.capabilities`)."""
+    return host_model(kvm).capabilities
 
 
 def vmx_capability_msrs(kvm: Kvm) -> dict[VmxMsr, int]:
     """IA32_VMX_* capability MSRs for this host (SDM appendix A)."""
-    return compute_capability_msrs(host_capabilities(kvm))
+    return host_model(kvm).msrs
 
 
 def capability_report(kvm: Kvm) -> dict:
-    """KVM capabilities and VMX capability MSRs, JSON-ready."""
+    """KVM capabilities, VMX capability MSRs and the per-mode model, JSON-ready."""
+    model = host_model(kvm)
     return {"kvm_api_version": kvm.get_api_version(),
             "kvm_capabilities": {cap.name: kvm.check_extension(cap) for cap in Cap},
-            "vmx_msrs": {msr.name: f"{value:#018x}" for msr, value in vmx_capability_msrs(kvm).items()}}
+            "vmx_msrs": {msr.name: f"{value:#018x}" for msr, value in model.msrs.items()},
+            "model": model.report()}
 
 
 def capability_table(kvm: Kvm) -> str:
-    """`minivmm caps`: KVM capabilities and the VMX capability MSRs as text tables."""
+    """`minivmm caps`: KVM capabilities, the VMX capability MSRs and the per-mode table as text."""
     report = capability_report(kvm)
     width = max(len(name) for name in report["kvm_capabilities"])
     lines = [f"KVM API version {report['kvm_api_version']}", "", "KVM capability".ljust(width) + "  value"]
     lines += [f"{name.ljust(width)}  {value}" for name, value in report["kvm_capabilities"].items()]
-    lines += ["", format_capability_table(vmx_capability_msrs(kvm))]
+    lines += ["", format_capability_table(vmx_capability_msrs(kvm)), "", host_model(kvm).markdown()]
     return "\n".join(lines)
 
 
@@ -199,7 +200,6 @@ _MSR_FIELDS = {F.VMCS_GUEST_IA32_SYSENTER_CS: 0x174, F.VMCS_GUEST_IA32_SYSENTER_
                F.VMCS_GUEST_IA32_PAT: 0x277}
 _TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMIT: ("gdt", "limit"),
                  F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
-IA32_TSC_ADJUST = 0x3B
 RFLAGS_TF = 1 << 8
 
 DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
@@ -215,7 +215,8 @@ class VmxVmState:
 
     def __init__(self, kvm: Kvm, vm: VmFd) -> None:
         self.vm = vm
-        self.capabilities = vmx_capability_msrs(kvm)
+        self.model: HostModel = host_model(kvm)
+        self.capabilities = self.model.msrs
         self.msr_bitmap = MsrBitmap()
         self.msr_bitmap.on_change = self._mark_all_dirty
         self.io_bitmap = IoBitmaps()
@@ -249,7 +250,8 @@ class VmxVmState:
         if wanted is None:
             vm.set_msr_filter(False, [])
         elif wanted[0] == "all":
-            vm.set_msr_filter(True, [])
+            self._filter_buffers = deny_all_filter_ranges()
+            vm.set_msr_filter(True, self._filter_buffers)
         else:
             ranges = []
             self._filter_buffers = []
@@ -265,6 +267,7 @@ class VmxVmState:
 class _Realised:
     guest_debug: int = -1
     tsc_offset: int | None = None
+    tsc_base: int | None = None       # the vCPU's own KVM TSC offset, before the VMCS's is added
     tf: bool = False
 
 
@@ -274,14 +277,22 @@ class Vmcs:
 
     `step_requested` is set by the vCPU's step service while a step callback waits; the
     realisation then single-steps the guest as it does for MTF: RFLAGS.TF in user mode
-    (the built-in kernel reports the #DB), KVM_GUESTDBG_SINGLESTEP otherwise."""
+    (the built-in kernel reports the #DB), KVM_GUESTDBG_SINGLESTEP otherwise. In user mode the
+    TF is minivmm's, not the guest's: `guest_tf` is the guest's own, which `guest_rflags` puts
+    in the flags handlers and the guest see.
+
+    `mode` is the guest mode the exception bitmap is checked for (`minivmm.capabilities`):
+    a VMWRITE of a bit the mode cannot honour raises ExceptionInterceptError."""
 
     def __init__(self, vcpu: "Vcpu", info: ExitInfo, vmx: VmxVmState, user_mode: bool,
-                 on_routing_change: Callable[[], None] = lambda: None) -> None:
+                 on_routing_change: Callable[[], None] = lambda: None, *,
+                 mode: Mode | None = None) -> None:
         self.vcpu = vcpu
         self.info = info
         self.vmx = vmx
         self.user_mode = user_mode
+        self.mode = Mode.USER if user_mode else Mode(mode or Mode.LONG)
+        self.guest_tf = False
         self.on_routing_change = on_routing_change
         self.capabilities = vmx.capabilities
         self.controls = default_controls(self.capabilities)
@@ -315,6 +326,8 @@ class Vmcs:
         self.write(field, self.controls[field] | flag if enabled else self.controls[field] & ~flag)
 
     def intercept_exception(self, vector: int, enabled: bool = True) -> None:
+        """Set or clear one exception-bitmap bit (ExceptionInterceptError when the mode cannot
+        intercept `vector`)."""
         mask = 1 << vector
         self.write(F.VMCS_CTRL_EXCEPTION_BITMAP,
                    self.exception_bitmap | mask if enabled else self.exception_bitmap & ~mask)
@@ -395,6 +408,7 @@ class Vmcs:
             self.controls[field] = value
             self.on_routing_change()
         elif field == F.VMCS_CTRL_EXCEPTION_BITMAP:
+            self.vmx.model.check_exception_bitmap(self.mode, value)
             self.exception_bitmap = value & 0xFFFFFFFF
         elif field == F.VMCS_CTRL_TSC_OFFSET:
             self.tsc_offset = value
@@ -438,22 +452,60 @@ class Vmcs:
         debug = 0
         stepping = bool(proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG) or self.step_requested
         if self.user_mode:
-            if stepping != self._realised.tf:
-                # KVM's single-step does not stop CPL-3 code on every host: steps trap with
-                # RFLAGS.TF instead, and the built-in kernel reports each #DB.
-                vcpu.rflags = vcpu.rflags | RFLAGS_TF if stepping else vcpu.rflags & ~RFLAGS_TF
-                self._realised.tf = stepping
+            self._realise_tf(stepping)
         elif stepping:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP
         if self.exception_bitmap & (1 << 3):
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP
+        if self.exception_bitmap & (1 << 1) and not self.user_mode:
+            debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_HW_BP   # KVM then exits on every #DB
         if debug != self._realised.guest_debug:
             vcpu.fd.set_guest_debug(debug)
             self._realised.guest_debug = debug
         offset = self.tsc_offset if proc & ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING else 0
         if offset != (self._realised.tsc_offset or 0):
-            vcpu.fd.set_msrs({IA32_TSC_ADJUST: offset & (1 << 64) - 1})
-            self._realised.tsc_offset = offset
+            self._realise_tsc_offset(offset)
+
+    def _realise_tf(self, stepping: bool) -> None:
+        """User-mode single-step: KVM's single-step does not stop CPL-3 code on every host, so
+        steps trap with RFLAGS.TF and the built-in kernel reports each #DB. The guest's own TF
+        is kept in `guest_tf` and comes back when stepping ends."""
+        vcpu = self.vcpu
+        if stepping:
+            if not self._realised.tf:
+                self.guest_tf = bool(vcpu.rflags & RFLAGS_TF)
+                self._realised.tf = True
+            if not vcpu.rflags & RFLAGS_TF:
+                vcpu.rflags |= RFLAGS_TF
+        elif self._realised.tf:
+            vcpu.rflags = vcpu.rflags | RFLAGS_TF if self.guest_tf else vcpu.rflags & ~RFLAGS_TF
+            self._realised.tf = False
+
+    @property
+    def tf_stepping(self) -> bool:
+        """Whether RFLAGS.TF is minivmm's now (user-mode single-step)."""
+        return self._realised.tf
+
+    def guest_rflags(self, rflags: int) -> int:
+        """`rflags` as the guest's own: minivmm's TF replaced by the guest's (`guest_tf`). The
+        next realisation puts minivmm's TF back."""
+        if not self._realised.tf:
+            return rflags
+        self.dirty = True
+        return rflags | RFLAGS_TF if self.guest_tf else rflags & ~RFLAGS_TF
+
+    def _realise_tsc_offset(self, offset: int) -> None:
+        """CPU_BASED_USE_TSC_OFFSETTING: the guest's TSC is its own plus TSC_OFFSET (SDM 26.6.5),
+        through KVM's per-vCPU TSC offset (devices/vcpu.rst KVM_VCPU_TSC_OFFSET)."""
+        value = ctypes.c_uint64()
+        attr = KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, ctypes.addressof(value))
+        fd = self.vcpu.fd
+        if self._realised.tsc_base is None:
+            fd.get_device_attr(attr)
+            self._realised.tsc_base = value.value
+        value.value = (self._realised.tsc_base + offset) & (1 << 64) - 1
+        fd.set_device_attr(attr)
+        self._realised.tsc_offset = offset
 
 
 def default_controls(capabilities: dict[VmxMsr, int]) -> dict[VmcsField, int]:

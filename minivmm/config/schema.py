@@ -293,6 +293,7 @@ class CpuidRule:
 class VmcsConfig:
     controls: list[ControlSetting] = field(default_factory=list)
     exception_bitmap: list[int] = field(default_factory=list)
+    exception_bitmap_locs: list[Loc] = field(default_factory=list)      # where each vector was given
     exceptions: list[ExceptionRule] = field(default_factory=list)
     msrs: list[MsrRule] = field(default_factory=list)
     io: list[IoRule] = field(default_factory=list)
