@@ -106,7 +106,9 @@ _CONTROL_NOTES: dict[str, str] = {
     "CPU_BASED_ACTIVATE_SECONDARY_CONTROLS": "enables the secondary controls",
     "SECONDARY_ENABLE_EPT": "memslots, read-only slots, host page protection",
     "SECONDARY_UNRESTRICTED_GUEST": "real mode runs on KVM",
-    "SECONDARY_USE_TSC_SCALING": "KVM_SET_TSC_KHZ (KVM_CAP_TSC_CONTROL)",
+    "SECONDARY_USE_TSC_SCALING": "the TSC multiplier field is not realised",
+    "VM_ENTRY_IA32E_MODE_GUEST": "reads EFER.LMA (stored on every exit); a write that would switch "
+                                 "the mode at entry is refused",
 }
 
 

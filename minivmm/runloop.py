@@ -616,7 +616,10 @@ class VcpuContext:
         if cls is Stop:
             return True
         if cls is Inject:
-            vcpu.inject_exception(action.vector, action.error_code, action.cr2)
+            if action.vector == Vector.NMI:
+                vcpu.fd.nmi()            # SDM 26.6.1.1: vector 2 is injected as an NMI, not an exception
+            else:
+                vcpu.inject_exception(action.vector, action.error_code, action.cr2)
             return False
         if cls is Resume:
             if action.advance:

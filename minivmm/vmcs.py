@@ -201,6 +201,8 @@ _MSR_FIELDS = {F.VMCS_GUEST_IA32_SYSENTER_CS: 0x174, F.VMCS_GUEST_IA32_SYSENTER_
 _TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMIT: ("gdt", "limit"),
                  F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
 RFLAGS_TF = 1 << 8
+EFER_LMA = 1 << 10
+_IA32E = VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
 
 DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
                       | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
@@ -323,7 +325,16 @@ class Vmcs:
     def set_control(self, flag: IntFlag, enabled: bool = True) -> None:
         """Set or clear one control bit (checked against the capability MSR)."""
         field, _ = _CONTROL_FIELDS[type(flag)]
-        self.write(field, self.controls[field] | flag if enabled else self.controls[field] & ~flag)
+        value = self.read(field)
+        self.write(field, value | flag if enabled else value & ~flag)
+
+    def _ia32e_mode_guest(self) -> bool:
+        """EFER.LMA, which VM exits store in VM_ENTRY_IA32E_MODE_GUEST (SDM 28.2 / A.6 bit 5);
+        before the mode is set up, the machine's mode."""
+        vcpu = self.vcpu
+        if vcpu.efer & EFER_LMA or vcpu.cr0 & 1:
+            return bool(vcpu.efer & EFER_LMA)
+        return self.mode in (Mode.LONG, Mode.USER)
 
     def intercept_exception(self, vector: int, enabled: bool = True) -> None:
         """Set or clear one exception-bitmap bit (ExceptionInterceptError when the mode cannot
@@ -353,7 +364,10 @@ class Vmcs:
         vcpu = self.vcpu
         info = self.info
         if field in self.controls:
-            return self.controls[field]
+            value = self.controls[field]
+            if field == F.VMCS_CTRL_VMENTRY_CONTROLS:
+                value = value | _IA32E if self._ia32e_mode_guest() else value & ~_IA32E
+            return value
         if field == F.VMCS_CTRL_EXCEPTION_BITMAP:
             return self.exception_bitmap
         if field == F.VMCS_CTRL_TSC_OFFSET:
@@ -405,6 +419,12 @@ class Vmcs:
         if field in _FIELD_CONTROLS:
             cls, msr = _FIELD_CONTROLS[field]
             check_controls(value, self.capabilities[msr], cls, msr)
+            if field == F.VMCS_CTRL_VMENTRY_CONTROLS and bool(value & _IA32E) != self._ia32e_mode_guest():
+                raise VmcsError(
+                    f"VM_ENTRY_IA32E_MODE_GUEST={int(bool(value & _IA32E))} would switch the guest "
+                    f"{'into' if value & _IA32E else 'out of'} IA-32e mode at entry, which minivmm "
+                    "cannot do: the mode is the machine's (Machine(mode=...)) or the guest's own; "
+                    "the control reads EFER.LMA")
             self.controls[field] = value
             self.on_routing_change()
         elif field == F.VMCS_CTRL_EXCEPTION_BITMAP:

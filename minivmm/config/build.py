@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 
 from ..devices import DebugExit, PortDevice, Serial16550
 from ..exits import ExitReason
-from ..controls import UnsupportedControlError
+from ..controls import UnsupportedControlError, VmEntryControls
 from ..machine import Machine, RunResult
 from ..modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, ImageRange, Mode, SystemAreaError,
                      choose_system_base, default_stack)
@@ -291,6 +291,11 @@ def check_vmcs(config: Config, model: "HostModel") -> None:
             check_control_change(controls, setting.flag, setting.enabled, capabilities)
         except UnsupportedControlError as exc:
             raise setting.loc.error(f"this host cannot honour {setting.name}: {exc}") from None
+        if setting.flag == VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST and \
+                setting.enabled != (mode in (Mode.LONG, Mode.USER)):
+            raise setting.loc.error(f"{setting.name} is EFER.LMA of the guest: {mode.value} mode "
+                                    f"{'is not' if setting.enabled else 'is'} IA-32e mode, and minivmm "
+                                    "does not switch modes at VM entry (set machine.mode)")
     locs = vmcs.exception_bitmap_locs or [vmcs.loc] * len(vmcs.exception_bitmap)
     for vector, loc in zip(vmcs.exception_bitmap, locs):
         _check_vector(model, mode, vector, loc)
