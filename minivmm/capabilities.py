@@ -117,8 +117,14 @@ def _control_note(name: str, works: bool, default1: bool) -> str:
         return _CONTROL_NOTES[name]
     if works and default1:
         return "default1 bit: reserved, no function"
-    if works and name.startswith(("VM_EXIT_SAVE", "VM_ENTRY_LOAD", "VM_ENTRY_IA32E", "VM_EXIT_HOST")):
-        return "guest state is KVM's live vCPU state"
+    if works and name.startswith(("VM_EXIT_SAVE", "VM_ENTRY_LOAD", "VM_EXIT_HOST")):
+        return "guest state is KVM's live vCPU state: always saved and loaded, must be 1"
+    if name.startswith("VM_EXIT_SAVE_VMX_PREEMPTION"):
+        return "the preemption-timer value field is not modelled"
+    if name.startswith("VM_EXIT_"):
+        return "host state belongs to KVM; nothing to realise it on"
+    if name.startswith("VM_ENTRY_"):
+        return "KVM gives user space no way to realise it"
     return "KVM handles it in the kernel; no exit reaches user space"
 
 
@@ -229,8 +235,12 @@ class HostModel:
                  "|" + "---|" * (len(MODES) + 2)]
         for (kind, name), per_mode in by_item.items():
             cells = [per_mode[m].status for m in MODES]
-            hows = dict.fromkeys(per_mode[m].how for m in MODES)
-            lines.append(f"| `{name}` | " + " | ".join(cells) + " | " + "; ".join(hows) + " |")
+            hows: dict[str, list[str]] = {}
+            for m in MODES:
+                hows.setdefault(per_mode[m].how, []).append(m.value)
+            how = next(iter(hows)) if len(hows) == 1 else \
+                "; ".join(f"{', '.join(modes)}: {text}" for text, modes in hows.items())
+            lines.append(f"| `{name}` | " + " | ".join(cells) + " | " + how + " |")
         return "\n".join(lines)
 
     def report(self) -> dict:

@@ -203,9 +203,9 @@ class VcpuContext:
         if callbacks and not self._steps:
             self.vmcs.step_requested = False
             self.vmcs.mark_dirty()
-        previous, self._step_rip = self._step_rip, vcpu.rip
         if not self.vmcs.mtf:
             return False
+        previous, self._step_rip = self._step_rip, vcpu.rip
         if previous is not None and self.read_code(previous, 1) == b"\xf4":
             info.reset(ExitReason.EXECUTE_HLT, instruction_length=1, raw_kvm_exit=info.raw_kvm_exit)
         return True
@@ -496,23 +496,23 @@ class VcpuContext:
 
     def _hide_tf(self, frame: RestoreUserFrame, step: bool) -> int:
         """The RFLAGS of a user-mode stub frame taken under minivmm's single-step, as the guest's
-        own: a `popf` just stepped over sets the guest's TF, a `pushf` gets the guest's TF in
-        the value it pushed (SDM vol. 2 PUSHF/POPF), and the frame's flags carry it too."""
+        own (SDM vol. 2 PUSHF/POPF): the value a `pushf` just stepped over pushed gets the
+        guest's TF, a `popf` sets the guest's TF, and the frame's flags carry the guest's TF.
+        The instruction is the one ending at the trap's RIP; a PUSHF pushed the flags the
+        trap reports, a POPF popped the slot just above RSP."""
         vmcs = self.vmcs
-        previous = self._step_rip
-        if step and previous is not None:
-            code = self.read_code(previous, 4)
-            position = 0
-            while position < len(code) and (code[position] == 0x66 or 0x40 <= code[position] <= 0x4F):
-                position += 1
-            opcode = code[position:position + 1]
-            if opcode == b"\x9d":
-                vmcs.guest_tf = bool(frame.rflags & RFLAGS_TF)
-            elif opcode == b"\x9c":
-                size = 2 if code[:1] == b"\x66" else 8
+        if step:
+            before = self.read_code(frame.rip - 2, 2) if frame.rip >= 2 else b""
+            if before[-1:] == b"\x9c":
+                size = 2 if before[:1] == b"\x66" else 8
                 pushed = int.from_bytes(self._read_virtual(frame.rsp, size), "little")
-                if pushed & RFLAGS_TF and not vmcs.guest_tf:
+                if not (pushed ^ frame.rflags) & _PUSHF_SAME and pushed & RFLAGS_TF and not vmcs.guest_tf:
                     self._write_virtual(frame.rsp, (pushed & ~RFLAGS_TF).to_bytes(size, "little"))
+            elif before[-1:] == b"\x9d":
+                size = 2 if before[:1] == b"\x66" else 8
+                popped = int.from_bytes(self._read_virtual(frame.rsp - size, size), "little")
+                if not (popped ^ frame.rflags) & _PUSHF_SAME & ~RFLAGS_TF:
+                    vmcs.guest_tf = bool(popped & RFLAGS_TF)
         return vmcs.guest_rflags(frame.rflags)
 
     def _read_virtual(self, gva: int, size: int) -> bytes:
@@ -733,4 +733,6 @@ class VcpuContext:
 
 
 _NO_EXIT = object()
+_PUSHF_SAME = 0xDD5     # CF PF AF ZF SF TF DF OF: what a trap right after PUSHF/POPF reports as pushed
+                        # (IF may differ: a PVM host's CPL-3 PUSHF shows the virtual IF)
 REPEATED_FAULT_LIMIT = 1000
