@@ -408,15 +408,16 @@ def _save(model: HostModel) -> None:
 def host_model(kvm: Kvm) -> HostModel:
     """The model of the host behind `kvm`: one per process and KVM device, its probes cached on disk
     under the host's identity (MINIVMM_CAPS_CACHE=0 turns the disk cache off)."""
+    stat = os.fstat(kvm.fd)
+    key = (stat.st_rdev, stat.st_ino, stat.st_dev)         # the device node: one model per process
+    model = _models.get(key)
+    if model is not None:
+        return model
     identity = _host_identity(kvm)
     try:
         kvm_path: str | None = os.readlink(f"/proc/self/fd/{kvm.fd}")
     except OSError:
         kvm_path = None
-    key = (identity, kvm_path)
-    model = _models.get(key)
-    if model is not None:
-        return model
     with _models_lock:
         model = _models.get(key)
         if model is not None:
