@@ -85,12 +85,16 @@ class MsrBitmap:
 
     Low MSRs are 0x0-0x1fff, high MSRs 0xc0000000-0xc0001fff; a 1 bit makes
     the access exit. Accesses to MSRs outside both ranges always exit on
-    hardware; here they stay with KVM unless the control is 0.
+    hardware; here they stay with KVM unless intercepted: `intercept` of such an
+    MSR makes it exit through one extra KVM filter range each (at most
+    `MAX_OUTSIDE` of them: KVM_MSR_FILTER_MAX_RANGES less the bitmap's four).
     """
     RANGES = ((0x0, 0), (0xC0000000, 1024))
+    MAX_OUTSIDE = 12
 
     def __init__(self) -> None:
         self.data = bytearray(4096)
+        self.outside: dict[int, tuple[bool, bool]] = {}      # MSR -> (read, write) intercepted
         self.version = 0
         self.on_change = None
         self._any, self._any_version = False, 0
@@ -98,16 +102,17 @@ class MsrBitmap:
     def any(self) -> bool:
         """Whether any bit is set (cached per version: the bitmap is 4 KiB)."""
         if self._any_version != self.version:
-            self._any, self._any_version = any(self.data), self.version
+            self._any, self._any_version = bool(self.outside) or any(self.data), self.version
         return self._any
 
-    def _position(self, msr: int, write: bool) -> tuple[int, int]:
+    def _position(self, msr: int, write: bool) -> tuple[int, int] | None:
         for base, offset in self.RANGES:
             if base <= msr < base + 0x2000:
                 bit = msr - base
                 return offset + (2048 if write else 0) + bit // 8, bit % 8
-        raise VmcsError(f"MSR {msr:#x} is outside the MSR bitmap ranges "
-                        "(0x0-0x1fff, 0xc0000000-0xc0001fff)")
+        if not 0 <= msr <= 0xFFFFFFFF:
+            raise VmcsError(f"MSR {msr:#x} is not a 32-bit MSR index")
+        return None
 
     def intercept(self, msr: int, read: bool = True, write: bool = True) -> None:
         """Make the chosen accesses to `msr` exit (the others keep their bits)."""
@@ -118,25 +123,47 @@ class MsrBitmap:
         self._set(msr, read, write, False)
 
     def _set(self, msr: int, read: bool, write: bool, value: bool) -> None:
-        for is_write, chosen in ((False, read), (True, write)):
-            if chosen:
-                byte, bit = self._position(msr, is_write)
-                self.data[byte] = self.data[byte] | 1 << bit if value else self.data[byte] & ~(1 << bit)
+        if self._position(msr, False) is None:
+            self._set_outside(msr, read, write, value)
+        else:
+            for is_write, chosen in ((False, read), (True, write)):
+                if chosen:
+                    byte, bit = self._position(msr, is_write)
+                    self.data[byte] = self.data[byte] | 1 << bit if value else self.data[byte] & ~(1 << bit)
         self.version += 1
         if self.on_change is not None:
             self.on_change()
 
+    def _set_outside(self, msr: int, read: bool, write: bool, value: bool) -> None:
+        new = self.outside.get(msr, (False, False))
+        new = (value if read else new[0], value if write else new[1])
+        if any(new) and msr not in self.outside and len(self.outside) >= self.MAX_OUTSIDE:
+            raise VmcsError(f"MSR {msr:#x} is outside the MSR bitmap ranges (0x0-0x1fff, "
+                            f"0xc0000000-0xc0001fff) and {self.MAX_OUTSIDE} such MSRs are already "
+                            "intercepted (each takes a KVM MSR filter range)")
+        if any(new):
+            self.outside[msr] = new
+        else:
+            self.outside.pop(msr, None)
+
     def is_intercepted(self, msr: int, write: bool) -> bool:
-        byte, bit = self._position(msr, write)
+        position = self._position(msr, write)
+        if position is None:
+            return self.outside.get(msr, (False, False))[write]
+        byte, bit = position
         return bool(self.data[byte] >> bit & 1)
 
     def kvm_filter_ranges(self) -> list[tuple[MsrFilterFlag, int, bytes, int]]:
-        """The KVM filter: KVM allows an MSR whose bit is 1, the opposite of the SDM bitmap."""
+        """The KVM filter: KVM allows an MSR whose bit is 1, the opposite of the SDM bitmap; an
+        intercepted MSR outside the bitmap's ranges gets a one-MSR range that denies it."""
         ranges = []
         for base, offset in self.RANGES:
             for flag, extra in ((MsrFilterFlag.READ, 0), (MsrFilterFlag.WRITE, 2048)):
                 chunk = self.data[offset + extra: offset + extra + 1024]
                 ranges.append((flag, base, bytes(~b & 0xFF for b in chunk), 0x2000))
+        for msr, (read, write) in sorted(self.outside.items()):
+            flags = (MsrFilterFlag.READ if read else 0) | (MsrFilterFlag.WRITE if write else 0)
+            ranges.append((MsrFilterFlag(flags), msr, b"\x00", 1))
         return ranges
 
 

@@ -58,6 +58,8 @@ def bad_configs() -> list[tuple[str, str, str, str]]:
          "vmcs.exception_bitmap[0]: vector 0x40 is not an exception"),
         ("inject_in_user_mode", "user", 'exceptions: [{vector: "#UD", action: inject}]',
          "vmcs.exceptions[0]: 'inject' cannot work in user mode"),
+        ("msr_rule_in_user_mode", "user", "msrs: [{msr: 0x10, action: fixed, value: 1}]",
+         "vmcs.msrs[0]: an MSR rule cannot take effect in user mode"),
         ("rdtsc_exiting", "long", "controls: [CPU_BASED_RDTSC_EXITING]",
          "vmcs.controls[0]: this host cannot honour CPU_BASED_RDTSC_EXITING"),
         ("hlt_exiting_off", "long", "controls: {CPU_BASED_HLT_EXITING: false}",

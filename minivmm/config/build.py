@@ -299,6 +299,11 @@ def check_vmcs(config: Config, model: "HostModel") -> None:
     locs = vmcs.exception_bitmap_locs or [vmcs.loc] * len(vmcs.exception_bitmap)
     for vector, loc in zip(vmcs.exception_bitmap, locs):
         _check_vector(model, mode, vector, loc)
+    for rule in vmcs.msrs:
+        if mode is Mode.USER and rule.action != "allow":
+            raise rule.loc.error("an MSR rule cannot take effect in user mode: the guest runs at CPL 3, "
+                                 "where RDMSR and WRMSR raise #GP before any MSR exit (SDM vol. 2 "
+                                 "RDMSR/WRMSR); MSR rules apply to real, protected and long mode")
     for rule in vmcs.exceptions:
         _check_vector(model, mode, rule.vector, rule.loc)
         if rule.action == "inject" and mode is Mode.USER:
