@@ -44,13 +44,14 @@ from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, Kvm, KvmDeviceAtt
 from .modes import Mode
 
 __all__ = ["ALL_VECTORS", "CapabilityRow", "ExceptionInterceptError", "HostModel", "MODES", "host_model",
-           "kvm_facts", "probe_host_capabilities"]
+           "TSC_ATTRIBUTE", "TSC_MSR", "kvm_facts", "probe_host_capabilities",
+           "tsc_offset_attribute"]
 
 ALL_VECTORS = frozenset(range(32))
 """The exception bitmap has one bit per vector 0-31 (SDM 25.6.3)."""
 MODES = (Mode.REAL, Mode.PROTECTED, Mode.LONG, Mode.USER)
 CPL0_MODES = (Mode.REAL, Mode.PROTECTED, Mode.LONG)
-PROBE_VERSION = 1
+PROBE_VERSION = 2
 _IA32_TSC = 0x10
 _TSC_PROBE_OFFSET = 1 << 60
 _RFLAGS_TF = 1 << 8
@@ -100,7 +101,7 @@ _CONTROL_NOTES: dict[str, str] = {
     "CPU_BASED_HLT_EXITING": "KVM_EXIT_HLT; must be 1 (without an in-kernel irqchip HLT always exits)",
     "CPU_BASED_UNCONDITIONAL_IO_EXITING": "every port reaches the I/O handlers",
     "CPU_BASED_USE_IO_BITMAPS": "bitmap bits pick the ports that reach handlers",
-    "CPU_BASED_USE_TSC_OFFSETTING": "KVM_VCPU_TSC_OFFSET device attribute (probed)",
+    "CPU_BASED_USE_TSC_OFFSETTING": "KVM's per-vCPU TSC offset (KVM_VCPU_TSC_OFFSET or IA32_TSC writes, probed)",
     "CPU_BASED_MONITOR_TRAP_FLAG": "KVM_GUESTDBG_SINGLESTEP; RFLAGS.TF in user mode, hidden from the guest",
     "CPU_BASED_USE_MSR_BITMAPS": "KVM MSR filter; 0 = a default-deny filter, every RDMSR/WRMSR exits (probed)",
     "CPU_BASED_ACTIVATE_SECONDARY_CONTROLS": "enables the secondary controls",
@@ -134,8 +135,9 @@ class HostModel:
 
     def __init__(self, capabilities: HostCapabilities, identity: str = "",
                  vectors: dict[Mode, frozenset[int]] | None = None,
-                 kvm_path: str | None = None, disk_cache: bool = False) -> None:
+                 kvm_path: str | None = None, disk_cache: bool = False, tsc_method: str = "") -> None:
         self.capabilities = capabilities
+        self.tsc_method = tsc_method if capabilities.tsc_offset else ""
         self.identity = identity
         self.kvm_path = kvm_path
         self.disk_cache = disk_cache
@@ -205,7 +207,7 @@ class HostModel:
                     if name == "CPU_BASED_USE_MSR_BITMAPS" and not caps.msr_exit_all:
                         how = "KVM MSR filter; must be 1: this host refuses a default-deny filter (probed)"
                     elif name == "CPU_BASED_USE_TSC_OFFSETTING" and not works:
-                        how = "this host ignores KVM_VCPU_TSC_OFFSET (probed)"
+                        how = "this host ignores KVM_VCPU_TSC_OFFSET and IA32_TSC writes (probed)"
                     out.append(CapabilityRow("control", name, mode, works, how, probed, flag=flag,
                                              must_be_one=bool(allowed0(value) & flag)))
             allowed = self.vectors(mode)
@@ -246,7 +248,7 @@ class HostModel:
     def report(self) -> dict:
         """JSON-ready: the probed facts and the rows."""
         return {"identity": self.identity,
-                "tsc_offsetting": self.capabilities.tsc_offset,
+                "tsc_offsetting": self.tsc_method or None,
                 "msr_exiting_without_bitmaps": self.capabilities.msr_exit_all,
                 "exception_vectors": {m.value: sorted(self.vectors(m)) for m in MODES},
                 "rows": [{"kind": r.kind, "name": r.name, "mode": r.mode.value, "status": r.status,
@@ -271,22 +273,35 @@ def kvm_facts(kvm: Kvm) -> HostCapabilities:
         tsc_control=c(Cap.TSC_CONTROL) > 0)
 
 
-def probe_host_capabilities(kvm: Kvm) -> HostCapabilities:
-    """KVM_CHECK_EXTENSION facts and the two ioctl probes (no guest code runs)."""
+def probe_host_capabilities(kvm: Kvm) -> tuple[HostCapabilities, str]:
+    """KVM_CHECK_EXTENSION facts and the two ioctl probes (no guest code runs); the second item is
+    how TSC offsetting is realised here (`TSC_ATTRIBUTE`, `TSC_MSR` or "" where it cannot be)."""
     caps = kvm_facts(kvm)
-    return replace(caps, tsc_offset=_probe_tsc_offset(kvm),
-                   msr_exit_all=caps.msr_filter and caps.user_space_msr and _probe_deny_filter(kvm))
+    tsc = _probe_tsc_offset(kvm)
+    return replace(caps, tsc_offset=bool(tsc),
+                   msr_exit_all=caps.msr_filter and caps.user_space_msr and _probe_deny_filter(kvm)), tsc
 
 
-def _probe_tsc_offset(kvm: Kvm) -> bool:
-    """KVM_VCPU_TSC_OFFSET is honoured: set to 2**60, it reads back, and the vCPU's IA32_TSC moved
-    by it (a host may accept the attribute and ignore it)."""
+TSC_ATTRIBUTE = "KVM_VCPU_TSC_OFFSET"
+TSC_MSR = "IA32_TSC"
+
+
+def tsc_offset_attribute(value: ctypes.c_uint64) -> KvmDeviceAttr:
+    """The vCPU device attribute of KVM's TSC offset (devices/vcpu.rst 4.1), reading and writing
+    `value`."""
+    return KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, ctypes.addressof(value))
+
+
+def _probe_tsc_offset(kvm: Kvm) -> str:
+    """How this host moves a vCPU's TSC, if it does: the KVM_VCPU_TSC_OFFSET attribute (set to
+    2**60 it reads back and IA32_TSC moved by it), else a host write of IA32_TSC (KVM_SET_MSRS;
+    it reads back near the value written). A host may accept either and ignore it."""
     vm = kvm.create_vm()
     try:
         vcpu = vm.create_vcpu(0)
         try:
             value = ctypes.c_uint64()
-            attr = KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, ctypes.addressof(value))
+            attr = tsc_offset_attribute(value)
             try:
                 vcpu.has_device_attr(attr)
                 before = vcpu.get_msrs([_IA32_TSC]).get(_IA32_TSC, 0)
@@ -294,11 +309,17 @@ def _probe_tsc_offset(kvm: Kvm) -> bool:
                 vcpu.set_device_attr(attr)
                 value.value = 0
                 vcpu.get_device_attr(attr)
-                after = vcpu.get_msrs([_IA32_TSC]).get(_IA32_TSC, 0)
+                moved = (vcpu.get_msrs([_IA32_TSC]).get(_IA32_TSC, 0) - before) % (1 << 64)
+                if value.value == _TSC_PROBE_OFFSET and 0 <= moved - _TSC_PROBE_OFFSET < 1 << 40:
+                    return TSC_ATTRIBUTE
             except (KvmError, OSError):
-                return False
-            moved = (after - before) % (1 << 64)
-            return value.value == _TSC_PROBE_OFFSET and 0 <= moved - _TSC_PROBE_OFFSET < 1 << 40
+                pass
+            try:
+                vcpu.set_msrs({_IA32_TSC: _TSC_PROBE_OFFSET})
+                moved = (vcpu.get_msrs([_IA32_TSC]).get(_IA32_TSC, 0) - _TSC_PROBE_OFFSET) % (1 << 64)
+            except (KvmError, OSError):
+                return ""
+            return TSC_MSR if moved < 1 << 40 else ""
         finally:
             vcpu.close()
     finally:
@@ -392,7 +413,7 @@ def _load(identity: str) -> dict | None:
 
 def _save(model: HostModel) -> None:
     caps = model.capabilities
-    data = {"identity": model.identity, "tsc_offset": caps.tsc_offset, "msr_exit_all": caps.msr_exit_all,
+    data = {"identity": model.identity, "tsc_offset": model.tsc_method, "msr_exit_all": caps.msr_exit_all,
             "vectors": {m.value: sorted(v) for m, v in model.probed_vectors().items()
                         if m is not Mode.USER and v is not ALL_VECTORS}}
     path = _cache_file(model.identity)
@@ -425,13 +446,13 @@ def host_model(kvm: Kvm) -> HostModel:
         use_disk = os.environ.get("MINIVMM_CAPS_CACHE", "1") != "0"
         stored = _load(identity) if use_disk else None
         if stored is not None:
-            caps = replace(kvm_facts(kvm), tsc_offset=bool(stored.get("tsc_offset")),
-                           msr_exit_all=bool(stored.get("msr_exit_all")))
+            tsc = str(stored.get("tsc_offset") or "")
+            caps = replace(kvm_facts(kvm), tsc_offset=bool(tsc), msr_exit_all=bool(stored.get("msr_exit_all")))
             vectors = {Mode(m): frozenset(v) for m, v in stored.get("vectors", {}).items()
                        if m in Mode._value2member_map_}
         else:
-            caps, vectors = probe_host_capabilities(kvm), {}
-        model = HostModel(caps, identity, vectors, kvm_path=kvm_path, disk_cache=use_disk)
+            (caps, tsc), vectors = probe_host_capabilities(kvm), {}
+        model = HostModel(caps, identity, vectors, kvm_path=kvm_path, disk_cache=use_disk, tsc_method=tsc)
         if use_disk and stored is None:
             _save(model)
         _models[key] = model

@@ -33,9 +33,8 @@ from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinB
                        VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
 from .errors import MinivmmError
 from .exits import ExitInfo
-from .capabilities import HostModel, deny_all_filter_ranges, host_model
-from .kvm import (KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, Cap, GuestDebugFlag, Kvm, KvmDeviceAttr,
-                  MsrExitReasonFlag, MsrFilterFlag, VmFd)
+from .capabilities import TSC_MSR, HostModel, deny_all_filter_ranges, host_model, tsc_offset_attribute
+from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag, VmFd
 from .modes import Mode
 from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
                           field_group)
@@ -229,6 +228,7 @@ _TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMI
                  F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
 RFLAGS_TF = 1 << 8
 EFER_LMA = 1 << 10
+IA32_TSC = 0x10
 _IA32E = VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
 
 DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
@@ -296,7 +296,6 @@ class VmxVmState:
 class _Realised:
     guest_debug: int = -1
     tsc_offset: int | None = None
-    tsc_base: int | None = None       # the vCPU's own KVM TSC offset, before the VMCS's is added
     tf: bool = False
 
 
@@ -543,15 +542,19 @@ class Vmcs:
 
     def _realise_tsc_offset(self, offset: int) -> None:
         """CPU_BASED_USE_TSC_OFFSETTING: the guest's TSC is its own plus TSC_OFFSET (SDM 26.6.5),
-        through KVM's per-vCPU TSC offset (devices/vcpu.rst KVM_VCPU_TSC_OFFSET)."""
-        value = ctypes.c_uint64()
-        attr = KvmDeviceAttr(0, KVM_VCPU_TSC_CTRL, KVM_VCPU_TSC_OFFSET, ctypes.addressof(value))
+        through KVM's per-vCPU TSC offset: the KVM_VCPU_TSC_OFFSET attribute (devices/vcpu.rst),
+        or where only that works a host write of IA32_TSC moved by the change of offset."""
         fd = self.vcpu.fd
-        if self._realised.tsc_base is None:
+        change = offset - (self._realised.tsc_offset or 0)
+        if self.vmx.model.tsc_method == TSC_MSR:
+            current = fd.get_msrs([IA32_TSC])[IA32_TSC]
+            fd.set_msrs({IA32_TSC: (current + change) & (1 << 64) - 1})
+        else:
+            value = ctypes.c_uint64()
+            attr = tsc_offset_attribute(value)
             fd.get_device_attr(attr)
-            self._realised.tsc_base = value.value
-        value.value = (self._realised.tsc_base + offset) & (1 << 64) - 1
-        fd.set_device_attr(attr)
+            value.value = (value.value + change) & (1 << 64) - 1
+            fd.set_device_attr(attr)
         self._realised.tsc_offset = offset
 
 
