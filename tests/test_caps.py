@@ -378,3 +378,23 @@ def test_the_model_is_cached_per_process_and_on_disk(tmp_path, monkeypatch) -> N
         second = caps.host_model(kvm)
         assert second is not first and second.capabilities == first.capabilities
         assert {mode: second.vectors(mode) for mode in MODES} == vectors
+
+
+def test_one_model_feeds_every_consumer() -> None:
+    """The capability MSRs are computed in one place (the model); the VMCS, `check` and `caps`
+    read them from it."""
+    import ast
+    from pathlib import Path
+    package = Path(__file__).resolve().parent.parent / "minivmm"
+    callers = set()
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", "")) \
+                    == "compute_capability_msrs":
+                callers.add(path.relative_to(package).as_posix())
+    assert callers == {"capabilities.py"}
+    with Kvm() as kvm:
+        model = host_model(kvm)
+        from minivmm.vmcs import capability_report, vmx_capability_msrs
+        assert vmx_capability_msrs(kvm) is model.msrs
+        assert capability_report(kvm)["model"] == model.report()
