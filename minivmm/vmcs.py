@@ -14,7 +14,7 @@ before the next VM entry:
 | CPU_BASED_UNCONDITIONAL_IO_EXITING      | every port reaches user I/O handlers         |
 | exception bitmap                        | vectors whose bit is 1 reach user exception handlers (#BP/#DB through KVM_SET_GUEST_DEBUG where the host exits on them; every vector in user mode through the built-in kernel's IDT); a bit the mode cannot honour makes the VMWRITE fail |
 | CPU_BASED_MONITOR_TRAP_FLAG             | KVM_GUESTDBG_SINGLESTEP; each step exits as MONITOR_TRAP_FLAG (user mode: RFLAGS.TF, hidden from the guest's `pushf` and from the flags handlers see) |
-| CPU_BASED_USE_TSC_OFFSETTING + offset   | KVM_VCPU_TSC_OFFSET, added to the vCPU's own TSC offset (only where the host honours it: `minivmm.capabilities`) |
+| CPU_BASED_USE_TSC_OFFSETTING + offset   | KVM's per-vCPU TSC offset moved by TSC_OFFSET (KVM_VCPU_TSC_OFFSET, else IA32_TSC writes; only where the host honours one: `minivmm.capabilities`) |
 | PIN_BASED_VMX_PREEMPTION_TIMER          | the run deadline (`Machine.run(timeout=)`)     |
 | SECONDARY_ENABLE_EPT + EPT pointer      | `machine.ept` (memslots and host page protection) |
 
@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinBasedControls, ProcBasedControls,
                        SecondaryControls, UnsupportedControlError, VmEntryControls, VmExitControls,
-                       VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
+                       VmxMsr, check_controls, format_capability_table)
 from .errors import MinivmmError
 from .exits import ExitInfo
 from .capabilities import TSC_MSR, HostModel, deny_all_filter_ranges, host_model, tsc_offset_attribute
