@@ -368,6 +368,7 @@ def test_the_model_is_cached_per_process_and_on_disk(tmp_path, monkeypatch) -> N
     guest probe; another cache directory probes again."""
     import minivmm.capabilities as caps
     monkeypatch.setenv("MINIVMM_CACHE_DIR", str(tmp_path / "asm"))
+    monkeypatch.setenv("MINIVMM_CAPS_CACHE", "1")
     monkeypatch.setattr(caps, "_models", {})
     with Kvm() as kvm:
         first = caps.host_model(kvm)
