@@ -45,7 +45,7 @@ from .modes import Mode
 
 __all__ = ["ALL_VECTORS", "CapabilityRow", "ExceptionInterceptError", "HostModel", "MODES", "host_model",
            "TSC_ATTRIBUTE", "TSC_MSR", "kvm_facts", "probe_host_capabilities",
-           "tsc_offset_attribute"]
+           "tsc_offset_attribute", "with_in_kernel_irqchip"]
 
 ALL_VECTORS = frozenset(range(32))
 """The exception bitmap has one bit per vector 0-31 (SDM 25.6.3)."""
@@ -98,7 +98,8 @@ class CapabilityRow:
 
 _CONTROL_NOTES: dict[str, str] = {
     "PIN_BASED_VMX_PREEMPTION_TIMER": "the run deadline; expiry exits as VMX_PREEMPTION_TIMER_EXPIRED",
-    "CPU_BASED_HLT_EXITING": "KVM_EXIT_HLT; must be 1 (without an in-kernel irqchip HLT always exits)",
+    "CPU_BASED_HLT_EXITING": "KVM_EXIT_HLT; must be 1 (HLT always exits); with the in-kernel irqchip "
+                             "refused instead (HLT waits in the kernel)",
     "CPU_BASED_UNCONDITIONAL_IO_EXITING": "every port reaches the I/O handlers",
     "CPU_BASED_USE_IO_BITMAPS": "bitmap bits pick the ports that reach handlers",
     "CPU_BASED_USE_TSC_OFFSETTING": "KVM's per-vCPU TSC offset (KVM_VCPU_TSC_OFFSET or IA32_TSC writes, probed)",
@@ -256,6 +257,16 @@ class HostModel:
 
 
 _DEFAULT_MSR = {cls: msr for msr, cls in CONTROLS_FOR_MSR.items() if "TRUE" not in msr.name}
+
+
+def with_in_kernel_irqchip(msrs: dict[VmxMsr, int]) -> dict[VmxMsr, int]:
+    """The capability MSRs of a VM with KVM's in-kernel irqchip: HLT waits in the kernel and never
+    exits, so CPU_BASED_HLT_EXITING cannot be 1 (and need not be: allowed-0 and allowed-1 both 0)."""
+    hlt = int(ProcBasedControls.CPU_BASED_HLT_EXITING)
+    out = dict(msrs)
+    for msr in (VmxMsr.IA32_VMX_PROCBASED_CTLS, VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS):
+        out[msr] = msrs[msr] & ~(hlt | hlt << 32)
+    return out
 
 
 def _mask(vectors: Iterable[int]) -> int:

@@ -33,7 +33,8 @@ from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinB
                        VmxMsr, check_controls, format_capability_table)
 from .errors import MinivmmError
 from .exits import ExitInfo
-from .capabilities import TSC_MSR, HostModel, deny_all_filter_ranges, host_model, tsc_offset_attribute
+from .capabilities import (TSC_MSR, HostModel, deny_all_filter_ranges, host_model, tsc_offset_attribute,
+                           with_in_kernel_irqchip)
 from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag, VmFd
 from .modes import Mode
 from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
@@ -254,6 +255,10 @@ class VmxVmState:
         self._msr_filter: tuple | None = None
         self._user_msr_enabled = False
         self._filter_buffers: list = []
+
+    def use_in_kernel_irqchip(self) -> None:
+        """The VM got KVM's in-kernel irqchip (before its vCPUs): HLT no longer exits."""
+        self.capabilities = with_in_kernel_irqchip(self.capabilities)
 
     def _mark_all_dirty(self) -> None:
         for vmcs in self.vmcses:

@@ -401,3 +401,15 @@ def test_one_model_feeds_every_consumer() -> None:
         from minivmm.vmcs import capability_report, vmx_capability_msrs
         assert vmx_capability_msrs(kvm) is model.msrs
         assert capability_report(kvm)["model"] == model.report()
+
+
+def test_with_the_in_kernel_irqchip_hlt_exiting_is_refused_and_hlt_waits(make_machine) -> None:
+    """KVM's irqchip keeps HLT in the kernel: the control cannot be 1, and a halted guest with no
+    interrupt coming waits until the deadline without an HLT exit."""
+    m = make_machine(mode="long", irqchip=True)
+    assert not m.vmcs.read(F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS) & PROC.CPU_BASED_HLT_EXITING
+    with pytest.raises(UnsupportedControlError, match="CPU_BASED_HLT_EXITING cannot be 1"):
+        m.vmcs.set_control(PROC.CPU_BASED_HLT_EXITING)
+    m.load_asm("cli\n hlt\n EXIT 0")
+    r = m.run(timeout=0.2)
+    assert r.reason == "timeout" and "EXECUTE_HLT" not in r.exits, r

@@ -105,3 +105,13 @@ def test_the_cli_check_and_run_print_one_line_and_exit_2(tmp_path: Path) -> None
         lines.append(done.stderr)
     assert lines[0] == lines[1]
     assert f"{path}:6: vmcs.exceptions[0]: " in lines[0] and "user mode" in lines[0] and "#BP" in lines[0]
+
+
+def test_check_and_run_agree_on_hlt_exiting_with_the_irqchip(tmp_path: Path) -> None:
+    path = tmp_path / "irqchip.yaml"
+    path.write_text(f"version: 1\nmachine: {{mode: long}}\nplatform: {{irqchip: true}}\n"
+                    f"images:\n  - {{type: asm, source: {GUESTS / SOURCE['long']}}}\n"
+                    "vmcs:\n  controls: [CPU_BASED_HLT_EXITING]\n")
+    checked, built = check_error(path), build_error(path)
+    assert checked is not None and checked == built
+    assert f"{path}:7: vmcs.controls[0]: this host cannot honour CPU_BASED_HLT_EXITING" in checked

@@ -282,9 +282,12 @@ def check_vmcs(config: Config, model: "HostModel") -> None:
     MSRs refuse, exception-bitmap bits and exception rules the mode cannot intercept, and rules
     that could never take effect. Raises the ConfigError (`file:line: key: why`)."""
     from ..vmcs import check_control_change, default_controls
+    from ..capabilities import with_in_kernel_irqchip
     vmcs = config.vmcs
     mode = Mode(config.machine.mode)
     capabilities = model.msrs
+    if config.platform.irqchip or config.machine.vcpus > 1:
+        capabilities = with_in_kernel_irqchip(capabilities)
     controls = default_controls(capabilities)
     for setting in vmcs.controls:
         try:
