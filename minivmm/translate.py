@@ -43,7 +43,8 @@ __all__ = ["CpuView", "ExceptionReport", "GuestFault", "exception_report", "IoIn
 
 
 class GuestFault(MinivmmError, RuntimeError):
-    """The host could not go on with the guest (e.g. an emulation failure)."""
+    """The host could not go on with the guest (e.g. an emulation failure). The run loop ends the
+    run with a RunResult of reason `error` and this message; it does not escape `run()`."""
 
 
 class CpuView(Protocol):

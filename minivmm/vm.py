@@ -49,6 +49,7 @@ class Vm:
         """KVM's in-kernel LAPIC/IOAPIC/PIC; before any vCPU (api.rst 4.24)."""
         self.fd.create_irqchip()
         self.irqchip = True
+        self.vmx.use_in_kernel_irqchip()
 
     def create_pit(self) -> None:
         """KVM's in-kernel 8254 PIT on IRQ 0, with the speaker port 0x61 (KVM_PIT_SPEAKER_DUMMY);
