@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from .actions import RESUME, RETRY, Reply, Stop
-from .devices.acpi_pm import SLP_TYP_S3, PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
+from .devices.acpi_pm import SLP_TYP_S3, SLP_TYP_S5, PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
 from .devices.scratch import ScratchRegister
@@ -299,7 +299,8 @@ S3_MAX_SLEEP = 600.0
 
 
 def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> None:
-    """ACPI S3 on a write of SLP_TYP=S3|SLP_EN to PM1a_CNT: the vCPU stops in that exit with
+    """ACPI S5 and S3 on PM1a_CNT. SLP_TYP=S5|SLP_EN (QEMU's `outw 0x2000, 0x604` shutdown) ends
+    the run: result "exit", exit code 0. SLP_TYP=S3|SLP_EN: the vCPU stops in that exit with
     its state and memory kept, until `pm.wake()` or an RTC alarm (RTC_EN) wakes it; then it
     resumes as firmware would, without a BIOS: in real mode at the FACS firmware waking vector
     (CS = vector >> 4, IP = vector & 0xF), WAK_STS set in PM1_STS. (ACPI 6.5 16.3.)"""
@@ -312,7 +313,10 @@ def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> 
         if info.is_in or info.string_data is not None:
             return None
         pm.io_write(info.port, info.size, info.data)
-        if pm.take_sleep_request() != SLP_TYP_S3:
+        request = pm.take_sleep_request()
+        if request == SLP_TYP_S5:
+            return Stop("exit", 0, message="ACPI S5 (soft off): the guest powered the machine off")
+        if request != SLP_TYP_S3:
             return RESUME
         if not pm.suspend_until_wake(S3_MAX_SLEEP, give_up=lambda: run_timer.expired):
             if run_timer.expired:

@@ -414,3 +414,9 @@ def test_the_run_deadline_ends_an_s3_sleep() -> None:
         pm = machine.platform.acpi_pm
     assert result.reason == "timeout" and "slept in S3" in result.message
     assert pm.suspends == 1 and not pm.suspended and time.monotonic() - start < 1.5
+
+
+@pytest.mark.kvm
+def test_acpi_s5_powers_the_machine_off() -> None:
+    result, _ = run_kernel("poweroff")
+    assert result.console == "powering off\n" and result.exit_code == 0
