@@ -42,8 +42,9 @@ def write(rtc: CmosRtc, index: int, value: int) -> None:
 
 # The IRQ kernel's masked-window check (its exit code 6): on this host a level interrupt whose
 # pin is masked before its EOI is, in about 5% of runs, delivered once more while still masked,
-# under minivmm and under QEMU alike (measured: 10 of 200 minivmm runs, 1 of 8 QEMU runs; no
-# vCPU state is written by minivmm during the run). Only that outcome is retried.
+# under minivmm and under QEMU alike (measured: about 25 of 500 minivmm runs, 1 of 8 QEMU runs;
+# minivmm writes no vCPU state during the run, and the IOAPIC and LAPIC accesses never leave
+# the kernel). Only that outcome is retried.
 HOST_REDELIVERS_MASKED = 6
 
 
