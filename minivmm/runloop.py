@@ -178,6 +178,26 @@ class VcpuContext:
     def read_physical(self, gpa: int, length: int) -> bytes:
         return self.vm.memory.read(gpa, length)
 
+    def linear_of_physical(self, gpa: int) -> int | None:
+        from .pagewalk import linear_of_physical
+        return linear_of_physical(self.vm.memory, self.vcpu, gpa)
+
+    def fetch_address(self) -> tuple[int, int] | None:
+        from .pagewalk import CR0_PG, EFER_LMA, PageFault, translate
+        vcpu = self.vcpu
+        cs = vcpu.segment("cs")
+        linear = vcpu.rip
+        if not vcpu.efer & EFER_LMA or not cs.l:        # not 64-bit mode: CS.base applies
+            linear = (cs.base + linear) & 0xFFFFFFFF
+        if not vcpu.cr0 & CR0_PG:
+            return linear, linear
+        try:
+            walk = translate(self.vm.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
+                             user=vcpu.cpl == 3)
+        except (PageFault, ValueError):
+            return None
+        return linear, walk.gpa
+
     # -- the step service -----------------------------------------------------------
     def step_once(self, callback: Callable[[Vcpu], None]) -> None:
         """Run `callback(vcpu)` right after this vCPU's next instruction (one single step)."""
@@ -453,23 +473,20 @@ class VcpuContext:
             return _NO_EXIT
         exit = decode_exit(run)
         ept = self.ept
-        if ept is not None:
-            translated = None
-            if kind == ExitKind.MMIO:
-                translated = ept.translate_mmio(self, exit)
-            elif kind == ExitKind.INTERNAL_ERROR:
-                translated = ept.translate_fetch_fault(self, exit)
-            if translated is not None:
-                if translated.__class__ is Stop:
-                    return translated               # a hook callback ended the run
-                return _NO_EXIT if translated[0] is None else translated[1]
         try:
             translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
-                                                    out_data=out_data)
+                                                    out_data=out_data,
+                                                    ept=None if ept is None else ept.view(self.index))
         except GuestFault as fault:
             return Stop(RunEnd.ERROR, message=str(fault))     # the guest's doing: a result, not a raise
         if translation is None:
             return _NO_EXIT
+        if translation.ept is not None:
+            carried = ept.carry_out(self, translation, exit)
+            if carried is not None:
+                if carried.__class__ is Stop:
+                    return carried                  # a hook callback ended the run
+                return _NO_EXIT if carried[0] is None else carried[1]
         if translation.restore is not None:
             self._restore_user_frame(translation.restore, translation.step)
         if translation.step and not self._stepped(info):
