@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from . import asm
 from .actions import Reply, Stop
 from .breakpoints import BreakpointTable
 from .cpuid import CpuidLeaf, CpuidTable
@@ -36,6 +35,9 @@ from .vcpu import Vcpu
 from .vm import Vm
 from .vmcs import Vmcs
 from .vmcs_fields import VmcsField
+
+if TYPE_CHECKING:
+    from . import asm
 
 __all__ = ["ExceptionReport", "ExitStat", "GuestFault", "HandlerError", "Machine", "RunResult"]
 
@@ -241,6 +243,7 @@ class Machine:
     def load_asm(self, source: str | os.PathLike, *, load_address: int | None = None,
                  **kwargs) -> asm.GuestImage:
         """Assemble a guest (a .S path or inline text) for this machine's mode and load it."""
+        from . import asm
         include = tuple(kwargs.pop("include_dirs", ())) + (str(Path(__file__).parent / "guest_include"),)
         image = asm.assemble(source, code_bits=CODE_BITS[self.mode],
                              load_address=DEFAULT_LOAD_ADDRESS[self.mode] if load_address is None
@@ -387,7 +390,10 @@ class Machine:
                 vmx.msr_bitmap.intercept(msr, read=reg.reason == ExitReason.EXECUTE_RDMSR,
                                          write=reg.reason == ExitReason.EXECUTE_WRMSR)
         elif reg.reason == ExitReason.EXCEPTION_OR_NMI:
-            mask = 0xFFFFFFFF if full else sum(1 << v for v in range(reg.low, min(reg.high, 31) + 1))
+            # an unfiltered handler takes every vector the mode can intercept; a filter naming
+            # one it cannot is refused by the VMWRITE (minivmm.capabilities)
+            mask = vmx.model.allowed_bitmap(self.mode) if full else \
+                sum(1 << v for v in range(reg.low, min(reg.high, 31) + 1))
             for ctx in self.contexts:
                 ctx.vmcs.write(VmcsField.VMCS_CTRL_EXCEPTION_BITMAP, ctx.vmcs.exception_bitmap | mask)
         elif reg.reason == ExitReason.EXECUTE_CPUID:

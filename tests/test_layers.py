@@ -114,6 +114,13 @@ def test_handlers_and_config_rules_do_not_reach_kvm() -> None:
           "exit handlers and config rules must use the Vcpu API, not minivmm.kvm or vcpu.fd")
 
 
+def test_devices_do_not_reach_kvm() -> None:
+    """Devices are register logic: interrupts and host-memory effects come in as callbacks
+    (`irq`, `set_irq`, `flush_page`) that minivmm.platform wires to KVM."""
+    check(kvm_reach, under("minivmm/devices/"), {},
+          "devices must take callbacks from the platform, not import minivmm.kvm or use .fd")
+
+
 # --- rule: only the entry modules enter KVM ----------------------------------------------
 ENTRY_MODULES = {"minivmm/kvm.py", "minivmm/fastpath.py", "minivmm/vcpu.py", "minivmm/runloop.py"}
 ENTRY_METHODS = {"run", "run_once", "enter"}          # Vcpu methods that issue KVM_RUN
