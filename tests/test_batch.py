@@ -209,6 +209,7 @@ def test_cli_batch_option(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     summary = json.loads(done.stdout)
     assert summary["runs"] >= 2000 and summary["crashes"] >= 1
+    assert "batch mode: " in done.stderr and "written outside the declared regions" in done.stderr
     bad = subprocess.run([sys.executable, "-m", "minivmm", "fuzz", str(BATCH), "--corpus", str(tmp_path / "c"),
                           "--crashes", str(tmp_path / "x"), "--batch", "5000"], capture_output=True, text=True)
     assert bad.returncode == 2 and "batch size" in bad.stderr

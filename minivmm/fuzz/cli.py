@@ -152,6 +152,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                     stats = fuzzer.run(runs=args.runs, seconds=args.seconds)
                 except KeyboardInterrupt:
                     stats = fuzzer.stats
+                if harness.batch_runner is not None:
+                    status.done()
+                    print(batch_report(harness.batch_runner.stats), file=sys.stderr)
     except KeyboardInterrupt:
         status.done()
         print("minivmm: interrupted", file=sys.stderr)
@@ -166,6 +169,19 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     for site in sorted(stats.crash_sites):
         print(f"  crash {site}: {args.crashes / ('crash-' + site)}")
     return EXIT_OK
+
+
+def batch_report(stats) -> str:
+    """What batch mode did in a campaign (`minivmm.fuzz.batch.BatchStats`), one line or two."""
+    text = (f"batch mode: {stats.inputs} inputs in {stats.batches} batches ({stats.per_run} per-run), "
+            f"{stats.stops} ended by a stop, {stats.timeouts} by the deadline, "
+            f"{stats.guest_hits} coverage hits taken in the guest")
+    if stats.widened:
+        pages = ", ".join(f"{gpa:#x}" for gpa, _ in stats.widened[:8]) + (" ..." if len(stats.widened) > 8 else "")
+        text += f"; written outside the declared regions, now reset between inputs: {pages}"
+    if stats.disabled:
+        text += f"\nbatch mode off: {stats.disabled}"
+    return text
 
 
 def fuzz_summary(stats, config: str, crashes: Path) -> dict:
