@@ -77,3 +77,66 @@ def test_watchpoint_over_64k_buffer_reports_the_writing_instruction(mode):
         assert run.value("stopped") == s["after_store"], out      # the store's trap: past it
         assert f"write of 1 bytes at {s['buf'] + 0x8000:#x} by the instruction at {s['store']:#x}" in out
         assert run.result.exit_code == 7
+
+
+ROOT_GUESTS = GUESTS.parent
+
+
+@pytest.mark.parametrize("mode, source", [("user", GUESTS / "spin64.S"), ("long", ROOT_GUESTS / "runaway_loop.S")])
+def test_ctrl_c_interrupts_a_runaway_loop(mode, source):
+    with Machine(mode=mode) as m:
+        m.load_asm(source)
+        start = m.symbols["_start"]
+        run = gdb_session(m, ["continue", 'printf "pc=%x\\n", $pc', "kill"], interrupt_after=1.0,
+                          machine_timeout=30)
+        assert "received signal SIGINT" in run.output, run.output
+        assert start <= run.value("pc") < start + 16
+        assert run.result is None                       # killed: the guest stays stopped
+        if mode == "user":
+            assert m.vcpu.rcx > 1000                    # it did run natively meanwhile
+
+
+def test_detach_lets_the_guest_finish():
+    with machine_for("user") as m:
+        run = gdb_session(m, [f"break *{m.symbols['bp_add']:#x}", "continue", "detach"])
+        assert "Breakpoint 1," in run.output and "detached" in run.output, run.output
+        assert run.result.reason == "exit" and run.result.exit_code == 7
+        assert int.from_bytes(m.memory.read(m.symbols["result"], 4), "little") == 0x3333
+        assert m.symbols["bp_add"] not in m.breakpoints        # gdb's breakpoints are gone
+
+
+def test_watchpoint_over_one_mebibyte(tmp_path):
+    """A 1 MiB range is one EPT monitor set, not four debug registers; reads through gdb
+    still work while it is armed (gdb compares the old and the new value)."""
+    source = tmp_path / "far_store.S"
+    source.write_text(""".globl _start, store, after
+_start:
+    mov $0x2ff000, %rdi
+store:
+    movl $0xfeedface, (%rdi)
+after:
+    EXIT 5
+""")
+    with Machine(memory="4M", mode="user") as m:
+        m.load_asm(source)
+        run = gdb_session(m, ["set max-value-size unlimited", "watch *(char (*)[0x100000])0x200000", "continue",
+                              'printf "pc=%x\\n", $pc', 'printf "word=%x\\n", *(unsigned *)0x2ff000',
+                              "delete", "continue"], timeout=60)
+        assert run.value("pc") == m.symbols["after"], run.output
+        assert run.value("word") == 0xfeedface
+        assert f"write of 4 bytes at 0x2ff000 by the instruction at {m.symbols['store']:#x}" in run.output
+        assert run.result.exit_code == 5
+
+
+@pytest.mark.parametrize("source, mode, signal, timeout", [
+    (ROOT_GUESTS / "triple_fault.S", "protected", "SIGSEGV", 20),
+    (ROOT_GUESTS / "runaway_loop.S", "long", "SIGALRM", 0.5),
+    ("pxor %xmm0, %xmm0\nEXIT 0\n", "long", "SIGILL", 20),            # the host cannot emulate it at CPL 0
+])
+def test_host_stopped_guest_is_a_signal_not_a_dropped_connection(source, mode, signal, timeout):
+    with Machine(mode=mode) as m:
+        m.load_asm(source)
+        run = gdb_session(m, ["handle SIGALRM stop print", "continue", 'printf "pc=%x\\n", $pc', "kill"],
+                          machine_timeout=timeout)
+        assert f"received signal {signal}" in run.output, run.output
+        assert run.values("pc"), run.output               # the stub still answers after the stop

@@ -36,6 +36,7 @@ from ..controls import ProcBasedControls
 from ..exits import ExitReason, Vector
 from ..pagewalk import PageFault, translate
 from ..runloop import Kicked
+from ..translate import GuestFault
 from ..smp import KICK_INTERVAL_S, KICK_SIGNAL, install_kick_handler
 from .protocol import Signal, StopEvent, TargetError, Unsupported
 from .registers import Layout, layout_for_state
@@ -99,8 +100,10 @@ class _RunState:
 
 class MachineTarget:
     """The protocol target over `machine`; `timeout`, in seconds, bounds the time the guest
-    runs (summed over resumes; None: no bound). `wake_fd` becomes readable when a resume
-    ends (for the server's select)."""
+    runs (summed over resumes; None: no bound). The deadline stops the guest once, as
+    SIGALRM; later resumes run without one (gdb's default for SIGALRM is to resume the
+    program silently; `handle SIGALRM stop print` shows the stop). `wake_fd` becomes
+    readable when a resume ends (for the server's select)."""
 
     def __init__(self, machine: "Machine", timeout: float | None = None) -> None:
         self.machine = machine
@@ -117,6 +120,7 @@ class MachineTarget:
         self._run: _RunState | None = None
         self._wake_r, self._wake_w = os.pipe()
         self.finished: "RunResult | None" = None      # the run that ended the guest
+        self.error: BaseException | None = None       # what the last resume raised, if anything
         self._mtf = machine.on(ExitReason.MONITOR_TRAP_FLAG, self._on_step)
 
     @property
@@ -405,6 +409,7 @@ class MachineTarget:
         remaining = self.timeout - self.ran_s
         if not run.done.wait(max(remaining, 0)):
             run.deadline = True
+            self.timeout = None             # once: gdb passes SIGALRM on by default, and resumes
             self._kick(run)
 
     def interrupt(self) -> None:
@@ -460,9 +465,10 @@ class MachineTarget:
             return StopEvent(Signal.SIGINT, self.threads()[0])
         ctx, result, error = run.first
         thread = ctx.index + 1
-        if error is not None:
+        if error is not None:           # an instruction the host cannot run: SIGILL; a handler's bug: SIGABRT
             self.error = error
-            return StopEvent(Signal.SIGABRT, thread, message=f"{type(error).__name__}: {error}")
+            number = Signal.SIGILL if isinstance(error, GuestFault) else Signal.SIGABRT
+            return StopEvent(number, thread, message=f"{type(error).__name__}: {error}")
         cause = self._causes.get(ctx.index)
         if result.reason == RunEnd.STOPPED and cause is not None:
             return cause
