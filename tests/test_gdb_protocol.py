@@ -106,7 +106,8 @@ def test_queries():
     assert reply(s, b"qfThreadInfo") == b"m1,2" and reply(s, b"qsThreadInfo") == b"l"
     assert reply(s, b"qThreadExtraInfo,2") == b"vCPU 1".hex().encode()
     assert reply(s, b"qC") == b"QC1"
-    assert reply(s, b"qRcmd," + b"exits".hex().encode()) == b"ran exits on 1\n".hex().encode()
+    monitor = s.handle(b"qRcmd," + b"exits".hex().encode())
+    assert monitor.reply == b"OK" and monitor.output == [b"O" + b"ran exits on 1\n".hex().encode()]
     assert reply(s, b"qTStatus") == b"" and reply(s, b"vMustReplyEmpty") == b""
     assert reply(s, b"?") == b"T05thread:1;"
 
@@ -205,3 +206,12 @@ def test_garbage_gets_an_error_or_the_empty_reply():
                     b"qRcmd,zz", b"vCont;", b"m" + b"9" * 5000 + b",1"):
         answer = reply(s, payload)
         assert answer == b"" or answer.startswith(b"E"), (payload, answer)
+
+
+def test_long_monitor_output_is_split_into_console_packets():
+    class Chatty(FakeTarget):
+        def monitor(self, thread, command):
+            return "x" * (3 * PACKET_SIZE)
+    outcome = Session(Chatty()).handle(b"qRcmd," + b"vmcs".hex().encode())
+    assert len(outcome.output) >= 6 and all(len(frame(p)) <= PACKET_SIZE for p in outcome.output)
+    assert b"".join(bytes.fromhex(p[1:].decode()) for p in outcome.output) == b"x" * (3 * PACKET_SIZE) + b"\n"

@@ -86,6 +86,7 @@ class Outcome:
     start_noack: bool = False          # no acks from the next packet on
     detach: bool = False               # the client goes; the guest runs on
     kill: bool = False                 # the client goes; the guest is stopped for good
+    output: list[bytes] = field(default_factory=list)      # `O` console packets before the reply
 
 
 @dataclass
@@ -167,7 +168,9 @@ class Session:
             text = target.monitor(self._thread(self.general_thread), command)
             if text and not text.endswith("\n"):
                 text += "\n"
-            return Outcome(to_hex(text.encode()) if text else b"OK")
+            data = text.encode()
+            step = (PACKET_SIZE - 16) // 2
+            return Outcome(b"OK", output=[b"O" + to_hex(data[i:i + step]) for i in range(0, len(data), step)])
         raise Unsupported
 
     def _features(self, spec: bytes) -> Outcome:

@@ -88,6 +88,8 @@ class GdbServer:
                 conn.send(b"O" + to_hex(stop.message.encode() + b"\n"))
             conn.send(stop_reply(stop))
             return SessionEnd.EXITED if stop.exit_code is not None else None
+        for packet in outcome.output:
+            conn.send(packet)
         if outcome.reply is not None:
             conn.send(outcome.reply)
         if outcome.start_noack:
