@@ -10,6 +10,6 @@
 | `monitor` | `monitor vmcs / exits / ept ADDR / caps` |
 | `server` | `GdbServer` and `serve_machine`: the session loop |
 """
-from .server import GdbServer, SessionEnd, serve_machine
+from .server import GdbServer, SessionEnd, serve_config_machine, serve_machine
 
-__all__ = ["GdbServer", "SessionEnd", "serve_machine"]
+__all__ = ["GdbServer", "SessionEnd", "serve_config_machine", "serve_machine"]

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
     from ..machine import Machine
     from ..runloop import RunResult
 
-__all__ = ["GdbServer", "SessionEnd", "serve_machine"]
+__all__ = ["GdbServer", "SessionEnd", "serve_config_machine", "serve_machine"]
 
 
 class SessionEnd(StrEnum):
@@ -156,3 +156,26 @@ def serve_machine(machine: "Machine", port: int | None = None, socket: str | Non
     if end is SessionEnd.EXITED:
         return target.finished
     return None
+
+
+def serve_config_machine(machine, where: str, timeout: float | None = None, *,
+                         announce: Callable[[str], object] = print) -> "RunResult":
+    """`minivmm run --gdb WHERE` / `minivmm gdb`: serve a config's machine on WHERE (`:PORT`,
+    `HOST:PORT`, or a Unix socket path, which contains a `/`), with the config's deadline
+    unless `timeout` is given. A guest gdb killed ends as reason "stopped"."""
+    from ..actions import RunEnd
+    from ..runloop import RunResult
+    from .transport import parse_address
+    if timeout is None:
+        timeout = machine.config.machine.timeout
+    if "/" in where:
+        options = {"socket": where}
+    else:
+        host, port = parse_address(where)
+        options = {"port": port, "host": host}
+    result = serve_machine(machine, timeout=timeout, ready=lambda address: announce(
+        f"waiting for gdb: target remote {address}"), **options)
+    if result is None:
+        result = RunResult(reason=RunEnd.STOPPED, message="gdb killed the guest", console=machine.serial.text)
+        machine.last_result = result
+    return result
