@@ -132,10 +132,11 @@ def _fd(obj) -> int:
 def serve_machine(machine: "Machine", port: int | None = None, socket: str | None = None, *,
                   host: str = "127.0.0.1", timeout: float | None = None,
                   ready: Callable[[str], object] | None = None,
-                  accept_timeout: float | None = None) -> "RunResult | None":
+                  accept_timeout: float | None = None, run_on: bool = True) -> "RunResult | None":
     """Wait for gdb on `port` (TCP) or `socket` (a Unix socket path) before the guest's first
     instruction and serve it until gdb detaches, kills, disconnects or the guest ends.
-    After a detach or disconnect the guest runs on (to its end or the rest of `timeout`).
+    After a detach or disconnect the guest runs on (to its end or the rest of `timeout`)
+    unless `run_on` is False.
     `ready(address)` is called once the socket listens (port 0 picks a free port).
     Returns the run's result: the guest's end, or None when gdb killed it or never came."""
     listener = Listener(port, host=host, socket_path=socket) if socket is not None or port is not None \
@@ -150,7 +151,7 @@ def serve_machine(machine: "Machine", port: int | None = None, socket: str | Non
         if target is not None:
             target.close()
         listener.close()
-    if end in (SessionEnd.DETACHED, SessionEnd.DISCONNECTED) and target.finished is None:
+    if end in (SessionEnd.DETACHED, SessionEnd.DISCONNECTED) and target.finished is None and run_on:
         remaining = None if timeout is None else max(timeout - target.ran_s, 0.001)
         return machine.run(timeout=remaining)
     if end is SessionEnd.EXITED:
