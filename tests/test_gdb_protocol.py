@@ -215,3 +215,27 @@ def test_long_monitor_output_is_split_into_console_packets():
     outcome = Session(Chatty()).handle(b"qRcmd," + b"vmcs".hex().encode())
     assert len(outcome.output) >= 6 and all(len(frame(p)) <= PACKET_SIZE for p in outcome.output)
     assert b"".join(bytes.fromhex(p[1:].decode()) for p in outcome.output) == b"x" * (3 * PACKET_SIZE) + b"\n"
+
+
+def test_protocol_modules_are_pure():
+    """packets, protocol and registers work on bytes only: no sockets, no KVM, no machine."""
+    import ast
+    from pathlib import Path
+    package = Path(__file__).resolve().parent.parent / "minivmm" / "gdb"
+    allowed_local = {"packets", "protocol", "registers"}
+    for name in sorted(allowed_local):
+        tree = ast.parse((package / f"{name}.py").read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                modules = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                if node.level == 1:
+                    assert node.module in allowed_local, f"{name}.py imports .{node.module}"
+                    continue
+                assert node.level == 0, f"{name}.py imports from outside minivmm.gdb"
+                modules = [node.module]
+            else:
+                continue
+            for module in modules:
+                assert module.split(".")[0] in ("__future__", "dataclasses", "functools", "typing"), \
+                    f"{name}.py imports {module}"

@@ -1,6 +1,7 @@
 /* gdb stub test guest, 2 vCPUs in protected mode: the BSP wakes vCPU 1 with INIT and a
    STARTUP IPI (vector 0x70: the AP starts in real mode at 0x7000:0000, guests/gdb/smp_ap.S),
    waits until the AP counts in ap_count, then spins at bsp_ready. */
+.include "minivmm.inc"
 .globl _start, bsp_ready, ap_count
 .set AP_COUNT, 0x70100
 _start:

@@ -1,5 +1,6 @@
 /* gdb stub test guest, real mode (16-bit, CS = 0): registers, a breakpoint, stepi, an exit
    code that gdb may change in memory. */
+.include "minivmm.inc"
 .globl _start, bp_add, after_add, store, after_store, finish, result, value, buf, buf_end
 _start:
     mov $0x1111, %ax

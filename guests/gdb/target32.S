@@ -1,5 +1,6 @@
 /* gdb stub test guest, 32-bit (protected mode): registers, a breakpoint, a store into a
    64 KiB buffer for watchpoints, an exit code that gdb may change in memory. */
+.include "minivmm.inc"
 .globl _start, bp_add, after_add, store, after_store, finish, result, value, buf, buf_end
 _start:
     mov $0x1111, %eax

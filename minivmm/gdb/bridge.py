@@ -380,7 +380,7 @@ class MachineTarget:
             ctx.stop_requested = lambda run=run: run.stopping
             ctx.deadline_expired = lambda run=run, seen=[False]: _once(run, seen)
             ctx.vcpu.fd.run.immediate_exit = 0
-            worker = threading.Thread(target=self._run_one, args=(run, ctx), daemon=True,
+            worker = threading.Thread(target=self._run_one, args=(run, ctx.index), daemon=True,
                                       name=f"minivmm-gdb-vcpu{ctx.index}")
             run.threads.append((ctx, worker))
         for _, worker in reversed(run.threads):
@@ -389,18 +389,20 @@ class MachineTarget:
             threading.Thread(target=self._deadline_watch, args=(run,), daemon=True,
                              name="minivmm-gdb-deadline").start()
 
-    def _run_one(self, run: _RunState, ctx: "VcpuContext") -> None:
+    def _run_one(self, run: _RunState, index: int) -> None:
+        """vCPU `index`'s exit loop for this resume, in its own thread."""
+        context = self.machine.contexts[index]
         result, error = None, None
         try:
-            result = ctx.run(None, None, console=lambda: self.machine.serial.text)
+            result = context.run(None, None, console=lambda: self.machine.serial.text)
         except Kicked:
             return
         except BaseException as exc:          # reported to gdb as SIGABRT, kept for the caller
             error = exc
-            result = ctx.last_result
+            result = context.last_result
         with run.lock:
             if run.first is None:
-                run.first = (ctx, result, error)
+                run.first = (context, result, error)
                 run.stopping = True
                 run.done.set()
                 os.write(self._wake_w, b"!")
