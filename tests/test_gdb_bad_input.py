@@ -22,11 +22,15 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+OPEN_CLIENTS: list["RawClient"] = []
+
+
 class RawClient:
     def __init__(self, address: str) -> None:
         host, port = address.rsplit(":", 1)
         self.sock = socket.create_connection((host, int(port)), timeout=10)
         self.buffer = b""
+        OPEN_CLIENTS.append(self)
 
     def send(self, data: bytes) -> None:
         self.sock.sendall(data)
@@ -70,6 +74,9 @@ def serve_to(machine, client_script, **options):
                 outcome["value"] = client_script(address)
             except BaseException as exc:           # reported by the test below
                 outcome["error"] = exc
+            finally:                               # a failed script must not leave the stub waiting
+                while OPEN_CLIENTS:
+                    OPEN_CLIENTS.pop().close()
         thread = outcome["thread"] = threading.Thread(target=run, daemon=True)
         thread.start()
 
