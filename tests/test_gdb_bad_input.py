@@ -15,7 +15,7 @@ from minivmm.gdb.packets import PACKET_SIZE, frame
 
 pytestmark = pytest.mark.kvm
 
-GUEST = Path(__file__).resolve().parent.parent / "guests" / "gdb" / "target64.S"
+GUEST = Path(__file__).resolve().parent.parent / "guests" / "gdb" / "target.S"
 
 
 def open_fds() -> int:
@@ -139,7 +139,10 @@ def test_a_second_client_is_refused_while_the_first_is_served():
         second = RawClient(address)
         second.send(frame(b"?"))
         second.sock.settimeout(5)
-        refused = second.sock.recv(100)                           # closed without an answer
+        try:
+            refused = second.sock.recv(100)                       # closed without an answer
+        except ConnectionResetError:                              # ... with our packet unread
+            refused = b""
         second.close()
         assert first.ask(b"qC") == b"QC1"                         # the first is unaffected
         first.send(frame(b"c"))

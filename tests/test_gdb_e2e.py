@@ -11,7 +11,7 @@ from minivmm import Machine
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(GDB is None, reason="gdb is not installed (make setup)")]
 
 GUESTS = Path(__file__).resolve().parent.parent / "guests" / "gdb"
-SOURCE = {"user": "target64.S", "long": "target64.S", "protected": "target32.S", "real": "target16.S"}
+SOURCE = {"user": "target.S", "long": "target.S", "protected": "target.S", "real": "target16.S"}
 PC = {"user": "rip", "long": "rip", "protected": "eip", "real": "eip"}
 ARCH = {"user": "i386:x86-64", "long": "i386:x86-64", "protected": "i386", "real": "i8086"}
 

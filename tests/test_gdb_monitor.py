@@ -11,7 +11,7 @@ from minivmm import Machine
 
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(GDB is None, reason="gdb is not installed (make setup)")]
 
-GUEST = Path(__file__).resolve().parent.parent / "guests" / "gdb" / "target64.S"
+GUEST = Path(__file__).resolve().parent.parent / "guests" / "gdb" / "target.S"
 
 
 def test_monitor_commands():

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from ..errors import MinivmmError
 from .packets import PACKET_SIZE, from_hex, to_hex, unescape
 from .registers import Layout
 
@@ -24,7 +25,7 @@ class Signal:
     SIGINT, SIGILL, SIGTRAP, SIGABRT, SIGFPE, SIGKILL, SIGBUS, SIGSEGV, SIGALRM = 2, 4, 5, 6, 8, 9, 10, 11, 14
 
 
-class TargetError(Exception):
+class TargetError(MinivmmError, RuntimeError):
     """What the target cannot do; `code` is the errno-like number of the E reply."""
 
     def __init__(self, message: str, code: int = 1) -> None:
@@ -32,7 +33,7 @@ class TargetError(Exception):
         self.code = code
 
 
-class Unsupported(Exception):
+class Unsupported(MinivmmError, NotImplementedError):
     """A request the target does not implement: the empty reply."""
 
 

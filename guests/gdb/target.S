@@ -1,5 +1,6 @@
-/* gdb stub test guest, 64-bit (long and user mode): registers, a breakpoint, a store into a
-   64 KiB buffer for watchpoints, an exit code that gdb may change in memory. */
+/* gdb stub test guest for protected, long and user mode (one source: 32-bit addressing
+   assembles in both): registers, a breakpoint, a store into a 64 KiB watched buffer, an
+   exit code that gdb may change in memory. */
 .include "minivmm.inc"
 .globl _start, bp_add, after_add, store, after_store, finish, result, value, buf, buf_end
 _start:
@@ -11,7 +12,7 @@ after_add:
     mov %eax, result
     mov $buf, %edi
 store:
-    movb $0x5a, 0x8000(%rdi)
+    movb $0x5a, 0x8000(%edi)
 after_store:
     movb value, %al
 finish:
