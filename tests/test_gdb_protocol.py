@@ -193,6 +193,13 @@ def test_resume_requests():
     assert s.handle(b"D").detach and s.handle(b"k").kill and s.handle(b"vKill;1").kill
 
 
+def test_a_stop_makes_its_thread_the_general_one():
+    s = Session(FakeTarget())
+    assert s.stopped(StopEvent(5, 2, "swbreak")) == b"T05thread:2;swbreak:;"
+    assert reply(s, b"g") == s._encode(FakeTarget().read_registers(2))     # no Hg2 needed
+    assert reply(s, b"?") == b"T05thread:2;swbreak:;"
+
+
 def test_stop_replies():
     assert stop_reply(StopEvent(5, 2, "swbreak")) == b"T05thread:2;swbreak:;"
     assert stop_reply(StopEvent(5, 1, "watch", 0x102000)) == b"T05thread:1;watch:102000;"

@@ -49,3 +49,19 @@ def test_threads_are_vcpus_and_one_steps_while_the_other_stays():
         assert run.value("ap_ax_after") - run.value("ap_ax") == 1, out     # inc, mov, jmp: one inc
         assert ap_loop <= run.value("ap_ip") < ap_loop + 16
         assert run.value("bsp_eip_after") == m.symbols["bsp_ready"]        # vCPU 0 stayed stopped
+
+
+def test_multiboot_kernel_ap_hits_a_breakpoint_and_the_kernel_finishes():
+    """configs/mb_smp.yaml: the C multiboot kernel starts vCPU 1, which stops at ap_main as
+    thread 2 (gdb reads thread 2's registers without an Hg: the stub switched to it)."""
+    from minivmm.config import build_machine, load_config
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "mb_smp.yaml")
+    with build_machine(config, capture_console=True) as m:
+        ap_main = m.symbols["ap_main"]
+        run = gdb_session(m, ["info threads", f"break *{ap_main:#x}", "continue",
+                              'printf "eip=%x\\n", $eip', "thread 1", 'printf "bsp=%x\\n", $eip',
+                              "delete", "continue"])
+        out = run.output
+        assert "Thread 2 hit Breakpoint 1" in out, out
+        assert run.value("eip") == ap_main and run.value("bsp") != ap_main
+        assert run.result.exit_code == 2 and "mbkernel: ok, 2 cpus online" in m.serial.text

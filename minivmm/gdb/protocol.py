@@ -135,6 +135,14 @@ class Session:
             return Outcome(None, kill=True)
         raise Unsupported
 
+    def stopped(self, event: StopEvent) -> bytes:
+        """The stop reply for `event`, which also makes its thread the general one (gdb assumes
+        a stub switches to the thread a stop reply names, and sends no Hg for it)."""
+        self.last_stop = event
+        if event.exit_code is None:
+            self.general_thread = event.thread
+        return stop_reply(event)
+
     def _why(self, p: bytes) -> Outcome:
         return Outcome(stop_reply(self.last_stop))
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .bridge import MachineTarget
 from .packets import BadChecksum, Interrupt, Oversized, Packet, to_hex
-from .protocol import Session, StopEvent, stop_reply
+from .protocol import Session, StopEvent
 from .transport import Connection, Listener
 
 if TYPE_CHECKING:
@@ -83,10 +83,9 @@ class GdbServer:
             stop = self._run(conn, outcome.resume.actions)
             if stop is None:
                 return SessionEnd.DISCONNECTED
-            session.last_stop = stop
             if stop.message:
                 conn.send(b"O" + to_hex(stop.message.encode() + b"\n"))
-            conn.send(stop_reply(stop))
+            conn.send(session.stopped(stop))
             return SessionEnd.EXITED if stop.exit_code is not None else None
         for packet in outcome.output:
             conn.send(packet)
