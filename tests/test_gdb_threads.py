@@ -65,3 +65,20 @@ def test_multiboot_kernel_ap_hits_a_breakpoint_and_the_kernel_finishes():
         assert "Thread 2 hit Breakpoint 1" in out, out
         assert run.value("eip") == ap_main and run.value("bsp") != ap_main
         assert run.result.exit_code == 2 and "mbkernel: ok, 2 cpus online" in m.serial.text
+
+
+def test_a_mode_change_is_reported():
+    """configs/mb_realmode.yaml drops from protected to real mode: the stop after the CR0 write
+    says so (gdb keeps the description it read; the i386 and i8086 registers are the same)."""
+    from minivmm.config import build_machine, load_config
+    config = load_config(Path(__file__).resolve().parent.parent / "configs" / "mb_realmode.yaml")
+    with build_machine(config, capture_console=True) as m:
+        start = m.images[0].start                      # the kernel is linked at 32 KiB
+        pm16 = start + m.memory.read(start, 0x1000).index(bytes.fromhex("b810008ed8"))   # mov $0x10,%ax; mov %ax,%ds
+        run = gdb_session(m, ["show architecture", f"break *{pm16:#x}", "continue", "delete",
+                              "stepi 8", 'printf "cs=%x\\n", $cs', 'printf "cr0=%x\\n", $cr0', "continue"])
+        out = run.output
+        assert "i386" in out and "vCPU 0 switched to i8086 mode" in out, out
+        assert "`set architecture i8086` disassembles for it" in out
+        assert run.value("cs") == 0x800 and run.value("cr0") & 1 == 0
+        assert run.result.exit_code == 0 and "real mode, code past 0xb000 intact" in m.serial.text

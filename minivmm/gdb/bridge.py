@@ -112,6 +112,7 @@ class MachineTarget:
         install_kick_handler()
         machine.prepare_run()
         self._layout: Layout | None = None
+        self._noted: dict[int, str] = {}              # thread -> the mode it was last reported in
         self._points: dict[tuple[int, int, int], _Point] = {}
         self._causes: dict[int, StopEvent] = {}
         self._stepping: set[int] = set()
@@ -160,6 +161,22 @@ class MachineTarget:
             vcpu = self.machine.vcpu
             self._layout = layout_for_state(vcpu.cr0, vcpu.efer)
         return self._layout
+
+    def mode_note(self, thread: int) -> str:
+        """A line for gdb when `thread`'s vCPU left the mode of the description gdb read (gdb
+        reads it once per connection); empty when nothing changed since the last note."""
+        vcpu = self._ctx(thread).vcpu
+        now, described = layout_for_state(vcpu.cr0, vcpu.efer), self.layout()
+        if self._noted.get(thread, described.architecture) == now.architecture:
+            return ""
+        self._noted[thread] = now.architecture
+        if now.architecture == described.architecture:
+            return f"vCPU {thread - 1} is back in {now.architecture} mode"
+        same = len(now.registers) == len(described.registers)
+        hint = f"`set architecture {now.architecture}` disassembles for it" if same else \
+            f"this connection keeps the {described.architecture} registers"
+        return (f"vCPU {thread - 1} switched to {now.architecture} mode (gdb read the "
+                f"{described.architecture} description when it connected; {hint})")
 
     def read_registers(self, thread: int) -> dict[str, int | bytes]:
         vcpu = self._ctx(thread).vcpu

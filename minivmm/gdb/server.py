@@ -83,8 +83,11 @@ class GdbServer:
             stop = self._run(conn, outcome.resume.actions)
             if stop is None:
                 return SessionEnd.DISCONNECTED
-            if stop.message:
-                conn.send(b"O" + to_hex(stop.message.encode() + b"\n"))
+            notes = [stop.message] if stop.message else []
+            if stop.exit_code is None:
+                notes.append(self.target.mode_note(stop.thread))
+            for note in filter(None, notes):
+                conn.send(b"O" + to_hex(note.encode() + b"\n"))
             conn.send(session.stopped(stop))
             return SessionEnd.EXITED if stop.exit_code is not None else None
         for packet in outcome.output:
