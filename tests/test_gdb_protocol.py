@@ -5,7 +5,7 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from minivmm.gdb.packets import (PACKET_SIZE, BadChecksum, Interrupt, Nack, Oversized, Packet, PacketParser,
+from minivmm.gdb.packets import (PACKET_SIZE, BadChecksum, Oversized, Packet, PacketParser,
                                  checksum, escape, frame, unescape)
 from minivmm.gdb.protocol import ResumeRequest, Session, StopEvent, TargetError, stop_reply
 from minivmm.gdb.registers import layout, layout_for_state

@@ -96,6 +96,7 @@ class _RunState:
         self.done = threading.Event()
         self.lock = threading.Lock()
         self.threads: list[tuple["VcpuContext", threading.Thread]] = []
+        self.started = time.perf_counter()
 
 
 class MachineTarget:
@@ -120,6 +121,7 @@ class MachineTarget:
         self._seeking: set[int] = set()               # vCPUs stepping to a real-mode breakpoint
         self._run: _RunState | None = None
         self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
         self.finished: "RunResult | None" = None      # the run that ended the guest
         self.error: BaseException | None = None       # what the last resume raised, if anything
         self._mtf = machine.on(ExitReason.MONITOR_TRAP_FLAG, self._on_step)
@@ -391,7 +393,7 @@ class MachineTarget:
             if action == "s" or ctx.index in self._seeking:
                 self._stepping.add(ctx.index)
                 ctx.vmcs.set_control(MTF)
-        self._started_at = time.perf_counter()
+        self.error = None
         for thread in actions:
             ctx = self._ctx(thread)
             ctx.stop_requested = lambda run=run: run.stopping
@@ -420,9 +422,7 @@ class MachineTarget:
         with run.lock:
             if run.first is None:
                 run.first = (context, result, error)
-                run.stopping = True
-                run.done.set()
-                os.write(self._wake_w, b"!")
+            self._wake(run)
 
     def _deadline_watch(self, run: _RunState) -> None:
         remaining = self.timeout - self.ran_s
@@ -434,13 +434,19 @@ class MachineTarget:
     def interrupt(self) -> None:
         """Ctrl-C: stop every running vCPU (the stop is SIGINT)."""
         run = self._run
-        if run is not None and not run.done.is_set():
-            run.interrupted = True
+        if run is not None:
             with run.lock:
-                if run.first is None:
-                    run.stopping = True
-                    run.done.set()
-                    os.write(self._wake_w, b"!")
+                if not run.done.is_set():
+                    run.interrupted = True
+                    self._wake(run)
+
+    def _wake(self, run: _RunState) -> None:
+        """The resume is over (with `run.lock` held): once per resume, one byte on the wake fd
+        and `done`; the other vCPUs are kicked by `wait`."""
+        run.stopping = True
+        if not run.done.is_set():
+            os.write(self._wake_w, b"!")
+            run.done.set()
 
     def _kick(self, run: _RunState) -> None:
         run.stopping = True
@@ -467,7 +473,7 @@ class MachineTarget:
             os.read(self._wake_r, 64)
         except BlockingIOError:
             pass
-        self.ran_s += time.perf_counter() - self._started_at
+        self.ran_s += time.perf_counter() - run.started
         for ctx, _ in run.threads:
             ctx.vcpu.fd.run.immediate_exit = 0
             ctx.stop_requested = lambda: False
