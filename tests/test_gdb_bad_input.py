@@ -168,3 +168,16 @@ def test_unix_socket_transport(tmp_path):
         assert run.value("eax") == 0x3333, run.output
         assert run.result.exit_code == 7
     assert not path.exists()                                      # the socket file is removed
+
+
+def test_a_taken_port_or_a_file_in_the_way_is_a_clear_error(tmp_path):
+    from minivmm.errors import MinivmmError
+    from minivmm.gdb.transport import ListenError, Listener
+    with Listener(0) as taken:
+        with pytest.raises(ListenError, match=rf"cannot listen for gdb on 127.0.0.1:{taken.port}: "):
+            Listener(taken.port)
+    in_the_way = tmp_path / "not-a-socket"
+    in_the_way.write_text("data")
+    with pytest.raises(ListenError, match="exists and is not a socket"):
+        Listener(socket_path=in_the_way)
+    assert in_the_way.read_text() == "data" and issubclass(ListenError, MinivmmError)

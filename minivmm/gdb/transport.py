@@ -13,11 +13,17 @@ import socket
 import stat
 from pathlib import Path
 
+from ..errors import MinivmmError
 from .packets import Ack, Event, Nack, PacketParser, frame
 
-__all__ = ["Connection", "Listener", "parse_address"]
+__all__ = ["Connection", "ListenError", "Listener", "parse_address"]
 
 RECV_SIZE = 65536
+
+
+class ListenError(MinivmmError, OSError):
+    """The stub cannot listen where it was asked to (the port is taken, the path is not
+    writable)."""
 
 
 def parse_address(text: str) -> tuple[str, int]:
@@ -42,23 +48,23 @@ class Listener:
             path = Path(socket_path)
             if path.exists() or path.is_symlink():
                 if not stat.S_ISSOCK(path.lstat().st_mode):
-                    raise FileExistsError(f"{path} exists and is not a socket")
+                    raise ListenError(f"cannot listen for gdb on {path}: it exists and is not a socket")
                 path.unlink()                    # a stale socket of an earlier session
             self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 self.sock.bind(str(path))
-            except OSError:
+            except OSError as exc:
                 self.sock.close()
-                raise
+                raise ListenError(f"cannot listen for gdb on {path}: {exc.strerror}") from None
             self.path = path
         else:
             self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 self.sock.bind((host, port))
-            except OSError:
+            except OSError as exc:
                 self.sock.close()
-                raise
+                raise ListenError(f"cannot listen for gdb on {host}:{port}: {exc.strerror}") from None
         self.sock.listen(2)
 
     @property
