@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import shutil
 import signal
 import subprocess
@@ -37,6 +38,11 @@ class GdbRun:
         return found[-1]
 
 
+def no_core_dumps() -> None:
+    """preexec_fn for gdb: an internal error of gdb aborts it; leave no core file behind."""
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
 def gdb_argv(address: str, commands: list[str]) -> list[str]:
     argv = [GDB, "-batch", "-nx", "-ex", "set pagination off", "-ex", "set confirm off",
             "-ex", "set print elements 8", "-ex", f"target remote {address}"]
@@ -56,7 +62,8 @@ def gdb_session(machine, commands: list[str], *, timeout: float = 30.0, machine_
         argv = gdb_argv(address, commands)
         state["argv"] = argv
         proc = state["proc"] = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT,
-                                                stdin=subprocess.DEVNULL, start_new_session=True)
+                                                stdin=subprocess.DEVNULL, start_new_session=True,
+                                                preexec_fn=no_core_dumps)
 
         def kill() -> None:
             if proc.poll() is None:

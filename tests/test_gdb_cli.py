@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from gdb_harness import GDB, gdb_argv
+from gdb_harness import GDB, gdb_argv, no_core_dumps
 
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(GDB is None, reason="gdb is not installed (make setup)")]
 
@@ -32,7 +32,8 @@ def debug_session(minivmm_args: list[str], gdb_commands: list[str]) -> tuple[int
         line = proc.stderr.readline()
         assert "waiting for gdb: target remote " in line, line
         address = line.rsplit(" ", 1)[1].strip()
-        gdb = subprocess.run(gdb_argv(address, gdb_commands), capture_output=True, text=True, timeout=30)
+        gdb = subprocess.run(gdb_argv(address, gdb_commands), capture_output=True, text=True, timeout=30,
+                             preexec_fn=no_core_dumps)
         out, err = proc.communicate(timeout=30)
         return proc.returncode, out, line + err, gdb.stdout + gdb.stderr
     finally:

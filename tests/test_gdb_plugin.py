@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from gdb_harness import GDB, gdb_argv
+from gdb_harness import GDB, gdb_argv, no_core_dumps
 
 pytestmark = [pytest.mark.kvm, pytest.mark.skipif(GDB is None, reason="gdb is not installed (make setup)")]
 
@@ -41,7 +41,8 @@ def test_failing_guest_test_waits_for_gdb_at_the_failure(tmp_path):
         assert "test_inner.py::test_fails failed" in line
         address = line.rsplit(" ", 1)[1].strip()
         gdb = subprocess.run(gdb_argv(address, ['printf "r12=%x\\n", $r12', "detach"]),
-                             capture_output=True, text=True, timeout=30)
+                             capture_output=True, text=True, timeout=30,
+                             preexec_fn=no_core_dumps)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
