@@ -13,8 +13,9 @@ the machine's breakpoint table; watchpoints are EPT monitors of the hook registr
 In real mode an int3 goes through the guest's interrupt vector table on the hosts this
 project runs on (the host emulates it instead of reporting #BP), so a breakpoint that gdb
 inserts while the vCPU is in real mode is not an int3: the vCPUs that continue are
-single-stepped and stop when CS.base + IP reaches one (real-mode code is emulated by the
-host anyway, so the steps cost a few times its speed, not orders of magnitude).
+single-stepped and stop when CS.base + IP reaches one. Every instruction is then an exit:
+such a continue is much slower than the guest's own pace, which suits the short real-mode
+stretches of boot code rather than long loops.
 
 Addresses from gdb are linear addresses of the vCPU gdb selected (Hg), translated
 by the guest's page tables (`minivmm.pagewalk`); reads show the original bytes
