@@ -416,6 +416,13 @@ class Machine:
         finally:
             self.last_result = self.contexts[0].last_result
 
+    def serve_gdb(self, port: int | None = None, socket: str | None = None, **options) -> RunResult | None:
+        """Wait for gdb (`target remote :PORT` or a Unix `socket` path) before the next
+        instruction and serve it until it detaches, kills or the guest ends; see
+        `minivmm.gdb.serve_machine` for the options (`timeout`, `ready`, `host`)."""
+        from .gdb import serve_machine
+        return serve_machine(self, port, socket, **options)
+
     def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
                 counts: list[int] | None = None, seconds: list[float] | None = None,
                 pending: int | None = None) -> Stop:
