@@ -65,7 +65,6 @@ from typing import TYPE_CHECKING, Sequence
 
 from .. import asm
 from ..errors import MinivmmError
-from ..kvm import KvmRegs
 from ..memory import PAGE_SIZE
 from ..modes import IDT_ADDR, STUB_SIZE, STUBS_ADDR, SYSTEM_AREA_END, Mode
 
@@ -252,7 +251,8 @@ class BatchRunner:
         target = harness.target
         base = self.base
         if target.length_register is not None:
-            mode, offset, address = 0, getattr(KvmRegs, target.length_register).offset, 0
+            vcpu = harness.machine.vcpu
+            mode, offset, address = 0, vcpu.gpr_address(target.length_register) - vcpu.regs_address, 0
         else:
             mode, offset, address = target.length_size, 0, target.length_address
         defines = {"CTL": self.ctl, "RESULTS": base + _RESULTS, "RING": base + _RING, "DATA": self.data,
