@@ -1,0 +1,96 @@
+"""Real static Linux programs under minivmm's Linux personality, compared byte for byte with
+the same binary run natively: Debian's busybox-static applets, gcc -static, gcc -static-pie
+and musl-gcc -static builds of a C program."""
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from minivmm.linux import LinuxProcess
+
+pytestmark = pytest.mark.kvm
+
+BUSYBOX = "/bin/busybox"
+GUESTS = Path(__file__).resolve().parent.parent / "guests" / "linux"
+TEXT = b"".join(b"line %d of the exposed file: %s\n" % (i, b"abcxyz"[i % 6:] * (i % 5)) for i in range(300))
+TEXT += b"pear\napple\npear\nbanana\napple\napple\n"
+needs_busybox = pytest.mark.skipif(not os.path.exists(BUSYBOX), reason="Debian's busybox-static is not installed")
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    (tmp_path / "data.txt").write_bytes(TEXT)
+    (tmp_path / "data.gz").write_bytes(gzip.compress(TEXT, mtime=0))
+    (tmp_path / "fruit").write_bytes(b"pear\napple\npear\npear\nbanana\n")
+    return tmp_path
+
+
+def native(argv, cwd, stdin=b"", path=BUSYBOX):
+    done = subprocess.run([path] + list(argv[1:]), executable=path, cwd=cwd, input=stdin,
+                          capture_output=True, env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C"},
+                          timeout=30)
+    status = done.returncode if done.returncode >= 0 else 128 - done.returncode
+    return status, done.stdout, done.stderr
+
+
+def emulated(argv, cwd, stdin=b"", path=BUSYBOX, **kwargs):
+    result = LinuxProcess(path, argv, cwd=str(cwd), stdin=stdin, capture=True, **kwargs).run(timeout=60)
+    return result.status, result.stdout, result.stderr
+
+
+APPLETS = [
+    (["busybox", "echo", "hello", "world"], b""),
+    (["busybox", "printf", "%s=%05d %x\\n", "a", "42", "255", "b", "7", "16"], b""),
+    (["busybox", "seq", "1", "3", "40"], b""),
+    (["busybox", "wc", "data.txt"], b""),
+    (["busybox", "wc", "-l"], TEXT),
+    (["busybox", "sort", "-r", "data.txt"], b""),
+    (["busybox", "sort", "-u", "fruit"], b""),
+    (["busybox", "uniq", "-c"], b"a\na\nb\nc\nc\nc\n"),
+    (["busybox", "base64", "data.txt"], b""),
+    (["busybox", "base64", "-d"], b"aGVsbG8gd29ybGQK\n"),
+    (["busybox", "md5sum", "data.txt"], b""),
+    (["busybox", "sha256sum", "data.txt", "fruit"], b""),
+    (["busybox", "gzip", "-c", "data.txt"], b""),
+    (["busybox", "gunzip", "-c", "data.gz"], b""),
+    (["busybox", "sed", "-e", "s/line/LINE/g", "-e", "/3/d", "data.txt"], b""),
+    (["busybox", "awk", "-F", " ", "{n += $2} END {print n, NR}", "data.txt"], b""),
+    (["busybox", "tr", "a-z", "A-Z"], b"shout this\n"),
+    (["busybox", "head", "-n", "5", "data.txt"], b""),
+    (["busybox", "tail", "-n", "4", "data.txt"], b""),
+    (["busybox", "cat", "fruit", "data.txt"], b""),
+    (["busybox", "cat"], TEXT),
+    (["busybox", "od", "-A", "x", "-t", "x1z", "fruit"], b""),
+    (["busybox", "cat", "missing-file"], b""),                 # an error: stderr and status 1
+    (["busybox", "sha256sum", "-c"], b"0000  fruit\n"),        # a failing check: status 1
+]
+
+
+@needs_busybox
+@pytest.mark.parametrize("argv,stdin", APPLETS, ids=[" ".join(a[1:3]) for a, _ in APPLETS])
+def test_busybox_applet_matches_native(workdir, argv, stdin):
+    expected = native(argv, workdir, stdin)
+    assert emulated(argv, workdir, stdin) == expected
+
+
+def _build(tmp_path, compiler, *flags):
+    if shutil.which(compiler) is None:
+        pytest.skip(f"{compiler} is not installed")
+    out = tmp_path / f"probe-{compiler}{'-'.join(flags)}"
+    subprocess.run([compiler, *flags, "-O2", "-o", str(out), str(GUESTS / "probe.c")], check=True)
+    return str(out)
+
+
+@pytest.mark.parametrize("compiler,flags", [("gcc", ("-static",)), ("gcc", ("-static-pie",)),
+                                            ("musl-gcc", ("-static",))])
+def test_c_program_matches_native(workdir, compiler, flags):
+    program = _build(workdir, compiler, *flags)
+    for argv in (["probe"], ["probe", "data.txt", "7"], ["probe", "no-such-file"]):
+        expected = native(argv, workdir, b"", program)
+        assert emulated(argv, workdir, b"", program, env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C"}) \
+            == expected
