@@ -1,4 +1,4 @@
-"""The `minivmm` command line: run, check, trace, caps, fuzz and afl.
+"""The `minivmm` command line: run, check, trace, caps, fuzz, afl and linux.
 
 Exit status of `minivmm run`: the guest's debug-exit code when it reports one
 (a rule's `stop` without one: 0); 0 when it halts; 124 on timeout; 125 on a
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fuzz import cli as fuzz_cli
     fuzz_cli.add_commands(commands)
+    from .linux import cli as linux_cli
+    linux_cli.add_command(commands)
     return parser
 
 

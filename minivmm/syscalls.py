@@ -12,7 +12,8 @@ a kernel is installed), the run loop hands such exits to the machine's
 2. the kernel (`table.kernel`, e.g. the Linux personality of `minivmm.linux`);
    without one the call returns -ENOSYS;
 3. `after` hooks, which see `event.result` and may replace it with `Reply(value)`
-   or end the run with `Stop`.
+   or end the run with `Stop` (a call that ends the run, like exit, reaches them with
+   `result` None).
 
 The result goes to RAX and the guest continues after the instruction, as after
 `sysretq` (RCX and R11 hold the return RIP and RFLAGS, as Linux leaves them).
@@ -113,6 +114,7 @@ class SyscallTable:
             else:
                 answer = self.kernel(vcpu, event)
                 if answer.__class__ is not int:
+                    self._ended(vcpu, event)
                     return _checked(answer)
                 result = answer
         event.result = result
@@ -127,6 +129,14 @@ class SyscallTable:
                 return _checked(action)
         vcpu.rax = event.result & MASK64
         return RESUME
+
+
+    def _ended(self, vcpu, event: SyscallEvent) -> None:
+        """The kernel ended the run in this call (exit, a fatal signal): the after hooks see it
+        with `result` None; their answers cannot undo the end."""
+        for hook in self.after:
+            if hook.low <= event.number <= hook.high:
+                hook.callback(vcpu, event)
 
 
 def _checked(action) -> Action:

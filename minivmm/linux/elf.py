@@ -28,7 +28,12 @@ _MACHINES = {3: "i386", 40: "ARM", 183: "AArch64", 243: "RISC-V", 8: "MIPS", 20:
 
 
 class LinuxImageError(MinivmmError, ValueError):
-    """The program cannot be run by minivmm's Linux personality; the message says why."""
+    """The program cannot be run by minivmm's Linux personality; the message says why.
+    `status` is what a shell answers: 127 for a missing file, 126 for one it cannot run."""
+
+    def __init__(self, message: str, status: int = 126) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,7 +70,7 @@ def read_program(path: str | Path) -> Program:
     try:
         data = Path(path).read_bytes()
     except FileNotFoundError:
-        raise LinuxImageError(f"{path}: no such file") from None
+        raise LinuxImageError(f"{path}: no such file", 127) from None
     except IsADirectoryError:
         raise LinuxImageError(f"{path}: is a directory, not a program") from None
     except OSError as exc:

@@ -85,4 +85,4 @@ def format_call(event: SyscallEvent, read_memory, read_string) -> str:
             args.append(f"{value:#o}")
         else:
             args.append(hex(value) if value else "0" if kind != "x" or name != "brk" else "NULL")
-    return f"{name}({', '.join(args)}) = {_result(result)}"
+    return f"{name}({', '.join(args)}) = {'?' if event.result is None else _result(result)}"
