@@ -168,7 +168,8 @@ class LinuxKernel:
             raise VfsError(errno.EFAULT)
         self.space.mem[address:address + len(data)] = data
 
-    def _string(self, address: int, limit: int = 4096) -> str:
+    def string(self, address: int, limit: int = 4096) -> str:
+        """The C string at `address` in guest memory (VfsError EFAULT or ENAMETOOLONG)."""
         mem = self.space.mem
         out = b""
         while len(out) < limit:
@@ -184,7 +185,7 @@ class LinuxKernel:
         raise VfsError(errno.ENAMETOOLONG)
 
     def _path(self, address: int) -> str:
-        return self._string(address)
+        return self.string(address)
 
     # -- files -------------------------------------------------------------------------
     def _read_into(self, entry: OpenFile, view: memoryview, offset: int | None = None) -> int:

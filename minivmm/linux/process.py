@@ -207,7 +207,7 @@ class LinuxProcess:
             return kernel.space.read(address, n) if kernel.space.accessible(address, n) else None
         def read_string(address):
             try:
-                return kernel._string(address) if address else None
+                return kernel.string(address) if address else None
             except Exception:
                 return None
         self.strace(format_call(event, read_memory, read_string))
