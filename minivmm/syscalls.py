@@ -86,6 +86,10 @@ class SyscallTable:
             if hook in hooks:
                 hooks.remove(hook)
 
+    def watches(self, number: int) -> bool:
+        """Whether a hook (before or after) is installed for calls numbered `number`."""
+        return any(h.low <= number <= h.high for h in self.before + self.after)
+
     @property
     def active(self) -> bool:
         return bool(self.kernel is not None or self.before or self.after)

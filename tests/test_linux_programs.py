@@ -27,6 +27,7 @@ def workdir(tmp_path):
     (tmp_path / "data.txt").write_bytes(TEXT)
     (tmp_path / "data.gz").write_bytes(gzip.compress(TEXT, mtime=0))
     (tmp_path / "fruit").write_bytes(b"pear\napple\npear\npear\nbanana\n")
+    (tmp_path / "big").write_bytes(bytes(range(256)) * 4096 + b"tail end\n")
     return tmp_path
 
 
@@ -66,6 +67,9 @@ APPLETS = [
     (["busybox", "cat", "fruit", "data.txt"], b""),
     (["busybox", "cat"], TEXT),
     (["busybox", "od", "-A", "x", "-t", "x1z", "fruit"], b""),
+    (["busybox", "sha256sum", "big"], b""),                     # reads served by the entry
+    (["busybox", "tail", "-c", "5000", "big"], b""),            # lseek leaves the entry's slot
+    (["busybox", "dd", "if=big", "bs=1000", "skip=3", "count=2"], b""),
     (["busybox", "cat", "missing-file"], b""),                 # an error: stderr and status 1
     (["busybox", "sha256sum", "-c"], b"0000  fruit\n"),        # a failing check: status 1
 ]
@@ -94,3 +98,29 @@ def test_c_program_matches_native(workdir, compiler, flags):
         expected = native(argv, workdir, b"", program)
         assert emulated(argv, workdir, b"", program, env={"PATH": "/usr/bin:/bin", "HOME": "/", "LANG": "C"}) \
             == expected
+
+
+@needs_busybox
+def test_file_reads_without_exits_unless_a_hook_watches_read(workdir):
+    """The built-in kernel's entry serves read() of an exposed file at CPL 3; with a SYSCALL
+    hook on read every read exits and reaches the hook, with the same output."""
+    expected = native(["busybox", "sha256sum", "big"], workdir)
+    fast = LinuxProcess(BUSYBOX, ["busybox", "sha256sum", "big"], cwd=str(workdir), capture=True)
+    machine = fast.build()
+    try:
+        result = fast.result(machine.run(timeout=30))
+    finally:
+        fast.close()
+    assert (result.status, result.stdout, result.stderr) == expected
+    assert result.run.exits["EXCEPTION_OR_NMI"] < 40          # 257 reads of 4 KiB natively
+
+    watched = LinuxProcess(BUSYBOX, ["busybox", "sha256sum", "big"], cwd=str(workdir), capture=True)
+    machine = watched.build()
+    reads = []
+    machine.on("syscall", lambda vcpu, event: reads.append(event.result), number=0, when="after")
+    try:
+        result = watched.result(machine.run(timeout=30))
+    finally:
+        watched.close()
+    assert (result.status, result.stdout, result.stderr) == expected
+    assert sum(r for r in reads if r > 0) == (workdir / "big").stat().st_size

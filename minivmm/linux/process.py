@@ -21,11 +21,13 @@ from ..actions import RunEnd
 from ..exits import Vector
 from ..machine import Machine
 from ..memory import parse_size
+from ..modes import setup_syscall_msrs
 from ..runloop import RunResult
 from ..syscalls import SyscallEvent
 from .elf import PF_R, PF_W, PF_X, LinuxImageError, Program, read_program
 from .kernel import FATAL_SIGNAL_EXIT, SIGNAL_NAMES, Clock, LinuxKernel
 from .space import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
+from .entry import ENTRY_SIZE, entry_code
 from .strace import format_call
 from .vfs import BufferStream, HostStream, OpenFile, Root, Stream, Vfs
 
@@ -70,13 +72,16 @@ class LinuxProcess:
     `stdin` bytes or a host fd (default 0); `capture=True` collects stdout and stderr
     in the result instead of writing them to fds 1 and 2. `memory` bounds what the
     program may allocate. `strace` receives one line per system call. `seed` makes
-    getrandom and AT_RANDOM reproducible; `deterministic_clock` makes time too."""
+    getrandom and AT_RANDOM reproducible; `deterministic_clock` makes time too.
+    `fast_reads`: reads of exposed regular files are served by the built-in kernel's
+    entry without an exit while no SYSCALL hook watches `read` (`minivmm.linux.entry`)."""
 
     def __init__(self, path: str, argv: Sequence[str] | None = None, env: dict[str, str] | Sequence[str] | None = None,
                  *, expose: Sequence[str | Root] = (), cwd: str | None = None, sandbox: bool = False,
                  stdin: bytes | int | None = None, capture: bool = False, memory: int | str = DEFAULT_MEMORY,
                  strace: Callable[[str], object] | None = None, seed: int = 0,
-                 deterministic_clock: bool = False, notes: Callable[[str], object] | None = None) -> None:
+                 deterministic_clock: bool = False, notes: Callable[[str], object] | None = None,
+                 fast_reads: bool = True) -> None:
         self.path = path
         self.program: Program = read_program(path)
         self.argv = list(argv) if argv is not None else [path]
@@ -96,6 +101,7 @@ class LinuxProcess:
         self.clock = Clock(deterministic_clock)
         self.notes: list[str] = []
         self._note_sink = notes
+        self.fast_reads = fast_reads
         self.machine: Machine | None = None
         self.kernel: LinuxKernel | None = None
         self.space: AddressSpace | None = None
@@ -137,7 +143,10 @@ class LinuxProcess:
                          "r13", "r14", "r15"):
                 setattr(vcpu, name, 0)          # rdx: no atexit function for the program (psABI 3.4.1)
             space.reload(vcpu)
+            setup_syscall_msrs(vcpu, space.entry)
             machine.hooks.syscalls.kernel = kernel
+            table = machine.hooks.syscalls
+            kernel.fast_reads = lambda: self.fast_reads and self.strace is None and not table.watches(0)
             if self.strace is not None:
                 machine.on("syscall", self._trace, when="after")
         except BaseException:
@@ -161,6 +170,9 @@ class LinuxProcess:
         for segment in self.program.segments:
             space.write(segment.vaddr, segment.data)
         space.brk_start = space.brk = page_up(self.program.end)
+        space.map(space.entry, PAGE, PROT_READ | PROT_EXEC)
+        space.map(space.entry + PAGE, ENTRY_SIZE - PAGE, PROT_READ | PROT_WRITE)
+        space.write(space.entry, entry_code())
 
     def _std_fds(self, vfs: Vfs) -> None:
         if isinstance(self.stdin, (bytes, bytearray)):

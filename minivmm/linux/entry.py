@@ -1,0 +1,110 @@
+"""The built-in kernel's system-call entry for Linux programs: `read` of an exposed regular
+file without an exit.
+
+LSTAR points at two pages in the program's address space: position-independent
+code (read + execute) and its data (read + write): a table of `SLOTS` file slots
+(guest address of the file's bytes, size, position) plus scratch space. On a
+host where `syscall` keeps CPL 3 (the PVM hosts, see kvm-host-notes.md) the code
+runs natively: a `read` on a slotted fd copies from the guest copy of the file,
+moves the position and returns to RCX with RFLAGS = R11, as `sysretq` would.
+Anything else (another call, an fd without a slot, CPL 0 on a plain VT-x host)
+jumps to SYSCALL_EXIT_ADDR with every register as `syscall` left it, so the VMM
+sees the exit it would see without this entry.
+
+Such reads bypass SYSCALL hooks, so the kernel gives slots only while no hook
+watches `read` (and not under strace).
+"""
+from __future__ import annotations
+
+import functools
+import struct
+
+from ..asm import assemble
+from ..modes import SYSCALL_EXIT_ADDR
+
+__all__ = ["ENTRY_SIZE", "SLOTS", "SLOT_SIZE", "TABLE_OFFSET", "entry_code"]
+
+SLOTS = 64
+SLOT_SIZE = 32
+DATA_OFFSET = 0x1000             # the data page follows the code page
+TABLE_OFFSET = DATA_OFFSET       # slot i: base, size, position at DATA_OFFSET + 32 * i
+ENTRY_SIZE = 0x2000
+
+_SOURCE = f"""
+    .code64
+entry:
+    mov %rax, scratch_rax(%rip)
+    mov %cs, %eax
+    test $3, %al
+    mov scratch_rax(%rip), %rax
+    jz slow                          # CPL 0: report every call
+    test %rax, %rax                  # read(fd, buf, count)
+    jnz slow
+    cmp ${SLOTS}, %rdi
+    jae slow
+    mov %rdi, scratch_rdi(%rip)
+    shl $5, %rdi
+    lea table(%rip), %rax
+    add %rax, %rdi
+    cmpq $0, (%rdi)
+    je restore
+    mov 8(%rdi), %rax                # size - position, at most count
+    sub 16(%rdi), %rax
+    jb restore
+    cmp %rdx, %rax
+    cmova %rdx, %rax
+    mov %rsi, scratch_rsi(%rip)
+    mov %rcx, scratch_rcx(%rip)
+    mov %r11, scratch_r11(%rip)
+    mov %rdi, %r11
+    mov (%r11), %rsi
+    add 16(%r11), %rsi
+    mov scratch_rsi(%rip), %rdi
+    mov %rax, %rcx
+    add %rax, 16(%r11)
+    cld
+    rep movsb
+    mov scratch_rdi(%rip), %rdi
+    mov scratch_rsi(%rip), %rsi
+    mov scratch_rcx(%rip), %rcx
+    mov scratch_r11(%rip), %r11
+    mov %rsp, scratch_rsp(%rip)
+    lea stack_top(%rip), %rsp
+    push %r11
+    popfq
+    mov scratch_rsp(%rip), %rsp
+    jmp *%rcx
+restore:
+    mov scratch_rdi(%rip), %rdi
+    mov scratch_rax(%rip), %rax
+slow:
+    jmp *exit_address(%rip)
+exit_address:
+    .quad {SYSCALL_EXIT_ADDR:#x}
+
+    .org {DATA_OFFSET:#x}
+table:
+    .fill {SLOTS * SLOT_SIZE}, 1, 0
+scratch_rax: .quad 0
+scratch_rdi: .quad 0
+scratch_rsi: .quad 0
+scratch_rcx: .quad 0
+scratch_r11: .quad 0
+scratch_rsp: .quad 0
+    .org {ENTRY_SIZE - 16:#x}
+stack_top:
+    .fill 16, 1, 0
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def entry_code() -> bytes:
+    """The two pages (code, data) of the entry, position independent."""
+    image = assemble(_SOURCE, code_bits=64, load_address=0, entry_symbol="entry")
+    if len(image.data) > ENTRY_SIZE:
+        raise AssertionError(f"the syscall entry is {len(image.data)} bytes, more than {ENTRY_SIZE}")
+    return image.data.ljust(ENTRY_SIZE, b"\0")
+
+
+def pack_slot(base: int, size: int, position: int) -> bytes:
+    return struct.pack("<QQQQ", base, size, position, 0)
