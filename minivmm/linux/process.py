@@ -165,8 +165,13 @@ class LinuxProcess:
         if len(rights) > space.limit_pages:
             raise LinuxImageError(f"{self.path}: its segments need {len(rights) * PAGE >> 20} MiB, more than "
                                   f"the memory limit of {self.limit >> 20} MiB")
-        for page, prot in sorted(rights.items()):
-            space.map(page * PAGE, PAGE, prot)
+        run_start = run_prot = previous = None
+        for page, prot in sorted(rights.items()) + [(None, None)]:
+            if run_start is None or page is None or page != previous + 1 or prot != run_prot:
+                if run_start is not None:
+                    space.map(run_start * PAGE, (previous + 1 - run_start) * PAGE, run_prot)
+                run_start, run_prot = page, prot
+            previous = page
         for segment in self.program.segments:
             space.write(segment.vaddr, segment.data)
         space.brk_start = space.brk = page_up(self.program.end)
