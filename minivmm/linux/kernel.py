@@ -185,6 +185,7 @@ class LinuxKernel:
                 if n <= 0:
                     break
                 done += n
+        self.space.touched(base, done)
         self.space.write(self._slot_address(fd), pack_slot(base, done, 0))
         self.fast[fd] = (base, size)
 
@@ -211,6 +212,8 @@ class LinuxKernel:
     def _buffer(self, address: int, length: int, write: bool) -> memoryview:
         if not self.space.accessible(address, length, write):
             raise VfsError(errno.EFAULT)
+        if write:
+            self.space.touched(address, length)
         return memoryview(self.space.mem)[address:address + length]
 
     def _read(self, address: int, length: int) -> bytes:
@@ -221,7 +224,7 @@ class LinuxKernel:
     def _write(self, address: int, data: bytes) -> None:
         if not self.space.accessible(address, len(data), True):
             raise VfsError(errno.EFAULT)
-        self.space.mem[address:address + len(data)] = data
+        self.space.write(address, data)
 
     def string(self, address: int, limit: int = 4096) -> str:
         """The C string at `address` in guest memory (VfsError EFAULT or ENAMETOOLONG)."""
@@ -646,6 +649,7 @@ class LinuxKernel:
             count = page_up(length) // PAGE
             if all(r & PROT_WRITE for r in self.space.rights[first:first + count]):
                 self.space.mem.madvise(4, address, count * PAGE)
+                self.space.touched(address, count * PAGE)
         return 0
 
     # -- process -----------------------------------------------------------------------
@@ -661,7 +665,7 @@ class LinuxKernel:
         if sig not in _FATAL_SIGNALS:
             return 0
         self.fatal_signal = sig
-        return Stop(RunEnd.STOPPED, exit_code=128 + sig,
+        return Stop(RunEnd.ERROR, exit_code=128 + sig,
                     message=f"{FATAL_SIGNAL_EXIT}: {self.argv0} sent itself {SIGNAL_NAMES.get(sig, sig)}")
 
     def sys_kill(self, pid, sig, *_):
@@ -839,6 +843,43 @@ class LinuxKernel:
         length = min(length, 1 << 20)
         self._write(buf, self.random.randbytes(length))
         return length
+
+    # -- checkpoints ------------------------------------------------------------------------
+    def checkpoint(self) -> tuple:
+        """The host-side state a run changes: the address space's bookkeeping, the fd table
+        (with host file positions), streams, clock, randomness and fs base."""
+        fds = {}
+        for fd, entry in self.vfs.fds.items():
+            position = None
+            if entry.stream is None and entry.host_fd is not None and not entry.directory:
+                position = os.lseek(entry.host_fd, 0, os.SEEK_CUR)
+            stream = entry.stream
+            fds[fd] = (entry, entry.refs, position, getattr(stream, "position", None),
+                       len(getattr(stream, "output", b"")))
+        return (self.space.checkpoint(), fds, self.vfs.cwd, dict(self.fast), self.clock.reads,
+                self.random.getstate(), self.fs_base)
+
+    def rewind(self, state: tuple) -> None:
+        space, fds, self.vfs.cwd, fast, self.clock.reads, random_state, self.fs_base = state
+        self.space.rewind(space)
+        kept = {id(entry) for entry, *_ in fds.values()}
+        for entry in set(self.vfs.fds.values()):
+            if id(entry) not in kept:
+                entry.refs = 1
+                entry.close()
+        self.vfs.fds = {}
+        for fd, (entry, refs, position, stream_position, output_length) in fds.items():
+            self.vfs.fds[fd] = entry
+            entry.refs = refs
+            if position is not None:
+                os.lseek(entry.host_fd, position, os.SEEK_SET)
+            if stream_position is not None:
+                entry.stream.position = stream_position
+            if output_length is not None and hasattr(entry.stream, "output"):
+                del entry.stream.output[output_length:]
+        self.fast = dict(fast)
+        self.random.setstate(random_state)
+        self.exit_status = self.fatal_signal = None
 
     def random_bytes(self, n: int) -> bytes:
         return self.random.randbytes(n)

@@ -245,7 +245,7 @@ class LinuxProcess:
         if run.reason == RunEnd.EXIT:
             exit_code = run.exit_code
             status, message = exit_code, f"exited with status {exit_code}"
-        elif run.reason == RunEnd.STOPPED and run.message.startswith(FATAL_SIGNAL_EXIT):
+        elif run.reason == RunEnd.ERROR and run.message.startswith(FATAL_SIGNAL_EXIT):
             signal = run.exit_code - 128
             status, message = run.exit_code, run.message.split(": ", 1)[1]
         elif run.reason == RunEnd.EXCEPTION and run.exception is not None:

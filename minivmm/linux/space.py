@@ -20,6 +20,7 @@ import errno
 import mmap
 import struct
 from array import array
+from typing import Callable
 
 from ..memory import GuestMemory
 from ..modes import SYSCALL_EXIT_ADDR, SYSTEM_AREA_END, EFER_NXE
@@ -69,6 +70,7 @@ class AddressSpace:
         self.entry = self.stack_low - PAGE - ENTRY_SIZE  # the syscall entry (minivmm.linux.entry)
         self.mmap_top = self.entry - PAGE            # guard pages around it
         self.brk_start = self.brk = 0
+        self.on_write: Callable[[int, int], None] | None = None   # host writes to guest memory
         self._write_tables(npages, npd)
         self.rights[:SYSTEM_AREA_END // PAGE] = bytes([USED]) * (SYSTEM_AREA_END // PAGE)
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
@@ -107,12 +109,19 @@ class AddressSpace:
                 if chunk in self._large:
                     self._large.discard(chunk)
                     struct.pack_into("<Q", self.mem, self.pd + chunk * 8, (self.pt + chunk * PAGE) | _P | _RW | _US)
+                    self.touched(self.pd + chunk * 8, 8)
         offset = self.pt + first * 8
         if flags:
             start = (first * PAGE) | flags
             self.mem[offset:offset + count * 8] = array("Q", range(start, start + count * PAGE, PAGE)).tobytes()
         else:
             self.mem[offset:offset + count * 8] = bytes(count * 8)
+        self.touched(offset, count * 8)
+
+    def touched(self, address: int, length: int) -> None:
+        """The host wrote guest memory [address, address + length) (snapshots must know)."""
+        if self.on_write is not None:
+            self.on_write(address, length)
 
     # -- queries --------------------------------------------------------------------
     def accessible(self, address: int, length: int, write: bool = False) -> bool:
@@ -161,6 +170,7 @@ class AddressSpace:
         for chunk in range(-(-first // 512), (first + count) // 512):
             self._large.add(chunk)
             struct.pack_into("<Q", self.mem, self.pd + chunk * 8, (chunk << 21) | _PS | _pte_flags(prot))
+            self.touched(self.pd + chunk * 8, 8)
         return 0
 
     def find_free_aligned(self, length: int, alignment: int = 2 << 20) -> int | None:
@@ -179,6 +189,7 @@ class AddressSpace:
         self.rights[first:first + count] = bytes(count)
         self._set_ptes(first, count, 0)
         self.mem.madvise(mmap.MADV_DONTNEED, first * PAGE, count * PAGE)
+        self.touched(first * PAGE, count * PAGE)
 
     def protect(self, address: int, length: int, prot: int) -> int:
         first, count = address // PAGE, page_up(length) // PAGE
@@ -197,6 +208,17 @@ class AddressSpace:
 
     def write(self, address: int, data: bytes) -> None:
         self.mem[address:address + len(data)] = data
+        self.touched(address, len(data))
+
+    # -- checkpoints (fuzzing: every run starts from the same state) ------------------------
+    def checkpoint(self) -> tuple:
+        return (bytes(self.rights), self.used_pages, self.brk_start, self.brk, set(self._large), self._flip)
+
+    def rewind(self, state: tuple) -> None:
+        """Back to `checkpoint`'s bookkeeping (the PTEs are guest memory: the snapshot's)."""
+        rights, self.used_pages, self.brk_start, self.brk, large, self._flip = state
+        self.rights[:] = rights
+        self._large = set(large)
 
     def read(self, address: int, length: int) -> bytes:
         return self.mem[address:address + length]
