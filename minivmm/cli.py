@@ -295,6 +295,9 @@ class _StdoutSink:
 def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     config = load_config(args.config, args.overrides)
+    if getattr(args, "input", None) is not None and any(image.type == "linux" for image in config.images):
+        from .linux.config import replay_input
+        return replay_input(config, args.input)
     events: list[str] = []
     trace_lines: list[str] = []
 

@@ -153,3 +153,34 @@ def test_cli_stdin_status_and_strace(tmp_path, misc):
     (tmp_path / "f").write_bytes(b"x\n")
     assert cli(BUSYBOX, "wc", "-l", "f", cwd=tmp_path).stdout == b"1 f\n"
     assert cli("--sandbox", BUSYBOX, "wc", "-l", "f", cwd=tmp_path).returncode == 1
+
+
+# -- YAML configs ------------------------------------------------------------------------------------
+def test_linux_config_errors_name_the_key(tmp_path):
+    from minivmm.config import ConfigError, build_machine, load_config
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nimages:\n  - {type: linux, path: /bin/sh}\n  - {type: binary, path: /bin/sh, "
+                   "address: 0x100000}\n")
+    with pytest.raises(ConfigError, match="only image"):
+        load_config(bad)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text("version: 1\nimage: {type: linux, path: /bin/sh, argx: [sh]}\n")
+    with pytest.raises(ConfigError, match="argx"):
+        load_config(typo)
+    text = tmp_path / "text"
+    text.write_text("not a program\n")
+    notelf = tmp_path / "notelf.yaml"
+    notelf.write_text(f"version: 1\nimage: {{type: linux, path: {text}}}\n")
+    with pytest.raises(ConfigError, match="not an ELF"):
+        build_machine(load_config(notelf))
+
+
+@needs_busybox
+def test_linux_config_runs_the_program(tmp_path):
+    (tmp_path / "in").write_bytes(b"b\na\nb\n")
+    config = tmp_path / "sort.yaml"
+    config.write_text("version: 1\nmachine: {memory: 32M}\n"
+                      f"image: {{type: linux, path: {BUSYBOX}, argv: [busybox, sort, -u], stdin: in, "
+                      "env: {LANG: C}}\nexpect: {result: exit, exit_code: 0}\n")
+    done = subprocess.run([sys.executable, "-m", "minivmm", "run", str(config)], capture_output=True, timeout=60)
+    assert (done.returncode, done.stdout) == (0, b"a\nb\n")

@@ -75,3 +75,39 @@ def test_fuzzer_finds_the_planted_bug_within_60_seconds(zlib_fuzz, tmp_path):
 def test_missing_symbol_is_an_error(zlib_fuzz):
     with pytest.raises(FuzzError, match="no symbol 'NoSuchFunction'"):
         harness(zlib_fuzz, at="NoSuchFunction")
+
+
+def _config(tmp_path, program, fuzz):
+    path = tmp_path / "zlib.yaml"
+    path.write_text(f"version: 1\nmachine: {{memory: 32M, timeout: 20}}\n"
+                    f"image: {{type: linux, path: {program}, argv: [zlib_fuzz]}}\n"
+                    f"fuzz: {{{fuzz}}}\n")
+    return path
+
+
+def minivmm(*args):
+    return subprocess.run([sys.executable, "-m", "minivmm", *map(str, args)], capture_output=True, timeout=120)
+
+
+@pytest.mark.parametrize("symbol", ["LLVMFuzzerTestOneInput", "stdin"])
+def test_minivmm_fuzz_and_run_input_on_a_linux_config(zlib_fuzz, tmp_path, symbol):
+    config = _config(tmp_path, zlib_fuzz, f"input_symbol: {symbol}, timeout: 0.5")
+    assert minivmm("check", config).returncode == 0
+    corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
+    corpus.mkdir()
+    (corpus / "seed").write_bytes(SEED)
+    if symbol == "stdin":
+        (crashes).mkdir()
+        (crashes / "crash-given").write_bytes(CRASH)          # the slower read mode: replay only
+    else:
+        done = minivmm("fuzz", config, "--corpus", corpus, "--crashes", crashes, "--seed", 3, "--runs", 5000)
+        assert done.returncode == 0, done.stderr
+        assert b"1 unique crashes" in done.stdout, done.stdout
+    crash = next(p for p in crashes.iterdir() if p.suffix != ".txt")
+    replay = minivmm("run", config, "--input", crash)
+    assert replay.returncode == 139, replay.stderr
+    assert b"#PF" in replay.stderr and b"LLVMFuzzerTestOneInput+0x" in replay.stderr
+    assert b"mov dword ptr" in replay.stderr
+    benign = tmp_path / "benign"
+    benign.write_bytes(SEED)
+    assert minivmm("run", config, "--input", benign).returncode == 0

@@ -123,13 +123,17 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     args.corpus.mkdir(parents=True, exist_ok=True)
     args.crashes.mkdir(parents=True, exist_ok=True)
     try:
+        if args.jobs > 1 and _linux(config):
+            print("minivmm: --jobs > 1 is not supported for linux images yet; run one job per process",
+                  file=sys.stderr)
+            return EXIT_USAGE
         if args.jobs > 1:
             stats = fuzz_jobs(args.config, jobs=args.jobs, corpus_dir=args.corpus, crashes_dir=args.crashes,
                               runs=args.runs, seconds=args.seconds, seed=args.seed,
                               coverage=not args.no_coverage, overrides=args.overrides, status=status)
         else:
             try:
-                harness = Harness.from_config(config, coverage=not args.no_coverage)
+                harness = _harness(config, coverage=not args.no_coverage)
             except FuzzError as exc:
                 print(f"minivmm: {exc}", file=sys.stderr)
                 return EXIT_USAGE
@@ -154,6 +158,19 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     for site in sorted(stats.crash_sites):
         print(f"  crash {site}: {args.crashes / ('crash-' + site)}")
     return EXIT_OK
+
+
+def _linux(config) -> bool:
+    return any(image.type == "linux" for image in config.images)
+
+
+def _harness(config, coverage: bool):
+    """The harness of the config's `fuzz:` target (a Linux program's is `minivmm.linux.fuzz`)."""
+    from .harness import Harness
+    if _linux(config):
+        from ..linux.config import harness_from_config
+        return harness_from_config(config, coverage=coverage)
+    return Harness.from_config(config, coverage=coverage)
 
 
 def fuzz_summary(stats, config: str, crashes: Path) -> dict:

@@ -47,7 +47,8 @@ class LinuxHarness(Harness):
                  input_path: str | None = None, max_input_size: int = 4096, timeout: float = 1.0,
                  coverage: bool = True, coverage_symbols: Sequence[str] = (),
                  crash_vectors: frozenset[int] = frozenset(), setup_timeout: float = 30.0,
-                 dictionary_symbols: Sequence[str] | None = None) -> None:
+                 dictionary_symbols: Sequence[str] | None = None,
+                 coverage_ranges: Sequence[tuple[int, int]] | None = None) -> None:
         self.process = process
         process.fast_reads = False
         machine = process.build()
@@ -68,7 +69,9 @@ class LinuxHarness(Harness):
             target.timeout = timeout
             target.crash_vectors = frozenset(crash_vectors)
             program = process.program
-            if coverage_symbols:
+            if coverage_ranges:
+                target.coverage_ranges = list(coverage_ranges)
+            elif coverage_symbols:
                 target.coverage_ranges = symbol_ranges(program.symbols, coverage_symbols)
             else:
                 target.coverage_ranges = [(s.vaddr, s.vaddr + s.memsz) for s in program.segments if s.flags & 1]

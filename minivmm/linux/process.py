@@ -74,14 +74,15 @@ class LinuxProcess:
     program may allocate. `strace` receives one line per system call. `seed` makes
     getrandom and AT_RANDOM reproducible; `deterministic_clock` makes time too.
     `fast_reads`: reads of exposed regular files are served by the built-in kernel's
-    entry without an exit while no SYSCALL hook watches `read` (`minivmm.linux.entry`)."""
+    entry without an exit while no SYSCALL hook watches `read` (`minivmm.linux.entry`).
+    `machine_factory(ram_bytes)` makes the user-mode Machine (default: a plain one)."""
 
     def __init__(self, path: str, argv: Sequence[str] | None = None, env: dict[str, str] | Sequence[str] | None = None,
                  *, expose: Sequence[str | Root] = (), cwd: str | None = None, sandbox: bool = False,
                  stdin: bytes | int | None = None, capture: bool = False, memory: int | str = DEFAULT_MEMORY,
                  strace: Callable[[str], object] | None = None, seed: int = 0,
                  deterministic_clock: bool = False, notes: Callable[[str], object] | None = None,
-                 fast_reads: bool = True) -> None:
+                 fast_reads: bool = True, machine_factory: Callable[[int], Machine] | None = None) -> None:
         self.path = path
         self.program: Program = read_program(path)
         self.argv = list(argv) if argv is not None else [path]
@@ -102,6 +103,7 @@ class LinuxProcess:
         self.notes: list[str] = []
         self._note_sink = notes
         self.fast_reads = fast_reads
+        self.machine_factory = machine_factory or (lambda ram: Machine(memory=ram, mode="user"))
         self.machine: Machine | None = None
         self.kernel: LinuxKernel | None = None
         self.space: AddressSpace | None = None
@@ -127,7 +129,7 @@ class LinuxProcess:
     def build(self) -> Machine:
         """The machine with the program loaded, its stack built and the kernel installed."""
         ram = self.ram_size()
-        machine = self.machine = Machine(memory=ram, mode="user")
+        machine = self.machine = self.machine_factory(ram)
         try:
             space = self.space = AddressSpace(machine.memory, ram, self.limit)
             self._load(space)
