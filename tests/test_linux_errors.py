@@ -107,6 +107,8 @@ def test_faults_are_fatal_signals(misc):
     assert "SIGSEGV" in result.message and "#PF" in result.message and "in main+" in result.message
     null = run(misc, "null")
     assert null.status == 139 and "cr2=0x0" in null.message
+    protected = run(misc, "prot-none")                     # rights taken away after the start
+    assert protected.status == 139 and protected.stdout == b"before\n" and "error_code=0x4" in protected.message
     aborted = run(misc, "abort")
     assert (aborted.status, aborted.signal) == (134, 6)
 

@@ -22,7 +22,8 @@ import struct
 from ..asm import assemble
 from ..modes import SYSCALL_EXIT_ADDR
 
-__all__ = ["ENTRY_SIZE", "SLOTS", "SLOT_SIZE", "TABLE_OFFSET", "entry_code"]
+__all__ = ["ENTRY_SIZE", "SLOTS", "SLOT_SIZE", "TABLE_OFFSET", "entry_code", "FLUSH_VECTOR", "FLUSH_CODE",
+           "FLUSH_LIST", "FLUSH_RANGES", "flush_code", "flush_gate"]
 
 SLOTS = 64
 SLOT_SIZE = 32
@@ -108,3 +109,60 @@ def entry_code() -> bytes:
 
 def pack_slot(base: int, size: int, position: int) -> bytes:
     return struct.pack("<QQQQ", base, size, position, 0)
+
+
+# -- taking rights away: the guest rewrites its own PTEs ----------------------------------------
+FLUSH_VECTOR = 31
+"""A reserved exception vector whose IDT gate is the flush routine (injected by the VMM)."""
+FLUSH_CODE = 0xD100              # in the system area, between the TSS's I/O bitmap and the
+FLUSH_LIST = 0xD200              # kernel stack: the routine, then its list
+FLUSH_RANGES = (0xE000 - FLUSH_LIST - 16) // 16
+"""How many (first PTE address, count) ranges fit after the list's header (the PT base)."""
+
+_FLUSH_SOURCE = f"""
+    .code64
+flush:
+    push %rax
+    push %rcx
+    push %rdx
+    push %rsi
+    push %rdi
+    mov ${FLUSH_LIST:#x}, %rsi
+    mov (%rsi), %rdi                 # the page-table array's base
+    add $16, %rsi
+1:  mov (%rsi), %rdx                 # a range: the address of its first PTE, 0 ends the list
+    test %rdx, %rdx
+    jz 3f
+    mov 8(%rsi), %rcx
+2:  mov (%rdx), %rax                 # rewrite the PTE: KVM sees the guest's own write
+    mov %rax, (%rdx)
+    mov %rdx, %rax
+    sub %rdi, %rax
+    shl $9, %rax                     # (PTE - base) / 8 * 4096: the page's address
+    invlpg (%rax)
+    add $8, %rdx
+    dec %rcx
+    jnz 2b
+    add $16, %rsi
+    jmp 1b
+3:  pop %rdi
+    pop %rsi
+    pop %rdx
+    pop %rcx
+    pop %rax
+    iretq
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def flush_code() -> bytes:
+    """The routine at FLUSH_CODE (CPL 0, entered through the IDT gate of FLUSH_VECTOR): for each
+    listed range it writes every PTE back and invalidates the page, the guest's own page-table
+    update that every KVM MMU (shadow paging included) follows; host writes alone are not seen
+    by a shadow MMU. Only instructions KVM emulates at CPL 0 on every host."""
+    return assemble(_FLUSH_SOURCE, code_bits=64, load_address=FLUSH_CODE, entry_symbol="flush").data
+
+
+def flush_gate() -> bytes:
+    """The 64-bit interrupt gate (DPL 0, CS 0x08) for FLUSH_VECTOR."""
+    return struct.pack("<HHBBHII", FLUSH_CODE & 0xFFFF, 0x08, 0, 0x8E, (FLUSH_CODE >> 16) & 0xFFFF, 0, 0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..actions import RunEnd, Stop
-from .entry import SLOT_SIZE, SLOTS, TABLE_OFFSET, pack_slot
+from .entry import FLUSH_LIST, FLUSH_VECTOR, SLOT_SIZE, SLOTS, TABLE_OFFSET, pack_slot
 from .space import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
 from .vfs import OpenFile, Vfs, VfsError
 
@@ -145,6 +145,17 @@ class LinuxKernel:
             return -exc.errno
         except OSError as exc:
             return -(exc.errno or errno.EIO)
+        finally:
+            if self.space.taken:
+                self._flush_taken_rights()
+
+    def _flush_taken_rights(self) -> None:
+        """Rights went down (munmap, mprotect): the guest's flush routine rewrites those PTEs
+        right after this call returns (`minivmm.linux.entry.flush_code`)."""
+        listing = self.space.flush_list()
+        if listing is not None:
+            self.space.write(FLUSH_LIST, listing)
+            self.vcpu.inject_exception(FLUSH_VECTOR)
 
     def _unknown(self, number: int) -> int:
         name = SYSCALL_NAMES.get(number, f"#{number}")

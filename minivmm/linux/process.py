@@ -21,13 +21,13 @@ from ..actions import RunEnd
 from ..exits import Vector
 from ..machine import Machine
 from ..memory import parse_size
-from ..modes import setup_syscall_msrs
+from ..modes import IDT_ADDR, setup_syscall_msrs
 from ..runloop import RunResult
 from ..syscalls import SyscallEvent
 from .elf import PF_R, PF_W, PF_X, LinuxImageError, Program, read_program
 from .kernel import FATAL_SIGNAL_EXIT, SIGNAL_NAMES, Clock, LinuxKernel
 from .space import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
-from .entry import ENTRY_SIZE, entry_code
+from .entry import ENTRY_SIZE, FLUSH_CODE, FLUSH_VECTOR, entry_code, flush_code, flush_gate
 from .strace import format_call
 from .vfs import BufferStream, HostStream, OpenFile, Root, Stream, Vfs
 
@@ -146,6 +146,9 @@ class LinuxProcess:
                 setattr(vcpu, name, 0)          # rdx: no atexit function for the program (psABI 3.4.1)
             space.reload(vcpu)
             setup_syscall_msrs(vcpu, space.entry)
+            space.write(FLUSH_CODE, flush_code())
+            space.write(IDT_ADDR + FLUSH_VECTOR * 16, flush_gate())
+            space.live = True
             machine.hooks.syscalls.kernel = kernel
             table = machine.hooks.syscalls
             kernel.fast_reads = lambda: self.fast_reads and self.strace is None and not table.watches(0)

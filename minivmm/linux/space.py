@@ -71,10 +71,13 @@ class AddressSpace:
         self.mmap_top = self.entry - PAGE            # guard pages around it
         self.brk_start = self.brk = 0
         self.on_write: Callable[[int, int], None] | None = None   # host writes to guest memory
+        self.live = False            # the program ran: taking rights away needs `flush_ranges`
+        self.taken: list[tuple[int, int]] = []      # (first page, count) whose rights went down
         self._write_tables(npages, npd)
         self.rights[:SYSTEM_AREA_END // PAGE] = bytes([USED]) * (SYSTEM_AREA_END // PAGE)
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
         self._set_ptes(1, SYSTEM_AREA_END // PAGE - 1, _P | _RW)      # supervisor, page 0 absent
+        self._set_ptes(self.tables // PAGE, npages - self.tables // PAGE, _P | _RW | _NX)  # for the flush
         self._large: set[int] = set()                # 2 MiB chunks mapped by one PD entry
         self.mem.madvise(mmap.MADV_HUGEPAGE)         # host THP: fewer faults for big mappings
 
@@ -184,6 +187,7 @@ class AddressSpace:
     def unmap(self, address: int, length: int) -> None:
         """Free the pages (they read as zeros when mapped again)."""
         first, count = address // PAGE, page_up(length) // PAGE
+        self._taking(first, count)
         freed = sum(1 for r in self.rights[first:first + count] if r)
         self.used_pages -= freed
         self.rights[first:first + count] = bytes(count)
@@ -195,9 +199,28 @@ class AddressSpace:
         first, count = address // PAGE, page_up(length) // PAGE
         if first + count > len(self.rights) or not all(r & USED for r in self.rights[first:first + count]):
             return -errno.ENOMEM
+        if any(r & 7 & ~prot for r in self.rights[first:first + count]):
+            self._taking(first, count)
         self.rights[first:first + count] = bytes([USED | prot]) * count
         self._set_ptes(first, count, _pte_flags(prot))
         return 0
+
+    def _taking(self, first: int, count: int) -> None:
+        if self.live and count and any(self.rights[first:first + count]):
+            self.taken.append((first, count))
+
+    def flush_list(self) -> bytes | None:
+        """The flush routine's list for the rights taken away since the last call (None when
+        none were): the PT base, then (first PTE address, count) ranges, 0-terminated."""
+        if not self.taken:
+            return None
+        from .entry import FLUSH_RANGES
+        taken, self.taken = self.taken, []
+        if len(taken) > FLUSH_RANGES:
+            low = min(f for f, _ in taken)
+            taken = [(low, max(f + c for f, c in taken) - low)]
+        body = b"".join(struct.pack("<QQ", self.pt + first * 8, count) for first, count in taken)
+        return struct.pack("<QQ", self.pt, 0) + body + bytes(16)
 
     def find_free(self, length: int) -> int | None:
         """The highest free page-aligned range of `length` bytes under the mmap top."""
