@@ -102,16 +102,9 @@ class SyscallTable:
         number = regs.rax
         event = SyscallEvent(number, (regs.rdi, regs.rsi, regs.rdx, regs.r10, regs.r8, regs.r9), rip,
                              vcpu_index=vcpu_index)
-        result = None
-        for hook in self.before:
-            if hook.low <= number <= hook.high:
-                action = hook.callback(vcpu, event)
-                if action is None:
-                    continue
-                if action.__class__ is Reply:
-                    result = action.value
-                    break
-                return _checked(action)
+        stop, result = self._run(self.before, vcpu, event, first_reply=True)
+        if stop is not None:
+            return stop
         if result is None:
             if self.kernel is None:
                 result = -errno.ENOSYS
@@ -122,18 +115,30 @@ class SyscallTable:
                     return _checked(answer)
                 result = answer
         event.result = result
-        for hook in self.after:
-            if hook.low <= number <= hook.high:
-                action = hook.callback(vcpu, event)
-                if action is None:
-                    continue
-                if action.__class__ is Reply:
-                    event.result = action.value
-                    continue
-                return _checked(action)
+        stop, _ = self._run(self.after, vcpu, event, first_reply=False)
+        if stop is not None:
+            return stop
         vcpu.rax = event.result & MASK64
         return RESUME
 
+    @staticmethod
+    def _run(hooks: list[_Hook], vcpu, event: SyscallEvent, first_reply: bool) -> tuple[Stop | None, int | None]:
+        """The matching hooks in order: (the Stop one returned, else None; the value of the last
+        Reply). A before hook's Reply ends the walk (`first_reply`); an after hook's replaces
+        `event.result` and the walk goes on."""
+        value = None
+        for hook in hooks:
+            if hook.low <= event.number <= hook.high:
+                action = hook.callback(vcpu, event)
+                if action is None:
+                    continue
+                if action.__class__ is not Reply:
+                    return _checked(action), value
+                value = action.value
+                if first_reply:
+                    break
+                event.result = value
+        return None, value
 
     def _ended(self, vcpu, event: SyscallEvent) -> None:
         """The kernel ended the run in this call (exit, a fatal signal): the after hooks see it

@@ -16,10 +16,14 @@ import stat as stat_module
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..errors import MinivmmError
+
 __all__ = ["Vfs", "VfsError", "OpenFile", "Root", "Stream", "HostStream", "BufferStream"]
 
 
-class VfsError(Exception):
+class VfsError(MinivmmError, OSError):
+    """A system call's failure as the program sees it: `errno`."""
+
     def __init__(self, err: int) -> None:
         super().__init__(err)
         self.errno = err
