@@ -111,3 +111,15 @@ def test_minivmm_fuzz_and_run_input_on_a_linux_config(zlib_fuzz, tmp_path, symbo
     benign = tmp_path / "benign"
     benign.write_bytes(SEED)
     assert minivmm("run", config, "--input", benign).returncode == 0
+
+
+def test_afl_bridge_single_run_on_a_linux_config(zlib_fuzz, tmp_path):
+    import signal
+    config = _config(tmp_path, zlib_fuzz, "input_symbol: LLVMFuzzerTestOneInput, timeout: 0.5")
+    (tmp_path / "crash").write_bytes(CRASH)
+    (tmp_path / "ok").write_bytes(SEED)
+    env = {k: v for k, v in os.environ.items() if k != "__AFL_SHM_ID"}
+    cmd = [sys.executable, "-m", "minivmm", "afl", str(config)]
+    assert subprocess.run(cmd + [str(tmp_path / "ok")], env=env, capture_output=True, timeout=60).returncode == 0
+    done = subprocess.run(cmd + [str(tmp_path / "crash")], env=env, capture_output=True, timeout=60)
+    assert done.returncode == -signal.SIGSEGV and b"mov dword ptr" in done.stderr

@@ -188,7 +188,7 @@ def cmd_afl(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     try:
-        harness = Harness.from_config(config)
+        harness = _harness(config, coverage=True)
     except FuzzError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_USAGE
