@@ -101,3 +101,19 @@ def test_translation_of_the_exit_does_not_depend_on_the_cpl(cpl):
     translation = Translator(Mode.USER).translate(17, exit, _Cpu(), info)
     assert translation.syscall and translation.key == Vector.UD
     assert info.reason == ExitReason.EXCEPTION_OR_NMI and info.instruction_length == 2
+
+
+def test_syscall_hooks_with_an_ept_and_a_raising_hook(make_machine):
+    from minivmm.runloop import HandlerError
+    m = make_machine(mode="user", memory="4M")
+    m.load_asm(GUEST)
+    m.ept                                                   # the EPT sees fetch faults first
+    m.on("syscall", lambda vcpu, event: Reply(5), number=39)
+    m.on("syscall", lambda vcpu, event: Stop("exit", exit_code=event.args[0]), number=60)
+    assert m.run(timeout=5).exit_code == 7 and m.vcpu.r12 == 5
+
+    other = make_machine(mode="user", memory="4M")
+    other.load_asm(GUEST)
+    other.on("syscall", lambda vcpu, event: 1 / 0)
+    with pytest.raises(HandlerError, match="SYSCALL 39 hook raised ZeroDivisionError"):
+        other.run(timeout=5)
