@@ -905,6 +905,11 @@ class _Validator:
         if linux and len(config.images) > 1:
             raise linux[0].loc.error("a linux image is the only image of its config (minivmm builds its "
                                      "address space)")
+        if linux:
+            if config.machine.mode_given and config.machine.mode != "user":
+                raise ConfigError(f"a linux image runs at CPL 3: machine.mode must be user or left out, "
+                                  f"not {config.machine.mode!r}", m.items["machine"].where, "machine.mode")
+            config.machine.mode = "user"
         config.devices = m.get("devices", self.devices, DevicesConfig())
         config.vmcs = m.get("vmcs", self.vmcs, VmcsConfig())
         config.ept = m.get("ept", self.ept, EptConfig())
