@@ -117,3 +117,38 @@ def test_syscall_hooks_with_an_ept_and_a_raising_hook(make_machine):
     other.on("syscall", lambda vcpu, event: 1 / 0)
     with pytest.raises(HandlerError, match="SYSCALL 39 hook raised ZeroDivisionError"):
         other.run(timeout=5)
+
+
+def test_syscall_at_cpl0_returns_to_cpl3_as_on_plain_vtx(make_machine):
+    """On a plain VT-x host SYSCALL enters CPL 0 (CS = STAR[47:32]) before it reaches the exit
+    page; here the same happens when the code runs at CPL 0: the run loop reads the CPL and
+    returns to user CS/SS like sysretq."""
+    from minivmm.modes import SEL_CODE64, SEL_DATA
+    from minivmm.vcpu import Segment
+    code = """
+        mov %cs, %r13d
+        mov $39, %eax
+        syscall
+        mov %rax, %r12
+        mov %cs, %ebx
+        mov $60, %eax
+        syscall
+    """
+    reference = make_machine(mode="user", memory="4M")
+    reference.load_asm(code)
+    reference.on("syscall", lambda vcpu, event: Stop("exit", exit_code=0), number=60)
+    reference.on("syscall", lambda vcpu, event: Reply(77), number=39)
+    assert reference.run(timeout=5).reason == "exit"
+    user_cs = reference.vcpu.rbx                          # what CPL-3 code reads on this host
+
+    m = make_machine(mode="user", memory="4M")
+    m.load_asm(code)
+    m.setup()
+    m.vcpu.set_segment("cs", Segment(selector=SEL_CODE64, base=0, limit=0xFFFFFFFF, type=0xB, dpl=0, db=0, l=1))
+    m.vcpu.set_segment("ss", Segment(selector=SEL_DATA, base=0, limit=0xFFFFFFFF, type=0x3, dpl=0))
+    seen = []
+    m.on("syscall", lambda vcpu, event: seen.append(vcpu.segment("cs").selector) or Reply(77), number=39)
+    m.on("syscall", lambda vcpu, event: Stop("exit", exit_code=0), number=60)
+    assert m.run(timeout=10).reason == "exit"
+    assert m.vcpu.r13 == SEL_CODE64 and m.vcpu.r12 == 77
+    assert seen == [0x2B] and m.vcpu.rbx == user_cs != SEL_CODE64
