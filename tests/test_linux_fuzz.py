@@ -123,3 +123,26 @@ def test_afl_bridge_single_run_on_a_linux_config(zlib_fuzz, tmp_path):
     assert subprocess.run(cmd + [str(tmp_path / "ok")], env=env, capture_output=True, timeout=60).returncode == 0
     done = subprocess.run(cmd + [str(tmp_path / "crash")], env=env, capture_output=True, timeout=60)
     assert done.returncode == -signal.SIGSEGV and b"mov dword ptr" in done.stderr
+
+
+@pytest.mark.slow
+def test_afl_fuzz_session_on_a_linux_config(zlib_fuzz, tmp_path):
+    import shutil
+    afl = shutil.which("afl-fuzz")
+    if afl is None:
+        pytest.skip("afl-fuzz is not installed (apt-get install -y afl++)")
+    config = _config(tmp_path, zlib_fuzz, "input_symbol: LLVMFuzzerTestOneInput, timeout: 0.5")
+    seeds = tmp_path / "in"
+    seeds.mkdir()
+    (seeds / "seed").write_bytes(SEED)
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), AFL_SKIP_BIN_CHECK="1",
+               AFL_NO_UI="1", AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1", AFL_SKIP_CPUFREQ="1",
+               AFL_NO_AFFINITY="1", AFL_FORKSRV_INIT_TMOUT="60000")
+    done = subprocess.run([afl, "-i", str(seeds), "-o", str(out), "-V", "20", "-t", "2000", "--",
+                           sys.executable, "-m", "minivmm", "afl", str(config)],
+                          env=env, capture_output=True, text=True, timeout=150)
+    log = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, log
+    crashes = [p for p in (out / "default" / "crashes").iterdir() if p.name.startswith("id:")]
+    assert crashes and all(",sig:11," in p.name for p in crashes), log

@@ -11,7 +11,17 @@ built-in user-mode kernel, every system call a SYSCALL hook (`minivmm.syscalls`)
 | `process`   | `LinuxProcess`: build, run, exit status                        |
 | `fuzz`      | binary-only fuzzing of such programs                           |
 """
-from .elf import LinuxImageError, Program, read_program
-from .process import LinuxProcess, LinuxResult
+from __future__ import annotations
 
 __all__ = ["LinuxImageError", "LinuxProcess", "LinuxResult", "Program", "read_program"]
+
+_HOMES = {"LinuxImageError": "elf", "Program": "elf", "read_program": "elf", "LinuxProcess": "process",
+          "LinuxResult": "process"}
+
+
+def __getattr__(name: str):
+    """Imported on first use: the command line builds its parser without loading the personality."""
+    if name not in _HOMES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from importlib import import_module
+    return getattr(import_module(f".{_HOMES[name]}", __name__), name)

@@ -12,9 +12,7 @@ import argparse
 import os
 import sys
 
-from ..memory import GuestMemoryError, parse_size
-from .elf import LinuxImageError
-from .process import DEFAULT_MEMORY, LinuxProcess
+DEFAULT_MEMORY = "256M"               # minivmm.linux.process.DEFAULT_MEMORY, without importing it
 
 EXIT_USAGE = 2
 EXIT_CANNOT_EXECUTE = 126
@@ -56,6 +54,9 @@ def _report(text: str) -> None:
 
 
 def cmd_linux(args: argparse.Namespace) -> int:
+    from ..memory import GuestMemoryError, parse_size
+    from .elf import LinuxImageError
+    from .process import LinuxProcess
     try:
         parse_size(args.memory)
     except (GuestMemoryError, ValueError) as exc:

@@ -33,7 +33,7 @@ from .vfs import BufferStream, HostStream, OpenFile, Root, Stream, Vfs
 
 __all__ = ["LinuxProcess", "LinuxResult", "FAULT_SIGNALS", "DEFAULT_MEMORY"]
 
-DEFAULT_MEMORY = "256M"
+DEFAULT_MEMORY = "256M"                   # also stated in minivmm.linux.cli
 FAULT_SIGNALS = {Vector.DE: 8, Vector.DB: 5, Vector.BP: 5, Vector.OF: 11, Vector.BR: 11, Vector.UD: 4,
                  Vector.NM: 8, Vector.TS: 11, Vector.NP: 11, Vector.SS: 11, Vector.GP: 11, Vector.PF: 11,
                  Vector.MF: 8, Vector.AC: 7, Vector.XM: 8}
