@@ -123,8 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     caps = commands.add_parser(
         "caps", help="show this host's KVM capabilities and VMX capability MSRs", formatter_class=raw,
         description="KVM capabilities of /dev/kvm and the VMX capability MSRs minivmm reports for this host.",
-        epilog="examples:\n  minivmm caps\n  minivmm caps --json | python3 -m json.tool")
+        epilog="examples:\n  minivmm caps\n  minivmm caps --markdown\n"
+               "  minivmm caps --json | python3 -m json.tool")
     caps.add_argument("--json", action="store_true", help="JSON instead of a table")
+    caps.add_argument("--markdown", action="store_true",
+                      help="only the per-mode works/refused table of every control and exception vector "
+                           "(Markdown, as in the README)")
     caps.set_defaults(handler=cmd_caps)
 
     from .fuzz import cli as fuzz_cli
@@ -459,7 +463,9 @@ def cmd_caps(args: argparse.Namespace, out: TextIO | None = None) -> int:
     except Exception as exc:
         _error(f"cannot query KVM: {exc}")
         return EXIT_VM_FAILURE
-    if args.json:
+    if getattr(args, "markdown", False):
+        print(capabilities_markdown(), file=out)
+    elif args.json:
         print(json.dumps(report, indent=2, default=_json_default), file=out)
     else:
         print(table, file=out)
@@ -478,6 +484,14 @@ def host_capabilities() -> tuple[dict[str, Any], str]:
     from .vmcs import capability_report, capability_table
     with Kvm() as kvm:
         return capability_report(kvm), capability_table(kvm)
+
+
+def capabilities_markdown() -> str:
+    """The README's capability table for this host (`minivmm caps --markdown`)."""
+    from .capabilities import host_model
+    from .kvm import Kvm
+    with Kvm() as kvm:
+        return host_model(kvm).markdown()
 
 
 if __name__ == "__main__":      # pragma: no cover

@@ -290,7 +290,10 @@ class HostCapabilities:
     ``hw_breakpoints``: KVM_CAP_GUEST_DEBUG_HW_BPS > 0; ``readonly_mem``:
     KVM_CAP_READONLY_MEM; ``dirty_log``: dirty-page logging on memslots;
     ``sync_regs``: KVM_CAP_SYNC_REGS; ``tsc_control``: KVM_CAP_TSC_CONTROL;
-    ``user_mode_kernel``: minivmm's built-in CPL-0 kernel can run.
+    ``user_mode_kernel``: minivmm's built-in CPL-0 kernel can run;
+    ``tsc_offset``: the per-vCPU TSC offset (KVM_VCPU_TSC_OFFSET) is honoured
+    (probed); ``msr_exit_all``: a default-deny MSR filter is accepted, so every
+    RDMSR/WRMSR can exit (probed). See `minivmm.capabilities`.
     """
 
     msr_filter: bool
@@ -302,6 +305,8 @@ class HostCapabilities:
     sync_regs: bool
     tsc_control: bool
     user_mode_kernel: bool = True
+    tsc_offset: bool = False
+    msr_exit_all: bool = False
 
 
 VMCS_REVISION_ID = 1
@@ -328,31 +333,34 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
     ===================================== ========= ==========================================
     control / capability                  allowed-1 how minivmm realises it
     ===================================== ========= ==========================================
-    PIN_BASED_VMX_PREEMPTION_TIMER        always    the KVM_RUN deadline; expiry exits as 52
+    PIN_BASED_VMX_PREEMPTION_TIMER        must be 1 the KVM_RUN deadline; expiry exits as 52
     PIN_BASED_EXTERNAL_INTERRUPT_EXITING  never     interrupts are delivered in the kernel
     PIN_BASED_NMI_EXITING, VIRTUAL_NMIS   never     NMIs never reach user space
-    CPU_BASED_HLT_EXITING                 always    KVM_EXIT_HLT (VM without in-kernel LAPIC)
+    CPU_BASED_HLT_EXITING                 must be 1 KVM_EXIT_HLT (VM without in-kernel LAPIC)
     CPU_BASED_UNCONDITIONAL_IO_EXITING    always    every port access is a KVM_EXIT_IO
     CPU_BASED_USE_IO_BITMAPS              always    bitmaps filter KVM_EXIT_IO in minivmm
-    CPU_BASED_USE_TSC_OFFSETTING          always    guest IA32_TSC written via KVM_SET_MSRS
-    CPU_BASED_ACTIVATE_SECONDARY_CONTROLS always    needed for EPT
+    CPU_BASED_USE_TSC_OFFSETTING          if tsc    KVM_VCPU_TSC_OFFSET (probed: honoured)
+    CPU_BASED_ACTIVATE_SECONDARY_CONTROLS must be 1 EPT and unrestricted guest are always on
     CPU_BASED_MONITOR_TRAP_FLAG           if debug  KVM_GUESTDBG_SINGLESTEP
-    CPU_BASED_USE_MSR_BITMAPS             if filter KVM MSR filter + user-space MSR exits
+    CPU_BASED_USE_MSR_BITMAPS             always    KVM MSR filter + user-space MSR exits; 0
+                                                    (every RDMSR/WRMSR exits) only where a
+                                                    default-deny filter works, else must be 1
     RDTSC, RDPMC, INVLPG, MWAIT, MONITOR, never     KVM handles these in the kernel and
     PAUSE, CR3/CR8, MOV-DR, TPR shadow,             never exits to user space for them
     interrupt/NMI window exiting
-    SECONDARY_ENABLE_EPT                  always    memslots, read-only slots, host protection
-    SECONDARY_UNRESTRICTED_GUEST          always    real mode runs on KVM
-    SECONDARY_USE_TSC_SCALING             if tsc    KVM_SET_TSC_KHZ
-    SECONDARY_ENABLE_RDTSCP, the rest     never
-    VM_EXIT_SAVE_DEBUG_CONTROLS           always    DR7 / IA32_DEBUGCTL read back from KVM
-    VM_EXIT_HOST_ADDRESS_SPACE_SIZE       always    the host is always 64-bit
-    VM_EXIT_SAVE_IA32_PAT, _IA32_EFER     always    KVM_GET_MSRS / KVM_GET_SREGS
-    VM_EXIT_SAVE_VMX_PREEMPTION_TIMER     always    remaining time of the run deadline
+    SECONDARY_ENABLE_EPT                  must be 1 memslots, read-only slots, host protection
+    SECONDARY_UNRESTRICTED_GUEST          must be 1 real mode runs on KVM
+    SECONDARY_ENABLE_RDTSCP, the rest     never     (TSC scaling too: the TSC multiplier
+                                                    field is not realised)
+    VM_EXIT_SAVE_DEBUG_CONTROLS           must be 1 DR7 / IA32_DEBUGCTL read back from KVM
+    VM_EXIT_HOST_ADDRESS_SPACE_SIZE       must be 1 the host is always 64-bit
+    VM_EXIT_SAVE_IA32_PAT, _IA32_EFER     must be 1 KVM_GET_MSRS / KVM_GET_SREGS
+    VM_EXIT_SAVE_VMX_PREEMPTION_TIMER     never     the timer-value field is not modelled
     VM_EXIT_LOAD_* (host state), ACK_INTR never     the host-state area has no CPU behind it
-    VM_ENTRY_LOAD_DEBUG_CONTROLS          always    KVM_SET_DEBUGREGS / KVM_SET_MSRS
-    VM_ENTRY_IA32E_MODE_GUEST             always    EFER.LMA through KVM_SET_SREGS
-    VM_ENTRY_LOAD_IA32_PAT, _IA32_EFER    always    KVM_SET_MSRS / KVM_SET_SREGS
+    VM_ENTRY_LOAD_DEBUG_CONTROLS          must be 1 KVM_SET_DEBUGREGS / KVM_SET_MSRS
+    VM_ENTRY_IA32E_MODE_GUEST             always    reads EFER.LMA; a write that would switch
+                                                    the mode at entry is refused (VmcsError)
+    VM_ENTRY_LOAD_IA32_PAT, _IA32_EFER    must be 1 KVM_SET_MSRS / KVM_SET_SREGS
     VM_ENTRY_SMM, the rest                never     KVM_CAP_X86_SMM is not relied on
     EPT_VPID_CAP: page walk 4, WB,        always    the EPT model is a software structure;
     2 MB and 1 GB pages, INVEPT single              INVEPT resynchronises the memslots
@@ -365,8 +373,10 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
 
     Default1 controls (SDM A.2): the non-TRUE MSRs report them as must-be-1
     and the TRUE MSRs as may-be-0 (IA32_VMX_BASIC bit 55 is set). The reserved
-    default1 bits have no function, and save/load debug controls are honoured
-    either way, so allowed-1 includes them. CPU_BASED_CR3_LOAD_EXITING and
+    default1 bits have no function, so allowed-1 includes them. "must be 1"
+    above is allowed-0 = 1 in the TRUE MSRs too: the 0 setting cannot be
+    honoured (guest state is KVM's live vCPU state, so it is always saved and
+    loaded). CPU_BASED_CR3_LOAD_EXITING and
     CPU_BASED_CR3_STORE_EXITING are default1 too but cannot be realised on
     KVM; minivmm keeps their allowed-1 at 0 and so, unlike hardware, does not
     report them as must-be-1 even in IA32_VMX_PROCBASED_CTLS (a must-be-1
@@ -387,33 +397,35 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
         ProcBasedControls.CPU_BASED_HLT_EXITING
         | ProcBasedControls.CPU_BASED_UNCONDITIONAL_IO_EXITING
         | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
-        | ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING
+        | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
         | ProcBasedControls.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
     )
     proc1 &= ~(ProcBasedControls.CPU_BASED_CR3_LOAD_EXITING | ProcBasedControls.CPU_BASED_CR3_STORE_EXITING)
     if caps.guest_debug:
         proc1 |= ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG
-    if caps.msr_filter and caps.user_space_msr:
-        proc1 |= ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
+    if caps.tsc_offset:
+        proc1 |= ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING
+    # Must-be-1 (allowed-0 = 1) where the 0 setting cannot be honoured: HLT always exits to user
+    # space without an in-kernel irqchip; without a default-deny MSR filter MSR accesses cannot
+    # all exit; KVM always translates guest-physical addresses through its own tables (EPT) and
+    # runs real mode (unrestricted guest); the secondary controls are then always active
+    proc0 = ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
+    if not caps.msr_exit_all:
+        proc0 |= ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
 
     sec1 = SecondaryControls.SECONDARY_ENABLE_EPT | SecondaryControls.SECONDARY_UNRESTRICTED_GUEST
-    if caps.tsc_control:
-        sec1 |= SecondaryControls.SECONDARY_USE_TSC_SCALING
+    sec0 = sec1
 
-    exit1 = VM_EXIT_DEFAULT1 | (
-        VmExitControls.VM_EXIT_SAVE_DEBUG_CONTROLS
-        | VmExitControls.VM_EXIT_HOST_ADDRESS_SPACE_SIZE
-        | VmExitControls.VM_EXIT_SAVE_IA32_PAT
-        | VmExitControls.VM_EXIT_SAVE_IA32_EFER
-        | VmExitControls.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER
-    )
+    # guest state is KVM's live vCPU state: it is always "saved" and "loaded", so those controls
+    # cannot be 0; the host is 64-bit; the run deadline is always armed
+    exit0 = (VmExitControls.VM_EXIT_SAVE_DEBUG_CONTROLS | VmExitControls.VM_EXIT_HOST_ADDRESS_SPACE_SIZE
+             | VmExitControls.VM_EXIT_SAVE_IA32_PAT | VmExitControls.VM_EXIT_SAVE_IA32_EFER)
+    exit1 = VM_EXIT_DEFAULT1 | exit0
 
-    entry1 = VM_ENTRY_DEFAULT1 | (
-        VmEntryControls.VM_ENTRY_LOAD_DEBUG_CONTROLS
-        | VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
-        | VmEntryControls.VM_ENTRY_LOAD_IA32_PAT
-        | VmEntryControls.VM_ENTRY_LOAD_IA32_EFER
-    )
+    entry0 = (VmEntryControls.VM_ENTRY_LOAD_DEBUG_CONTROLS | VmEntryControls.VM_ENTRY_LOAD_IA32_PAT
+              | VmEntryControls.VM_ENTRY_LOAD_IA32_EFER)
+    entry1 = VM_ENTRY_DEFAULT1 | entry0 | VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
+    pin0 = PinBasedControls.PIN_BASED_VMX_PREEMPTION_TIMER
 
     ept = (
         EptVpidCap.EPT_PAGE_WALK_LENGTH_4
@@ -438,18 +450,18 @@ def compute_capability_msrs(caps: HostCapabilities) -> dict[VmxMsr, int]:
 
     return {
         VmxMsr.IA32_VMX_BASIC: basic,
-        VmxMsr.IA32_VMX_PINBASED_CTLS: _ctls(PIN_BASED_DEFAULT1 & pin1, pin1),
-        VmxMsr.IA32_VMX_PROCBASED_CTLS: _ctls(PROC_BASED_DEFAULT1 & proc1, proc1),
-        VmxMsr.IA32_VMX_EXIT_CTLS: _ctls(VM_EXIT_DEFAULT1 & exit1, exit1),
-        VmxMsr.IA32_VMX_ENTRY_CTLS: _ctls(VM_ENTRY_DEFAULT1 & entry1, entry1),
+        VmxMsr.IA32_VMX_PINBASED_CTLS: _ctls(PIN_BASED_DEFAULT1 & pin1 | pin0, pin1),
+        VmxMsr.IA32_VMX_PROCBASED_CTLS: _ctls(PROC_BASED_DEFAULT1 & proc1 | proc0, proc1),
+        VmxMsr.IA32_VMX_EXIT_CTLS: _ctls(VM_EXIT_DEFAULT1 & exit1 | exit0, exit1),
+        VmxMsr.IA32_VMX_ENTRY_CTLS: _ctls(VM_ENTRY_DEFAULT1 & entry1 | entry0, entry1),
         VmxMsr.IA32_VMX_MISC: VMX_MISC_STORE_EFER_LMA | VMX_MISC_ACTIVITY_HLT,
         VmxMsr.IA32_VMX_VMCS_ENUM: max_index << 1,
-        VmxMsr.IA32_VMX_PROCBASED_CTLS2: _ctls(0, sec1),
+        VmxMsr.IA32_VMX_PROCBASED_CTLS2: _ctls(sec0, sec1),
         VmxMsr.IA32_VMX_EPT_VPID_CAP: int(ept),
-        VmxMsr.IA32_VMX_TRUE_PINBASED_CTLS: _ctls(0, pin1),
-        VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS: _ctls(0, proc1),
-        VmxMsr.IA32_VMX_TRUE_EXIT_CTLS: _ctls(0, exit1),
-        VmxMsr.IA32_VMX_TRUE_ENTRY_CTLS: _ctls(0, entry1),
+        VmxMsr.IA32_VMX_TRUE_PINBASED_CTLS: _ctls(pin0, pin1),
+        VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS: _ctls(proc0, proc1),
+        VmxMsr.IA32_VMX_TRUE_EXIT_CTLS: _ctls(exit0, exit1),
+        VmxMsr.IA32_VMX_TRUE_ENTRY_CTLS: _ctls(entry0, entry1),
     }
 
 

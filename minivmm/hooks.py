@@ -119,7 +119,11 @@ class HookRegistry:
             if vcpu is not None:
                 raise TypeError("EXIT hooks apply to every vCPU; filter on info.vcpu_index")
             registration = self._dispatcher.on(reason, callback, **filters)
-            self._on_exit_handler(registration)
+            try:
+                self._on_exit_handler(registration)
+            except BaseException:
+                self._dispatcher.off(registration)      # refused (e.g. a vector the mode cannot intercept)
+                raise
             handle = Handle(kind, callback, registration)
         else:
             if reason is not None or filters:

@@ -377,6 +377,7 @@ class Ioctl(IntEnum):
     KVM_SET_SREGS = _iow(0x84, KvmSregs)
     KVM_TRANSLATE = _iowr(0x85, KvmTranslation)
     KVM_INTERRUPT = _iow(0x86, KvmInterrupt)
+    KVM_NMI = _io(0x9A)
     KVM_GET_MSRS = _iowr(0x88, KvmMsrsHeader)
     KVM_SET_MSRS = _iow(0x89, KvmMsrsHeader)
     KVM_GET_FPU = _ior(0x8C, KvmFpu)
@@ -1094,6 +1095,10 @@ class VcpuFd(_Fd):
     def interrupt(self, irq: int) -> None:
         """KVM_INTERRUPT (api.rst 4.16), without an in-kernel irqchip."""
         _ioctl(self.fd, Ioctl.KVM_INTERRUPT, KvmInterrupt(irq))
+
+    def nmi(self) -> None:
+        """KVM_NMI (api.rst 4.97): queue an NMI; well defined without an in-kernel irqchip."""
+        _ioctl(self.fd, Ioctl.KVM_NMI)
 
     def enable_cap(self, cap: Cap | int, *args: int, flags: int = 0) -> None:
         """KVM_ENABLE_CAP on the vCPU fd (api.rst 4.37)."""

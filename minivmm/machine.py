@@ -390,7 +390,10 @@ class Machine:
                 vmx.msr_bitmap.intercept(msr, read=reg.reason == ExitReason.EXECUTE_RDMSR,
                                          write=reg.reason == ExitReason.EXECUTE_WRMSR)
         elif reg.reason == ExitReason.EXCEPTION_OR_NMI:
-            mask = 0xFFFFFFFF if full else sum(1 << v for v in range(reg.low, min(reg.high, 31) + 1))
+            # an unfiltered handler takes every vector the mode can intercept; a filter naming
+            # one it cannot is refused by the VMWRITE (minivmm.capabilities)
+            mask = vmx.model.allowed_bitmap(self.mode) if full else \
+                sum(1 << v for v in range(reg.low, min(reg.high, 31) + 1))
             for ctx in self.contexts:
                 ctx.vmcs.write(VmcsField.VMCS_CTRL_EXCEPTION_BITMAP, ctx.vmcs.exception_bitmap | mask)
         elif reg.reason == ExitReason.EXECUTE_CPUID:

@@ -279,3 +279,30 @@ def _reverse(memory: GuestMemory, table: int, shifts: tuple[int, ...], entry_siz
                  entry_size, gpa, va, found, limit, pse)
         if len(found) >= limit:
             return
+
+
+def linear_of_physical(memory: GuestMemory, regs: ControlRegisters, gpa: int) -> int | None:
+    """The guest-linear address of `gpa` when it can be known, else None.
+
+    KVM reports only the guest-physical address of an MMIO access. Without
+    paging linear = physical (flat segments). With paging: the identity
+    address if the guest's page tables map it to `gpa` (minivmm's modes
+    identity-map RAM), else the one linear address a reverse walk finds;
+    None when no or several linear addresses map the page. (An access
+    through an alias of an identity-mapped page is reported with the
+    identity address: KVM does not say which linear address was used.)
+    """
+    cr0 = regs.cr0
+    if not cr0 & CR0_PG:
+        return gpa
+    cr3, cr4, efer = regs.cr3, regs.cr4, regs.efer
+    try:
+        if translate(memory, cr0, cr3, cr4, efer, gpa).gpa == gpa:
+            return gpa
+    except (PageFault, ValueError):
+        pass
+    try:
+        found = linear_addresses(memory, cr0, cr3, cr4, efer, gpa, limit=2)
+    except ValueError:
+        return None
+    return found[0] if len(found) == 1 else None

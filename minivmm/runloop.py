@@ -27,7 +27,8 @@ from .exits import ExitInfo, ExitReason, Vector
 from .fastpath import IO_TAG, LOOP_ERROR, LOOP_STATE, LOOP_YIELD, unpack_io
 from .kvm import ExitKind, IoExit, KvmError, KvmRun, decode_exit
 from .modes import EXCEPTION_PORT, SEL_USER_CODE64, SEL_USER_DATA, Mode
-from .translate import ExceptionReport, RestoreUserFrame, Translator, exception_report, io_qualification
+from .translate import (ExceptionReport, GuestFault, RestoreUserFrame, Translator, exception_report,
+                        io_qualification)
 from .vcpu import Vcpu, run_timer
 from .vmcs import RFLAGS_TF, Vmcs
 
@@ -120,7 +121,7 @@ class VcpuContext:
         self.info.vcpu_index = vcpu.index
         self._io_routes = vm.route_cache()
         self.vmcs = Vmcs(vcpu, self.info, vm.vmx, self.mode is Mode.USER,
-                         on_routing_change=self._io_routes.clear)
+                         on_routing_change=self._io_routes.clear, mode=self.mode)
         self.translator = Translator(self.mode)
         self.stats: dict[str, ExitStat] = {}
         self.pre_entry: list[Callable[[], None]] = []
@@ -177,6 +178,26 @@ class VcpuContext:
 
     def read_physical(self, gpa: int, length: int) -> bytes:
         return self.vm.memory.read(gpa, length)
+
+    def linear_of_physical(self, gpa: int) -> int | None:
+        from .pagewalk import linear_of_physical
+        return linear_of_physical(self.vm.memory, self.vcpu, gpa)
+
+    def fetch_address(self) -> tuple[int, int] | None:
+        from .pagewalk import CR0_PG, EFER_LMA, PageFault, translate
+        vcpu = self.vcpu
+        cs = vcpu.segment("cs")
+        linear = vcpu.rip
+        if not vcpu.efer & EFER_LMA or not cs.l:        # not 64-bit mode: CS.base applies
+            linear = (cs.base + linear) & 0xFFFFFFFF
+        if not vcpu.cr0 & CR0_PG:
+            return linear, linear
+        try:
+            walk = translate(self.vm.memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
+                             user=vcpu.cpl == 3)
+        except (PageFault, ValueError):
+            return None
+        return linear, walk.gpa
 
     # -- the step service -----------------------------------------------------------
     def step_once(self, callback: Callable[[Vcpu], None]) -> None:
@@ -458,22 +479,22 @@ class VcpuContext:
             return _NO_EXIT
         exit = decode_exit(run)
         ept = self.ept
-        if ept is not None:
-            translated = None
-            if kind == ExitKind.MMIO:
-                translated = ept.translate_mmio(self, exit)
-            elif kind == ExitKind.INTERNAL_ERROR:
-                translated = ept.translate_fetch_fault(self, exit)
-            if translated is not None:
-                if translated.__class__ is Stop:
-                    return translated               # a hook callback ended the run
-                return _NO_EXIT if translated[0] is None else translated[1]
-        translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
-                                                out_data=out_data)
+        try:
+            translation = self.translator.translate(kind, exit, self, info, stepping=self.stepping,
+                                                    out_data=out_data,
+                                                    ept=None if ept is None else ept.view(self.index))
+        except GuestFault as fault:
+            return Stop(RunEnd.ERROR, message=str(fault))     # the guest's doing: a result, not a raise
         if translation is None:
             return _NO_EXIT
+        if translation.ept is not None:
+            carried = ept.carry_out(self, translation, exit)
+            if carried is not None:
+                if carried.__class__ is Stop:
+                    return carried                  # a hook callback ended the run
+                return _NO_EXIT if carried[0] is None else carried[1]
         if translation.restore is not None:
-            self._restore_user_frame(translation.restore)
+            self._restore_user_frame(translation.restore, translation.step)
         if translation.syscall:
             self._syscall_return_state()
             if self.syscalls is not None and self.syscalls.active:
@@ -489,9 +510,12 @@ class VcpuContext:
             return key
         return (None, None) if key is _NO_EXIT else (self.info, key)
 
-    def _restore_user_frame(self, frame: RestoreUserFrame) -> None:
+    def _restore_user_frame(self, frame: RestoreUserFrame, step: bool = False) -> None:
         vcpu = self.vcpu
-        vcpu.rip, vcpu.rsp, vcpu.rflags = frame.rip, frame.rsp, frame.rflags
+        rflags = frame.rflags
+        if self.vmcs.tf_stepping:
+            rflags = self._hide_tf(frame, step)
+        vcpu.rip, vcpu.rsp, vcpu.rflags = frame.rip, frame.rsp, rflags
         sregs = vcpu.sregs
         sregs.cs.selector, sregs.cs.dpl, sregs.cs.l, sregs.cs.db = SEL_USER_CODE64, 3, 1, 0
         sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
@@ -522,6 +546,35 @@ class VcpuContext:
             raise handler_error(vcpu, info, exc, f"SYSCALL {vcpu.rax} hook")
         self._syscall_action = action
         return self._complete(info, action)
+
+    def _hide_tf(self, frame: RestoreUserFrame, step: bool) -> int:
+        """The RFLAGS of a user-mode stub frame taken under minivmm's single-step, as the guest's
+        own (SDM vol. 2 PUSHF/POPF): the value a `pushf` just stepped over pushed gets the
+        guest's TF, a `popf` sets the guest's TF, and the frame's flags carry the guest's TF.
+        The instruction is the one ending at the trap's RIP; a PUSHF pushed the flags the
+        trap reports, a POPF popped the slot just above RSP."""
+        vmcs = self.vmcs
+        if step:
+            before = self.read_code(frame.rip - 2, 2) if frame.rip >= 2 else b""
+            if before[-1:] == b"\x9c":
+                size = 2 if before[:1] == b"\x66" else 8
+                pushed = int.from_bytes(self._read_virtual(frame.rsp, size), "little")
+                if not (pushed ^ frame.rflags) & _PUSHF_SAME and pushed & RFLAGS_TF and not vmcs.guest_tf:
+                    self._write_virtual(frame.rsp, (pushed & ~RFLAGS_TF).to_bytes(size, "little"))
+            elif before[-1:] == b"\x9d":
+                size = 2 if before[:1] == b"\x66" else 8
+                popped = int.from_bytes(self._read_virtual(frame.rsp - size, size), "little")
+                if not (popped ^ frame.rflags) & _PUSHF_SAME & ~RFLAGS_TF:
+                    vmcs.guest_tf = bool(popped & RFLAGS_TF)
+        return vmcs.guest_rflags(frame.rflags)
+
+    def _read_virtual(self, gva: int, size: int) -> bytes:
+        from .pagewalk import read_virtual
+        return read_virtual(self.vm.memory, self.vcpu, gva, size)
+
+    def _write_virtual(self, gva: int, data: bytes) -> None:
+        from .pagewalk import write_virtual
+        write_virtual(self.vm.memory, self.vcpu, gva, data)
 
     def _resumed_fault(self, info: ExitInfo, action: Action, entry: int) -> Action:
         """A handler resumed an exception exit without moving RIP. As on VT-x a fault executes
@@ -604,6 +657,10 @@ class VcpuContext:
             return False
         if reason == ExitReason.IO_INSTRUCTION and not info.raw_kvm_exit.is_out:
             self._complete_in(info)
+        elif reason == ExitReason.EPT_MISCONFIGURATION and cls is Resume and action.advance \
+                and not info.raw_kvm_exit.is_write:
+            self._reply(info, info.data)        # a read answered through info.data, as an IN is
+            return False
         elif reason == ExitReason.EXECUTE_RDMSR or reason == ExitReason.EXECUTE_WRMSR:
             if cls is Inject and action.vector == Vector.GP:
                 vcpu.fd.set_msr_reply(0, error=True)        # KVM injects the #GP itself
@@ -612,7 +669,10 @@ class VcpuContext:
         if cls is Stop:
             return True
         if cls is Inject:
-            vcpu.inject_exception(action.vector, action.error_code, action.cr2)
+            if action.vector == Vector.NMI:
+                vcpu.fd.nmi()            # SDM 26.6.1.1: vector 2 is injected as an NMI, not an exception
+            else:
+                vcpu.inject_exception(action.vector, action.error_code, action.cr2)
             return False
         if cls is Resume:
             if action.advance:
@@ -698,7 +758,7 @@ class VcpuContext:
             kind = vcpu.run_once()
         finally:
             run.immediate_exit = 0
-        if self.vmcs.user_mode and self.stepping and not vcpu.rflags & RFLAGS_TF:
+        if self.vmcs.tf_stepping and not vcpu.rflags & RFLAGS_TF:
             vcpu.rflags |= RFLAGS_TF          # a completed exit drops TF on some hosts
         return kind
 
@@ -727,4 +787,6 @@ class VcpuContext:
 
 _NO_EXIT = object()
 _SYSCALL = object()
+_PUSHF_SAME = 0xDD5     # CF PF AF ZF SF TF DF OF: what a trap right after PUSHF/POPF reports as pushed
+                        # (IF may differ: a PVM host's CPL-3 PUSHF shows the virtual IF)
 REPEATED_FAULT_LIMIT = 1000

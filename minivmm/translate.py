@@ -31,6 +31,7 @@ Host facts the translation depends on (see the README's host section):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import IntEnum
 from typing import Protocol
 
 from .disasm import disassemble_one
@@ -42,12 +43,13 @@ from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, Interna
 from .modes import (EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, SYSCALL_EXIT_ADDR, Mode, StubFrame,
                     decode_stub_frame)
 
-__all__ = ["CpuView", "ExceptionReport", "GuestFault", "exception_report", "IoInstruction", "RestoreUserFrame",
-           "Translation", "Translator", "find_io_instruction", "io_qualification"]
+__all__ = ["CpuView", "EptStep", "EptView", "ExceptionReport", "GuestFault", "exception_report", "IoInstruction",
+           "RestoreUserFrame", "Translation", "Translator", "find_io_instruction", "io_qualification"]
 
 
 class GuestFault(MinivmmError, RuntimeError):
-    """The host could not go on with the guest (e.g. an emulation failure)."""
+    """The host could not go on with the guest (e.g. an emulation failure). The run loop ends the
+    run with a RunResult of reason `error` and this message; it does not escape `run()`."""
 
 
 class CpuView(Protocol):
@@ -73,6 +75,55 @@ class CpuView(Protocol):
 
     def read_physical(self, gpa: int, length: int) -> bytes:
         """Guest-physical memory."""
+
+    def linear_of_physical(self, gpa: int) -> int | None:
+        """The one guest-linear address that maps `gpa` now, None when unknown or ambiguous."""
+
+    def fetch_address(self) -> tuple[int, int] | None:
+        """(linear, guest-physical) address of the instruction at CS:RIP; None when it does
+        not translate."""
+
+
+class EptView(Protocol):
+    """What the translation may ask of the EPT model, for one vCPU (`minivmm.ept`)."""
+
+    def managed(self, gpa: int) -> bool:
+        """`gpa` is RAM whose rights the EPT model realises."""
+
+    def has_device(self, gpa: int) -> bool:
+        """An MMIO device (`add_mmio_device`) serves `gpa`."""
+
+    def rights(self, gpa: int) -> int:
+        """The page's effective EPT rights (R=1, W=2, X=4), hooks included."""
+
+    def base_rights(self, gpa: int) -> int:
+        """The page's rights from `protect` alone (hooks excluded)."""
+
+    def monitored(self, gpa: int) -> bool:
+        """A read or write monitor covers the page."""
+
+    def mapped_for_fetch(self, gpa: int) -> bool:
+        """The page has a memslot (it is no hole) and is not opened for one stepped
+        instruction: a failed fetch there is not about its EPT rights."""
+
+    def planted(self, gpa: int) -> bool:
+        """The breakpoint table planted an int3 at `gpa`."""
+
+    def refetch_due(self, rip: int) -> bool:
+        """A fetch at `rip` failed while memslots were being replaced and was not retried
+        since the last change (a memslot replacement is not atomic)."""
+
+
+class EptStep(IntEnum):
+    """What the EPT model carries out for an exit the translator classified (the
+    continuation of `Translation.ept`)."""
+    DEVICE = 1            # an MMIO device's access: the device answers, no VMX exit
+    EMULATE = 2           # the page allows the access but has no memslot: do it on RAM
+    MONITOR = 3           # a monitored access: join KVM's fragments, report, complete on RAM
+    VIOLATION = 4         # a data EPT violation (info filled): record it, hold a read open
+    REFETCH = 5           # a fetch failed during a memslot change: enter again once
+    STEP_THROUGH = 6      # an allowed fetch from an unmapped page: hidden execute hooks, one step
+    FETCH_VIOLATION = 7   # an execute EPT violation (info filled), after hidden execute hooks
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +168,13 @@ class Translation:
 
     `key` is the dispatch filter value (port, MSR, vector, GPA, hypercall
     number), `restore` the stub-frame continuation, `step` whether the exit is a
-    single-step trap that belongs to the step service, `syscall` whether the exit is a
-    user-mode `syscall` (the loop then returns to the instruction, at CPL 3)."""
+    single-step trap that belongs to the step service, `ept` what the EPT model carries out,
+    `syscall` whether the exit is a user-mode `syscall` (the loop then returns to the
+    instruction, at CPL 3)."""
     key: int | None = None
     restore: RestoreUserFrame | None = None
     step: bool = False
+    ept: EptStep | None = None
     syscall: bool = False
 
 
@@ -137,6 +190,8 @@ def exception_report(info: ExitInfo, rip: int, cr2: int) -> ExceptionReport:
 _ENTRY_FAILURES = {int(r): r for r in (ExitReason.INVALID_GUEST_STATE, ExitReason.MSR_LOADING,
                                         ExitReason.MACHINE_CHECK)}
 _DR6_QUALIFICATION = 0xF | 1 << 13 | 1 << 14          # B0-B3, BD, BS
+_EPT_R, _EPT_W, _EPT_X = 1, 2, 4
+_QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3})
 # opcode -> (is_out, string, immediate operand); SDM vol. 2 IN, INS, OUT, OUTS
 _IO_OPCODES = {0xE4: (False, False, True), 0xE5: (False, False, True),
@@ -232,10 +287,13 @@ class Translator:
 
     def translate(self, kind: int, exit: object, cpu: CpuView, info: ExitInfo, *,
                   stepping: bool = False, deadline_expired: bool = False,
-                  out_data: int = 0) -> Translation | None:
+                  out_data: int = 0, ept: EptView | None = None) -> Translation | None:
         """Fill `info` for the KVM exit `exit` of kind `kind`; None when the exit is no VMX exit
         (a signal that is not the deadline). `stepping`: a single-step is in progress (MTF or
-        the step service). `out_data`: the first item an OUT wrote."""
+        the step service). `out_data`: the first item an OUT wrote. `ept`: the EPT model's
+        view when the machine has one; MMIO exits and failed fetches are then classified
+        against it (EPT violation, monitor, device, emulation; SDM 28.3.3).
+        """
         if kind == ExitKind.INTR:
             if deadline_expired:
                 info.reset(ExitReason.VMX_PREEMPTION_TIMER_EXPIRED)
@@ -251,6 +309,10 @@ class Translator:
             return Translation()
         if kind == ExitKind.MMIO:
             assert isinstance(exit, MmioExit)
+            if ept is not None:
+                translation = self._ept_access(exit, cpu, info, ept)
+                if translation is not None:
+                    return translation
             info.reset(ExitReason.EPT_MISCONFIGURATION, guest_physical_address=exit.phys_addr,
                        raw_kvm_exit=exit)
             return Translation(exit.phys_addr)
@@ -269,6 +331,12 @@ class Translator:
             info.reset(reason, hardware, entry_failure=True, raw_kvm_exit=exit)
             return Translation()
         if kind == ExitKind.INTERNAL_ERROR:
+            if self.mode is Mode.USER and cpu.rip == SYSCALL_EXIT_ADDR:
+                return self._syscall(exit, info)
+            if ept is not None and exit.suberror == InternalErrorKind.EMULATION:
+                translation = self._ept_fetch(exit, cpu, info, ept)
+                if translation is not None:
+                    return translation
             return self._internal_error(exit, cpu, info)
         if kind == ExitKind.X86_RDMSR or kind == ExitKind.X86_WRMSR:
             assert isinstance(exit, MsrExit)
@@ -293,6 +361,56 @@ class Translator:
             return Translation(vector)
         name = ExitKind(kind).name if kind in ExitKind._value2member_map_ else kind
         raise GuestFault(f"unexpected KVM exit {name}: {exit} (minivmm has no VMX exit for it)")
+
+    def _ept_access(self, exit: MmioExit, cpu: CpuView, info: ExitInfo,
+                    ept: EptView) -> Translation | None:
+        """A KVM_EXIT_MMIO against the EPT model; None when the GPA is neither managed RAM nor
+        a device (an EPT misconfiguration). A write exits after KVM emulated the
+        instruction (RIP past it), a read before it."""
+        gpa = exit.phys_addr
+        if not ept.managed(gpa):
+            return Translation(gpa, ept=EptStep.DEVICE) if ept.has_device(gpa) else None
+        need = _EPT_W if exit.is_write else _EPT_R
+        rights = ept.rights(gpa)
+        if rights & need:
+            return Translation(gpa, ept=EptStep.EMULATE)     # a hole made for no-X, or a hidden hook's page
+        if ept.monitored(gpa) and ept.base_rights(gpa) & need:
+            return Translation(gpa, ept=EptStep.MONITOR)
+        gla = cpu.linear_of_physical(gpa)
+        # SDM 28.2.1 table 28-7: bits 0-2 the access, 3-5 the page's rights, 7-8 the linear address
+        qualification = need | rights << 3
+        if gla is not None:
+            qualification |= _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
+        info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
+                   guest_linear_address=gla or 0, raw_kvm_exit=exit,
+                   data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
+        return Translation(gpa, ept=EptStep.VIOLATION)
+
+    def _ept_fetch(self, exit: InternalErrorExit, cpu: CpuView, info: ExitInfo,
+                   ept: EptView) -> Translation | None:
+        """An emulation failure that is a fetch from a page without X: on KVM a fetch from a GPA
+        without a memslot fails emulation with RIP = the target (kvm-host-notes). None when
+        the failure is not about an EPT page."""
+        where = cpu.fetch_address()
+        if where is None:
+            return None
+        linear, gpa = where
+        if not ept.managed(gpa):
+            return None
+        if ept.mapped_for_fetch(gpa):
+            if ept.planted(gpa):
+                # a CPL-0 int3 of the breakpoint table: #BP here, whatever the failure data says
+                info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,
+                           interruption_info=InterruptionInfo(Vector.BP,
+                                                              InterruptionType.SOFTWARE_EXCEPTION).encode())
+                return Translation(int(Vector.BP))
+            return Translation(ept=EptStep.REFETCH) if ept.refetch_due(cpu.rip) else None
+        rights = ept.rights(gpa)
+        if (rights | ept.base_rights(gpa)) & _EPT_X:
+            return Translation(gpa, ept=EptStep.STEP_THROUGH)
+        info.reset(ExitReason.EPT_VIOLATION, _EPT_X | rights << 3 | _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION,
+                   guest_physical_address=gpa, guest_linear_address=linear, raw_kvm_exit=exit)
+        return Translation(gpa, ept=EptStep.FETCH_VIOLATION)
 
     def _io(self, exit: IoExit, cpu: CpuView, info: ExitInfo, stepping: bool,
             out_data: int) -> Translation:
@@ -334,15 +452,17 @@ class Translator:
                    interruption_error_code=error_code or 0, instruction_length=length, raw_kvm_exit=exit)
         return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags))
 
+    @staticmethod
+    def _syscall(exit: InternalErrorExit, info: ExitInfo) -> Translation:
+        """A SYSCALL that went to LSTAR (see minivmm.modes): #UD at the instruction, as a
+        hypervisor that clears EFER.SCE intercepts system calls."""
+        info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=2, raw_kvm_exit=exit,
+                   interruption_info=InterruptionInfo(Vector.UD, InterruptionType.HARDWARE_EXCEPTION).encode())
+        return Translation(int(Vector.UD), syscall=True)
+
     def _internal_error(self, exit: InternalErrorExit, cpu: CpuView, info: ExitInfo) -> Translation:
         code = exit.instruction_bytes()
         rip = cpu.rip
-        if self.mode is Mode.USER and rip == SYSCALL_EXIT_ADDR:
-            # a SYSCALL that went to LSTAR (see minivmm.modes): #UD at the instruction, as a
-            # hypervisor that clears EFER.SCE intercepts system calls
-            info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=2, raw_kvm_exit=exit,
-                       interruption_info=InterruptionInfo(Vector.UD, InterruptionType.HARDWARE_EXCEPTION).encode())
-            return Translation(int(Vector.UD), syscall=True)
         if exit.suberror == InternalErrorKind.EMULATION and code[:1] == b"\xcc":
             breakpoint = InterruptionInfo(Vector.BP, InterruptionType.SOFTWARE_EXCEPTION)
             info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,

@@ -45,6 +45,7 @@ class Vm:
         """KVM's in-kernel LAPIC/IOAPIC/PIC; before any vCPU (api.rst 4.24)."""
         self.fd.create_irqchip()
         self.irqchip = True
+        self.vmx.use_in_kernel_irqchip()
 
     def add_ram(self, gpa: int, size: int | str, *, name: str = "ram") -> Region:
         region = self.memory.add_region(gpa, parse_size(size), name=name)

@@ -12,9 +12,9 @@ before the next VM entry:
 | CPU_BASED_USE_MSR_BITMAPS + MSR bitmap  | KVM_X86_SET_MSR_FILTER with user-space MSR exits for the MSRs whose bitmap bit is 1; with the control 0 every RDMSR/WRMSR exits (SDM 25.6.9) |
 | CPU_BASED_USE_IO_BITMAPS + I/O bitmaps  | ports whose bit is 1 reach user I/O handlers; others go to the machine's devices |
 | CPU_BASED_UNCONDITIONAL_IO_EXITING      | every port reaches user I/O handlers         |
-| exception bitmap                        | vectors whose bit is 1 reach user exception handlers (#BP/#DB through KVM_SET_GUEST_DEBUG; every vector in user mode through the built-in kernel's IDT) |
-| CPU_BASED_MONITOR_TRAP_FLAG             | KVM_GUESTDBG_SINGLESTEP; each step exits as MONITOR_TRAP_FLAG |
-| CPU_BASED_USE_TSC_OFFSETTING + offset   | IA32_TSC_ADJUST                                |
+| exception bitmap                        | vectors whose bit is 1 reach user exception handlers (#BP/#DB through KVM_SET_GUEST_DEBUG where the host exits on them; every vector in user mode through the built-in kernel's IDT); a bit the mode cannot honour makes the VMWRITE fail |
+| CPU_BASED_MONITOR_TRAP_FLAG             | KVM_GUESTDBG_SINGLESTEP; each step exits as MONITOR_TRAP_FLAG (user mode: RFLAGS.TF, hidden from the guest's `pushf` and from the flags handlers see) |
+| CPU_BASED_USE_TSC_OFFSETTING + offset   | KVM's per-vCPU TSC offset moved by TSC_OFFSET (KVM_VCPU_TSC_OFFSET, else IA32_TSC writes; only where the host honours one: `minivmm.capabilities`) |
 | PIN_BASED_VMX_PREEMPTION_TIMER          | the run deadline (`Machine.run(timeout=)`)     |
 | SECONDARY_ENABLE_EPT + EPT pointer      | `machine.ept` (memslots and host page protection) |
 
@@ -30,10 +30,13 @@ from typing import TYPE_CHECKING, Callable
 
 from .controls import (CONTROLS_FOR_MSR, HostCapabilities, adjust_controls, PinBasedControls, ProcBasedControls,
                        SecondaryControls, UnsupportedControlError, VmEntryControls, VmExitControls,
-                       VmxMsr, check_controls, compute_capability_msrs, format_capability_table)
+                       VmxMsr, check_controls, format_capability_table)
 from .errors import MinivmmError
 from .exits import ExitInfo
+from .capabilities import (TSC_MSR, HostModel, deny_all_filter_ranges, host_model, tsc_offset_attribute,
+                           with_in_kernel_irqchip)
 from .kvm import Cap, GuestDebugFlag, Kvm, MsrExitReasonFlag, MsrFilterFlag, VmFd
+from .modes import Mode
 from .vmcs_fields import (FieldGroup, VmcsField, access_rights_from_segment, access_rights_to_fields,
                           field_group)
 
@@ -48,34 +51,32 @@ class VmcsError(MinivmmError, ValueError):
 
 
 def host_capabilities(kvm: Kvm) -> HostCapabilities:
-    """Probe what this KVM host can honour (KVM_CHECK_EXTENSION)."""
-    c = kvm.check_extension
-    return HostCapabilities(
-        msr_filter=c(Cap.X86_MSR_FILTER) > 0, user_space_msr=c(Cap.X86_USER_SPACE_MSR) > 0,
-        guest_debug=c(Cap.SET_GUEST_DEBUG) > 0, hw_breakpoints=c(Cap.GUEST_DEBUG_HW_BPS) > 0,
-        readonly_mem=c(Cap.READONLY_MEM) > 0, dirty_log=True, sync_regs=c(Cap.SYNC_REGS) > 0,
-        tsc_control=c(Cap.TSC_CONTROL) > 0)
+    """What this KVM host can honour (KVM_CHECK_EXTENSION and the probes of
+    `minivmm.capabilities`)."""
+    return host_model(kvm).capabilities
 
 
 def vmx_capability_msrs(kvm: Kvm) -> dict[VmxMsr, int]:
     """IA32_VMX_* capability MSRs for this host (SDM appendix A)."""
-    return compute_capability_msrs(host_capabilities(kvm))
+    return host_model(kvm).msrs
 
 
 def capability_report(kvm: Kvm) -> dict:
-    """KVM capabilities and VMX capability MSRs, JSON-ready."""
+    """KVM capabilities, VMX capability MSRs and the per-mode model, JSON-ready."""
+    model = host_model(kvm)
     return {"kvm_api_version": kvm.get_api_version(),
             "kvm_capabilities": {cap.name: kvm.check_extension(cap) for cap in Cap},
-            "vmx_msrs": {msr.name: f"{value:#018x}" for msr, value in vmx_capability_msrs(kvm).items()}}
+            "vmx_msrs": {msr.name: f"{value:#018x}" for msr, value in model.msrs.items()},
+            "model": model.report()}
 
 
 def capability_table(kvm: Kvm) -> str:
-    """`minivmm caps`: KVM capabilities and the VMX capability MSRs as text tables."""
+    """`minivmm caps`: KVM capabilities, the VMX capability MSRs and the per-mode table as text."""
     report = capability_report(kvm)
     width = max(len(name) for name in report["kvm_capabilities"])
     lines = [f"KVM API version {report['kvm_api_version']}", "", "KVM capability".ljust(width) + "  value"]
     lines += [f"{name.ljust(width)}  {value}" for name, value in report["kvm_capabilities"].items()]
-    lines += ["", format_capability_table(vmx_capability_msrs(kvm))]
+    lines += ["", format_capability_table(vmx_capability_msrs(kvm)), "", host_model(kvm).markdown()]
     return "\n".join(lines)
 
 
@@ -84,12 +85,16 @@ class MsrBitmap:
 
     Low MSRs are 0x0-0x1fff, high MSRs 0xc0000000-0xc0001fff; a 1 bit makes
     the access exit. Accesses to MSRs outside both ranges always exit on
-    hardware; here they stay with KVM unless the control is 0.
+    hardware; here they stay with KVM unless intercepted: `intercept` of such an
+    MSR makes it exit through one extra KVM filter range each (at most
+    `MAX_OUTSIDE` of them: KVM_MSR_FILTER_MAX_RANGES less the bitmap's four).
     """
     RANGES = ((0x0, 0), (0xC0000000, 1024))
+    MAX_OUTSIDE = 12
 
     def __init__(self) -> None:
         self.data = bytearray(4096)
+        self.outside: dict[int, tuple[bool, bool]] = {}      # MSR -> (read, write) intercepted
         self.version = 0
         self.on_change = None
         self._any, self._any_version = False, 0
@@ -97,16 +102,17 @@ class MsrBitmap:
     def any(self) -> bool:
         """Whether any bit is set (cached per version: the bitmap is 4 KiB)."""
         if self._any_version != self.version:
-            self._any, self._any_version = any(self.data), self.version
+            self._any, self._any_version = bool(self.outside) or any(self.data), self.version
         return self._any
 
-    def _position(self, msr: int, write: bool) -> tuple[int, int]:
+    def _position(self, msr: int, write: bool) -> tuple[int, int] | None:
         for base, offset in self.RANGES:
             if base <= msr < base + 0x2000:
                 bit = msr - base
                 return offset + (2048 if write else 0) + bit // 8, bit % 8
-        raise VmcsError(f"MSR {msr:#x} is outside the MSR bitmap ranges "
-                        "(0x0-0x1fff, 0xc0000000-0xc0001fff)")
+        if not 0 <= msr <= 0xFFFFFFFF:
+            raise VmcsError(f"MSR {msr:#x} is not a 32-bit MSR index")
+        return None
 
     def intercept(self, msr: int, read: bool = True, write: bool = True) -> None:
         """Make the chosen accesses to `msr` exit (the others keep their bits)."""
@@ -117,25 +123,47 @@ class MsrBitmap:
         self._set(msr, read, write, False)
 
     def _set(self, msr: int, read: bool, write: bool, value: bool) -> None:
-        for is_write, chosen in ((False, read), (True, write)):
-            if chosen:
-                byte, bit = self._position(msr, is_write)
-                self.data[byte] = self.data[byte] | 1 << bit if value else self.data[byte] & ~(1 << bit)
+        if self._position(msr, False) is None:
+            self._set_outside(msr, read, write, value)
+        else:
+            for is_write, chosen in ((False, read), (True, write)):
+                if chosen:
+                    byte, bit = self._position(msr, is_write)
+                    self.data[byte] = self.data[byte] | 1 << bit if value else self.data[byte] & ~(1 << bit)
         self.version += 1
         if self.on_change is not None:
             self.on_change()
 
+    def _set_outside(self, msr: int, read: bool, write: bool, value: bool) -> None:
+        new = self.outside.get(msr, (False, False))
+        new = (value if read else new[0], value if write else new[1])
+        if any(new) and msr not in self.outside and len(self.outside) >= self.MAX_OUTSIDE:
+            raise VmcsError(f"MSR {msr:#x} is outside the MSR bitmap ranges (0x0-0x1fff, "
+                            f"0xc0000000-0xc0001fff) and {self.MAX_OUTSIDE} such MSRs are already "
+                            "intercepted (each takes a KVM MSR filter range)")
+        if any(new):
+            self.outside[msr] = new
+        else:
+            self.outside.pop(msr, None)
+
     def is_intercepted(self, msr: int, write: bool) -> bool:
-        byte, bit = self._position(msr, write)
+        position = self._position(msr, write)
+        if position is None:
+            return self.outside.get(msr, (False, False))[write]
+        byte, bit = position
         return bool(self.data[byte] >> bit & 1)
 
     def kvm_filter_ranges(self) -> list[tuple[MsrFilterFlag, int, bytes, int]]:
-        """The KVM filter: KVM allows an MSR whose bit is 1, the opposite of the SDM bitmap."""
+        """The KVM filter: KVM allows an MSR whose bit is 1, the opposite of the SDM bitmap; an
+        intercepted MSR outside the bitmap's ranges gets a one-MSR range that denies it."""
         ranges = []
         for base, offset in self.RANGES:
             for flag, extra in ((MsrFilterFlag.READ, 0), (MsrFilterFlag.WRITE, 2048)):
                 chunk = self.data[offset + extra: offset + extra + 1024]
                 ranges.append((flag, base, bytes(~b & 0xFF for b in chunk), 0x2000))
+        for msr, (read, write) in sorted(self.outside.items()):
+            flags = (MsrFilterFlag.READ if read else 0) | (MsrFilterFlag.WRITE if write else 0)
+            ranges.append((MsrFilterFlag(flags), msr, b"\x00", 1))
         return ranges
 
 
@@ -199,8 +227,10 @@ _MSR_FIELDS = {F.VMCS_GUEST_IA32_SYSENTER_CS: 0x174, F.VMCS_GUEST_IA32_SYSENTER_
                F.VMCS_GUEST_IA32_PAT: 0x277}
 _TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMIT: ("gdt", "limit"),
                  F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
-IA32_TSC_ADJUST = 0x3B
 RFLAGS_TF = 1 << 8
+EFER_LMA = 1 << 10
+IA32_TSC = 0x10
+_IA32E = VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
 
 DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
                       | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
@@ -215,7 +245,8 @@ class VmxVmState:
 
     def __init__(self, kvm: Kvm, vm: VmFd) -> None:
         self.vm = vm
-        self.capabilities = vmx_capability_msrs(kvm)
+        self.model: HostModel = host_model(kvm)
+        self.capabilities = self.model.msrs
         self.msr_bitmap = MsrBitmap()
         self.msr_bitmap.on_change = self._mark_all_dirty
         self.io_bitmap = IoBitmaps()
@@ -224,6 +255,10 @@ class VmxVmState:
         self._msr_filter: tuple | None = None
         self._user_msr_enabled = False
         self._filter_buffers: list = []
+
+    def use_in_kernel_irqchip(self) -> None:
+        """The VM got KVM's in-kernel irqchip (before its vCPUs): HLT no longer exits."""
+        self.capabilities = with_in_kernel_irqchip(self.capabilities)
 
     def _mark_all_dirty(self) -> None:
         for vmcs in self.vmcses:
@@ -249,7 +284,8 @@ class VmxVmState:
         if wanted is None:
             vm.set_msr_filter(False, [])
         elif wanted[0] == "all":
-            vm.set_msr_filter(True, [])
+            self._filter_buffers = deny_all_filter_ranges()
+            vm.set_msr_filter(True, self._filter_buffers)
         else:
             ranges = []
             self._filter_buffers = []
@@ -274,14 +310,22 @@ class Vmcs:
 
     `step_requested` is set by the vCPU's step service while a step callback waits; the
     realisation then single-steps the guest as it does for MTF: RFLAGS.TF in user mode
-    (the built-in kernel reports the #DB), KVM_GUESTDBG_SINGLESTEP otherwise."""
+    (the built-in kernel reports the #DB), KVM_GUESTDBG_SINGLESTEP otherwise. In user mode the
+    TF is minivmm's, not the guest's: `guest_tf` is the guest's own, which `guest_rflags` puts
+    in the flags handlers and the guest see.
+
+    `mode` is the guest mode the exception bitmap is checked for (`minivmm.capabilities`):
+    a VMWRITE of a bit the mode cannot honour raises ExceptionInterceptError."""
 
     def __init__(self, vcpu: "Vcpu", info: ExitInfo, vmx: VmxVmState, user_mode: bool,
-                 on_routing_change: Callable[[], None] = lambda: None) -> None:
+                 on_routing_change: Callable[[], None] = lambda: None, *,
+                 mode: Mode | None = None) -> None:
         self.vcpu = vcpu
         self.info = info
         self.vmx = vmx
         self.user_mode = user_mode
+        self.mode = Mode.USER if user_mode else Mode(mode or Mode.LONG)
+        self.guest_tf = False
         self.on_routing_change = on_routing_change
         self.capabilities = vmx.capabilities
         self.controls = default_controls(self.capabilities)
@@ -312,9 +356,20 @@ class Vmcs:
     def set_control(self, flag: IntFlag, enabled: bool = True) -> None:
         """Set or clear one control bit (checked against the capability MSR)."""
         field, _ = _CONTROL_FIELDS[type(flag)]
-        self.write(field, self.controls[field] | flag if enabled else self.controls[field] & ~flag)
+        value = self.read(field)
+        self.write(field, value | flag if enabled else value & ~flag)
+
+    def _ia32e_mode_guest(self) -> bool:
+        """EFER.LMA, which VM exits store in VM_ENTRY_IA32E_MODE_GUEST (SDM 28.2 / A.6 bit 5);
+        before the mode is set up, the machine's mode."""
+        vcpu = self.vcpu
+        if vcpu.efer & EFER_LMA or vcpu.cr0 & 1:
+            return bool(vcpu.efer & EFER_LMA)
+        return self.mode in (Mode.LONG, Mode.USER)
 
     def intercept_exception(self, vector: int, enabled: bool = True) -> None:
+        """Set or clear one exception-bitmap bit (ExceptionInterceptError when the mode cannot
+        intercept `vector`)."""
         mask = 1 << vector
         self.write(F.VMCS_CTRL_EXCEPTION_BITMAP,
                    self.exception_bitmap | mask if enabled else self.exception_bitmap & ~mask)
@@ -340,7 +395,10 @@ class Vmcs:
         vcpu = self.vcpu
         info = self.info
         if field in self.controls:
-            return self.controls[field]
+            value = self.controls[field]
+            if field == F.VMCS_CTRL_VMENTRY_CONTROLS:
+                value = value | _IA32E if self._ia32e_mode_guest() else value & ~_IA32E
+            return value
         if field == F.VMCS_CTRL_EXCEPTION_BITMAP:
             return self.exception_bitmap
         if field == F.VMCS_CTRL_TSC_OFFSET:
@@ -392,9 +450,16 @@ class Vmcs:
         if field in _FIELD_CONTROLS:
             cls, msr = _FIELD_CONTROLS[field]
             check_controls(value, self.capabilities[msr], cls, msr)
+            if field == F.VMCS_CTRL_VMENTRY_CONTROLS and bool(value & _IA32E) != self._ia32e_mode_guest():
+                raise VmcsError(
+                    f"VM_ENTRY_IA32E_MODE_GUEST={int(bool(value & _IA32E))} would switch the guest "
+                    f"{'into' if value & _IA32E else 'out of'} IA-32e mode at entry, which minivmm "
+                    "cannot do: the mode is the machine's (Machine(mode=...)) or the guest's own; "
+                    "the control reads EFER.LMA")
             self.controls[field] = value
             self.on_routing_change()
         elif field == F.VMCS_CTRL_EXCEPTION_BITMAP:
+            self.vmx.model.check_exception_bitmap(self.mode, value)
             self.exception_bitmap = value & 0xFFFFFFFF
         elif field == F.VMCS_CTRL_TSC_OFFSET:
             self.tsc_offset = value
@@ -438,22 +503,64 @@ class Vmcs:
         debug = 0
         stepping = bool(proc & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG) or self.step_requested
         if self.user_mode:
-            if stepping != self._realised.tf:
-                # KVM's single-step does not stop CPL-3 code on every host: steps trap with
-                # RFLAGS.TF instead, and the built-in kernel reports each #DB.
-                vcpu.rflags = vcpu.rflags | RFLAGS_TF if stepping else vcpu.rflags & ~RFLAGS_TF
-                self._realised.tf = stepping
+            self._realise_tf(stepping)
         elif stepping:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.SINGLESTEP
         if self.exception_bitmap & (1 << 3):
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP
+        if self.exception_bitmap & (1 << 1) and not self.user_mode:
+            debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_HW_BP   # KVM then exits on every #DB
         if debug != self._realised.guest_debug:
             vcpu.fd.set_guest_debug(debug)
             self._realised.guest_debug = debug
         offset = self.tsc_offset if proc & ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING else 0
         if offset != (self._realised.tsc_offset or 0):
-            vcpu.fd.set_msrs({IA32_TSC_ADJUST: offset & (1 << 64) - 1})
-            self._realised.tsc_offset = offset
+            self._realise_tsc_offset(offset)
+
+    def _realise_tf(self, stepping: bool) -> None:
+        """User-mode single-step: KVM's single-step does not stop CPL-3 code on every host, so
+        steps trap with RFLAGS.TF and the built-in kernel reports each #DB. The guest's own TF
+        is kept in `guest_tf` and comes back when stepping ends."""
+        vcpu = self.vcpu
+        if stepping:
+            if not self._realised.tf:
+                self.guest_tf = bool(vcpu.rflags & RFLAGS_TF)
+                self._realised.tf = True
+            if not vcpu.rflags & RFLAGS_TF:
+                vcpu.rflags |= RFLAGS_TF
+        elif self._realised.tf:
+            vcpu.rflags = vcpu.rflags | RFLAGS_TF if self.guest_tf else vcpu.rflags & ~RFLAGS_TF
+            self._realised.tf = False
+
+    @property
+    def tf_stepping(self) -> bool:
+        """Whether RFLAGS.TF is minivmm's now (user-mode single-step)."""
+        return self._realised.tf
+
+    def guest_rflags(self, rflags: int) -> int:
+        """`rflags` as the guest's own: minivmm's TF replaced by the guest's (`guest_tf`). The
+        next realisation puts minivmm's TF back."""
+        if not self._realised.tf:
+            return rflags
+        self.dirty = True
+        return rflags | RFLAGS_TF if self.guest_tf else rflags & ~RFLAGS_TF
+
+    def _realise_tsc_offset(self, offset: int) -> None:
+        """CPU_BASED_USE_TSC_OFFSETTING: the guest's TSC is its own plus TSC_OFFSET (SDM 26.6.5),
+        through KVM's per-vCPU TSC offset: the KVM_VCPU_TSC_OFFSET attribute (devices/vcpu.rst),
+        or where only that works a host write of IA32_TSC moved by the change of offset."""
+        fd = self.vcpu.fd
+        change = offset - (self._realised.tsc_offset or 0)
+        if self.vmx.model.tsc_method == TSC_MSR:
+            current = fd.get_msrs([IA32_TSC])[IA32_TSC]
+            fd.set_msrs({IA32_TSC: (current + change) & (1 << 64) - 1})
+        else:
+            value = ctypes.c_uint64()
+            attr = tsc_offset_attribute(value)
+            fd.get_device_attr(attr)
+            value.value = (value.value + change) & (1 << 64) - 1
+            fd.set_device_attr(attr)
+        self._realised.tsc_offset = offset
 
 
 def default_controls(capabilities: dict[VmxMsr, int]) -> dict[VmcsField, int]:

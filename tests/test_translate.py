@@ -26,7 +26,7 @@ from minivmm.kvm import (DebugExit, ExitKind, FailEntryExit, HltExit, HypercallE
                          MmioExit, MsrExit, ShutdownExit, SystemEventExit)
 from minivmm.modes import (EXCEPTION_PORT, HYPERCALL_PORT, KERNEL_STACK_TOP, SEL_USER_CODE64,
                            SEL_USER_DATA, STUB_SIZE, STUBS_ADDR, Mode, StubFrame)
-from minivmm.translate import (ExceptionReport, GuestFault, IoInstruction, RestoreUserFrame, exception_report,
+from minivmm.translate import (EptStep, ExceptionReport, GuestFault, IoInstruction, RestoreUserFrame, exception_report,
                                Translation, Translator, find_io_instruction, io_qualification)
 
 CODE = 0x100000          # where the fake's guest code lives (bare images load at 1 MiB)
@@ -49,6 +49,8 @@ class FakeCpu:
     cr2: int = 0
     bits: int = 64
     memory: tuple[tuple[int, bytes], ...] = ()
+    linear: tuple[tuple[int, int], ...] = ()        # (gpa, the one linear address mapping it)
+    fetch: tuple[int, int] | None = None            # (linear, physical) of the code at RIP
 
     def code_bits(self) -> int:
         return self.bits
@@ -68,6 +70,12 @@ class FakeCpu:
         if len(data) != length:
             raise ValueError(f"fake guest memory: {length} bytes at {gpa:#x} not mapped")
         return data
+
+    def linear_of_physical(self, gpa: int) -> int | None:
+        return dict(self.linear).get(gpa)
+
+    def fetch_address(self) -> tuple[int, int] | None:
+        return self.fetch
 
 
 def code_cpu(code: bytes | str, rip_offset: int = 0, *, bits: int = 64, base: int = CODE,
@@ -675,3 +683,144 @@ def test_memory_fault_is_an_ept_violation_of_unknown_access():
 ], ids=["hypercall", "unknown", "irq-window", "not-a-kind"])
 def test_unexpected_exit_kind_is_a_guest_fault(kind, exit, name):
     raises_untouched(Mode.LONG, kind, exit, code_cpu("90"), GuestFault, f"unexpected KVM exit {name}\\b")
+
+
+# --- MMIO exits and failed fetches against the EPT model ---------------------------------
+RAM_PAGE, DEVICE_PAGE = 0x18_0000, 0xFEC0_0000
+
+
+@dataclass(frozen=True)
+class FakeEpt:
+    """An EptView over page -> rights tables; frozen, so the translator cannot change it."""
+    rights_of: tuple[tuple[int, int], ...] = ((RAM_PAGE, 0b001),)     # page -> effective rights
+    base_of: tuple[tuple[int, int], ...] = ()                          # page -> protect() rights
+    monitors: frozenset[int] = frozenset()
+    devices: frozenset[int] = frozenset({DEVICE_PAGE})
+    holes: frozenset[int] = frozenset({RAM_PAGE})                      # pages without a memslot
+    stepping: frozenset[int] = frozenset()
+    breakpoints: frozenset[int] = frozenset()
+    retried_rip: int | None = None
+
+    def managed(self, gpa: int) -> bool:
+        return gpa & ~0xFFF in dict(self.rights_of)
+
+    def has_device(self, gpa: int) -> bool:
+        return gpa & ~0xFFF in self.devices
+
+    def rights(self, gpa: int) -> int:
+        return dict(self.rights_of)[gpa & ~0xFFF]
+
+    def base_rights(self, gpa: int) -> int:
+        return dict(self.base_of).get(gpa & ~0xFFF, 7)
+
+    def monitored(self, gpa: int) -> bool:
+        return gpa & ~0xFFF in self.monitors
+
+    def mapped_for_fetch(self, gpa: int) -> bool:
+        return gpa & ~0xFFF not in self.holes and gpa & ~0xFFF not in self.stepping
+
+    def planted(self, gpa: int) -> bool:
+        return gpa in self.breakpoints
+
+    def refetch_due(self, rip: int) -> bool:
+        return rip != self.retried_rip
+
+
+GLA_BITS = 1 << 7 | 1 << 8
+
+
+@pytest.mark.parametrize("rights, is_write, gla, qualification", [
+    (0b001, True, 0x4000_0010, 0b010 | 0b001 << 3 | GLA_BITS),     # write to r--
+    (0b000, False, 0x4000_0010, 0b001 | GLA_BITS),                  # read of ---
+    (0b100, False, None, 0b001 | 0b100 << 3),                       # read of --x, linear unknown
+    (0b100, True, None, 0b010 | 0b100 << 3),
+], ids=["write-r", "read-none", "read-x-no-gla", "write-x-no-gla"])
+def test_mmio_against_ept_is_a_violation(rights, is_write, gla, qualification):
+    """SDM 28.2.1 table 28-7: access in bits 0-2, the page's rights in 3-5, the linear
+    address's validity in 7-8; a write's value is info.data."""
+    gpa = RAM_PAGE + 0x10
+    exit = MmioExit(gpa, 4, is_write, b"\x44\x33\x22\x11" if is_write else b"\0" * 4)
+    cpu = dataclasses.replace(code_cpu("90"), linear=((gpa, gla),) if gla is not None else ())
+    translation, info = translate(Mode.LONG, ExitKind.MMIO, exit, cpu,
+                                  ept=FakeEpt(rights_of=((RAM_PAGE, rights),)))
+    assert translation == Translation(key=gpa, ept=EptStep.VIOLATION)
+    expect(info, reason=ExitReason.EPT_VIOLATION, qualification=qualification, guest_physical_address=gpa,
+           guest_linear_address=gla or 0, raw_kvm_exit=exit, data=0x11223344 if is_write else 0)
+
+
+@pytest.mark.parametrize("ept, gpa, is_write, step", [
+    (FakeEpt(rights_of=((RAM_PAGE, 0b011),)), RAM_PAGE, True, EptStep.EMULATE),       # allowed: a hole for no-X
+    (FakeEpt(rights_of=((RAM_PAGE, 0b001),), monitors=frozenset({RAM_PAGE})), RAM_PAGE + 8, True,
+     EptStep.MONITOR),
+    (FakeEpt(rights_of=((RAM_PAGE, 0b000),), monitors=frozenset({RAM_PAGE})), RAM_PAGE, False,
+     EptStep.MONITOR),
+    (FakeEpt(), DEVICE_PAGE + 4, False, EptStep.DEVICE),
+], ids=["emulate", "monitor-write", "monitor-read", "device"])
+def test_mmio_against_ept_continuations(ept, gpa, is_write, step):
+    """Exits the EPT model carries out itself leave the ExitInfo as it was."""
+    exit = MmioExit(gpa, 8, is_write, bytes(8))
+    translation, info = translate(Mode.LONG, ExitKind.MMIO, exit, code_cpu("90"), ept=ept)
+    assert translation == Translation(key=gpa, ept=step)
+    assert fields(info) == fields(dirty_info())
+
+
+def test_monitor_without_the_base_right_is_a_violation():
+    """A page protect()ed read-only and write-monitored: a write is the guest's violation."""
+    ept = FakeEpt(rights_of=((RAM_PAGE, 0b001),), base_of=((RAM_PAGE, 0b001),), monitors=frozenset({RAM_PAGE}))
+    translation, info = translate(Mode.LONG, ExitKind.MMIO, MmioExit(RAM_PAGE, 1, True, b"\x01"),
+                                  code_cpu("90"), ept=ept)
+    assert translation.ept is EptStep.VIOLATION and info.reason == ExitReason.EPT_VIOLATION
+
+
+def test_mmio_outside_ept_and_devices_is_a_misconfiguration():
+    exit = MmioExit(0xE000_0000, 4, False, bytes(4))
+    translation, info = translate(Mode.LONG, ExitKind.MMIO, exit, code_cpu("90"), ept=FakeEpt())
+    assert translation == Translation(key=0xE000_0000)
+    expect(info, reason=ExitReason.EPT_MISCONFIGURATION, guest_physical_address=0xE000_0000, raw_kvm_exit=exit)
+
+
+def fetch_cpu(linear: int, gpa: int) -> FakeCpu:
+    return dataclasses.replace(code_cpu("90"), fetch=(linear, gpa))
+
+
+@pytest.mark.parametrize("rights, base, step", [
+    (0b001, 0b111, EptStep.STEP_THROUGH),       # X taken by a hidden execute hook only
+    (0b100, 0b100, EptStep.STEP_THROUGH),       # execute-only: a hole, but allowed
+    (0b011, 0b011, EptStep.FETCH_VIOLATION),
+], ids=["hidden-hook", "execute-only", "no-x"])
+def test_failed_fetch_from_a_hole(rights, base, step):
+    gpa = RAM_PAGE + 0x20
+    exit = emulation_failure("90")
+    ept = FakeEpt(rights_of=((RAM_PAGE, rights),), base_of=((RAM_PAGE, base),))
+    translation, info = translate(Mode.LONG, ExitKind.INTERNAL_ERROR, exit, fetch_cpu(0x7000_0020, gpa), ept=ept)
+    assert translation == Translation(key=gpa, ept=step)
+    if step is EptStep.FETCH_VIOLATION:
+        expect(info, reason=ExitReason.EPT_VIOLATION, qualification=0b100 | rights << 3 | GLA_BITS,
+               guest_physical_address=gpa, guest_linear_address=0x7000_0020, raw_kvm_exit=exit)
+    else:
+        assert fields(info) == fields(dirty_info())
+
+
+def test_failed_fetch_from_a_mapped_page():
+    """Not about EPT rights: a planted int3 is #BP, a first failure after a memslot change is
+    fetched again, a repeated one is the ordinary emulation failure."""
+    gpa = RAM_PAGE + 0x30
+    cpu = fetch_cpu(gpa, gpa)
+    mapped = FakeEpt(holes=frozenset(), breakpoints=frozenset({gpa}))
+    translation, info = translate(Mode.LONG, ExitKind.INTERNAL_ERROR, emulation_failure("90"), cpu, ept=mapped)
+    assert translation == Translation(key=int(Vector.BP))
+    assert info.reason == ExitReason.EXCEPTION_OR_NMI and info.instruction_length == 1
+    mapped = FakeEpt(holes=frozenset())
+    translation, _ = translate(Mode.LONG, ExitKind.INTERNAL_ERROR, emulation_failure("90"), cpu, ept=mapped)
+    assert translation == Translation(ept=EptStep.REFETCH)
+    retried = FakeEpt(holes=frozenset(), retried_rip=cpu.rip)
+    raises_untouched(Mode.LONG, ExitKind.INTERNAL_ERROR, emulation_failure("90"), cpu, GuestFault,
+                     "could not emulate", ept=retried)
+
+
+def test_failed_fetch_outside_ept_is_the_ordinary_failure():
+    cpu = fetch_cpu(0x9000, 0x9000)
+    raises_untouched(Mode.LONG, ExitKind.INTERNAL_ERROR, emulation_failure("0f0b"), cpu, GuestFault,
+                     "ud2", ept=FakeEpt())
+    raises_untouched(Mode.LONG, ExitKind.INTERNAL_ERROR, emulation_failure("0f0b"),
+                     dataclasses.replace(cpu, fetch=None), GuestFault, "ud2", ept=FakeEpt())

@@ -8,6 +8,7 @@ import pytest
 
 from minivmm.controls import (PinBasedControls, ProcBasedControls, SecondaryControls, UnsupportedControlError,
                               VmxMsr, adjust_controls, allowed0, allowed1, check_controls)
+from minivmm import RESUME, ExitReason, Reply
 from minivmm.kvm import KvmError
 from minivmm.vmcs import IoBitmaps, MsrBitmap, VmcsError, control_class_for
 from minivmm.vmcs_fields import VmcsField as F, access_rights_from_segment, access_rights_to_fields
@@ -79,11 +80,41 @@ def test_msr_bitmap_layout(msr: int, write: bool, byte: int, bit: int) -> None:
     assert not any(bitmap.data)
 
 
-def test_msr_bitmap_rejects_msrs_outside_its_ranges() -> None:
+def test_msr_bitmap_takes_msrs_outside_its_ranges_as_extra_filter_ranges() -> None:
+    """Such MSRs always exit on VT-x; here each intercepted one gets a one-MSR deny range, up to
+    what KVM_MSR_FILTER_MAX_RANGES leaves."""
     bitmap = MsrBitmap()
-    for msr in (0x2000, 0xBFFFFFFF, 0xC0002000, 0x40000000):
-        with pytest.raises(VmcsError, match="outside the MSR bitmap"):
-            bitmap.intercept(msr)
+    outside = [0x2000, 0xBFFFFFFF, 0xC0002000, 0x40000000]
+    for msr in outside:
+        bitmap.intercept(msr, write=msr != 0x2000)
+    assert not any(bitmap.data) and bitmap.any()
+    assert bitmap.is_intercepted(0x2000, False) and not bitmap.is_intercepted(0x2000, True)
+    extra = bitmap.kvm_filter_ranges()[4:]
+    assert [(int(flag), base, bits, count) for flag, base, bits, count in extra] == [
+        (1, 0x2000, b"\x00", 1), (3, 0x40000000, b"\x00", 1), (3, 0xBFFFFFFF, b"\x00", 1),
+        (3, 0xC0002000, b"\x00", 1)]
+    bitmap.allow(0x40000000)
+    assert 0x40000000 not in bitmap.outside
+    for msr in range(0x50000000, 0x50000000 + MsrBitmap.MAX_OUTSIDE - 3):
+        bitmap.intercept(msr)
+    with pytest.raises(VmcsError, match="outside the MSR bitmap ranges .* already"):
+        bitmap.intercept(0x60000000)
+    with pytest.raises(VmcsError, match="not a 32-bit MSR"):
+        bitmap.intercept(1 << 32)
+
+
+@pytest.mark.kvm
+def test_an_msr_outside_the_bitmap_ranges_exits_to_its_handler(make_machine) -> None:
+    m = make_machine(mode="long")
+    m.load_asm("mov $0x40000010, %ecx\n rdmsr\n mov %eax, %ebx\n mov $0x40000011, %ecx\n"
+               " wrmsr\n EXIT 0")
+    seen = []
+    m.on(ExitReason.EXECUTE_RDMSR, lambda vcpu, info: seen.append(info.msr) or Reply(0x1234),
+         msr=0x40000010)
+    m.on(ExitReason.EXECUTE_WRMSR, lambda vcpu, info: seen.append(info.msr) or RESUME, msr=0x40000011)
+    r = m.run(timeout=5)
+    assert (r.reason, r.exit_code, m.vcpu.rbx) == ("exit", 0, 0x1234), r
+    assert seen == [0x40000010, 0x40000011]
 
 
 def test_msr_bitmap_becomes_an_inverted_kvm_filter() -> None:

@@ -266,7 +266,7 @@ def test_check_controls_names_offending_bits() -> None:
 
 
 def test_capability_msrs_full_host() -> None:
-    msrs = compute_capability_msrs(host())
+    msrs = compute_capability_msrs(host(tsc_offset=True, msr_exit_all=True))
     basic = msrs[VmxMsr.IA32_VMX_BASIC]
     assert basic & 0x7FFF_FFFF == 1
     assert (basic >> 32) & 0x1FFF == 4096
@@ -287,22 +287,25 @@ def test_capability_msrs_full_host() -> None:
         PROC.CPU_BASED_PAUSE_EXITING, PROC.CPU_BASED_NMI_WINDOW_EXITING,
     ):
         assert not allowed1(proc) & unwanted, unwanted.name
-    assert allowed0(proc) == 0x0400_6172
-    assert allowed0(msrs[VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS]) == 0
+    fixed = PROC.CPU_BASED_HLT_EXITING | PROC.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS
+    assert allowed0(proc) == 0x0400_6172 | fixed
+    # without an in-kernel irqchip HLT always exits: HLT exiting cannot be 0; EPT is always on
+    assert allowed0(msrs[VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS]) == fixed
     assert allowed1(msrs[VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS]) == allowed1(proc)
 
     pin = msrs[VmxMsr.IA32_VMX_PINBASED_CTLS]
-    assert allowed0(pin) == 0x16
+    assert allowed0(pin) == 0x16 | PinBasedControls.PIN_BASED_VMX_PREEMPTION_TIMER
     assert allowed1(pin) == 0x16 | PinBasedControls.PIN_BASED_VMX_PREEMPTION_TIMER
-    assert allowed0(msrs[VmxMsr.IA32_VMX_EXIT_CTLS]) == 0x36DFF
-    assert allowed0(msrs[VmxMsr.IA32_VMX_ENTRY_CTLS]) == 0x11FF
-    assert allowed1(msrs[VmxMsr.IA32_VMX_EXIT_CTLS]) & VmExitControls.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER
+    assert allowed0(msrs[VmxMsr.IA32_VMX_EXIT_CTLS]) == 0x36DFF | 1 << 9 | 1 << 18 | 1 << 20
+    assert allowed0(msrs[VmxMsr.IA32_VMX_ENTRY_CTLS]) == 0x11FF | 0x3 << 14
+    assert not allowed1(msrs[VmxMsr.IA32_VMX_EXIT_CTLS]) & VmExitControls.VM_EXIT_SAVE_VMX_PREEMPTION_TIMER
+    assert allowed0(msrs[VmxMsr.IA32_VMX_TRUE_EXIT_CTLS]) & VmExitControls.VM_EXIT_SAVE_IA32_EFER
     assert allowed1(msrs[VmxMsr.IA32_VMX_ENTRY_CTLS]) & VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
     assert not allowed1(msrs[VmxMsr.IA32_VMX_ENTRY_CTLS]) & VmEntryControls.VM_ENTRY_SMM
 
     sec = allowed1(msrs[VmxMsr.IA32_VMX_PROCBASED_CTLS2])
     assert sec == SecondaryControls.SECONDARY_ENABLE_EPT | SecondaryControls.SECONDARY_UNRESTRICTED_GUEST
-    assert allowed0(msrs[VmxMsr.IA32_VMX_PROCBASED_CTLS2]) == 0
+    assert allowed0(msrs[VmxMsr.IA32_VMX_PROCBASED_CTLS2]) == sec
 
     ept = EptVpidCap(msrs[VmxMsr.IA32_VMX_EPT_VPID_CAP])
     assert EptVpidCap.EPT_PAGE_WALK_LENGTH_4 in ept and EptVpidCap.EPT_MEMORY_TYPE_WB in ept
@@ -322,18 +325,22 @@ def test_capability_msrs_minimal_host() -> None:
         host(msr_filter=False, guest_debug=False, dirty_log=False, tsc_control=True)
     )
     may = allowed1(msrs[VmxMsr.IA32_VMX_PROCBASED_CTLS])
-    assert not may & PROC.CPU_BASED_USE_MSR_BITMAPS
+    # without an MSR filter no MSR access exits: the bitmaps (all zeros) are the only setting
+    assert may & PROC.CPU_BASED_USE_MSR_BITMAPS
+    assert allowed0(msrs[VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS]) & PROC.CPU_BASED_USE_MSR_BITMAPS
     assert not may & PROC.CPU_BASED_MONITOR_TRAP_FLAG
+    assert not may & PROC.CPU_BASED_USE_TSC_OFFSETTING
     assert may & PROC.CPU_BASED_HLT_EXITING
-    assert allowed1(msrs[VmxMsr.IA32_VMX_PROCBASED_CTLS2]) & SecondaryControls.SECONDARY_USE_TSC_SCALING
+    assert not allowed1(msrs[VmxMsr.IA32_VMX_PROCBASED_CTLS2]) & SecondaryControls.SECONDARY_USE_TSC_SCALING
     assert not msrs[VmxMsr.IA32_VMX_EPT_VPID_CAP] & EptVpidCap.EPT_ACCESSED_DIRTY_FLAGS
-    no_filter_only = compute_capability_msrs(host(user_space_msr=False))
-    assert not allowed1(no_filter_only[VmxMsr.IA32_VMX_PROCBASED_CTLS]) & PROC.CPU_BASED_USE_MSR_BITMAPS
+    deny_filter = compute_capability_msrs(host(msr_exit_all=True))
+    assert not allowed0(deny_filter[VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS]) & PROC.CPU_BASED_USE_MSR_BITMAPS
 
     wanted = PROC.CPU_BASED_HLT_EXITING | PROC.CPU_BASED_RDTSC_EXITING | PROC.CPU_BASED_MONITOR_TRAP_FLAG
     cap = msrs[VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS]
     got = adjust_controls(wanted, cap)
-    assert got == PROC.CPU_BASED_HLT_EXITING
+    assert got == PROC.CPU_BASED_HLT_EXITING | PROC.CPU_BASED_USE_MSR_BITMAPS \
+        | PROC.CPU_BASED_ACTIVATE_SECONDARY_CONTROLS                                # the must-be-1 set
     check_controls(got, cap, ProcBasedControls, VmxMsr.IA32_VMX_TRUE_PROCBASED_CTLS)
     with pytest.raises(UnsupportedControlError, match="CPU_BASED_MONITOR_TRAP_FLAG cannot be 1"):
         check_controls(wanted, cap, ProcBasedControls)

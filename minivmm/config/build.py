@@ -20,7 +20,7 @@ from typing import IO, TYPE_CHECKING, Any, Callable
 
 from ..devices import DebugExit, PortDevice, Serial16550
 from ..exits import ExitReason
-from ..controls import UnsupportedControlError
+from ..controls import UnsupportedControlError, VmEntryControls
 from ..machine import Machine, RunResult
 from ..modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, ImageRange, Mode, SystemAreaError,
                      choose_system_base, default_stack)
@@ -28,6 +28,7 @@ from . import rules
 from .schema import Address, Config, ConfigError, ExpectConfig, ImageConfig, Loc
 
 if TYPE_CHECKING:
+    from ..capabilities import HostModel
     from ..loaders import LoadedImage
     from ..vmcs import Vmcs
 
@@ -256,28 +257,75 @@ def check_config(config: Config) -> dict[str, int]:
         builder.resolve(hook.address)
     for spec, loc in config.handlers:
         resolve_handler(spec, config.base_dir, loc)
-    _check_controls(config)
+    with _host_model() as model:
+        if model is not None:
+            check_vmcs(config, model)
     return builder.symbols
 
 
-def _check_controls(config: Config) -> None:
-    """The config's VMX controls pass this host's capability MSRs, as the run's VMWRITEs must
-    (skipped where KVM cannot be opened: the run fails there anyway)."""
-    if not config.vmcs.controls:
-        return
-    from ..kvm import Kvm, KvmError
-    from ..vmcs import check_control_change, default_controls, vmx_capability_msrs
-    try:
-        with Kvm() as kvm:
-            capabilities = vmx_capability_msrs(kvm)
-    except KvmError:
-        return
+class _host_model:
+    """The host's capability model for `check` (None where KVM cannot be opened: the run fails
+    there anyway)."""
+
+    def __enter__(self) -> "HostModel | None":
+        from ..capabilities import host_model
+        from ..kvm import Kvm, KvmError
+        try:
+            self.kvm = Kvm()
+        except KvmError:
+            self.kvm = None
+            return None
+        return host_model(self.kvm)
+
+    def __exit__(self, *exc) -> None:
+        if self.kvm is not None:
+            self.kvm.close()
+
+
+def check_vmcs(config: Config, model: "HostModel") -> None:
+    """The one validation of the config's VMCS rules against this host's capability model, done by
+    `check` and by the build of every run before anything is applied: controls the capability
+    MSRs refuse, exception-bitmap bits and exception rules the mode cannot intercept, and rules
+    that could never take effect. Raises the ConfigError (`file:line: key: why`)."""
+    from ..vmcs import check_control_change, default_controls
+    from ..capabilities import with_in_kernel_irqchip
+    vmcs = config.vmcs
+    mode = Mode(config.machine.mode)
+    capabilities = model.msrs
+    if config.platform.irqchip or config.machine.vcpus > 1:
+        capabilities = with_in_kernel_irqchip(capabilities)
     controls = default_controls(capabilities)
-    for setting in config.vmcs.controls:
+    for setting in vmcs.controls:
         try:
             check_control_change(controls, setting.flag, setting.enabled, capabilities)
         except UnsupportedControlError as exc:
             raise setting.loc.error(f"this host cannot honour {setting.name}: {exc}") from None
+        if setting.flag == VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST and \
+                setting.enabled != (mode in (Mode.LONG, Mode.USER)):
+            raise setting.loc.error(f"{setting.name} is EFER.LMA of the guest: {mode.value} mode "
+                                    f"{'is not' if setting.enabled else 'is'} IA-32e mode, and minivmm "
+                                    "does not switch modes at VM entry (set machine.mode)")
+    locs = vmcs.exception_bitmap_locs or [vmcs.loc] * len(vmcs.exception_bitmap)
+    for vector, loc in zip(vmcs.exception_bitmap, locs):
+        _check_vector(model, mode, vector, loc)
+    for rule in vmcs.msrs:
+        if mode is Mode.USER and rule.action != "allow":
+            raise rule.loc.error("an MSR rule cannot take effect in user mode: the guest runs at CPL 3, "
+                                 "where RDMSR and WRMSR raise #GP before any MSR exit (SDM vol. 2 "
+                                 "RDMSR/WRMSR); MSR rules apply to real, protected and long mode")
+    for rule in vmcs.exceptions:
+        _check_vector(model, mode, rule.vector, rule.loc)
+        if rule.action == "inject" and mode is Mode.USER:
+            raise rule.loc.error("'inject' cannot work in user mode: the guest's IDT is minivmm's "
+                                 "built-in kernel, which reports the exception again")
+
+
+def _check_vector(model: "HostModel", mode: Mode, vector: int, loc: Loc) -> None:
+    if vector > 31:
+        raise loc.error(f"vector {vector:#x} is not an exception: the exception bitmap has bits for "
+                        "vectors 0-31 only (SDM 25.6.3)")
+    if vector not in model.vectors(mode):
+        raise loc.error(model.refusal(mode, 1 << vector))
 
 
 class _Builder:
@@ -511,6 +559,7 @@ class _Builder:
         config, machine = self.config.vmcs, self.machine
         if config.controls or config.exception_bitmap or config.msrs or config.io:
             vmcs = self.vmcs_model("vmcs", config.loc)
+        check_vmcs(self.config, machine.vm.vmx.model)
         for setting in config.controls:
             try:
                 vmcs.set_control(setting.flag, enabled=setting.enabled)
@@ -519,9 +568,6 @@ class _Builder:
         for vector in config.exception_bitmap:
             vmcs.intercept_exception(vector)
         for rule in config.exceptions:
-            if rule.action == "inject" and machine.mode.value == "user":
-                raise rule.loc.error("'inject' cannot work in user mode: the guest's IDT is minivmm's "
-                                     "built-in kernel, which reports the exception again")
             machine.on(ExitReason.EXCEPTION_OR_NMI, rules.exception_handler(machine, rule),
                        vector=rule.vector)
         for rule in config.msrs:

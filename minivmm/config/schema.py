@@ -52,6 +52,11 @@ up the keys; the meaning of the less obvious ones:
   RunResult reason (exit, hlt, timeout, triple_fault, exception, error,
   exit_limit, stopped), `console`/`message` are substrings, `counters` exact.
 - `fuzz` is validated here and handed to minivmm's fuzzer as `FuzzConfig`.
+- `vmcs` rules are checked against the host's capability model
+  (`minivmm.capabilities`, `minivmm caps`) by `check` and by every run alike:
+  controls the capability MSRs refuse, exception vectors the mode cannot
+  intercept (at CPL 0 only what the host exits on, e.g. #BP; every vector in
+  user mode), `inject` in user mode and MSR rules in user mode are errors.
 """
 from __future__ import annotations
 
@@ -299,6 +304,7 @@ class CpuidRule:
 class VmcsConfig:
     controls: list[ControlSetting] = field(default_factory=list)
     exception_bitmap: list[int] = field(default_factory=list)
+    exception_bitmap_locs: list[Loc] = field(default_factory=list)      # where each vector was given
     exceptions: list[ExceptionRule] = field(default_factory=list)
     msrs: list[MsrRule] = field(default_factory=list)
     io: list[IoRule] = field(default_factory=list)

@@ -1146,6 +1146,8 @@ class _Validator:
         if controls is not None:
             vmcs.controls = self.controls(controls)
         vmcs.exception_bitmap = m.get("exception_bitmap", _list(_vector, "a list of exception vectors"), [])
+        bitmap_node = m.child("exception_bitmap")
+        vmcs.exception_bitmap_locs = [_loc(item) for item in bitmap_node.value] if bitmap_node else []
         vmcs.exceptions = m.get("exceptions", _list(self.exception_rule, "a list of exception rules"), [])
         vmcs.msrs = m.get("msrs", _list(self.msr_rule, "a list of MSR rules"), [])
         vmcs.io = m.get("io", _list(self.io_rule, "a list of I/O port rules"), [])

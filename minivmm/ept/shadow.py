@@ -31,13 +31,14 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 from ..actions import Action, Stop
 from ..breakpoints import Breakpoint, BreakpointTable
-from ..exits import ExitInfo, ExitReason, InterruptionType, Vector
-from ..kvm import ExitKind, InternalErrorExit, InternalErrorKind, MmioExit, decode_exit
+from ..exits import ExitInfo, ExitReason
+from ..kvm import ExitKind, InternalErrorExit, MmioExit, decode_exit
 from ..memory import PAGE_SHIFT, Region
 from .dirty import DirtyLog
 from .hooks import EptAccess, Hook, HookEvent, HookTable, report_execute
 from .mmio import MmioBus, MmioDevice
 from .realise import Memslots, _Kind, _kind, host_backend
+from ..translate import EptStep, Translation
 from .tables import EptError, EptPointerFlag, EptTables, EptWalk, Perm, parse_perms
 
 if TYPE_CHECKING:
@@ -50,8 +51,7 @@ __all__ = ["EptShadow"]
 
 
 _HANDLED: tuple[None, None] = (None, None)
-_QUAL_READ, _QUAL_WRITE, _QUAL_FETCH = 1, 2, 4
-_QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
+_QUAL_GLA_VALID = 1 << 7
 _R, _W, _X, _RWX = 1, 2, 4, 7
 _AD = 0x300                  # EPT accessed | dirty
 _COMPACT_PAGES = 4096        # larger changes re-cut the whole region
@@ -96,6 +96,7 @@ class EptShadow:
         self._open_reads: dict[int, tuple[EptAccess, MmioExit]] = {}     # vCPU -> read to finish
         self._handling = threading.local()                              # the vCPU of this thread
         self._refetched: dict[int, tuple[int, int]] = {}                # vCPU -> (rip, toggles)
+        self._views: dict[int, _EptQuery] = {}
         self.violations = 0
         self.emulations = 0
         self._pre_entry: "Handle | None" = None
@@ -334,103 +335,57 @@ class EptShadow:
         """The violation being handled on this thread's vCPU (vCPU 0's elsewhere)."""
         return self._accesses.get(getattr(self._handling, "index", 0))
 
-    # -- guest-linear addresses -------------------------------------------------------------
-    def _linear_of(self, vcpu: "Vcpu", gpa: int) -> int | None:
-        """The guest-linear address of `gpa` when it can be known, else None.
+    # -- carrying out what the translator classified ----------------------------------------
+    def view(self, index: int) -> "_EptQuery":
+        """The read-only view the translator classifies vCPU `index`'s exits against."""
+        view = self._views.get(index)
+        if view is None:
+            view = self._views[index] = _EptQuery(self, index)
+        return view
 
-        KVM reports only the guest-physical address of an MMIO access. Without
-        paging linear = physical (flat segments). With paging: the identity
-        address if the guest's page tables map it to `gpa` (minivmm's modes
-        identity-map RAM), else the one linear address a reverse walk finds;
-        None when no or several linear addresses map the page. (An access
-        through an alias of an identity-mapped page is reported with the
-        identity address: KVM does not say which linear address was used.)
-        """
-        cr0 = vcpu.cr0
-        if not cr0 & (1 << 31):
-            return gpa
-        from ..pagewalk import PageFault, linear_addresses, translate
-        memory, cr3, cr4, efer = self._memory, vcpu.cr3, vcpu.cr4, vcpu.efer
-        try:
-            if translate(memory, cr0, cr3, cr4, efer, gpa).gpa == gpa:
-                return gpa
-        except (PageFault, ValueError):
-            pass
-        try:
-            found = linear_addresses(memory, cr0, cr3, cr4, efer, gpa, limit=2)
-        except ValueError:
-            return None
-        return found[0] if len(found) == 1 else None
-
-    def _fetch_gpa(self, vcpu: "Vcpu") -> tuple[int, int] | None:
-        """(linear, physical) address of the instruction at RIP, or None if it does not translate."""
-        linear = vcpu.rip
-        if not vcpu.efer & (1 << 10):
-            linear = (vcpu.segment("cs").base + vcpu.rip) & 0xFFFFFFFF
-        else:
-            cs = vcpu.segment("cs")
-            if not cs.l:                        # compatibility mode
-                linear = (cs.base + vcpu.rip) & 0xFFFFFFFF
-        if not vcpu.cr0 & (1 << 31):
-            return linear, linear
-        from ..pagewalk import PageFault, translate
-        try:
-            tr = translate(self._memory, vcpu.cr0, vcpu.cr3, vcpu.cr4, vcpu.efer, linear, "x",
-                           user=vcpu.cpl == 3)
-        except (PageFault, ValueError):
-            return None
-        return linear, tr.gpa
-
-    # -- KVM exits -> EPT violations ----------------------------------------------------------
-    def translate_mmio(self, ctx: "VcpuContext", exit: MmioExit) -> tuple[ExitInfo | None, int | None] | None:
-        """Turn a KVM_EXIT_MMIO of `ctx`'s vCPU into an EPT violation, a hook report or a device
-        access.
-
-        Returns None when the GPA is neither managed RAM nor a device (an EPT
-        misconfiguration for the machine), (None, None) when the access was
-        completed here, a Stop when a monitor's callback ended the run, else
-        (info, gpa) for dispatch.
-        """
+    def carry_out(self, ctx: "VcpuContext", translation: Translation,
+                  exit: MmioExit | InternalErrorExit) -> tuple[ExitInfo | None, int | None] | Stop | None:
+        """Do what `translation.ept` says for `ctx`'s exit: None to dispatch the translation's
+        exit, (None, None) when the exit was completed here, (info, key) for the exit that
+        followed it (a monitored access completed without entering the guest), or the Stop
+        a hook callback returned."""
         self._handling.index = ctx.index
-        gpa = exit.phys_addr
-        region = self._region(gpa)
-        if region is None:
-            device = self._mmio.lookup(gpa)
-            if device is None:
-                return None
-            data = self._mmio.access(device, exit)
-            if data is not None:
-                ctx.vcpu.fd.set_mmio_data(data)
-            return _HANDLED
-        page = gpa >> PAGE_SHIFT
-        need = _W if exit.is_write else _R
-        if self.tables.perms(gpa) & need:
-            self._emulate(ctx, exit)            # a hole made for no-X, or a hidden hook's page
-            return _HANDLED
-        hooks = self._hook_table.monitors.get(page)
-        if hooks is not None and self._base.get(page, 7) & need:
-            return self._monitored(ctx, exit)
-        return self._violation(ctx, exit, need)
-
-    def _violation(self, ctx: "VcpuContext", exit: MmioExit, need: int) -> tuple[ExitInfo, int]:
+        step = translation.ept
         vcpu = ctx.vcpu
-        gpa = exit.phys_addr
-        gla = self._linear_of(vcpu, gpa)
-        qualification = int(need) | (self.tables.perms(gpa) << 3)
-        if gla is not None:
-            qualification |= _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
-        if not exit.is_write:
-            vcpu.fd.set_mmio_data(bytes(8))     # what the guest reads unless a handler completes it
-        access = self._accesses[ctx.index] = EptAccess(gpa, gla, exit.length, exit.is_write, False,
-                                                       exit.data if exit.is_write else b"", vcpu.rip)
+        if step is EptStep.DEVICE:
+            data = self._mmio.access(self._mmio.lookup(exit.phys_addr), exit)
+            if data is not None:
+                vcpu.fd.set_mmio_data(data)
+            return _HANDLED
+        if step is EptStep.EMULATE:
+            self._emulate(ctx, exit)
+            return _HANDLED
+        if step is EptStep.MONITOR:
+            return self._monitored(ctx, exit)
+        if step is EptStep.REFETCH:
+            self._refetched[ctx.index] = (vcpu.rip, self.toggles)
+            return _HANDLED
+        info = ctx.info
+        if step is EptStep.VIOLATION:
+            gla = info.guest_linear_address if info.qualification & _QUAL_GLA_VALID else None
+            access = self._accesses[ctx.index] = EptAccess(exit.phys_addr, gla, exit.length, exit.is_write,
+                                                           False, exit.data if exit.is_write else b"", vcpu.rip)
+            self.violations += 1
+            if not exit.is_write:
+                vcpu.fd.set_mmio_data(bytes(8))     # what the guest reads unless a handler completes it
+                self._open_reads[ctx.index] = (access, exit)
+                self.before_next_entry()
+            return None
+        gpa = translation.key
+        stop = self._hook_table.execute_hidden(gpa, vcpu)
+        if stop is not None:
+            return stop                             # the run ends before the instruction
+        if step is EptStep.STEP_THROUGH:
+            self._step_through(ctx, gpa >> PAGE_SHIFT)
+            return _HANDLED
+        self._accesses[ctx.index] = EptAccess(gpa, info.guest_linear_address, 1, False, True, b"", vcpu.rip)
         self.violations += 1
-        info = ctx.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                              guest_linear_address=gla or 0, raw_kvm_exit=exit,
-                              data=int.from_bytes(exit.data, "little") if exit.is_write else 0)
-        if not exit.is_write:
-            self._open_reads[ctx.index] = (access, exit)
-            self.before_next_entry()
-        return info, gpa
+        return None
 
     def _finish_read(self, vcpu: "Vcpu", info: ExitInfo) -> None:
         """Before the next entry: a read violation no handler completed reads `info.data`."""
@@ -441,55 +396,6 @@ class EptShadow:
         data = (info.data & ((1 << (8 * size)) - 1)).to_bytes(size, "little")
         vcpu.fd.set_mmio_data(data)
         access.data = data
-
-    def translate_fetch_fault(self, ctx: "VcpuContext",
-                              exit: InternalErrorExit) -> tuple[ExitInfo | None, int | None] | None:
-        """Turn an emulation failure at an instruction in a page without X into an EPT violation.
-
-        On KVM a fetch from a GPA without a memslot fails emulation with RIP =
-        the target (kvm-host-notes). Hidden execute hooks run here; an allowed
-        fetch (e.g. from an execute-only page) executes once with the page
-        mapped. Returns None when the failure is not about an EPT page.
-        """
-        if exit.suberror != InternalErrorKind.EMULATION:
-            return None
-        self._handling.index = ctx.index
-        vcpu = ctx.vcpu
-        where = self._fetch_gpa(vcpu)
-        if where is None:
-            return None
-        linear, gpa = where
-        region = self._region(gpa)
-        if region is None:
-            return None
-        page = gpa >> PAGE_SHIFT
-        rights = self.tables.perms(gpa)
-        if _kind(rights) != _Kind.HOLE and page not in self._override:
-            if self._breakpoints.planted(gpa):
-                # CPL-0 int3 of the breakpoint table: report #BP here, whatever the failure data says
-                info = ctx.info.reset(
-                    ExitReason.EXCEPTION_OR_NMI, instruction_length=1, raw_kvm_exit=exit,
-                    interruption_info=int(Vector.BP) | (int(InterruptionType.SOFTWARE_EXCEPTION) << 8) | (1 << 31))
-                return info, int(Vector.BP)
-            seen = (vcpu.rip, self.toggles)
-            if self._refetched.get(ctx.index) != seen:
-                # Replacing a memslot is not atomic: another vCPU changing permissions can
-                # leave this page unmapped for an instant. Fetch again once per change.
-                self._refetched[ctx.index] = seen
-                return _HANDLED
-            return None                         # an ordinary emulation failure
-        stop = self._hook_table.execute_hidden(gpa, vcpu)
-        if stop is not None:
-            return stop                         # the run ends before the instruction
-        if rights & _X or self._base.get(page, 7) & _X:
-            self._step_through(ctx, page)
-            return _HANDLED
-        qualification = _QUAL_FETCH | (rights << 3) | _QUAL_GLA_VALID | _QUAL_GLA_TRANSLATION
-        self._accesses[ctx.index] = EptAccess(gpa, linear, 1, False, True, b"", vcpu.rip)
-        self.violations += 1
-        info = ctx.info.reset(ExitReason.EPT_VIOLATION, qualification, guest_physical_address=gpa,
-                              guest_linear_address=linear, raw_kvm_exit=exit)
-        return info, gpa
 
     def _step_through(self, ctx: "VcpuContext", page: int) -> None:
         """Execute one instruction with the page executable (and readable), then take the rights back.
@@ -554,7 +460,7 @@ class EptShadow:
                     or page not in self._hook_table.monitors
                     or not self._base.get(page, 7) & (_W if is_write else _R)):
                 stop = self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
-                return stop or self.translate_mmio(ctx, nxt) or ctx.translate_exit(ExitKind.MMIO, vcpu.fd.run)
+                return stop or ctx.translate_exit(ExitKind.MMIO, vcpu.fd.run)
             current = nxt
         stop = self._hook_table.report(start, bytes(data), is_write, rip, vcpu)
         if stop is not None:
@@ -733,3 +639,38 @@ class EptShadow:
 
     def remove_mmio_device(self, device: MmioDevice) -> None:
         self._mmio.remove(device)
+
+
+class _EptQuery:
+    """`translate.EptView` over an EptShadow, for one vCPU: queries only."""
+
+    __slots__ = ("_shadow", "_index")
+
+    def __init__(self, shadow: EptShadow, index: int) -> None:
+        self._shadow, self._index = shadow, index
+
+    def managed(self, gpa: int) -> bool:
+        return self._shadow._region(gpa) is not None
+
+    def has_device(self, gpa: int) -> bool:
+        return self._shadow._mmio.lookup(gpa) is not None
+
+    def rights(self, gpa: int) -> int:
+        return self._shadow.tables.perms(gpa)
+
+    def base_rights(self, gpa: int) -> int:
+        return self._shadow._base.get(gpa >> PAGE_SHIFT, _RWX)
+
+    def monitored(self, gpa: int) -> bool:
+        return gpa >> PAGE_SHIFT in self._shadow._hook_table.monitors
+
+    def mapped_for_fetch(self, gpa: int) -> bool:
+        shadow = self._shadow
+        return _kind(shadow.tables.perms(gpa)) != _Kind.HOLE and gpa >> PAGE_SHIFT not in shadow._override
+
+    def planted(self, gpa: int) -> bool:
+        return self._shadow._breakpoints.planted(gpa)
+
+    def refetch_due(self, rip: int) -> bool:
+        shadow = self._shadow
+        return shadow._refetched.get(self._index) != (rip, shadow.toggles)
