@@ -139,9 +139,9 @@ def test_afl_fuzz_session_on_a_linux_config(zlib_fuzz, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent), AFL_SKIP_BIN_CHECK="1",
                AFL_NO_UI="1", AFL_I_DONT_CARE_ABOUT_MISSING_CRASHES="1", AFL_SKIP_CPUFREQ="1",
                AFL_NO_AFFINITY="1", AFL_FORKSRV_INIT_TMOUT="60000")
-    done = subprocess.run([afl, "-i", str(seeds), "-o", str(out), "-V", "20", "-t", "2000", "--",
+    done = subprocess.run([afl, "-i", str(seeds), "-o", str(out), "-V", "45", "-t", "2000", "--",
                            sys.executable, "-m", "minivmm", "afl", str(config)],
-                          env=env, capture_output=True, text=True, timeout=150)
+                          env=env, capture_output=True, text=True, timeout=180)
     log = done.stdout[-3000:] + done.stderr[-3000:]
     assert done.returncode == 0, log
     crashes = [p for p in (out / "default" / "crashes").iterdir() if p.name.startswith("id:")]

@@ -28,6 +28,7 @@ def workdir(tmp_path):
     (tmp_path / "data.gz").write_bytes(gzip.compress(TEXT, mtime=0))
     (tmp_path / "fruit").write_bytes(b"pear\napple\npear\npear\nbanana\n")
     (tmp_path / "big").write_bytes(bytes(range(256)) * 4096 + b"tail end\n")
+    (tmp_path / "huge").write_bytes(bytes(range(251)) * 13000)                  # 3.1 windows
     return tmp_path
 
 
@@ -68,6 +69,8 @@ APPLETS = [
     (["busybox", "cat"], TEXT),
     (["busybox", "od", "-A", "x", "-t", "x1z", "fruit"], b""),
     (["busybox", "sha256sum", "big"], b""),                     # reads served by the entry
+    (["busybox", "md5sum", "huge", "big", "huge"], b""),         # across window refills
+    (["busybox", "dd", "if=huge", "bs=7777", "skip=100", "count=300"], b""),
     (["busybox", "tail", "-c", "5000", "big"], b""),            # lseek leaves the entry's slot
     (["busybox", "dd", "if=big", "bs=1000", "skip=3", "count=2"], b""),
     (["busybox", "cat", "missing-file"], b""),                 # an error: stderr and status 1

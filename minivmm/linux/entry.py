@@ -3,10 +3,11 @@ file without an exit.
 
 LSTAR points at two pages in the program's address space: position-independent
 code (read + execute) and its data (read + write): a table of `SLOTS` file slots
-(guest address of the file's bytes, size, position) plus scratch space. On a
-host where `syscall` keeps CPL 3 (the PVM hosts, see kvm-host-notes.md) the code
-runs natively: a `read` on a slotted fd copies from the guest copy of the file,
-moves the position and returns to RCX with RFLAGS = R11, as `sysretq` would.
+(a window of the file's bytes in guest pages, size, position) plus scratch space.
+On a host where `syscall` keeps CPL 3 (the PVM hosts, see kvm-host-notes.md) the
+code runs natively: a `read` on a slotted fd whose bytes are in the window copies
+them, moves the position and returns to RCX with RFLAGS = R11, as `sysretq` would;
+one outside the window exits and the host serves it and refills the window.
 Anything else (another call, an fd without a slot, CPL 0 on a plain VT-x host)
 jumps to SYSCALL_EXIT_ADDR with every register as `syscall` left it, so the VMM
 sees the exit it would see without this entry.
@@ -25,8 +26,11 @@ from ..modes import SYSCALL_EXIT_ADDR
 __all__ = ["ENTRY_SIZE", "SLOTS", "SLOT_SIZE", "TABLE_OFFSET", "entry_code", "FLUSH_VECTOR", "FLUSH_CODE",
            "FLUSH_LIST", "FLUSH_RANGES", "flush_code", "flush_gate"]
 
-SLOTS = 64
-SLOT_SIZE = 32
+SLOTS = 32
+SLOT_SIZE = 64
+WINDOW = 1 << 20
+"""Bytes of a file the entry can serve before the host refills the slot's window (an exit):
+a window of pages KVM has mapped costs less than a fault in each page of a whole copy."""
 DATA_OFFSET = 0x1000             # the data page follows the code page
 TABLE_OFFSET = DATA_OFFSET       # slot i: base, size, position at DATA_OFFSET + 32 * i
 ENTRY_SIZE = 0x2000
@@ -44,25 +48,31 @@ entry:
     cmp ${SLOTS}, %rdi
     jae slow
     mov %rdi, scratch_rdi(%rip)
-    shl $5, %rdi
+    mov %rsi, scratch_rsi(%rip)
+    mov %rcx, scratch_rcx(%rip)
+    mov %r11, scratch_r11(%rip)
+    shl $6, %rdi                     # slot: window, size, position, window start, window length
     lea table(%rip), %rax
     add %rax, %rdi
     cmpq $0, (%rdi)
     je restore
-    mov 8(%rdi), %rax                # size - position, at most count
+    mov 8(%rdi), %rax                # n = min(count, size - position)
     sub 16(%rdi), %rax
     jb restore
     cmp %rdx, %rax
     cmova %rdx, %rax
-    mov %rsi, scratch_rsi(%rip)
-    mov %rcx, scratch_rcx(%rip)
-    mov %r11, scratch_r11(%rip)
-    mov %rdi, %r11
-    mov (%r11), %rsi
-    add 16(%r11), %rsi
+    mov 16(%rdi), %rcx               # the bytes must be in the window: the host refills it
+    sub 24(%rdi), %rcx
+    jb restore
+    mov %rcx, %r11
+    add %rax, %r11
+    cmp 32(%rdi), %r11
+    ja restore
+    mov (%rdi), %rsi
+    add %rcx, %rsi
+    add %rax, 16(%rdi)
     mov scratch_rsi(%rip), %rdi
     mov %rax, %rcx
-    add %rax, 16(%r11)
     cld
     rep movsb
     mov scratch_rdi(%rip), %rdi
@@ -77,6 +87,9 @@ entry:
     jmp *%rcx
 restore:
     mov scratch_rdi(%rip), %rdi
+    mov scratch_rsi(%rip), %rsi
+    mov scratch_rcx(%rip), %rcx
+    mov scratch_r11(%rip), %r11
     mov scratch_rax(%rip), %rax
 slow:
     jmp *exit_address(%rip)
@@ -107,8 +120,10 @@ def entry_code() -> bytes:
     return image.data.ljust(ENTRY_SIZE, b"\0")
 
 
-def pack_slot(base: int, size: int, position: int) -> bytes:
-    return struct.pack("<QQQQ", base, size, position, 0)
+def pack_slot(window: int, size: int, position: int, start: int = 0, length: int = 0) -> bytes:
+    """A slot: the window's guest address, the file's size, its position, the file offset of
+    the window's first byte and how many bytes the window holds."""
+    return struct.pack("<QQQQQ", window, size, position, start, length).ljust(SLOT_SIZE, b"\0")
 
 
 # -- taking rights away: the guest rewrites its own PTEs ----------------------------------------

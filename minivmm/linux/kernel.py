@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..actions import RunEnd, Stop
-from .entry import FLUSH_LIST, FLUSH_VECTOR, SLOT_SIZE, SLOTS, TABLE_OFFSET, pack_slot
+from .entry import FLUSH_LIST, FLUSH_VECTOR, SLOT_SIZE, SLOTS, TABLE_OFFSET, WINDOW, pack_slot
 from .space import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
 from .vfs import OpenFile, Vfs, VfsError
 
@@ -168,7 +168,7 @@ class LinuxKernel:
         return -errno.ENOSYS
 
     # -- reads served by the entry (minivmm.linux.entry) -------------------------------------
-    _FD_CALLS = {0: (0,), 19: (0,), 8: (0,), 3: (0,), 32: (0,), 33: (0, 1), 292: (0, 1), 72: (0,), 40: (1,),
+    _FD_CALLS = {19: (0,), 8: (0,), 3: (0,), 32: (0,), 33: (0, 1), 292: (0, 1), 72: (0,), 40: (1,),
                  17: (), 217: (0,)}
     FAST_FILE_LIMIT = 256 << 20
 
@@ -185,20 +185,38 @@ class LinuxKernel:
         st = os.fstat(entry.host_fd)
         if not stat_module.S_ISREG(st.st_mode) or not 0 < st.st_size <= self.FAST_FILE_LIMIT:
             return
-        size = page_up(st.st_size)
-        base = self.space.find_free_aligned(size)
-        if base is None or self.space.map_large(base, size, PROT_READ) < 0:
+        size = page_up(min(st.st_size, WINDOW))
+        base = self.space.find_free(size)
+        if base is None or self.space.map(base, size, PROT_READ) < 0:
             return
+        self.fast[fd] = (base, size)
+        self._refill(fd, 0)
+
+    def _refill(self, fd: int, position: int) -> None:
+        """The slot's window holds the file's bytes from `position` on."""
+        base, size = self.fast[fd]
+        entry = self.vfs.fds[fd]
         done = 0
-        with memoryview(self.space.mem)[base:base + st.st_size] as view:
-            while done < st.st_size:
-                n = os.preadv(entry.host_fd, [view[done:]], done)
+        with memoryview(self.space.mem)[base:base + size] as view:
+            while done < size:
+                n = os.preadv(entry.host_fd, [view[done:]], position + done)
                 if n <= 0:
                     break
                 done += n
         self.space.touched(base, done)
-        self.space.write(self._slot_address(fd), pack_slot(base, done, 0))
-        self.fast[fd] = (base, size)
+        file_size = os.fstat(entry.host_fd).st_size
+        self.space.write(self._slot_address(fd), pack_slot(base, file_size, position, position, done))
+
+    def _slot_read(self, fd: int, buf: int, count: int) -> int:
+        """A read the entry left to the host (its bytes are not all in the window): served from
+        the file, then the window moves to the new position."""
+        raw = self.space.read(self._slot_address(fd), 24)
+        _window, size, position = struct.unpack("<QQQ", raw)
+        entry = self.vfs.fds[fd]
+        with self._buffer(buf, min(count, max(size - position, 0)), True) as view:
+            n = os.preadv(entry.host_fd, [view], position) if len(view) else 0
+        self._refill(fd, position + n)
+        return n
 
     def _leave_fast_path(self, number: int, args) -> None:
         """Before a call the host carries out on an fd with a slot: the host fd takes over at
@@ -278,6 +296,8 @@ class LinuxKernel:
         return os.pwrite(entry.host_fd, data, offset)
 
     def sys_read(self, fd, buf, count, *_):
+        if fd in self.fast:
+            return self._slot_read(fd, buf, count)
         entry = self.vfs.get(fd)
         with self._buffer(buf, count, True) as view:
             return self._read_into(entry, view)

@@ -78,8 +78,6 @@ class AddressSpace:
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
         self._set_ptes(1, SYSTEM_AREA_END // PAGE - 1, _P | _RW)      # supervisor, page 0 absent
         self._set_ptes(self.tables // PAGE, npages - self.tables // PAGE, _P | _RW | _NX)  # for the flush
-        self._large: set[int] = set()                # 2 MiB chunks mapped by one PD entry
-        self.mem.madvise(mmap.MADV_HUGEPAGE)         # host THP: fewer faults for big mappings
 
     def _write_tables(self, npages: int, npd: int) -> None:
         pml4 = struct.pack("<Q", self.pdpt | _P | _RW | _US).ljust(PAGE, b"\0")
@@ -107,12 +105,6 @@ class AddressSpace:
         vcpu.set_sregs(sregs)
 
     def _set_ptes(self, first: int, count: int, flags: int) -> None:
-        if self._large_touched(first, count):
-            for chunk in range(first >> 9, (first + count - 1 >> 9) + 1):
-                if chunk in self._large:
-                    self._large.discard(chunk)
-                    struct.pack_into("<Q", self.mem, self.pd + chunk * 8, (self.pt + chunk * PAGE) | _P | _RW | _US)
-                    self.touched(self.pd + chunk * 8, 8)
         offset = self.pt + first * 8
         if flags:
             start = (first * PAGE) | flags
@@ -158,31 +150,6 @@ class AddressSpace:
         self.rights[first:first + count] = bytes([USED | prot]) * count
         self._set_ptes(first, count, _pte_flags(prot))
         return 0
-
-    def _large_touched(self, first: int, count: int) -> bool:
-        return bool(getattr(self, "_large", None)) and any(
-            chunk in self._large for chunk in range(first >> 9, (first + count - 1 >> 9) + 1))
-
-    def map_large(self, address: int, length: int, prot: int) -> int:
-        """`map`, with the whole 2 MiB chunks of the range mapped by one PD entry each (fewer
-        page faults in KVM for a big buffer; the 4 KiB PTEs are kept the same underneath)."""
-        result = self.map(address, length, prot)
-        if result < 0 or not prot & 7:
-            return result
-        first, count = address // PAGE, page_up(length) // PAGE
-        for chunk in range(-(-first // 512), (first + count) // 512):
-            self._large.add(chunk)
-            struct.pack_into("<Q", self.mem, self.pd + chunk * 8, (chunk << 21) | _PS | _pte_flags(prot))
-            self.touched(self.pd + chunk * 8, 8)
-        return 0
-
-    def find_free_aligned(self, length: int, alignment: int = 2 << 20) -> int | None:
-        """`find_free` for a range starting on an `alignment` boundary."""
-        count, step = page_up(length) // PAGE, alignment // PAGE
-        hole = self.rights.rfind(bytes(count + step), SYSTEM_AREA_END // PAGE, self.mmap_top // PAGE)
-        if hole < 0:
-            return None
-        return -(-hole // step) * step * PAGE          # the run is long enough for the aligned start
 
     def unmap(self, address: int, length: int) -> None:
         """Free the pages (they read as zeros when mapped again)."""
@@ -235,13 +202,12 @@ class AddressSpace:
 
     # -- checkpoints (fuzzing: every run starts from the same state) ------------------------
     def checkpoint(self) -> tuple:
-        return (bytes(self.rights), self.used_pages, self.brk_start, self.brk, set(self._large), self._flip)
+        return (bytes(self.rights), self.used_pages, self.brk_start, self.brk, self._flip)
 
     def rewind(self, state: tuple) -> None:
         """Back to `checkpoint`'s bookkeeping (the PTEs are guest memory: the snapshot's)."""
-        rights, self.used_pages, self.brk_start, self.brk, large, self._flip = state
+        rights, self.used_pages, self.brk_start, self.brk, self._flip = state
         self.rights[:] = rights
-        self._large = set(large)
 
     def read(self, address: int, length: int) -> bytes:
         return self.mem[address:address + length]
