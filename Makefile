@@ -23,6 +23,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml | system-packages
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet -e '.[test]'
+	$(VENV)/bin/python -m compileall -q minivmm    # a shell with PYTHONDONTWRITEBYTECODE still reads .pyc
 	touch $@
 
 system-packages:

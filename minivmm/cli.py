@@ -17,7 +17,6 @@ import io
 import json
 import os
 import sys
-import traceback
 from typing import Any, Callable, Sequence, TextIO
 
 from .config import ConfigError, build_machine, check_config, check_expectation, load_config
@@ -94,7 +93,26 @@ def build_parser() -> argparse.ArgumentParser:
                      "rip) on stderr (in the JSON object with --json)")
     run.add_argument("--input", metavar="FILE", help="place FILE in the guest as the config's `fuzz:` target "
                      "receives an input (replays a crash of `minivmm fuzz` or AFL++)")
+    run.add_argument("--gdb", type=gdb_address, metavar="[HOST]:PORT|PATH", help="wait for gdb on this TCP port (or Unix socket "
+                     "path) before the first instruction; the config's expect: is not checked")
     run.set_defaults(handler=cmd_run)
+
+    gdb = commands.add_parser(
+        "gdb", help="run a guest under gdb: wait for `target remote` before the first instruction",
+        formatter_class=raw,
+        description="Serve the GDB remote protocol for the guest; it starts when gdb says so. Threads are "
+                    "vCPUs; watchpoints are EPT monitors (any number, any length).",
+        epilog="examples:\n  minivmm gdb configs/hello_user.yaml --port 1234 &\n"
+               "  gdb -ex 'target remote :1234' -ex 'stepi' -ex 'info registers rip'\n"
+               "  minivmm gdb configs/hello_long.yaml --socket /tmp/minivmm.sock\n\n"
+               "exit status: as for `minivmm run` once the guest ends; 0 when gdb kills it.")
+    _config_arguments(gdb)
+    where = gdb.add_mutually_exclusive_group()
+    where.add_argument("--port", type=int, default=1234, metavar="N", help="TCP port on 127.0.0.1 (default 1234)")
+    where.add_argument("--socket", metavar="PATH", help="a Unix socket instead of TCP")
+    gdb.add_argument("--timeout", type=positive_seconds, metavar="S", help="guest run time allowed, summed over "
+                     "the resumes (overrides machine.timeout)")
+    gdb.set_defaults(handler=cmd_gdb, json=False, trace=False, no_expect=True, input=None, max_exits=None)
 
     check = commands.add_parser(
         "check", help="validate a config without running it", formatter_class=raw,
@@ -152,6 +170,18 @@ def positive_seconds(text: str) -> float:
     except ValueError as exc:
         what = str(exc) if "finite" in str(exc) else "a positive number of seconds"
         raise argparse.ArgumentTypeError(f"expected {what}, got {shown(text)}") from None
+
+
+def gdb_address(text: str) -> str:
+    """`--gdb`: `:PORT`, `HOST:PORT` or a Unix socket path (it contains a `/`)."""
+    if "/" in text:
+        return text
+    from .gdb.transport import parse_address
+    try:
+        parse_address(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected [HOST]:PORT or a socket path, got {text!r}") from None
+    return text
 
 
 def positive_count(text: str) -> int:
@@ -217,6 +247,7 @@ def _without_debug(argv: list[str]) -> list[str]:
 
 
 def _print_traceback() -> None:
+    import traceback
     try:
         traceback.print_exc(file=sys.stderr)
     except OSError:
@@ -322,7 +353,7 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         if args.trace:
             _install_exit_trace(machine, trace_lines, None if args.json else sys.stderr)
         try:
-            result = machine.run_config(timeout=args.timeout, max_exits=args.max_exits)
+            result = _run_or_serve_gdb(machine, args)
         except KeyboardInterrupt:
             _error("interrupted")
             return EXIT_INTERRUPTED
@@ -362,6 +393,21 @@ def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
         _error(f"{config.path}: expectation failed: {'; '.join(failures)}")
         return EXIT_EXPECTATION
     return status
+
+
+def cmd_gdb(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """`minivmm gdb`: `minivmm run --gdb` with the port or socket of its own options."""
+    args.gdb = args.socket if args.socket is not None else f":{args.port}"
+    return cmd_run(args, out)
+
+
+def _run_or_serve_gdb(machine, args: argparse.Namespace):
+    """The run of `minivmm run`: the config's, or with --gdb a gdb session first."""
+    if not getattr(args, "gdb", None):
+        return machine.run_config(timeout=args.timeout, max_exits=args.max_exits)
+    from .gdb import serve_config_machine
+    args.no_expect = True           # a debugging session changes what the guest does
+    return serve_config_machine(machine, args.gdb, args.timeout, announce=_error)
 
 
 def _place_fuzz_input(machine, config, path: str) -> bool:

@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 from functools import lru_cache
+from typing import TYPE_CHECKING
 
-import capstone
+if TYPE_CHECKING:
+    import capstone
 
 
 @lru_cache(maxsize=None)
-def _engine(bits: int) -> capstone.Cs:
+def _engine(bits: int) -> "capstone.Cs":
+    import capstone             # loaded at the first disassembly, not at import
     mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32, 64: capstone.CS_MODE_64}[bits]
     return capstone.Cs(capstone.CS_ARCH_X86, mode)
 

@@ -33,6 +33,7 @@ import ctypes
 import errno
 import fcntl
 import hashlib
+import importlib.machinery
 import importlib.util
 import os
 import shutil
@@ -391,13 +392,9 @@ def unpack_io(packed: int) -> tuple[int, int, bool, bool, int]:
 
 
 def _build():
-    """The compiled cffi module, or None (the reason is kept in BUILD_ERROR)."""
+    """The compiled cffi module, or None (the reason is kept in BUILD_ERROR). A module built
+    before is loaded straight from the cache: neither cffi nor a compiler is touched then."""
     global BUILD_ERROR
-    try:
-        from cffi import FFI
-    except ImportError as exc:
-        BUILD_ERROR = f"cffi is not installed: {exc}"
-        return None
     # The exit loop calls handlers through the full C API; warnings that hide a missing
     # declaration would otherwise build a module that fails to import.
     options = dict(py_limited_api=False, define_macros=[("_CFFI_NO_LIMITED_API", None)], extra_compile_args=["-O2", "-Werror=implicit-function-declaration",
@@ -406,21 +403,28 @@ def _build():
     name = f"_minivmm_fastpath_{digest}"
     directory = cache_dir().parent / "cffi"
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        with open(directory / ".lock", "w") as lock:      # one builder at a time (pytest-xdist)
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            built = next(directory.glob(f"{name}*.so"), None)
-            if built is None:
-                ffi = FFI()
-                ffi.cdef(_CDEF)
-                ffi.set_source(name, _SOURCE, **options)
-                scratch = directory / f".build-{os.getpid()}"
-                try:
-                    compiled = Path(ffi.compile(tmpdir=str(scratch), verbose=False))
-                    built = directory / compiled.name
-                    os.replace(compiled, built)
-                finally:
-                    shutil.rmtree(scratch, ignore_errors=True)
+        built = _cached(directory, name)
+        if built is None:
+            try:
+                from cffi import FFI
+            except ImportError as exc:
+                BUILD_ERROR = f"cffi is not installed: {exc}"
+                return None
+            directory.mkdir(parents=True, exist_ok=True)
+            with open(directory / ".lock", "w") as lock:      # one builder at a time (pytest-xdist)
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                built = _cached(directory, name)
+                if built is None:
+                    ffi = FFI()
+                    ffi.cdef(_CDEF)
+                    ffi.set_source(name, _SOURCE, **options)
+                    scratch = directory / f".build-{os.getpid()}"
+                    try:
+                        compiled = Path(ffi.compile(tmpdir=str(scratch), verbose=False))
+                        built = directory / compiled.name
+                        os.replace(compiled, built)
+                    finally:
+                        shutil.rmtree(scratch, ignore_errors=True)
         spec = importlib.util.spec_from_file_location(name, built)
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
@@ -428,6 +432,16 @@ def _build():
         BUILD_ERROR = f"{type(exc).__name__}: {exc}"
         return None
     return module
+
+
+def _cached(directory: Path, name: str) -> Path | None:
+    """The built module `name` in `directory`, if there is one (builds land by rename, so a
+    file found is complete)."""
+    for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+        path = directory / (name + suffix)
+        if path.exists():
+            return path
+    return None
 
 
 # Set by `_load` on first use; until then a module attribute read of these goes

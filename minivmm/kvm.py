@@ -269,6 +269,11 @@ class KvmPitConfig(_Struct):
     _fields_ = [("flags", u32), ("pad", u32 * 15)]
 
 
+KVM_PIT_SPEAKER_DUMMY = 1
+"""KVM_CREATE_PIT2 flag (api.rst 4.66): the kernel also serves port 0x61 (channel 2's gate and
+output, the speaker bits)."""
+
+
 class KvmDeviceAttr(_Struct):
     """struct kvm_device_attr (api.rst 4.80): `addr` is the user address of the value."""
     _fields_ = [("flags", u32), ("group", u32), ("attr", u64), ("addr", u64)]

@@ -7,22 +7,19 @@ protocol asks for (multiboot: EAX=0x2BADB002, EBX=the info structure).
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
-
-from elftools.common.exceptions import ELFError
-from elftools.elf.elffile import ELFFile
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 from .cache import cache_dir
 from .errors import MinivmmError
 from .modes import ImageRange
+
+if TYPE_CHECKING:
+    from elftools.elf.elffile import ELFFile
 
 __all__ = ["LoaderError", "LoadedImage", "load_asm", "load_flat", "load_elf", "build_c_elf",
            "load_multiboot", "MultibootHeader", "MultibootModule", "parse_multiboot_header",
@@ -95,6 +92,8 @@ def load_elf(path: str | os.PathLike) -> LoadedImage:
 def _read_elf(stream, name: str) -> tuple[LoadedImage, list[tuple[int, int, int]]]:
     """An ELF32/ELF64 x86 executable from a seekable stream: the image (segments by p_paddr)
     and each PT_LOAD's (p_vaddr, p_paddr, p_memsz), for translating virtual entry points."""
+    from elftools.common.exceptions import ELFError     # pyelftools loads with the first ELF
+    from elftools.elf.elffile import ELFFile
     try:
         elf = ELFFile(stream)
         if elf["e_machine"] not in ("EM_X86_64", "EM_386"):
@@ -121,7 +120,7 @@ def _read_elf(stream, name: str) -> tuple[LoadedImage, list[tuple[int, int, int]
         raise LoaderError(f"{name}: not a valid ELF file: {exc}") from None
 
 
-def _elf_symbols(elf: ELFFile) -> dict[str, int]:
+def _elf_symbols(elf: "ELFFile") -> dict[str, int]:
     symbols: dict[str, int] = {}
     table = elf.get_section_by_name(".symtab")
     if table is None:
@@ -146,6 +145,9 @@ def build_c_elf(sources: Sequence[str | os.PathLike], *, cflags: Sequence[str] =
     cached in `minivmm.cache.cache_dir()/../elf`, keyed by the sources, flags and
     the gcc executable. The entry is `_start`.
     """
+    import hashlib
+    import subprocess
+    import tempfile
     gcc = shutil.which("gcc")
     if gcc is None:
         raise LoaderError("gcc not found: apt-get install gcc")

@@ -16,9 +16,8 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-from . import asm
 from .actions import Reply, Stop
 from .breakpoints import BreakpointTable
 from .cpuid import CpuidLeaf, CpuidTable
@@ -36,6 +35,9 @@ from .vcpu import Vcpu
 from .vm import Vm
 from .vmcs import Vmcs
 from .vmcs_fields import VmcsField
+
+if TYPE_CHECKING:
+    from . import asm
 
 __all__ = ["ExceptionReport", "ExitStat", "GuestFault", "HandlerError", "Machine", "RunResult"]
 
@@ -241,6 +243,7 @@ class Machine:
     def load_asm(self, source: str | os.PathLike, *, load_address: int | None = None,
                  **kwargs) -> asm.GuestImage:
         """Assemble a guest (a .S path or inline text) for this machine's mode and load it."""
+        from . import asm
         include = tuple(kwargs.pop("include_dirs", ())) + (str(Path(__file__).parent / "guest_include"),)
         image = asm.assemble(source, code_bits=CODE_BITS[self.mode],
                              load_address=DEFAULT_LOAD_ADDRESS[self.mode] if load_address is None
@@ -415,6 +418,13 @@ class Machine:
             return self.contexts[0].run(timeout, max_exits, console=lambda: self.serial.text)
         finally:
             self.last_result = self.contexts[0].last_result
+
+    def serve_gdb(self, port: int | None = None, socket: str | None = None, **options) -> RunResult | None:
+        """Wait for gdb (`target remote :PORT` or a Unix `socket` path) before the next
+        instruction and serve it until it detaches, kills or the guest ends; see
+        `minivmm.gdb.serve_machine` for the options (`timeout`, `ready`, `host`)."""
+        from .gdb import serve_machine
+        return serve_machine(self, port, socket, **options)
 
     def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
                 counts: list[int] | None = None, seconds: list[float] | None = None) -> Stop:

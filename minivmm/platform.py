@@ -1,8 +1,8 @@
 """The assembly of a PC platform for kernels written for QEMU's `-kernel`: which of the
 platform devices to add (fw_cfg, the ACPI PM timer, an empty PCI bus, scratch
-registers), the ACPI tables that describe them, extra RAM windows and strict ports.
-The devices themselves live in `minivmm.devices` (one module each); their names are
-re-exported here.
+registers, the RTC, QEMU's pc-testdev), the ACPI tables that describe them, ACPI S3,
+extra RAM windows and strict ports. The devices themselves live in `minivmm.devices`
+(one module each); the older ones' names are re-exported here.
 
 Each piece is optional and off unless asked for (YAML `platform:` section, or
 `install_platform(machine, PlatformConfig(...))` from Python):
@@ -13,14 +13,23 @@ Each piece is optional and off unless asked for (YAML `platform:` section, or
 |              | created before the vCPUs (`Machine(irqchip=True)`), forced on by SMP.   |
 |              | HLT is then handled in the kernel: it no longer exits, a halted vCPU     |
 |              | waits in KVM_RUN for an interrupt (or the run deadline).                |
-| `pit`        | KVM's in-kernel 8254 PIT (needs the irqchip)                            |
+| `pit`        | KVM's in-kernel 8254 PIT on IRQ 0 and port 0x61 (needs the irqchip)     |
+| `rtc`        | the MC146818 RTC/CMOS at 0x70/0x71, IRQ 8 (interrupts need the irqchip);|
+|              | `rtc_start` fixes its start time (epoch seconds), else the host's clock |
 | `fw_cfg`     | QEMU's fw_cfg, port interface: selector 0x510 (16-bit write), data 0x511 |
 | `acpi`       | RSDP/RSDT/FADT/FACS/DSDT/MADT in 0xE0000-0xFFFFF and the PM1 block at    |
-|              | 0x600 with the PM timer at 0x608 (3.579545 MHz, 24 or 32 bits)          |
+|              | 0x600 with the PM timer at 0x608 (3.579545 MHz, 24 or 32 bits); S3:     |
+|              | SLP_TYP=1|SLP_EN stops the vCPU until the RTC alarm or `acpi_pm.wake()`,|
+|              | then real mode at the FACS waking vector (`install_sleep_states`; with  |
+|              | several vCPUs only the one that wrote PM1a_CNT stops)                   |
 | `pci`        | ports 0xCF8-0xCFF: configuration mechanism #1 with no device (all ones) |
 | `scratch`    | a register at a chosen port that reads back what was written            |
 | `ram_windows`| extra guest RAM regions (e.g. above the low RAM, as an MMIO-style window)|
 | `strict_ports`| an access to a port no device claims stops the run (reason "error")    |
+| `testdev`    | QEMU's pc-testdev (see `minivmm.devices.testdev`; needs the irqchip)    |
+
+`pc_platform()` (YAML `platform: pc`) is the set a PC kernel expects: irqchip, PIT, RTC,
+fw_cfg, ACPI and PCI; the test device stays off unless asked for.
 
 Without `strict_ports`, reads of unclaimed ports return all ones and writes are
 dropped, as on a PC's ISA bus (minivmm's default).
@@ -32,20 +41,24 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
-from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
+from .actions import RESUME, RETRY, Reply, Stop
+from .devices.acpi_pm import SLP_TYP_S3, SLP_TYP_S5, PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
 from .devices.fw_cfg import FW_CFG_PORT, FwCfg
 from .devices.pci import PciNoDevices
 from .devices.scratch import ScratchRegister
+from .exits import ExitReason
 from .memory import GuestMemoryError
 
 if TYPE_CHECKING:
+    from .devices.rtc import CmosRtc
+    from .devices.testdev import PcTestdev
     from .machine import Machine
 
 __all__ = ["FwCfg", "AcpiPm", "PciNoDevices", "ScratchRegister", "AcpiTables", "build_acpi_tables",
            "PlatformConfig", "RamWindow", "RamWindowError", "check_ram_windows", "ScratchConfig", "install_platform", "acpi_checksum",
-           "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
+           "pc_platform", "install_testdev", "FW_CFG_PORT", "PM_BASE", "PM_TIMER_HZ", "ACPI_BASE", "LAPIC_ADDRESS", "IOAPIC_ADDRESS"]
 
 # ---------------------------------------------------------------------------
 # ACPI tables
@@ -61,6 +74,12 @@ CREATOR_ID = b"MVMM"
 FADT_WBINVD = 1 << 0
 FADT_TMR_VAL_EXT = 1 << 8
 MADT_PCAT_COMPAT = 1 << 0
+
+
+# Name(_S3_, Package() {1, 1, 0, 0}) and Name(_S5_, Package() {0, 0, 0, 0}) in AML (ACPI 6.5
+# 7.4.2 and 20.2.5): the SLP_TYP values for PM1a/PM1b, which AcpiPm decodes.
+DSDT_SLEEP_STATES = (bytes.fromhex("08 5F53335F 12 08 04 0A01 0A01 00 00") +
+                     bytes.fromhex("08 5F53355F 12 06 04 00 00 00 00"))
 
 
 def acpi_checksum(data: bytes) -> int:
@@ -92,7 +111,8 @@ class AcpiTables:
 
 def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BASE,
                       timer_32bit: bool = True, sci_irq: int = SCI_IRQ) -> AcpiTables:
-    """RSDP (revision 0, ACPI 1.0 style, pointing at the RSDT), FACS, an empty DSDT, a
+    """RSDP (revision 0, ACPI 1.0 style, pointing at the RSDT), FACS, a DSDT with only \\_S3 and
+    \\_S5 (DSDT_SLEEP_STATES), a
     revision-1 FADT (PM1a event/control blocks, PM_TMR_BLK = pm_base + 8, SCI on
     `sci_irq`) and the MADT: one processor-local-APIC entry per vCPU (APIC ID = vCPU
     index, enabled), an IOAPIC at 0xFEC00000 (GSI base 0) and the interrupt source
@@ -110,7 +130,7 @@ def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BAS
 
     place("RSDP", bytes(20))                                # filled in at the end
     facs = place("FACS", struct.pack("<4sIIIII", b"FACS", 64, 0, 0, 0, 0).ljust(64, b"\0"), 64)
-    dsdt = place("DSDT", _table(b"DSDT", 1, b""))
+    dsdt = place("DSDT", _table(b"DSDT", 1, DSDT_SLEEP_STATES))
     fadt_body = bytearray(116 - 36)
 
     def put(offset: int, fmt: str, *values: int) -> None:
@@ -196,6 +216,9 @@ class PlatformConfig:
     scratch: list[ScratchConfig] = field(default_factory=list)
     ram_windows: list[RamWindow] = field(default_factory=list)
     strict_ports: bool = False
+    rtc: bool = False
+    rtc_start: float | None = None
+    testdev: bool = False
 
     @property
     def empty(self) -> bool:
@@ -210,6 +233,108 @@ class InstalledPlatform:
     acpi_tables: AcpiTables | None = None
     pci: PciNoDevices | None = None
     scratch: list[ScratchRegister] = field(default_factory=list)
+    rtc: "CmosRtc | None" = None
+    testdev: "PcTestdev | None" = None
+
+
+def pc_platform(**overrides) -> PlatformConfig:
+    """What a kernel written for QEMU's pc machine expects: irqchip, PIT, RTC, fw_cfg, ACPI
+    and PCI (`overrides` change single pieces, e.g. `testdev=True`)."""
+    return PlatformConfig(**{**dict(irqchip=True, pit=True, rtc=True, fw_cfg=True, acpi=True, pci=True),
+                             **overrides})
+
+
+def _irq_line(machine: "Machine", irq: int):
+    """A `level -> None` driver of ISA line `irq` through KVM_IRQ_LINE, or None without the irqchip."""
+    if not machine.vm.irqchip:
+        return None
+    fd = machine.vm.fd
+    return lambda level: fd.irq_line(irq, level)
+
+
+def _host_page_flusher(machine: "Machine") -> Callable[[int], None]:
+    """`flush(gpa)`: protect and unprotect the host mapping of the guest page at `gpa`, which
+    makes KVM drop its mapping of it (the pc-testdev flush port; QEMU does the same)."""
+    import ctypes
+    import mmap
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    memory = machine.memory
+
+    def flush(gpa: int) -> None:
+        region = memory.region_at(gpa)
+        if region is None:
+            return                                          # not RAM: nothing mapped to flush
+        host = region.host_addr + (gpa - region.gpa)
+        for prot in (0, mmap.PROT_READ | mmap.PROT_WRITE):          # PROT_NONE, then read/write
+            if libc.mprotect(host, 4096, prot) != 0:
+                raise OSError(ctypes.get_errno(), f"mprotect of the guest page at {gpa:#x} failed")
+    return flush
+
+
+def install_testdev(machine: "Machine") -> "PcTestdev":
+    """QEMU's pc-testdev (`minivmm.devices.testdev`): its ports, its IRQ lines driven through
+    KVM_IRQ_LINE, and its IORAM served by an EPT-misconfiguration (MMIO exit) hook."""
+    if not machine.vm.irqchip:
+        raise ValueError("the test device drives IRQ lines through the in-kernel irqchip (platform.irqchip: true)")
+    from .devices.testdev import IOMEM_BASE, IOMEM_SIZE, PcTestdev      # loaded when asked for
+    fd = machine.vm.fd
+    device = PcTestdev(set_irq=lambda line, level: fd.irq_line(line, level), flush_page=_host_page_flusher(machine))
+    machine.add_device(device)
+    machine.add_device(device.irq_lines)
+
+    def iomem(vcpu, info):
+        exit = info.raw_kvm_exit
+        if exit.is_write:
+            device.iomem_write(exit.phys_addr, exit.data[:exit.length])
+            return RESUME
+        return Reply(device.iomem_read(exit.phys_addr, exit.length))
+
+    machine.on(ExitReason.EPT_MISCONFIGURATION, iomem, address=(IOMEM_BASE, IOMEM_BASE + IOMEM_SIZE))
+    return device
+
+
+S3_MAX_SLEEP = 600.0
+"""Seconds a suspended machine waits for a wake event before the run stops with an error."""
+
+
+def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> None:
+    """ACPI S5 and S3 on PM1a_CNT. SLP_TYP=S5|SLP_EN (QEMU's `outw 0x2000, 0x604` shutdown) ends
+    the run: result "exit", exit code 0. SLP_TYP=S3|SLP_EN: the vCPU stops in that exit with
+    its state and memory kept, until `pm.wake()` or an RTC alarm (RTC_EN) wakes it; then it
+    resumes as firmware would, without a BIOS: in real mode at the FACS firmware waking vector
+    (CS = vector >> 4, IP = vector & 0xF), WAK_STS set in PM1_STS. (ACPI 6.5 16.3.)"""
+    from .modes import RFLAGS_FIXED
+    from .vcpu import Segment, run_timer
+    memory = machine.memory
+    waking_vector_at = tables.addresses["FACS"] + 12
+
+    def pm1_control(vcpu, info):
+        if info.is_in or info.string_data is not None:
+            return None
+        pm.io_write(info.port, info.size, info.data)
+        request = pm.take_sleep_request()
+        if request == SLP_TYP_S5:
+            return Stop("exit", 0, message="ACPI S5 (soft off): the guest powered the machine off")
+        if request != SLP_TYP_S3:
+            return RESUME
+        if not pm.suspend_until_wake(S3_MAX_SLEEP, give_up=lambda: run_timer.expired):
+            if run_timer.expired:
+                return Stop("timeout", message="the run's deadline passed while the machine slept in S3")
+            return Stop("error", message=f"S3: no wake event in {S3_MAX_SLEEP:.0f} s")
+        vector = int.from_bytes(memory.read(waking_vector_at, 4), "little")
+        if vector == 0 or vector > 0xFFFFF:
+            return Stop("error", message=f"S3 resume: the FACS firmware waking vector is {vector:#x}")
+        sregs = vcpu.sregs
+        Segment(selector=vector >> 4, base=vector & ~0xF, limit=0xFFFF, type=0xB, g=0, db=0).to_kvm(sregs.cs)
+        for name in ("ds", "es", "fs", "gs", "ss"):
+            Segment(selector=0, base=0, limit=0xFFFF, type=0x3, g=0, db=0).to_kvm(getattr(sregs, name))
+        sregs.cr0, sregs.cr4, sregs.efer = 0x10, 0, 0                    # CR0.ET only: real mode
+        vcpu.set_sregs(sregs)
+        vcpu.rip, vcpu.rflags = vector & 0xF, RFLAGS_FIXED
+        return RETRY
+
+    machine.on(ExitReason.IO_INSTRUCTION, pm1_control, port=pm.base + 4)
 
 
 def enable_strict_ports(machine: "Machine") -> None:
@@ -231,9 +356,7 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
     low = machine.memory.region_at(0)
     check_ram_windows(low.end if low is not None else 0, config.ram_windows)
     if config.pit:
-        if not getattr(machine, "irqchip", False):
-            raise ValueError("the in-kernel PIT needs the in-kernel irqchip (platform.irqchip: true)")
-        machine.vm.fd.create_pit2()
+        machine.vm.create_pit()
     for window in config.ram_windows:
         machine.add_ram(window.start, window.size, name=window.name)
     if config.fw_cfg:
@@ -250,6 +373,7 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         installed.acpi_tables = tables
         installed.acpi_pm = AcpiPm(timer_32bit=config.pm_timer_32bit)
         machine.add_device(installed.acpi_pm)
+        install_sleep_states(machine, installed.acpi_pm, tables)
     if config.pci:
         installed.pci = PciNoDevices()
         machine.add_device(installed.pci)
@@ -257,6 +381,17 @@ def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPla
         device = ScratchRegister(port=scratch.port, width=scratch.width)
         machine.add_device(device)
         installed.scratch.append(device)
+    if config.rtc:
+        from .devices.rtc import RTC_IRQ, CmosRtc, RegisterC
+        installed.rtc = CmosRtc(start=config.rtc_start, irq=_irq_line(machine, RTC_IRQ), memory_size=ram_size)
+        machine.add_device(installed.rtc)
+        installed.rtc.start_timer()
+        machine.vm.on_close.append(installed.rtc.close)
+        if installed.acpi_pm is not None:
+            pm = installed.acpi_pm
+            installed.rtc.add_listener(lambda flags: pm.rtc_alarm() if flags & RegisterC.AF else None)
+    if config.testdev:
+        installed.testdev = install_testdev(machine)
     if config.strict_ports:
         enable_strict_ports(machine)
     machine.platform = installed

@@ -30,7 +30,8 @@ report and to a file in `--minivmm-trace-dir`.
 
 Options: `--minivmm-timeout SECONDS` (default run deadline, 10),
 `--minivmm-trace`, `--minivmm-trace-limit N` (instructions kept, 2000),
-`--minivmm-trace-dir DIR`.
+`--minivmm-trace-dir DIR`, `--minivmm-gdb PORT` (a failing test's guest waits
+for gdb where it failed; use it without xdist's `-n`).
 """
 from __future__ import annotations
 
@@ -527,6 +528,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--minivmm-trace-dir", default=None, metavar="DIR",
                     help="where --minivmm-trace writes the traces of failing tests (default: next to "
                          "--junitxml, else <rootdir>/minivmm-traces)")
+    group.addoption("--minivmm-gdb", type=int, default=None, metavar="PORT",
+                    help="when a guest test fails, keep its machine stopped at the failure and wait for "
+                         "gdb on 127.0.0.1:PORT (0: a free port) before the test's teardown")
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -609,6 +613,30 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
             trace_files.append(_write_trace(item, vm))
     if trace_files:
         report.sections.append(("minivmm traces", "\n".join(str(p) for p in trace_files if p)))
+    port = item.config.getoption("minivmm_gdb", None)
+    if port is not None and vms:
+        _wait_for_gdb(item, vms[-1], port)
+
+
+def _wait_for_gdb(item: pytest.Item, vm: GuestVM, port: int) -> None:
+    """`--minivmm-gdb PORT`: serve the failing test's last machine, stopped where it failed,
+    until gdb detaches or kills it (the guest does not run on: the test is over)."""
+    capture = item.config.pluginmanager.getplugin("capturemanager")
+
+    def announce(address: str) -> None:
+        with capture.global_and_fixture_disabled() if capture is not None else _nothing():
+            print(f"\nminivmm: {item.nodeid} failed; guest {vm.name} waits for gdb: "
+                  f"target remote {address}", flush=True)
+    try:
+        vm.machine.serve_gdb(port=port, ready=announce, run_on=False)
+    except Exception as exc:         # the failure is reported either way
+        with capture.global_and_fixture_disabled() if capture is not None else _nothing():
+            print(f"minivmm: the gdb session ended with {type(exc).__name__}: {exc}", flush=True)
+
+
+def _nothing():
+    import contextlib
+    return contextlib.nullcontext()
 
 
 def _write_trace(item: pytest.Item, vm: GuestVM) -> Path | None:

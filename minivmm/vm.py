@@ -7,10 +7,12 @@ exit-handler dispatcher, the CPUID table and the VM-wide half of the VMX model
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from .cpuid import CpuidTable
 from .devices.bus import PortBus
 from .handlers import Dispatcher
-from .kvm import Kvm, KvmError, VmFd
+from .kvm import KVM_PIT_SPEAKER_DUMMY, Kvm, KvmError, VmFd
 from .memory import GuestMemory, Region, SlotTable, parse_size
 from .vmcs import VmxVmState
 
@@ -28,6 +30,8 @@ class Vm:
         self.ports = PortBus(on_change=self.invalidate_io_routes)
         self.dispatcher = Dispatcher()
         self.irqchip = False                 # KVM's in-kernel irqchip (create_irqchip)
+        self.pit = False                     # KVM's in-kernel PIT (create_pit)
+        self.on_close: list[Callable[[], None]] = []   # run before the VM fd closes (device threads)
         self.fd: VmFd | None = kvm.create_vm()
         try:
             try:
@@ -47,6 +51,14 @@ class Vm:
         self.irqchip = True
         self.vmx.use_in_kernel_irqchip()
 
+    def create_pit(self) -> None:
+        """KVM's in-kernel 8254 PIT on IRQ 0, with the speaker port 0x61 (KVM_PIT_SPEAKER_DUMMY);
+        needs the irqchip (api.rst 4.66)."""
+        if not self.irqchip:
+            raise ValueError("the in-kernel PIT needs the in-kernel irqchip (platform.irqchip: true)")
+        self.fd.create_pit2(KVM_PIT_SPEAKER_DUMMY)
+        self.pit = True
+
     def add_ram(self, gpa: int, size: int | str, *, name: str = "ram") -> Region:
         region = self.memory.add_region(gpa, parse_size(size), name=name)
         slot = self.slots.allocate()
@@ -65,6 +77,8 @@ class Vm:
             cache.clear()
 
     def close(self) -> None:
+        while self.on_close:
+            self.on_close.pop()()
         if self.fd is not None:
             self.fd.close()
             self.fd = None

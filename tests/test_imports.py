@@ -43,3 +43,15 @@ def test_fastpath_has_no_other_lazy_attributes() -> None:
 def test_asm_reexports_cache_dir() -> None:
     assert minivmm.asm.cache_dir is minivmm.cache.cache_dir
     assert "cache_dir" in minivmm.asm.__all__
+
+
+def test_cli_start_loads_no_disassembler_elf_reader_assembler_fuzzer_or_rtc() -> None:
+    code = ("import sys, minivmm.cli; print(sorted({m.split('.')[0] for m in sys.modules} & "
+            "{'capstone', 'elftools', 'cffi'}), 'minivmm.asm' in sys.modules, 'minivmm.fuzz.harness' in sys.modules, "
+            "'minivmm.devices.rtc' in sys.modules)")
+    assert _run(code) == "[] False False False"
+
+
+def test_built_fast_path_loads_without_cffi() -> None:
+    _run("import minivmm.fastpath as f; assert f.COMPILED, f.BUILD_ERROR")      # built (or cached)
+    assert _run("import sys, minivmm.fastpath as f; print(f.COMPILED, 'cffi' in sys.modules)") == "True False"

@@ -120,6 +120,13 @@ def test_linux_personality_and_syscall_hooks_do_not_reach_kvm() -> None:
           "or vcpu.fd")
 
 
+def test_devices_do_not_reach_kvm() -> None:
+    """Devices are register logic: interrupts and host-memory effects come in as callbacks
+    (`irq`, `set_irq`, `flush_page`) that minivmm.platform wires to KVM."""
+    check(kvm_reach, under("minivmm/devices/"), {},
+          "devices must take callbacks from the platform, not import minivmm.kvm or use .fd")
+
+
 # --- rule: only the entry modules enter KVM ----------------------------------------------
 ENTRY_MODULES = {"minivmm/kvm.py", "minivmm/fastpath.py", "minivmm/vcpu.py", "minivmm/runloop.py"}
 ENTRY_METHODS = {"run", "run_once", "enter"}          # Vcpu methods that issue KVM_RUN

@@ -33,7 +33,8 @@ up the keys; the meaning of the less obvious ones:
   from the guest's LAPIC (see `minivmm.smp`).
 - `platform` (all off by default; `minivmm.platform`): `irqchip` KVM's in-kernel
   LAPIC/IOAPIC/PIC (HLT then no longer exits: it waits in the kernel for an
-  interrupt), `pit` the in-kernel 8254, `fw_cfg` QEMU's fw_cfg at 0x510/0x511,
+  interrupt), `pit` the in-kernel 8254, `rtc` the MC146818 RTC/CMOS, `testdev` QEMU's
+  pc-testdev, `pc: true` (or `platform: pc`) irqchip+pit+rtc+fw_cfg+acpi+pci, `fw_cfg` QEMU's fw_cfg at 0x510/0x511,
   `acpi` RSDP/RSDT/FADT/MADT in 0xE0000-0xFFFFF plus the PM block at 0x600 (PM timer
   at 0x608), `pci` ports 0xCF8-0xCFF with no device, `scratch` read-back registers,
   `ram_windows` extra RAM regions, `strict_ports` stops the run (reason "error") on
@@ -97,8 +98,9 @@ vmcs:      {controls: [CPU_BASED_HLT_EXITING, ..] | {NAME: bool},
 ept:       {protect: [{start, end|size, perms: r-x}],
             monitors: [{start, end|size, access: rw, action: log|count|stop}],
             hooks: [{address, action: log|count|stop|skip, hidden: true}]}
-platform:  {irqchip: bool, pit: bool, fw_cfg: bool, acpi: bool | {pm_timer_32bit: bool},
-            pci: bool, scratch: port | {port, width} | [..], strict_ports: bool,
+platform:  pc | {pc: bool, irqchip: bool, pit: bool, rtc: bool | {start: epoch | date},
+            fw_cfg: bool, acpi: bool | {pm_timer_32bit: bool}, pci: bool, testdev: bool,
+            scratch: port | {port, width} | [..], strict_ports: bool,
             ram_windows: [{start, size, name}]}
 handlers:  ["module:function", "file.py:function"]
 expect:    {result, exit_code, console, message, counters: {name: N}}
@@ -408,9 +410,12 @@ class Config:
         return self.path.parent
 
 
-def platform_config(**kwargs: Any) -> "PlatformConfig":
-    """A `minivmm.platform.PlatformConfig`; the import waits for the first call, so importing the
-    schema does not load minivmm.platform."""
+def platform_config(*, pc: bool = False, **kwargs: Any) -> "PlatformConfig":
+    """A `minivmm.platform.PlatformConfig` (`pc=True`: `pc_platform`'s set); the import waits for
+    the first call, so importing the schema does not load minivmm.platform."""
+    if pc:
+        from ..platform import pc_platform
+        return pc_platform(**kwargs)
     from ..platform import PlatformConfig
     return PlatformConfig(**kwargs)
 

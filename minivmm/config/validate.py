@@ -658,6 +658,28 @@ def _seconds(node: Node) -> float:
         raise node.expected(str(exc)) from None
 
 
+def _rtc_start(node: Node) -> float:
+    """An RTC start time: epoch seconds, or a UTC date "YYYY-MM-DD[ HH:MM:SS]" (YAML may hand
+    over a date or datetime already)."""
+    import calendar
+    import datetime
+    value = node.value
+    if isinstance(value, bool):
+        raise node.expected("epoch seconds or a date like 2026-12-01 12:00:00")
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            value = datetime.datetime.fromisoformat(value)
+        except ValueError:
+            raise node.expected("epoch seconds or a date like 2026-12-01 12:00:00") from None
+    if isinstance(value, datetime.datetime):
+        return float(calendar.timegm(value.utctimetuple()))
+    if isinstance(value, datetime.date):
+        return float(calendar.timegm(value.timetuple()))
+    raise node.expected("epoch seconds or a date like 2026-12-01 12:00:00")
+
+
 def _str(node: Node) -> str:
     if isinstance(node.value, str):
         return node.value
@@ -930,13 +952,30 @@ class _Validator:
 
     def platform(self, node: Node) -> "PlatformConfig":
         from ..platform import RamWindow, ScratchConfig
-        m = _Map(node, ("irqchip", "pit", "fw_cfg", "acpi", "pci", "scratch", "ram_windows",
-                        "strict_ports"))
-        platform = platform_config(irqchip=m.get("irqchip", _bool, False), pit=m.get("pit", _bool, False),
-                                    fw_cfg=m.get("fw_cfg", _bool, False), pci=m.get("pci", _bool, False),
-                                    strict_ports=m.get("strict_ports", _bool, False))
+        if node.value == "pc":                                 # `platform: pc`
+            return platform_config(pc=True)
+        if isinstance(node.value, str):
+            raise node.expected("'pc' or a mapping of platform pieces")
+        m = _Map(node, ("pc", "irqchip", "pit", "rtc", "fw_cfg", "acpi", "pci", "testdev", "scratch",
+                        "ram_windows", "strict_ports"))
+        pc = m.get("pc", _bool, False)
+        platform = platform_config(irqchip=m.get("irqchip", _bool, pc), pit=m.get("pit", _bool, pc),
+                                    fw_cfg=m.get("fw_cfg", _bool, pc), pci=m.get("pci", _bool, pc),
+                                    strict_ports=m.get("strict_ports", _bool, False),
+                                    testdev=m.get("testdev", _bool, False), acpi=pc, rtc=pc)
         if platform.pit and not platform.irqchip:
             raise m.items["pit"].error("the in-kernel PIT needs the in-kernel irqchip: add 'irqchip: true'")
+        if platform.testdev and not platform.irqchip:
+            raise m.items["testdev"].error("the test device drives IRQ lines through the in-kernel irqchip: "
+                                           "add 'irqchip: true'")
+        rtc = m.child("rtc")
+        if rtc is not None:
+            if isinstance(rtc.value, dict):
+                r = _Map(rtc, ("start",))
+                platform.rtc = True
+                platform.rtc_start = r.get("start", _rtc_start, None)
+            else:
+                platform.rtc = _bool(rtc)
         acpi = m.child("acpi")
         if acpi is not None:
             if isinstance(acpi.value, dict):

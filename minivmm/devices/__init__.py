@@ -3,8 +3,8 @@ small interface they share.
 
 ``serial`` (16550 UART), ``debug_exit`` (QEMU's isa-debug-exit) and the PC platform
 devices that `minivmm.platform` assembles: ``fw_cfg`` (QEMU's fw_cfg), ``acpi_pm``
-(ACPI PM1 block and PM timer), ``pci`` (configuration mechanism #1, no device) and
-``scratch`` (a read-back register).
+(ACPI PM1 block and PM timer), ``rtc`` (MC146818 RTC/CMOS), ``pci`` (configuration mechanism #1, no device),
+``scratch`` (a read-back register) and ``testdev`` (QEMU's pc-testdev).
 
 A device claims a range of ports; the I/O exit handler routes each access whose
 port falls in ``ports`` to ``io_read``/``io_write`` with the access size in
@@ -23,8 +23,20 @@ from minivmm.devices.pci import PciNoDevices
 from minivmm.devices.scratch import ScratchRegister
 from minivmm.devices.serial import Serial16550
 
-__all__ = ["AcpiPm", "DebugExit", "FwCfg", "PciNoDevices", "PortDevice", "ResettableDevice",
+__all__ = ["AcpiPm", "CmosRtc", "DebugExit", "FwCfg", "PciNoDevices", "PcTestdev", "PortDevice", "ResettableDevice",
            "ScratchRegister", "Serial16550"]
+
+
+_LAZY = {"CmosRtc": "rtc", "PcTestdev": "testdev"}    # loaded when a platform asks for them
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @runtime_checkable
