@@ -114,6 +114,13 @@ def test_handlers_and_config_rules_do_not_reach_kvm() -> None:
           "exit handlers and config rules must use the Vcpu API, not minivmm.kvm or vcpu.fd")
 
 
+def test_hardware_breakpoint_table_does_not_reach_kvm() -> None:
+    """The table keeps owners and slots; the VMCS model realises the debug registers on KVM
+    (KVM_SET_GUEST_DEBUG) and the step service steps over a hit."""
+    check(kvm_reach, ["minivmm/hwbreakpoints.py"], {},
+          "the hardware breakpoint table must go through the VMCS model, not minivmm.kvm or .fd")
+
+
 def test_devices_do_not_reach_kvm() -> None:
     """Devices are register logic: interrupts and host-memory effects come in as callbacks
     (`irq`, `set_irq`, `flush_page`) that minivmm.platform wires to KVM."""
@@ -190,7 +197,7 @@ def test_only_the_entry_modules_enter_kvm() -> None:
 # --- rule: core components do not take the Machine ----------------------------------------
 CORE_COMPONENTS = ("minivmm/vm.py", "minivmm/runloop.py", "minivmm/vmcs.py", "minivmm/translate.py",
                    "minivmm/hooks.py", "minivmm/memory.py", "minivmm/kvm.py",
-                   "minivmm/ept/", "minivmm/devices/", "minivmm/handlers/")
+                   "minivmm/ept/", "minivmm/devices/", "minivmm/handlers/", "minivmm/hwbreakpoints.py")
 
 
 def names_machine(name: str, annotation: ast.AST | None) -> bool:
