@@ -1,7 +1,8 @@
 """Run every benchmark (`python -m benchmarks` / `make bench`) and print their last lines.
 
 Each benchmark compares minivmm against a C loop over /dev/kvm built with gcc in
-the same run and ends with one line `name ratio=R ...`; `--only NAME` runs one.
+the same run and ends with one line `name ratio=R ...` (fuzz with two: per-run and batch
+mode); the summary shows those closing lines. `--only NAME` runs one.
 """
 from __future__ import annotations
 
@@ -33,7 +34,13 @@ def main(argv: list[str] | None = None) -> int:
             failed = True
             summary.append(f"{name}: FAILED (exit status {done.returncode})")
         else:
-            summary.append(lines[-1])
+            # The closing `name ratio=...` lines (fuzz prints two), else the last line.
+            closing = []
+            for line in reversed(lines):
+                if " ratio=" not in line:
+                    break
+                closing.insert(0, line)
+            summary.extend(closing or lines[-1:])
     print("\n== summary")
     print("\n".join(summary))
     return 1 if failed else 0

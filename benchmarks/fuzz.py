@@ -1,4 +1,5 @@
-"""Fuzz throughput: minivmm's harness against a C snapshot-fuzz loop and Unicorn.
+"""Fuzz throughput: minivmm's harness, per run and in batches, against a C snapshot-fuzz
+loop, Unicorn and the routine run natively.
 
     python3 benchmarks/fuzz.py [--seconds S] [--rounds N]
 
@@ -10,12 +11,20 @@ instructions per run. For each size:
   the dirty log, input copy, length register, run until debug-exit);
 * C: benchmarks/c/fuzz.c, the same loop over /dev/kvm from the same memory
   image and registers (sync_regs, KVM_RUN, dirty log + memcpy + clear);
-* Unicorn (if installed): the same code emulated, registers and input reset
-  per run, without and with a Python basic-block hook (coverage).
+* batch: `Harness(batch=1024).run_batch(inputs)` with coverage on: the
+  guest's CPL-3 runtime calls the routine once per input (minivmm.fuzz.batch);
+* Unicorn (if installed, the `bench` extra): the routine emulated, registers
+  and input reset per run, without and with a Python basic-block hook
+  (coverage);
+* native: benchmarks/c/fuzz_native.c, the routine called in a loop by a host
+  C program (input copied in per call), the ceiling.
 
 minivmm and C alternate for `--rounds` rounds and the best rate of each
-counts (the machines are shared, so the best round is the least disturbed).
-The last line is `fuzz ratio=R ...`, R being the worst minivmm/C ratio.
+counts (the machines are shared, so the best round is the least disturbed);
+batch and native take the best of a third as many rounds.
+The last two lines are `fuzz ratio=R ...`, R being the worst minivmm/C ratio,
+and `fuzz_batch ratio=R ...`, R being the worst batch/Unicorn ratio (with
+the batch/Unicorn-with-coverage ratios and batch rates beside it).
 """
 from __future__ import annotations
 
@@ -55,6 +64,35 @@ def measure_minivmm(harness: Harness, data: bytes, seconds: float) -> float:
     if outcome.status.value != "ok":
         raise RuntimeError(f"benchmark target did not finish cleanly: {outcome.summary()}")
     return runs / (now - start)
+
+
+def measure_batch(harness: Harness, data: bytes, seconds: float) -> float:
+    count = max(1, min(1024, harness.batch_runner.data_size // max(1, len(data))))
+    inputs = [data] * count
+    harness.run_batch(inputs)
+    runs = 0
+    start = time.perf_counter()
+    deadline = start + seconds
+    while True:
+        outcomes = harness.run_batch(inputs)
+        runs += count
+        now = time.perf_counter()
+        if now >= deadline:
+            break
+    if any(o.status.value != "ok" for o in outcomes):
+        raise RuntimeError(f"benchmark target did not finish cleanly in a batch: {outcomes[-1].summary()}")
+    return runs / (now - start)
+
+
+def measure_native(binary: Path, image: tuple[Path, int], function: int, input_addr: int, data: bytes,
+                   seconds: float, tmp: Path) -> float:
+    input_file = tmp / f"native-input-{len(data)}.bin"
+    input_file.write_bytes(data)
+    out = run_c(binary, image[0], hex(image[1]), hex(function), hex(input_addr), input_file, seconds)
+    match = re.search(r"rate=([\d.]+)", out)
+    if not match:
+        raise RuntimeError(f"unexpected output from the native loop: {out!r}")
+    return float(match.group(1))
 
 
 def dump_c_state(tmp: Path, data_sizes: dict[str, int]) -> tuple[Path, Path, Path, int, int]:
@@ -127,40 +165,67 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     binary = build_c(ROOT / "benchmarks" / "c" / "fuzz.c")
+    native = build_c(ROOT / "benchmarks" / "c" / "fuzz_native.c")
     harness = Harness.from_config(load_config(CONFIG), coverage=True)
+    batch = Harness.from_config(load_config(CONFIG), coverage=True, batch=1024)
     machine = harness.machine
-    entry = machine.symbol("_start")
+    function = machine.symbol("fnv_hash")
     stop = machine.symbol("hash_exit")
     input_addr = machine.symbol("input")
-    code = bytes(harness.snapshot.read(entry, stop - entry))
-    # The snapshot holds the breakpoints; Unicorn gets the original code.
+    # The snapshot holds the breakpoints; Unicorn and the native loop get the original code.
     fresh = build_machine(load_config(CONFIG), capture_console=True)
-    code = fresh.memory.read(entry, stop - entry)
+    code = fresh.memory.read(function, stop - function)
+    image = fresh.images[0]
+    image_bytes = fresh.memory.read(image.start, image.end - image.start)
     fresh.close()
     ratios: dict[str, float] = {}
-    print(f"{'size':8} {'insns/run':>10} {'minivmm/s':>11} {'C/s':>11} {'ratio':>6} "
-          f"{'unicorn/s':>11} {'uc+hook/s':>11}")
+    batch_rates: dict[str, float] = {}
+    over_uc: dict[str, float] = {}
+    over_hook: dict[str, float] = {}
+    print(f"{'size':8} {'insns/run':>10} {'minivmm/s':>11} {'C/s':>11} {'ratio':>6} {'batch/s':>11} "
+          f"{'unicorn/s':>11} {'uc+hook/s':>11} {'native/s':>13}")
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        image_file = tmp / "image.bin"
+        image_file.write_bytes(image_bytes)
         state = dump_c_state(tmp, SIZES)
         for name, size in SIZES.items():
             data = bytes((i * 131 + 7) & 0xFF for i in range(size))
-            best_py = best_c = 0.0
-            for _ in range(args.rounds):
+            best_py = best_c = best_batch = best_native = 0.0
+            for round_ in range(args.rounds):
                 best_c = max(best_c, measure_c(binary, state, data, args.seconds, tmp))
                 best_py = max(best_py, measure_minivmm(harness, data, args.seconds))
+                if round_ % 3 == 0:
+                    best_batch = max(best_batch, measure_batch(batch, data, args.seconds))
+                    best_native = max(best_native, measure_native(native, (image_file, image.start), function,
+                                                                  input_addr, data, args.seconds, tmp))
             uc = uc_hook = None
             if not args.no_unicorn:
-                uc = measure_unicorn(code, entry, entry, stop, input_addr, data, args.seconds, False)
-                uc_hook = measure_unicorn(code, entry, entry, stop, input_addr, data, args.seconds, True)
+                uc = measure_unicorn(code, function, function, stop, input_addr, data, args.seconds, False)
+                uc_hook = measure_unicorn(code, function, function, stop, input_addr, data, args.seconds, True)
             ratios[name] = best_py / best_c
+            batch_rates[name] = best_batch
+            if uc:
+                over_uc[name] = best_batch / uc
+                over_hook[name] = best_batch / uc_hook
             fmt = lambda v: f"{v:11,.0f}" if v is not None else f"{'n/a':>11}"  # noqa: E731
-            print(f"{name:8} {size * INSNS_PER_BYTE + 10:>10,} {best_py:11,.0f} {best_c:11,.0f} "
-                  f"{ratios[name]:6.2f} {fmt(uc)} {fmt(uc_hook)}", flush=True)
-    print(f"coverage: {len(harness.coverage.hits)}/{len(harness.coverage.blocks)} blocks")
+            print(f"{name:8} {size * INSNS_PER_BYTE + 12:>10,} {best_py:11,.0f} {best_c:11,.0f} "
+                  f"{ratios[name]:6.2f} {best_batch:11,.0f} {fmt(uc)} {fmt(uc_hook)} {best_native:13,.0f}",
+                  flush=True)
+    print(f"coverage: {len(harness.coverage.hits)}/{len(harness.coverage.blocks)} blocks (per run), "
+          f"{len(batch.coverage.hits)}/{len(batch.coverage.blocks)} (batch); batch regions widened: "
+          f"{len(batch.batch_runner.stats.widened)} pages")
     harness.close()
+    batch.close()
     worst = min(ratios.values())
     print(f"fuzz ratio={worst:.2f} " + " ".join(f"{k}={v:.2f}" for k, v in ratios.items()))
+    rates = " ".join(f"{k}_rate={v:.0f}" for k, v in batch_rates.items())
+    if over_uc:
+        print(f"fuzz_batch ratio={min(over_uc.values()):.2f} "
+              + " ".join(f"{k}={v:.2f}" for k, v in over_uc.items()) + " "
+              + " ".join(f"{k}_vs_hook={v:.1f}" for k, v in over_hook.items()) + " " + rates)
+    else:
+        print(f"fuzz_batch ratio=n/a (unicorn is not installed: pip install -e '.[bench]') {rates}")
     return 0
 
 

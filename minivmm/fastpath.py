@@ -50,7 +50,21 @@ from .kvm import ExitKind, Ioctl, KvmRun
 IO_TAG = 1 << 56
 _EXIT_IO = int(ExitKind.IO)
 
-_CDEF = """
+# The fuzz cycle's argument block, declared once for cffi and for the C source.
+_CYCLE_STRUCT = """
+struct minivmm_fuzz_cycle {
+    int vm_fd, vcpu_fd;
+    unsigned int slot, length_size;
+    unsigned long long bitmap, npages, guest, copy;
+    unsigned long long run, regs, sregs, events;
+    unsigned long long input, input_copy, previous;
+    long long length_offset;
+    unsigned long long length_address;
+    long long pages;
+    int stage;
+};
+"""
+_CDEF = _CYCLE_STRUCT + """
 long long minivmm_run_packed(int fd, void *run);
 long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcpu, void *vmcs,
                           void *pre_entry, void *observers, void *resume, void *out,
@@ -58,8 +72,9 @@ long long minivmm_io_loop(int fd, void *run, void *routes, void *info, void *vcp
 long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long bitmap,
                                 unsigned long long npages, unsigned long long guest,
                                 unsigned long long copy, int clear);
+long long minivmm_fuzz_cycle(struct minivmm_fuzz_cycle *c, const char *data, unsigned long long n);
 """
-_SOURCE = r"""
+_SOURCE = _CYCLE_STRUCT + r"""
 #include <Python.h>
 #include <errno.h>
 #include <string.h>
@@ -363,6 +378,46 @@ long long minivmm_restore_dirty(int vm_fd, unsigned int slot, unsigned long long
 	}
 	return (long long)pages;
 }
+
+
+/* One fuzz run up to its first exit: what Snapshot.restore + Harness.prepare + one
+ * KVM_RUN do for a single-slot guest on a host with sync_regs. A negative errno with
+ * c->stage 1 (dirty log) or 2 (KVM_RUN); else the packed exit. The special registers go
+ * in only when they differ from the snapshot's (KVM applies sync_regs as regs, sregs,
+ * events: the order Snapshot.restore uses). */
+long long minivmm_fuzz_cycle(struct minivmm_fuzz_cycle *c, const char *data, unsigned long long n)
+{
+	struct kvm_run *run = (struct kvm_run *)c->run;
+	char *input = (char *)c->input;
+	unsigned int dirty = KVM_SYNC_X86_REGS | KVM_SYNC_X86_EVENTS;
+	long long pages;
+
+	c->stage = 1;
+	pages = minivmm_restore_dirty(c->vm_fd, c->slot, c->bitmap, c->npages, c->guest, c->copy, 1);
+	if (pages < 0)
+		return pages;
+	c->pages = pages;
+	memcpy(&run->s.regs.regs, (void *)c->regs, sizeof(struct kvm_regs));
+	memcpy(&run->s.regs.events, (void *)c->events, sizeof(struct kvm_vcpu_events));
+	if (memcmp(&run->s.regs.sregs, (void *)c->sregs, sizeof(struct kvm_sregs))) {
+		memcpy(&run->s.regs.sregs, (void *)c->sregs, sizeof(struct kvm_sregs));
+		dirty |= KVM_SYNC_X86_SREGS;
+	}
+	if (c->previous > n)
+		memcpy(input + n, (char *)c->input_copy + n, c->previous - n);
+	memcpy(input, data, n);
+	c->previous = n;
+	if (c->length_offset >= 0)
+		*(unsigned long long *)((char *)&run->s.regs.regs + c->length_offset) = n;
+	else if (c->length_address)
+		memcpy((void *)c->length_address, &n, c->length_size);     /* little-endian */
+	run->kvm_dirty_regs = dirty;
+	c->stage = 2;
+	if (ioctl(c->vcpu_fd, KVM_RUN, 0) < 0)
+		return -errno;
+	c->stage = 0;
+	return pack_exit(run);
+}
 """
 
 RunPacked = Callable[[int, object], int]
@@ -559,3 +614,54 @@ def run_packed_for(run_mmap) -> tuple[RunPacked, object]:
         del view
         return function, pointer(address)
     return _python_run_packed, run_mmap
+
+
+class FuzzCycle:
+    """One fuzz run up to its first exit in one C call (`minivmm_fuzz_cycle`).
+
+    Does what `Snapshot.restore` (memory from the dirty log of a single-slot
+    guest, general registers and events through sync_regs), `Harness.prepare`
+    (the input, the snapshot's bytes past it up to the previous input's length,
+    the length register or the length in memory) and one KVM_RUN do, and
+    returns the exit packed as `run_packed` does, or a negative errno (`stage`
+    says where: 1 the dirty log, 2 KVM_RUN). Those Python steps
+    cost a large part of a short run on the project's hosts (README,
+    "Benchmarks"). The harness keeps the Python path for everything this does
+    not cover.
+    """
+
+    def __init__(self, *, vm_fd: int, vcpu_fd: int, slot: int, bitmap: int, npages: int,
+                 guest: int, copy: int, run: int, regs: int, sregs: int, events: int,
+                 input: int, input_copy: int, length_offset: int = -1, length_address: int = 0,
+                 length_size: int = 8) -> None:
+        module = _load()
+        if module is None:
+            raise RuntimeError(f"the C fast path is not built: {BUILD_ERROR}")
+        self._call = module.lib.minivmm_fuzz_cycle
+        c = self._c = module.ffi.new("struct minivmm_fuzz_cycle *")
+        c.vm_fd, c.vcpu_fd, c.slot, c.length_size = vm_fd, vcpu_fd, slot, length_size
+        c.bitmap, c.npages, c.guest, c.copy = bitmap, npages, guest, copy
+        c.run, c.regs, c.sregs, c.events = run, regs, sregs, events
+        c.input, c.input_copy, c.previous = input, input_copy, 0
+        c.length_offset, c.length_address = length_offset, length_address
+
+    def run(self, data: bytes) -> int:
+        return self._call(self._c, data, len(data))
+
+    @property
+    def stage(self) -> int:
+        return self._c.stage
+
+    @property
+    def pages(self) -> int:
+        """Pages the last call copied back."""
+        return self._c.pages
+
+    @property
+    def previous(self) -> int:
+        """Length of the input the last call placed."""
+        return self._c.previous
+
+    @previous.setter
+    def previous(self, value: int) -> None:
+        self._c.previous = value

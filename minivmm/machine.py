@@ -426,11 +426,13 @@ class Machine:
         return serve_machine(self, port, socket, **options)
 
     def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
-                counts: list[int] | None = None, seconds: list[float] | None = None) -> Stop:
-        """vCPU 0's exit loop without building a RunResult (`VcpuContext.run_raw`); returns
-        the Stop that ended it. For harnesses that run a guest thousands of times a second."""
+                counts: list[int] | None = None, seconds: list[float] | None = None,
+                pending: int | None = None) -> Stop:
+        """vCPU 0's exit loop without building a RunResult (`VcpuContext.run_raw`, `pending`
+        there); returns the Stop that ended it. For harnesses that run a guest thousands of
+        times a second."""
         self.prepare_run()
-        return self.contexts[0].run_raw(timeout, max_exits, counts, seconds)
+        return self.contexts[0].run_raw(timeout, max_exits, counts, seconds, pending)
 
     def prepare_run(self) -> None:
         """What every run does before the first entry: mode setup on the first run, the CPUID

@@ -296,8 +296,14 @@ class VcpuContext:
         return self.last_result
 
     def run_raw(self, timeout: float | None = None, max_exits: int | None = None,
-                counts: list[int] | None = None, seconds: list[float] | None = None) -> Stop:
+                counts: list[int] | None = None, seconds: list[float] | None = None,
+                pending: int | None = None) -> Stop:
         """The exit loop without building a RunResult; returns the Stop that ended it.
+
+        `pending`: the caller entered the guest itself (the fuzz harness's C cycle,
+        `fastpath.FuzzCycle`, with no pre-entry hook and nothing left to realise) and this
+        is what that KVM_RUN returned, packed as by `fastpath.run_packed_for` (a negative
+        errno when it failed): the loop takes that exit first.
 
         `counts` and `seconds`, lists of 80 indexed by basic exit reason, collect the
         number of exits and the time spent in their handlers. Past the first 64 I/O
@@ -343,15 +349,18 @@ class VcpuContext:
                     action = Stop("exit_limit", message=f"exit limit {max_exits} reached")
                     break
                 limit -= 1
-                if pre_entry:
+                if pre_entry and pending is None:
                     try:
                         for hook in tuple(pre_entry):      # a hook may remove itself
                             hook()
                     except Exception as exc:
                         raise handler_error(vcpu, info, exc, "pre-entry hook")
-                if vmcs.dirty:
+                if vmcs.dirty and pending is None:
                     vmcs.realise()
-                if vcpu.dirty or not synced:
+                if pending is not None:
+                    kind = pending if pending >= 0 else vcpu.entry_failed(-pending)
+                    pending = None
+                elif vcpu.dirty or not synced:
                     kind = enter()
                 elif io_ready and c_loop and not pre_entry and not observers:
                     if io_loop is None:

@@ -390,9 +390,37 @@ class Snapshot:
                 vcpu.fd.set_vcpu_events(state.events)
             if fpu:
                 vcpu.fd.set_fpu(state.fpu)
+        self.restore_devices(machine)
+        return pages
+
+    def restore_devices(self, machine: "Machine") -> None:
+        """The device part of `restore` (serial, debug-exit, the last exception, `started`),
+        for a restore whose memory and register parts ran in C (`cycle_plan`)."""
         self._restore_devices(machine)
         machine.started = self.started
-        return pages
+
+    def cycle_plan(self, machine: "Machine") -> tuple[int, int, int, int, int, int] | None:
+        """The dirty-log restore's arguments (`EptShadow.restore_plan`) when `restore(machine)`
+        would restore memory from the dirty log of one memslot alone and the registers
+        through sync_regs, for `fastpath.FuzzCycle`, which does both in C; None when the
+        Python restore is needed (another machine bound, host-side writes marked, several
+        regions, no sync_regs)."""
+        bound = self._bound() if self._bound is not None else None
+        if bound is not machine or self._extra_dirty or len(self._lookup) != 1 or not machine.vcpu.synced:
+            return None
+        start, _, src, _ = self._lookup[0]
+        return machine.ept.restore_plan(src - start)
+
+    @property
+    def register_addresses(self) -> tuple[int, int, int]:
+        """Host addresses of the snapshot's KvmRegs, KvmSregs and KvmVcpuEvents."""
+        state = self.vcpu
+        return (ctypes.addressof(state.regs), ctypes.addressof(state.sregs),
+                ctypes.addressof(state.events))
+
+    def copy_address(self, gpa: int) -> int:
+        """Host address of `gpa` in the snapshot's memory copy."""
+        return self._copy_for(gpa)[0]
 
     def _fast_addresses(self, vcpu: "Vcpu") -> tuple:
         """Host addresses for the sync-regs restore: the vCPU's kvm_run areas and our structs."""

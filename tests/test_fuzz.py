@@ -143,6 +143,26 @@ def test_fast_path_matches_machine_run(make_machine) -> None:
 
 
 @pytest.mark.kvm
+def test_the_c_cycle_runs_as_the_python_path() -> None:
+    """Per-run outcomes through fastpath.FuzzCycle equal those of the Python path (serial
+    output, an exit from inside the target, crashes, a hang, data and stack writes, long
+    inputs then short ones), and the C cycle really ran them."""
+    from minivmm import fastpath
+    from minivmm.config import load_config
+    config = CONFIGS / "fuzz_batch.yaml"
+    corpus = [b"A", b"Ghi", b"H", b"B", b"B", b"C", b"F", b"J", b"I", b"A" * 200, b"E\x00", b"", b"Gxyz", b"A"]
+    outcomes = {}
+    for fast in (True, False):
+        with Harness.from_config(load_config(config, overrides=["fuzz.timeout=0.5"]), batch=1, fast=fast) as h:
+            outcomes[fast] = [(o.status, o.reason, o.rip, o.vector, o.cr2, o.exit_code, o.new_blocks,
+                               bytes(h.machine.serial.output)) for o in map(h.run, corpus)]
+            if fast and fastpath.COMPILED:
+                assert h.cycle_runs >= len(corpus) // 2       # the run after a crash takes the Python path
+    assert outcomes[True] == outcomes[False]
+    assert outcomes[True][1][-1] == b"hi" and outcomes[True][-2][-1] == b"xyz" and outcomes[True][-1][-1] == b""
+
+
+@pytest.mark.kvm
 def test_input_placement_restores_leftovers_and_length_in_memory(make_machine) -> None:
     m = make_machine("user", "2M")
     m.load_asm(r"""
@@ -169,6 +189,7 @@ input: .fill 16, 1, 0
     assert harness.run(b"\x05").exit_code == 5
     assert m.memory.read(m.symbol("input"), 4) == b"\x05\x00\x00\x00"    # leftovers cleared
     assert harness.run(bytes(range(40))).input == bytes(range(16))        # cut to the maximum
+    assert harness.run(b"\x07").exit_code == 7 and harness.run(b"").exit_code == 0
 
 
 @pytest.mark.kvm

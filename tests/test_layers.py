@@ -128,6 +128,13 @@ def test_devices_do_not_reach_kvm() -> None:
           "devices must take callbacks from the platform, not import minivmm.kvm or use .fd")
 
 
+def test_batch_mode_drives_the_guest_through_the_harness() -> None:
+    """The batch runner works on guest memory, the snapshot and `Harness.run_prepared`; the
+    C cycle and the run loop are the harness's."""
+    check(kvm_reach, ["minivmm/fuzz/batch.py"], {},
+          "minivmm.fuzz.batch must reach the guest through the Harness, not minivmm.kvm or .fd")
+
+
 # --- rule: only the entry modules enter KVM ----------------------------------------------
 ENTRY_MODULES = {"minivmm/kvm.py", "minivmm/fastpath.py", "minivmm/vcpu.py", "minivmm/runloop.py"}
 ENTRY_METHODS = {"run", "run_once", "enter"}          # Vcpu methods that issue KVM_RUN

@@ -35,29 +35,6 @@
 
 #define PAGE_SIZE 4096u
 
-static void *read_file(const char *path, size_t *size)
-{
-	int fd = open(path, O_RDONLY | O_CLOEXEC);
-	if (fd < 0)
-		die(path);
-	struct stat st;
-	if (fstat(fd, &st) < 0)
-		die(path);
-	void *data = malloc(st.st_size ? (size_t)st.st_size : 1);
-	if (!data)
-		die("malloc");
-	size_t done = 0;
-	while (done < (size_t)st.st_size) {
-		ssize_t n = read(fd, (char *)data + done, (size_t)st.st_size - done);
-		if (n <= 0)
-			die(path);
-		done += (size_t)n;
-	}
-	close(fd);
-	*size = done;
-	return data;
-}
-
 int main(int argc, char **argv)
 {
 	if (argc != 8) {

@@ -103,7 +103,8 @@ platform:  pc | {pc: bool, irqchip: bool, pit: bool, rtc: bool | {start: epoch |
 handlers:  ["module:function", "file.py:function"]
 expect:    {result, exit_code, console, message, counters: {name: N}}
 fuzz:      {input_symbol | input_address, max_input_size, length_register | length_address,
-            crash_vectors, crash_addresses, coverage_ranges: [[start, end]], timeout}
+            crash_vectors, crash_addresses, coverage_ranges: [[start, end]], timeout,
+            batch (inputs per guest entry, 1-1024), batch_regions: [[start, end]]}
 """
 
 
@@ -377,6 +378,8 @@ class FuzzConfig:
     crash_addresses: list[int] = field(default_factory=list)
     coverage_ranges: list[tuple[int, int]] = field(default_factory=list)
     timeout: float = 1.0
+    batch: int = 1
+    batch_regions: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass

@@ -1276,7 +1276,8 @@ class _Validator:
 
     def fuzz(self, node: Node) -> FuzzConfig:
         m = _Map(node, ("input_symbol", "input_address", "max_input_size", "length_register",
-                        "length_address", "crash_vectors", "crash_addresses", "coverage_ranges", "timeout"))
+                        "length_address", "crash_vectors", "crash_addresses", "coverage_ranges", "timeout",
+                        "batch", "batch_regions"))
         m.exclusive("input_symbol", "input_address")
         m.exclusive("length_register", "length_address")
         fuzz = FuzzConfig(
@@ -1288,11 +1289,20 @@ class _Validator:
             crash_vectors=m.get("crash_vectors", _list(_vector, "a list of exception vectors"), []),
             crash_addresses=m.get("crash_addresses", _list(_uint, "a list of addresses"), []),
             coverage_ranges=m.get("coverage_ranges", _list(_pair, "a list of [start, end) pairs"), []),
-            timeout=m.get("timeout", _seconds, 1.0))
+            timeout=m.get("timeout", _seconds, 1.0),
+            batch=m.get("batch", _batch_size, 1),
+            batch_regions=m.get("batch_regions", _list(_pair, "a list of [start, end) pairs"), []))
         if fuzz.input_symbol is None and fuzz.input_address is None:
             raise ConfigError("required key 'input_symbol' or 'input_address' is missing (where the input goes)",
                               node.where, _join(node.key, "input_symbol"))
         return fuzz
+
+
+def _batch_size(node: Node) -> int:
+    value = _count(node)
+    if value > 1024:
+        raise node.expected("a batch size from 1 to 1024")
+    return value
 
 
 def _pair(node: Node) -> tuple[int, int]:

@@ -122,9 +122,11 @@ class DirtyLog:
         return bool(self.enabled and self.manual_protect and fastpath.COMPILED) and \
             not self.harvested and not self.soft_dirty
 
-    def restore(self, regions: dict["Region", list["_Slot"]], copy_address: int) -> int | None:
-        """Copy the dirty pages of a single-slot guest back from `copy_address` and restart the log
-        (in C); None when there is more than one region or memslot."""
+    def restore_plan(self, regions: dict["Region", list["_Slot"]],
+                     copy_address: int) -> tuple[int, int, int, int, int, int] | None:
+        """The arguments of `fastpath.restore_dirty` for a single-slot guest whose full copy is
+        at `copy_address`: (vm fd, slot, bitmap address, pages, guest address, copy address);
+        None when there is more than one region or memslot."""
         if len(regions) != 1:
             return None
         (region, slots), = regions.items()
@@ -134,8 +136,16 @@ class DirtyLog:
         npages = slot.size >> PAGE_SHIFT
         if slot.bitmap is None:
             slot.bitmap = (ctypes.c_uint64 * ((npages + 63) // 64))()
-        pages = fastpath.restore_dirty(self.vm.fd, slot.slot, ctypes.addressof(slot.bitmap), npages,
-                                       region.host_addr, copy_address + slot.gpa, True)
+        return (self.vm.fd, slot.slot, ctypes.addressof(slot.bitmap), npages, region.host_addr,
+                copy_address + slot.gpa)
+
+    def restore(self, regions: dict["Region", list["_Slot"]], copy_address: int) -> int | None:
+        """Copy the dirty pages of a single-slot guest back from `copy_address` and restart the log
+        (in C); None when there is more than one region or memslot."""
+        plan = self.restore_plan(regions, copy_address)
+        if plan is None:
+            return None
+        pages = fastpath.restore_dirty(*plan, True)
         if pages < 0:
             raise KvmError("KVM_GET_DIRTY_LOG/KVM_CLEAR_DIRTY_LOG", -pages)
         return pages

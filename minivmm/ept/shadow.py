@@ -325,6 +325,16 @@ class EptShadow:
         self._sync_regions()
         return self._dirty.restore(self._memslots.regions, copy_address)
 
+    def restore_plan(self, copy_address: int) -> tuple[int, int, int, int, int, int] | None:
+        """What `restore_dirty_pages(copy_address)` would hand the C code, for callers that
+        restore in a C call of their own (`fastpath.FuzzCycle`): (vm fd, slot, dirty bitmap
+        address, pages, guest host address, copy host address), or None where that restore
+        does not apply."""
+        if not self._dirty.restorable:
+            return None
+        self._sync_regions()
+        return self._dirty.restore_plan(self._memslots.regions, copy_address)
+
     def _note_write(self, gpa: int, size: int) -> None:
         self._dirty.note_write(gpa, size)
         if self.ad:

@@ -10,6 +10,8 @@
 
 * `Harness` / `FuzzTarget` / `RunOutcome` (`minivmm.fuzz.harness`): place an
   input, run from a snapshot with a deadline, classify the run.
+* batch mode (`minivmm.fuzz.batch`, `Harness(..., batch=N).run_batch`): many inputs per
+  guest entry through a CPL-3 runtime in the guest, outcomes as per run.
 * `Coverage` (`minivmm.fuzz.coverage`): one-shot int3 breakpoints on basic blocks.
 * `Mutator` (`minivmm.fuzz.mutator`): havoc-style mutations over a corpus.
 * `Fuzzer` (`minivmm.fuzz.engine`): the fuzz loop behind `minivmm fuzz`.

@@ -38,6 +38,9 @@ def add_commands(subparsers: argparse._SubParsersAction) -> None:
     fuzz.add_argument("--seconds", type=positive_seconds, metavar="S", help="stop after S seconds")
     fuzz.add_argument("--seed", type=int, metavar="N", help="random seed (reproducible campaigns with --jobs 1)")
     fuzz.add_argument("--no-coverage", action="store_true", help="blind fuzzing (no breakpoints)")
+    fuzz.add_argument("--batch", type=_batch_size, metavar="N",
+                      help="run up to N inputs per guest entry (batch mode, for FUZZ_ENTRY targets; "
+                           "default: the config's fuzz.batch, else 1)")
     fuzz.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config value, e.g. fuzz.timeout=0.5; repeatable")
     fuzz.add_argument("--json", action="store_true",
@@ -97,6 +100,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _batch_size(text: str) -> int:
+    value = _positive_int(text)
+    if value > 1024:
+        raise argparse.ArgumentTypeError(f"expected a batch size from 1 to 1024, got {text!r}")
+    return value
+
+
 def _load(args: argparse.Namespace):
     from ..config import load_config
     config = load_config(args.config, overrides=args.overrides)
@@ -126,10 +136,12 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
         if args.jobs > 1:
             stats = fuzz_jobs(args.config, jobs=args.jobs, corpus_dir=args.corpus, crashes_dir=args.crashes,
                               runs=args.runs, seconds=args.seconds, seed=args.seed,
-                              coverage=not args.no_coverage, overrides=args.overrides, status=status)
+                              coverage=not args.no_coverage, overrides=args.overrides, status=status,
+                              batch=args.batch)
         else:
             try:
-                harness = Harness.from_config(config, coverage=not args.no_coverage)
+                harness = Harness.from_config(config, coverage=not args.no_coverage,
+                                              batch=args.batch or config.fuzz.batch)
             except FuzzError as exc:
                 print(f"minivmm: {exc}", file=sys.stderr)
                 return EXIT_USAGE
@@ -140,6 +152,9 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                     stats = fuzzer.run(runs=args.runs, seconds=args.seconds)
                 except KeyboardInterrupt:
                     stats = fuzzer.stats
+                if harness.batch_runner is not None:
+                    status.done()
+                    print(batch_report(harness.batch_runner.stats), file=sys.stderr)
     except KeyboardInterrupt:
         status.done()
         print("minivmm: interrupted", file=sys.stderr)
@@ -154,6 +169,19 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     for site in sorted(stats.crash_sites):
         print(f"  crash {site}: {args.crashes / ('crash-' + site)}")
     return EXIT_OK
+
+
+def batch_report(stats) -> str:
+    """What batch mode did in a campaign (`minivmm.fuzz.batch.BatchStats`), one line or two."""
+    text = (f"batch mode: {stats.inputs} inputs in {stats.batches} batches ({stats.per_run} per-run), "
+            f"{stats.stops} ended by a stop, {stats.timeouts} by the deadline, "
+            f"{stats.guest_hits} coverage hits taken in the guest")
+    if stats.widened:
+        pages = ", ".join(f"{gpa:#x}" for gpa, _ in stats.widened[:8]) + (" ..." if len(stats.widened) > 8 else "")
+        text += f"; written outside the declared regions, now reset between inputs: {pages}"
+    if stats.disabled:
+        text += f"\nbatch mode off: {stats.disabled}"
+    return text
 
 
 def fuzz_summary(stats, config: str, crashes: Path) -> dict:
@@ -171,7 +199,7 @@ def cmd_afl(args: argparse.Namespace) -> int:
     if config is None:
         return EXIT_USAGE
     try:
-        harness = Harness.from_config(config)
+        harness = Harness.from_config(config, batch=1)        # one input per forkserver cycle
     except FuzzError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -123,6 +123,7 @@ class Coverage:
     _snapshot: "Snapshot | None" = field(default=None, repr=False)
     _index: dict[int, int] = field(default_factory=dict, repr=False)
     _owned: list[Breakpoint] = field(default_factory=list, repr=False)
+    _pending: dict[int, Breakpoint] = field(default_factory=dict, repr=False)
     constants: list[bytes] = field(default_factory=list)
 
     # -- setup ---------------------------------------------------------------------------
@@ -158,8 +159,38 @@ class Coverage:
         for addr in self.blocks:
             if addr not in self.hits:
                 owned.append(add(addr, self._on_block, one_shot=True))
+                self._pending[addr] = owned[-1]
         for addr in sorted(self.crash_addresses):
             owned.append(add(addr, self._on_crash_address))
+
+    def guest_takeable(self) -> dict[int, int]:
+        """The pending blocks whose int3 only coverage owns, mapped to the byte it replaced:
+        the ones a handler inside the guest may take itself (`taken_in_guest`)."""
+        table = self._table
+        if table is None:
+            return {}
+        out = {}
+        for address, breakpoint in self._pending.items():
+            if breakpoint.active and address not in self.hits and table.breakpoints(address) == [breakpoint]:
+                original = table.original(address)
+                if original is not None:
+                    out[address] = original
+        return out
+
+    def taken_in_guest(self, address: int) -> bool:
+        """A handler in the guest took the breakpoint at `address` and wrote the original byte
+        back itself: record the hit as the exit would have (`on_new_block` too) and drop the
+        breakpoint (its byte goes back in the snapshot's copy). False when it is not a
+        pending block."""
+        breakpoint = self._pending.pop(address, None)
+        if breakpoint is None or not breakpoint.active or address in self.hits:
+            return False
+        self._table.remove(breakpoint)
+        self.hits.add(address)
+        self.new_blocks.append(address)
+        if self.on_new_block is not None:
+            self.on_new_block(address)
+        return True
 
     # -- the breakpoints' callbacks ------------------------------------------------------------
     def _on_block(self, vcpu: "Vcpu", info: "ExitInfo") -> None:
@@ -209,6 +240,7 @@ class Coverage:
         for breakpoint in self._owned:
             table.remove(breakpoint)
         self._owned.clear()
+        self._pending.clear()
         if self._snapshot is not None:
             table.remove_mirror(self._snapshot.patch)
         self._table = None

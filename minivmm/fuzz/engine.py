@@ -140,27 +140,40 @@ class Fuzzer:
             if now - self._last_sync >= SYNC_INTERVAL_S:
                 self._last_sync = now
                 queue_.extend(self.sync())
-            if queue_:
-                data = queue_.pop(0)          # seeds and synced inputs run as they are first
-                fresh = True
+            count = 1
+            if harness.batch_runner is not None:
+                count = harness.batch_runner.stats.size
+                if runs is not None:
+                    count = max(1, min(count, runs - stats.runs))
+                if not self.corpus:                  # nothing to mutate before the queue ran
+                    count = max(1, min(count, len(queue_)))
+            picked: list[tuple[bytes, bool]] = []
+            for _ in range(count):
+                if queue_:
+                    picked.append((queue_.pop(0), True))   # seeds and synced inputs run as they are first
+                else:
+                    # Half the time the newest entry (the frontier), else any entry.
+                    corpus = self.corpus
+                    parent = corpus[-1] if rng.random() < 0.5 else corpus[rng.randrange(len(corpus))]
+                    picked.append((mutate(parent, corpus), False))
+            if harness.batch_runner is None:
+                outcomes = [harness.run(picked[0][0])]
             else:
-                # Half the time the newest entry (the frontier), else any entry.
-                corpus = self.corpus
-                parent = corpus[-1] if rng.random() < 0.5 else corpus[rng.randrange(len(corpus))]
-                data = mutate(parent, corpus)
-                fresh = False
-            outcome = harness.run(data)
-            stats.runs += 1
-            if outcome.new_blocks or (fresh and outcome.input not in self._known):
-                stats.hits.update(outcome.new_blocks)
-                self._add(outcome.input, save=bool(outcome.new_blocks))
-            if outcome.status is Status.CRASH:
-                stats.crash_runs += 1
-                self._record_crash(outcome)
-                if until_crash:
-                    break
-            elif outcome.status is Status.TIMEOUT:
-                stats.timeouts += 1
+                outcomes = harness.run_batch([data for data, _ in picked])
+            crashed = False
+            for (_, fresh), outcome in zip(picked, outcomes):
+                stats.runs += 1
+                if outcome.new_blocks or (fresh and outcome.input not in self._known):
+                    stats.hits.update(outcome.new_blocks)
+                    self._add(outcome.input, save=bool(outcome.new_blocks))
+                if outcome.status is Status.CRASH:
+                    stats.crash_runs += 1
+                    self._record_crash(outcome)
+                    crashed = True
+                elif outcome.status is Status.TIMEOUT:
+                    stats.timeouts += 1
+            if crashed and until_crash:
+                break
             if self.status is not None and now - last_status >= STATUS_INTERVAL_S:
                 last_status = now
                 stats.elapsed_s = now - start
@@ -234,8 +247,9 @@ def _job(index: int, config_path: str, options: dict, results: "multiprocessing.
     """One worker process: its own machine, fuzzing into the shared directories."""
     from ..config import load_config
     try:
-        harness = Harness.from_config(load_config(config_path, options["overrides"]),
-                                      coverage=options["coverage"])
+        config = load_config(config_path, options["overrides"])
+        harness = Harness.from_config(config, coverage=options["coverage"],
+                                      batch=options["batch"] or (config.fuzz.batch if config.fuzz else 1))
     except Exception as exc:                          # reported by the parent
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
         return
@@ -258,13 +272,15 @@ def _portable(stats: FuzzStats) -> dict:
 def fuzz_jobs(config_path: str | os.PathLike, *, jobs: int, corpus_dir: str | os.PathLike,
               crashes_dir: str | os.PathLike, runs: int | None = None, seconds: float | None = None,
               seed: int | None = None, coverage: bool = True, overrides: Iterable[str] = (),
-              status: Callable[[FuzzStats], None] | None = None) -> FuzzStats:
-    """Fuzz with `jobs` processes; `runs` is the total over all jobs. Returns the summed stats."""
+              status: Callable[[FuzzStats], None] | None = None, batch: int | None = None) -> FuzzStats:
+    """Fuzz with `jobs` processes; `runs` is the total over all jobs. Returns the summed stats.
+    `batch`: inputs per guest entry (default: the config's `fuzz.batch`)."""
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
     per_job = None if runs is None else max(1, -(-runs // jobs))
     options = {"corpus": str(corpus_dir), "crashes": str(crashes_dir), "runs": per_job,
-               "seconds": seconds, "seed": seed, "coverage": coverage, "overrides": list(overrides)}
+               "seconds": seconds, "seed": seed, "coverage": coverage, "overrides": list(overrides),
+               "batch": batch}
     workers = [ctx.Process(target=_job, args=(i, str(config_path), options, results), daemon=True)
                for i in range(jobs)]
     for w in workers:
