@@ -160,3 +160,20 @@ def test_gdb_a_fifth_hbreak_gets_an_error_reply():
         assert run.value("after_refusal") == s["_start"], out         # the guest did not run
         assert run.value("at_bp") == s["bp_add"], out
         assert run.result is not None and run.result.exit_code == 7, out
+
+
+def test_slots_are_per_vcpu():
+    """A breakpoint for every vCPU takes a slot on each; one for vCPU 1 only takes the next slot
+    there and none on vCPU 0; removing frees exactly its slots (in the VMCS model that
+    KVM_SET_GUEST_DEBUG is realised from)."""
+    with Machine("2M", "long", vcpus=2) as m:
+        both = m.hw_breakpoints.add(0x100000)
+        one = m.hw_breakpoints.add(0x100010, vcpu=1)
+        assert both.slots == {0: 0, 1: 0} and one.slots == {1: 1}
+        assert [ctx.vmcs.hw_breakpoints for ctx in m.contexts] == [
+            [0x100000, None, None, None], [0x100000, 0x100010, None, None]]
+        m.hw_breakpoints.remove(both)
+        assert [ctx.vmcs.hw_breakpoints for ctx in m.contexts] == [[None] * 4, [None, 0x100010, None, None]]
+        assert m.hw_breakpoints.breakpoints() == [one]
+        with pytest.raises(HardwareBreakpointError, match="no vCPU 2"):
+            m.hw_breakpoints.add(0x100020, vcpu=2)
