@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("exit_rate", "ept", "fuzz", "restore", "boot", "startup")
+BENCHMARKS = ("exit_rate", "ept", "fuzz", "restore", "boot", "startup", "linux")
 
 
 def main(argv: list[str] | None = None) -> int:

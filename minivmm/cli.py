@@ -1,4 +1,4 @@
-"""The `minivmm` command line: run, check, trace, caps, fuzz and afl.
+"""The `minivmm` command line: run, check, trace, caps, fuzz, afl and linux.
 
 Exit status of `minivmm run`: the guest's debug-exit code when it reports one
 (a rule's `stop` without one: 0); 0 when it halts; 124 on timeout; 125 on a
@@ -151,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .fuzz import cli as fuzz_cli
     fuzz_cli.add_commands(commands)
+    from .linux import cli as linux_cli
+    linux_cli.add_command(commands)
     return parser
 
 
@@ -328,6 +330,9 @@ class _StdoutSink:
 def cmd_run(args: argparse.Namespace, out: TextIO | None = None) -> int:
     out = out or sys.stdout
     config = load_config(args.config, args.overrides)
+    if getattr(args, "input", None) is not None and any(image.type == "linux" for image in config.images):
+        from .linux.config import replay_input
+        return replay_input(config, args.input)
     events: list[str] = []
     trace_lines: list[str] = []
 

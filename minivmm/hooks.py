@@ -8,6 +8,7 @@
 | `PRE_ENTRY` | before every entry into the guest         | None               |
 | `BREAKPOINT`| when the guest executes `address` (int3)  | None or an Action  |
 | `EPT_ACCESS`| for guest accesses to `gpa` (EPT rights)  | None or a Stop     |
+| `SYSCALL`   | a user-mode `syscall` whose `number` matches, `when="before"` or `"after"` the kernel | None, Reply(result) or a Stop |
 
 Every callback is `callback(vcpu, info)`: the `Vcpu` and its `ExitInfo` (for
 PRE_ENTRY the last exit's). `vcpu=` installs OBSERVE and PRE_ENTRY callbacks on
@@ -29,6 +30,12 @@ first byte, `guest_linear_address` where known, `data` the value read or
 written as a little-endian int) with `info.event` the `HookEvent` (size, bytes,
 rip). The access completes on RAM; a returned `Stop` then ends the run (an
 execute hook runs before the instruction, so the run ends at it).
+
+SYSCALL (`number=` an int, range or None for all, `when="before" | "after"`) is
+HyperDbg's `!syscall` / `!sysret` for user-mode guests: `info` is a
+`minivmm.syscalls.SyscallEvent` (number, args, rip, result). A before hook's
+`Reply(value)` returns `value` without the kernel; an after hook sees
+`event.result` and may replace it (see `minivmm.syscalls`).
 """
 from __future__ import annotations
 
@@ -38,6 +45,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from .exits import ExitReason
 from .handlers import Dispatcher, Registration
+from .syscalls import SyscallTable
 
 if TYPE_CHECKING:
     from .breakpoints import BreakpointTable
@@ -53,6 +61,7 @@ class HookKind(str, Enum):
     PRE_ENTRY = "pre_entry"
     BREAKPOINT = "breakpoint"
     EPT_ACCESS = "ept_access"
+    SYSCALL = "syscall"
 
 
 @dataclass(eq=False, slots=True)
@@ -80,6 +89,9 @@ class HookRegistry:
         self._breakpoints = breakpoints
         self._ept = ept
         self._handles: list[Handle] = []
+        self.syscalls = SyscallTable()
+        for ctx in contexts:
+            ctx.syscalls = self.syscalls
 
     def add(self, kind: HookKind | str, callback: Callable, *, reason: ExitReason | None = None,
             vcpu: int | None = None, **filters) -> Handle:
@@ -87,7 +99,15 @@ class HookRegistry:
         leaf) for EXIT, `vcpu` for OBSERVE and PRE_ENTRY, `address` and `one_shot` for
         BREAKPOINT, `gpa` and `access` for EPT_ACCESS (see the module docstring)."""
         kind = HookKind(kind)
-        if kind in (HookKind.BREAKPOINT, HookKind.EPT_ACCESS):
+        if kind is HookKind.SYSCALL:
+            if reason is not None or vcpu is not None:
+                raise TypeError("SYSCALL hooks apply to every vCPU and take no reason")
+            unknown = set(filters) - {"number", "when"}
+            if unknown:
+                raise TypeError(f"a SYSCALL hook takes number= and when=, not {', '.join(sorted(unknown))}")
+            hook = self.syscalls.add(callback, filters.get("number"), filters.get("when", "before"))
+            handle = Handle(kind, callback, undo=lambda: self.syscalls.remove(hook))
+        elif kind in (HookKind.BREAKPOINT, HookKind.EPT_ACCESS):
             if reason is not None or vcpu is not None:
                 raise TypeError(f"{kind.name} hooks apply to every vCPU and take no reason")
             undo = self._breakpoint(callback, **filters) if kind is HookKind.BREAKPOINT \

@@ -367,13 +367,16 @@ class Machine:
         Usable as a decorator: `@machine.on(ExitReason.IO_INSTRUCTION, port=0x3f8)`.
         Filters: port, msr, vector, address, number, leaf (an int, a range or
         a (start, end) tuple). Returns the Handle, for `off()`; `off(function)`
-        removes a decorated function.
+        removes a decorated function. `reason` may also name another hook kind,
+        e.g. `m.on("syscall", fn, number=1, when="after")` (`minivmm.hooks`).
         """
         if handler is None:
             def decorate(fn: Callable) -> Callable:
                 self.on(reason, fn, **filters)
                 return fn
             return decorate
+        if isinstance(reason, str):
+            return self.hooks.add(reason, handler, **filters)
         return self.hooks.add(HookKind.EXIT, handler, reason=reason, **filters)
 
     def off(self, handle: Handle | Callable) -> None:

@@ -36,6 +36,17 @@ the CPU pushes none) and reports it with `out %al, $EXCEPTION_PORT`. The VMM
 reads the frame from the kernel stack. The stubs avoid every instruction the
 PVM host cannot emulate at CPL 0. Page 0 is not present in user mode, so a
 NULL dereference is a page fault.
+
+`syscall` in user mode (EFER.SCE set, LSTAR = SYSCALL_EXIT_ADDR, STAR and FMASK as
+Linux sets them) jumps to a page that guest paging maps but no memslot backs.
+Hosts differ in what the CPU does first (see kvm-host-notes.md): on the PVM hosts
+the CPL stays 3, on plain VT-x it becomes 0 with CS = STAR[47:32]; either way
+the fetch from the memslot hole is an emulation failure KVM reports as
+KVM_EXIT_INTERNAL_ERROR at RIP = SYSCALL_EXIT_ADDR with RAX and the arguments
+intact (at CPL 3 KVM may inject #UD instead on other hosts: that arrives as a #UD
+exit and is reported as such). The translator recognises the address; the run loop
+reads the CPL it finds and returns to CPL 3 as `sysretq` would
+(`minivmm.syscalls`).
 """
 from __future__ import annotations
 
@@ -90,6 +101,15 @@ RFLAGS_FIXED, RFLAGS_IF, RFLAGS_IOPL3 = 0x2, 0x200, 0x3000
 PTE_P, PTE_RW, PTE_US, PTE_PS = 1, 2, 4, 0x80
 
 IDENTITY_MAP_LIMIT = 4 << 30
+
+SYSCALL_EXIT_ADDR = 0xFFE00000
+"""Where `syscall` goes in user mode: a 2 MiB page mapped user-accessible onto a GPA no
+memslot backs (the top of the 4 GiB identity map), so the fetch there exits."""
+MSR_STAR, MSR_LSTAR, MSR_CSTAR, MSR_FMASK = 0xC0000081, 0xC0000082, 0xC0000083, 0xC0000084
+STAR_VALUE = (0x1B << 48) | (SEL_CODE64 << 32)
+"""SYSCALL loads CS = 0x08 (SS 0x10); SYSRET loads CS = 0x1b + 16 = 0x2b, SS = 0x23."""
+FMASK_VALUE = 0x47700
+"""RFLAGS bits SYSCALL clears, as Linux: TF, IF, DF, IOPL, NT, AC."""
 
 
 class SystemStructure(NamedTuple):
@@ -270,7 +290,9 @@ def _page_tables(memory: GuestMemory, user: bool, base: int = 0) -> None:
     entries = []
     for i in range(4 * 512):
         gpa = i << 21
-        if gpa >= mapped_limit or (user and not memory.is_mapped(gpa)):
+        if user and gpa == SYSCALL_EXIT_ADDR and not memory.is_mapped(gpa):
+            entries.append(gpa | PTE_P | PTE_US | PTE_PS)       # the syscall exit page: a hole
+        elif gpa >= mapped_limit or (user and not memory.is_mapped(gpa)):
             entries.append(0)
         elif i == 0 and user:
             entries.append(PT_LOW_ADDR | PTE_P | PTE_RW | PTE_US)
@@ -349,6 +371,7 @@ def setup_mode(vcpu: Vcpu, memory: GuestMemory, mode: Mode, entry: int, stack: i
         for name in ("ds", "es", "fs", "gs", "ss"):
             _flat(SEL_USER_DATA, False, dpl=3).to_kvm(getattr(sregs, name))
         rflags = RFLAGS_FIXED | RFLAGS_IOPL3
+        setup_syscall_msrs(vcpu, SYSCALL_EXIT_ADDR)
     else:
         _flat(SEL_CODE64, True, long=True).to_kvm(sregs.cs)
         for name in ("ds", "es", "fs", "gs", "ss"):
@@ -356,6 +379,14 @@ def setup_mode(vcpu: Vcpu, memory: GuestMemory, mode: Mode, entry: int, stack: i
         rflags = RFLAGS_FIXED
     vcpu.set_sregs(sregs)
     vcpu.rip, vcpu.rsp, vcpu.rflags = entry, stack, rflags
+
+
+def setup_syscall_msrs(vcpu: Vcpu, entry: int) -> None:
+    """STAR, LSTAR = `entry`, CSTAR and FMASK for user mode's `syscall` (SDM vol. 2, SYSCALL)."""
+    for index, value in ((MSR_STAR, STAR_VALUE), (MSR_LSTAR, entry), (MSR_CSTAR, entry),
+                         (MSR_FMASK, FMASK_VALUE)):
+        if not vcpu.write_msr(index, value):
+            raise GuestMemoryError(f"KVM refused MSR {index:#x} = {value:#x} (user mode's syscall entry)")
 
 
 def _write_gdt_and_tss(memory: GuestMemory, mode: Mode, sregs, base: int) -> None:

@@ -136,6 +136,7 @@ class VcpuContext:
         self._fault: tuple = (None, 0, 0)        # (exception, rip), entry, repeats: _resumed_fault
         self._step_rip: int | None = None
         self._run_mmap = vcpu.fd.run_mmap
+        self.syscalls = None             # the machine's minivmm.syscalls.SyscallTable, once it has one
 
     def close(self) -> None:
         self._io_loop = None
@@ -427,6 +428,11 @@ class VcpuContext:
                 key = self._translate(kind, run, out_data)
                 if key is _NO_EXIT:
                     continue
+                if key is _SYSCALL:
+                    if self._syscall(info, counts):
+                        action = self._syscall_action
+                        break
+                    continue
                 if key.__class__ is Stop:
                     action = key
                     break
@@ -498,6 +504,10 @@ class VcpuContext:
                 return _NO_EXIT if carried[0] is None else carried[1]
         if translation.restore is not None:
             self._restore_user_frame(translation.restore, translation.step)
+        if translation.syscall:
+            self._syscall_return_state()
+            if self.syscalls is not None and self.syscalls.active:
+                return _SYSCALL
         if translation.step and not self._stepped(info):
             return _NO_EXIT
         return translation.key
@@ -519,6 +529,32 @@ class VcpuContext:
         sregs.cs.selector, sregs.cs.dpl, sregs.cs.l, sregs.cs.db = SEL_USER_CODE64, 3, 1, 0
         sregs.ss.selector, sregs.ss.dpl = SEL_USER_DATA, 3
         vcpu.set_sregs(sregs)
+
+    def _syscall_return_state(self) -> None:
+        """After a user-mode SYSCALL exit: the state of the SYSCALL instruction at CPL 3
+        (RIP = RCX - 2, RFLAGS = R11). The CPL the host left is read here, not assumed: the
+        PVM hosts keep CPL 3, plain VT-x enters CPL 0 with STAR's kernel CS."""
+        vcpu = self.vcpu
+        regs = vcpu.register_cache
+        rip, rflags = (regs.rcx - 2) & (1 << 64) - 1, regs.r11
+        if vcpu.sregs.cs.selector & 3 != 3:
+            self._restore_user_frame(RestoreUserFrame(rip, regs.rsp, rflags))
+        else:
+            vcpu.rip, vcpu.rflags = rip, rflags
+
+    def _syscall(self, info: ExitInfo, counts: list[int]) -> bool:
+        """A SYSCALL exit goes to the SYSCALL hooks and the kernel (`minivmm.syscalls`); True
+        when the run ends (`_syscall_action` is the Stop)."""
+        vcpu = self.vcpu
+        if self.observers:
+            self._observe(self.observers, info)
+        counts[ExitReason.EXCEPTION_OR_NMI] += 1
+        try:
+            action = self.syscalls.dispatch(vcpu, vcpu.rip, self.index)
+        except Exception as exc:
+            raise handler_error(vcpu, info, exc, f"SYSCALL {vcpu.rax} hook")
+        self._syscall_action = action
+        return self._complete(info, action)
 
     def _hide_tf(self, frame: RestoreUserFrame, step: bool) -> int:
         """The RFLAGS of a user-mode stub frame taken under minivmm's single-step, as the guest's
@@ -759,6 +795,7 @@ class VcpuContext:
 
 
 _NO_EXIT = object()
+_SYSCALL = object()
 _PUSHF_SAME = 0xDD5     # CF PF AF ZF SF TF DF OF: what a trap right after PUSHF/POPF reports as pushed
                         # (IF may differ: a PVM host's CPL-3 PUSHF shows the virtual IF)
 REPEATED_FAULT_LIMIT = 1000

@@ -24,6 +24,9 @@ Host facts the translation depends on (see the README's host section):
   instruction is found by decoding around RIP (`find_io_instruction`).
 - An `int3` that KVM cannot emulate at CPL 0 arrives as an emulation failure
   whose instruction bytes start with 0xcc: a #BP exception exit.
+- In user mode `syscall` jumps to SYSCALL_EXIT_ADDR, a memslot hole: an emulation
+  failure at that RIP is the system call, reported as #UD at the SYSCALL instruction
+  (`Translation.syscall`; `minivmm.syscalls`).
 """
 from __future__ import annotations
 
@@ -37,7 +40,8 @@ from .exits import (EXCEPTIONS_WITH_ERROR_CODE, VM_ENTRY_FAILURE, ExitInfo, Exit
                     InterruptionInfo, InterruptionType, IoQualification, Vector, vector_name)
 from .kvm import (DebugExit, ExitKind, FailEntryExit, InternalErrorExit, InternalErrorKind, IoExit,
                   MemoryFaultExit, MmioExit, MsrExit)
-from .modes import EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, Mode, StubFrame, decode_stub_frame
+from .modes import (EXCEPTION_PORT, HYPERCALL_PORT, STUB_SIZE, STUBS_ADDR, SYSCALL_EXIT_ADDR, Mode, StubFrame,
+                    decode_stub_frame)
 
 __all__ = ["CpuView", "EptStep", "EptView", "ExceptionReport", "GuestFault", "exception_report", "IoInstruction",
            "RestoreUserFrame", "Translation", "Translator", "find_io_instruction", "io_qualification"]
@@ -164,11 +168,14 @@ class Translation:
 
     `key` is the dispatch filter value (port, MSR, vector, GPA, hypercall
     number), `restore` the stub-frame continuation, `step` whether the exit is a
-    single-step trap that belongs to the step service, `ept` what the EPT model carries out."""
+    single-step trap that belongs to the step service, `ept` what the EPT model carries out,
+    `syscall` whether the exit is a user-mode `syscall` (the loop then returns to the
+    instruction, at CPL 3)."""
     key: int | None = None
     restore: RestoreUserFrame | None = None
     step: bool = False
     ept: EptStep | None = None
+    syscall: bool = False
 
 
 def exception_report(info: ExitInfo, rip: int, cr2: int) -> ExceptionReport:
@@ -325,6 +332,8 @@ class Translator:
             info.reset(reason, hardware, entry_failure=True, raw_kvm_exit=exit)
             return Translation()
         if kind == ExitKind.INTERNAL_ERROR:
+            if self.mode is Mode.USER and cpu.rip == SYSCALL_EXIT_ADDR:
+                return self._syscall(exit, info)
             if ept is not None and exit.suberror == InternalErrorKind.EMULATION:
                 translation = self._ept_fetch(exit, cpu, info, ept)
                 if translation is not None:
@@ -443,6 +452,14 @@ class Translator:
                    interruption_info=InterruptionInfo(vector, itype, has_error).encode(),
                    interruption_error_code=error_code or 0, instruction_length=length, raw_kvm_exit=exit)
         return Translation(vector, restore=RestoreUserFrame(rip, frame.rsp, frame.rflags))
+
+    @staticmethod
+    def _syscall(exit: InternalErrorExit, info: ExitInfo) -> Translation:
+        """A SYSCALL that went to LSTAR (see minivmm.modes): #UD at the instruction, as a
+        hypervisor that clears EFER.SCE intercepts system calls."""
+        info.reset(ExitReason.EXCEPTION_OR_NMI, instruction_length=2, raw_kvm_exit=exit,
+                   interruption_info=InterruptionInfo(Vector.UD, InterruptionType.HARDWARE_EXCEPTION).encode())
+        return Translation(int(Vector.UD), syscall=True)
 
     def _internal_error(self, exit: InternalErrorExit, cpu: CpuView, info: ExitInfo) -> Translation:
         code = exit.instruction_bytes()

@@ -121,6 +121,12 @@ def test_hardware_breakpoint_table_does_not_reach_kvm() -> None:
           "the hardware breakpoint table must go through the VMCS model, not minivmm.kvm or .fd")
 
 
+def test_linux_personality_and_syscall_hooks_do_not_reach_kvm() -> None:
+    check(kvm_reach, under("minivmm/linux/") + ["minivmm/syscalls.py"], KVM_REACH_ALLOWED,
+          "the Linux personality and the SYSCALL hooks use the Machine and Vcpu APIs, not minivmm.kvm "
+          "or vcpu.fd")
+
+
 def test_devices_do_not_reach_kvm() -> None:
     """Devices are register logic: interrupts and host-memory effects come in as callbacks
     (`irq`, `set_irq`, `flush_page`) that minivmm.platform wires to KVM."""

@@ -109,6 +109,9 @@ def build_machine(config: Config, *, capture_console: bool = False,
     loader errors) are `ConfigError`s naming the key too.
     """
     preflight(config)
+    if any(image.type == "linux" for image in config.images):
+        from ..linux.config import build_linux_machine
+        return build_linux_machine(config, console=console, log=log)
     sink = console
     serial = config.devices.serial
     opened = None
@@ -237,6 +240,9 @@ def check_config(config: Config) -> dict[str, int]:
     load (assemble, compile) the images, check they fit, do not overlap and leave room for
     the system area, resolve every symbol the config uses. Returns the symbols."""
     preflight(config)
+    if any(image.type == "linux" for image in config.images):
+        from ..linux.config import check_linux_config
+        return check_linux_config(config)
     builder = _Builder(config, None)
     entry = builder.images()
     builder.system_area()

@@ -84,6 +84,8 @@ images:    - {type: asm, source: file.S, address, entry, defines: {NAME: int}}
            - {type: elf, path: file.elf | build: {c: [file.c], cflags: [..], link_address}, entry}
            - {type: multiboot, path: kernel | source: kernel.S | build: {c: [..], cflags},
               cmdline: text, defines, modules: [{path: file, cmdline: text}]}
+           - {type: linux, path: static-program, argv: [..], env: {NAME: text}, expose: [PATH[:rw]],
+              stdin: file}   (the only image; machine.memory is the program's memory limit)
 devices:   {serial: {port, output: stdout|stderr|capture|file|none, path},
             debug_exit: {port, width}, hypercall: {port, calls: [{number, action, value}]},
             mmio: [{start, end|size, action: ignore|count|log|stop, value}]}
@@ -176,7 +178,7 @@ class BuildConfig:
 
 @dataclass
 class ImageConfig:
-    type: str                                  # asm | binary | elf | multiboot
+    type: str                                  # asm | binary | elf | multiboot | linux
     path: Path | None = None                   # source (asm), file (binary/elf/multiboot)
     assemble: bool = False                     # multiboot kernel given as assembly source
     build: BuildConfig | None = None
@@ -185,6 +187,10 @@ class ImageConfig:
     defines: dict[str, int] = field(default_factory=dict)
     cmdline: str = ""
     modules: list["ModuleConfig"] = field(default_factory=list)
+    argv: list[str] = field(default_factory=list)           # linux: the program's argv
+    env: dict[str, str] | None = None                       # linux: None = a minimal environment
+    expose: list[str] = field(default_factory=list)         # linux: host paths, PATH or PATH:rw
+    stdin: Path | None = None                               # linux: a file as standard input
     loc: Loc = Loc()
 
 

@@ -923,6 +923,15 @@ class _Validator:
             raise ConfigError("required key 'images' is missing (a config needs at least one image)",
                               root.where, "images")
         self.check_multiboot(config, m)
+        linux = [image for image in config.images if image.type == "linux"]
+        if linux and len(config.images) > 1:
+            raise linux[0].loc.error("a linux image is the only image of its config (minivmm builds its "
+                                     "address space)")
+        if linux:
+            if config.machine.mode_given and config.machine.mode != "user":
+                raise ConfigError(f"a linux image runs at CPL 3: machine.mode must be user or left out, "
+                                  f"not {config.machine.mode!r}", m.items["machine"].where, "machine.mode")
+            config.machine.mode = "user"
         config.devices = m.get("devices", self.devices, DevicesConfig())
         config.vmcs = m.get("vmcs", self.vmcs, VmcsConfig())
         config.ept = m.get("ept", self.ept, EptConfig())
@@ -1035,12 +1044,14 @@ class _Validator:
 
     def image(self, node: Node) -> ImageConfig:
         if not isinstance(node.value, dict):
-            raise node.expected("an image mapping with a 'type' (asm, binary, elf, multiboot)")
+            raise node.expected("an image mapping with a 'type' (asm, binary, elf, multiboot, linux)")
         type_node = node.value.get("type")
         if type_node is None:
-            raise ConfigError("required key 'type' is missing (asm, binary, elf or multiboot)",
+            raise ConfigError("required key 'type' is missing (asm, binary, elf, multiboot or linux)",
                               node.where, _join(node.key, "type"))
-        kind = _choice("asm", "binary", "elf", "multiboot")(type_node)
+        kind = _choice("asm", "binary", "elf", "multiboot", "linux")(type_node)
+        if kind == "linux":
+            return self.linux_image(node)
         allowed = {"asm": ("type", "source", "address", "entry", "defines"),
                    "binary": ("type", "path", "address", "entry"),
                    "elf": ("type", "path", "build", "entry"),
@@ -1078,6 +1089,22 @@ class _Validator:
                 m.items["defines"].value, dict) else (), "a mapping of NAME: integer")
             image.defines = {_define_name(child, name): _int(child) for name, child in defines.items.items()}
         image.entry = m.get("entry", _address)
+        return image
+
+    def linux_image(self, node: Node) -> ImageConfig:
+        """`type: linux`: a static Linux program run by minivmm's Linux personality."""
+        m = _Map(node, ("type", "path", "argv", "env", "expose", "stdin"))
+        image = ImageConfig(type="linux", loc=_loc(node))
+        image.path = m.need("path", self.file, "the static Linux executable")
+        image.argv = m.get("argv", _list(_str, "a list of strings"), [image.path.name])
+        if m.has("env"):
+            env = m.items["env"]
+            names = _Map(env, tuple(env.value or ()) if isinstance(env.value, dict) else (),
+                         "a mapping of NAME: text")
+            image.env = {name: _str(child) for name, child in names.items.items()}
+        image.expose = m.get("expose", _list(_str, "a list of host paths (PATH or PATH:rw)"), [])
+        if m.has("stdin"):
+            image.stdin = self.file(m.items["stdin"])
         return image
 
     def module(self, node: Node) -> ModuleConfig:
