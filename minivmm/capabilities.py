@@ -15,7 +15,11 @@ keyed by the host's identity) answers every "can this work here?" question:
   own IDT without an exit, except #BP and #DB where KVM_SET_GUEST_DEBUG makes
   them exit; whether they do is measured with a tiny guest per mode, because
   it depends on the host (PVM hosts emulate CPL-0 code and report a guest's
-  own #DB to its IDT).
+  own #DB to its IDT);
+- whether a debug-register instruction breakpoint (KVM_GUESTDBG_USE_HW_BP with DR0, the
+  `minivmm.hwbreakpoints` table) exits in each mode, measured with a tiny guest per mode:
+  KVM_CAP_GUEST_DEBUG_HW_BPS does not say (it reads 0 on hosts where they work at CPL 0,
+  and PVM hosts never fire them at CPL 3).
 
 `minivmm caps`, `adjust_controls` (through the capability MSRs), VMWRITEs of
 control fields and of the exception bitmap, `m.on(..., vector=)` and
@@ -51,7 +55,7 @@ ALL_VECTORS = frozenset(range(32))
 """The exception bitmap has one bit per vector 0-31 (SDM 25.6.3)."""
 MODES = (Mode.REAL, Mode.PROTECTED, Mode.LONG, Mode.USER)
 CPL0_MODES = (Mode.REAL, Mode.PROTECTED, Mode.LONG)
-PROBE_VERSION = 2
+PROBE_VERSION = 3
 _IA32_TSC = 0x10
 _TSC_PROBE_OFFSET = 1 << 60
 _RFLAGS_TF = 1 << 8
@@ -136,7 +140,8 @@ class HostModel:
 
     def __init__(self, capabilities: HostCapabilities, identity: str = "",
                  vectors: dict[Mode, frozenset[int]] | None = None,
-                 kvm_path: str | None = None, disk_cache: bool = False, tsc_method: str = "") -> None:
+                 kvm_path: str | None = None, disk_cache: bool = False, tsc_method: str = "",
+                 hw_breakpoints: dict[Mode, bool] | None = None) -> None:
         self.capabilities = capabilities
         self.tsc_method = tsc_method if capabilities.tsc_offset else ""
         self.identity = identity
@@ -145,6 +150,7 @@ class HostModel:
         self.msrs: dict[VmxMsr, int] = compute_capability_msrs(capabilities)
         self._vectors: dict[Mode, frozenset[int]] = dict(vectors or {})
         self._vectors[Mode.USER] = ALL_VECTORS
+        self._hw_breakpoints: dict[Mode, bool] = dict(hw_breakpoints or {})
         self._lock = threading.RLock()
 
     # -- exception vectors ------------------------------------------------------------
@@ -165,6 +171,28 @@ class HostModel:
                 if self.disk_cache:
                     _save(self)
         return self._vectors[mode]
+
+    # -- hardware breakpoints -----------------------------------------------------------
+    def hw_breakpoints(self, mode: Mode | str) -> bool:
+        """Whether a DR0 instruction breakpoint exits in `mode` (probed on first use)."""
+        mode = Mode(mode)
+        known = self._hw_breakpoints.get(mode)
+        if known is not None:
+            return known
+        with self._lock:
+            if mode not in self._hw_breakpoints:
+                self._hw_breakpoints[mode] = True       # the probe machine itself arms one
+                try:
+                    self._hw_breakpoints[mode] = _probe_hw_breakpoint(self.kvm_path, mode)
+                except BaseException:
+                    del self._hw_breakpoints[mode]
+                    raise
+                if self.disk_cache:
+                    _save(self)
+        return self._hw_breakpoints[mode]
+
+    def probed_hw_breakpoints(self) -> dict[Mode, bool]:
+        return dict(self._hw_breakpoints)
 
     def probed_vectors(self) -> dict[Mode, frozenset[int]]:
         return dict(self._vectors)
@@ -226,6 +254,7 @@ class HostModel:
                 out.append(CapabilityRow("exception", f"{vector_name(vector)} ({vector})", mode, works, how,
                                          probed=mode is not Mode.USER and vector in (Vector.BP, Vector.DB),
                                          vector=vector))
+            out.append(_hw_breakpoint_row(mode, self.hw_breakpoints(mode)))
         return out
 
     def markdown(self) -> str:
@@ -252,6 +281,7 @@ class HostModel:
                 "tsc_offsetting": self.tsc_method or None,
                 "msr_exiting_without_bitmaps": self.capabilities.msr_exit_all,
                 "exception_vectors": {m.value: sorted(self.vectors(m)) for m in MODES},
+                "hw_breakpoints": {m.value: self.hw_breakpoints(m) for m in MODES},
                 "rows": [{"kind": r.kind, "name": r.name, "mode": r.mode.value, "status": r.status,
                           "how": r.how, "probed": r.probed} for r in self.rows()]}
 
@@ -387,6 +417,38 @@ def _probe_cpl0_vectors(kvm_path: str | None, mode: Mode) -> frozenset[int]:
     return frozenset(seen & {int(Vector.BP), int(Vector.DB)})
 
 
+HW_BREAKPOINT_ROW = "hardware breakpoints (DR0-DR3)"
+
+
+def _hw_breakpoint_row(mode: Mode, works: bool) -> CapabilityRow:
+    how = ("KVM_SET_GUEST_DEBUG USE_HW_BP, DR0-DR3 execute breakpoints; a step over the instruction resumes (probed)" if works else
+           "a DR0 breakpoint never exits on this host; software breakpoints work (probed)")
+    return CapabilityRow("debug", HW_BREAKPOINT_ROW, mode, works, how, probed=True)
+
+
+_HW_BREAKPOINT_PROBE = "nop\n hwbp_target: nop\n nop\n EXIT 0"
+
+
+def _probe_hw_breakpoint(kvm_path: str | None, mode: Mode) -> bool:
+    """Arm DR0 on an instruction of a tiny guest in `mode`: whether it exits there once and the
+    guest then runs on to its exit code."""
+    from .machine import Machine
+    hits: list[int] = []
+    with Machine("2M", mode, kvm_path=kvm_path) as machine:
+        machine.load_asm(_HW_BREAKPOINT_PROBE)
+        target = machine.symbols["hwbp_target"]
+
+        def hit(vcpu, info) -> None:
+            hits.append(vcpu.rip)
+
+        machine.hw_breakpoints.add(target, hit)
+        try:
+            result = machine.run(timeout=2, max_exits=16)
+        except Exception:
+            return False
+    return hits == [target] and result.exit_code == 0
+
+
 # -- caching ------------------------------------------------------------------------------------
 _models: dict[tuple, HostModel] = {}
 _models_lock = threading.Lock()
@@ -426,7 +488,8 @@ def _save(model: HostModel) -> None:
     caps = model.capabilities
     data = {"identity": model.identity, "tsc_offset": model.tsc_method, "msr_exit_all": caps.msr_exit_all,
             "vectors": {m.value: sorted(v) for m, v in model.probed_vectors().items()
-                        if m is not Mode.USER and v is not ALL_VECTORS}}
+                        if m is not Mode.USER and v is not ALL_VECTORS},
+            "hw_breakpoints": {m.value: v for m, v in model.probed_hw_breakpoints().items()}}
     path = _cache_file(model.identity)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -461,9 +524,12 @@ def host_model(kvm: Kvm) -> HostModel:
             caps = replace(kvm_facts(kvm), tsc_offset=bool(tsc), msr_exit_all=bool(stored.get("msr_exit_all")))
             vectors = {Mode(m): frozenset(v) for m, v in stored.get("vectors", {}).items()
                        if m in Mode._value2member_map_}
+            hw = {Mode(m): bool(v) for m, v in stored.get("hw_breakpoints", {}).items()
+                  if m in Mode._value2member_map_}
         else:
-            (caps, tsc), vectors = probe_host_capabilities(kvm), {}
-        model = HostModel(caps, identity, vectors, kvm_path=kvm_path, disk_cache=use_disk, tsc_method=tsc)
+            (caps, tsc), vectors, hw = probe_host_capabilities(kvm), {}, {}
+        model = HostModel(caps, identity, vectors, kvm_path=kvm_path, disk_cache=use_disk, tsc_method=tsc,
+                          hw_breakpoints=hw)
         if use_disk and stored is None:
             _save(model)
         _models[key] = model

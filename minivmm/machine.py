@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .actions import Reply, Stop
 from .breakpoints import BreakpointTable
+from .hwbreakpoints import HardwareBreakpointTable
 from .cpuid import CpuidLeaf, CpuidTable
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason
@@ -78,6 +79,7 @@ class Machine:
         self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept,
                                   breakpoints=lambda: self.breakpoints, ept=lambda: self.ept)
         self.breakpoints = BreakpointTable(self.vm.memory, self.contexts, self.hooks)
+        self.hw_breakpoints = HardwareBreakpointTable(self.contexts, self.vm.dispatcher, lambda: self.vm.vmx.model)
         self.entry: int | None = None
         self.stack: int | None = None
         self.symbols: dict[str, int] = {}

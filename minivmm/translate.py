@@ -190,6 +190,7 @@ def exception_report(info: ExitInfo, rip: int, cr2: int) -> ExceptionReport:
 _ENTRY_FAILURES = {int(r): r for r in (ExitReason.INVALID_GUEST_STATE, ExitReason.MSR_LOADING,
                                         ExitReason.MACHINE_CHECK)}
 _DR6_QUALIFICATION = 0xF | 1 << 13 | 1 << 14          # B0-B3, BD, BS
+_DR6_BREAKPOINTS = 0xF                                # B0-B3: a debug-register breakpoint, not a step
 _EPT_R, _EPT_W, _EPT_X = 1, 2, 4
 _QUAL_GLA_VALID, _QUAL_GLA_TRANSLATION = 1 << 7, 1 << 8
 _PREFIXES = frozenset({0x26, 0x2E, 0x36, 0x3E, 0x64, 0x65, 0x66, 0x67, 0xF2, 0xF3})
@@ -346,7 +347,7 @@ class Translator:
             return Translation(exit.index)
         if kind == ExitKind.DEBUG:
             assert isinstance(exit, DebugExit)
-            if exit.exception == Vector.DB and stepping:
+            if exit.exception == Vector.DB and stepping and not exit.dr6 & _DR6_BREAKPOINTS:
                 info.reset(ExitReason.MONITOR_TRAP_FLAG, raw_kvm_exit=exit)
                 return Translation(step=True)
             vector = exit.exception

@@ -228,6 +228,8 @@ _MSR_FIELDS = {F.VMCS_GUEST_IA32_SYSENTER_CS: 0x174, F.VMCS_GUEST_IA32_SYSENTER_
 _TABLE_FIELDS = {F.VMCS_GUEST_GDTR_BASE: ("gdt", "base"), F.VMCS_GUEST_GDTR_LIMIT: ("gdt", "limit"),
                  F.VMCS_GUEST_IDTR_BASE: ("idt", "base"), F.VMCS_GUEST_IDTR_LIMIT: ("idt", "limit")}
 RFLAGS_TF = 1 << 8
+HW_BREAKPOINT_SLOTS = 4
+"""DR0-DR3 (SDM vol. 3 18.2.1)."""
 EFER_LMA = 1 << 10
 IA32_TSC = 0x10
 _IA32E = VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
@@ -300,6 +302,7 @@ class VmxVmState:
 @dataclass
 class _Realised:
     guest_debug: int = -1
+    debugregs: tuple[int, ...] = ()
     tsc_offset: int | None = None
     tf: bool = False
 
@@ -332,6 +335,7 @@ class Vmcs:
         self.exception_bitmap = 0
         self.tsc_offset = 0
         self.step_requested = False
+        self.hw_breakpoints: list[int | None] = [None] * HW_BREAKPOINT_SLOTS
         self._realised = _Realised()
         self.dirty = True
         vmx.vmcses.append(self)
@@ -380,7 +384,12 @@ class Vmcs:
                     & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
 
     def exception_reaches_handlers(self, vector: int) -> bool:
-        return bool(self.exception_bitmap >> vector & 1)
+        """Whether the exception bitmap takes `vector`; a #DB whose qualification names one of
+        minivmm's own debug-register breakpoints (`hw_breakpoints`) always reaches handlers."""
+        if self.exception_bitmap >> vector & 1:
+            return True
+        return vector == 1 and any(self.hw_breakpoints[slot] is not None
+                                   for slot in range(HW_BREAKPOINT_SLOTS) if self.info.qualification >> slot & 1)
 
     def io_reaches_handlers(self, port: int) -> bool:
         proc = self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
@@ -510,12 +519,24 @@ class Vmcs:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_SW_BP
         if self.exception_bitmap & (1 << 1) and not self.user_mode:
             debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_HW_BP   # KVM then exits on every #DB
-        if debug != self._realised.guest_debug:
-            vcpu.fd.set_guest_debug(debug)
-            self._realised.guest_debug = debug
+        debugregs = self._hw_debugregs()
+        if debugregs:
+            debug |= GuestDebugFlag.ENABLE | GuestDebugFlag.USE_HW_BP
+        if debug != self._realised.guest_debug or debugregs != self._realised.debugregs:
+            vcpu.fd.set_guest_debug(debug, debugregs)
+            self._realised.guest_debug, self._realised.debugregs = debug, debugregs
         offset = self.tsc_offset if proc & ProcBasedControls.CPU_BASED_USE_TSC_OFFSETTING else 0
         if offset != (self._realised.tsc_offset or 0):
             self._realise_tsc_offset(offset)
+
+    def _hw_debugregs(self) -> tuple[int, ...]:
+        """KVM_SET_GUEST_DEBUG's debugreg[0..7] for `hw_breakpoints` (api.rst 4.59): DR0-DR3
+        the linear addresses, DR7 a local enable bit (L0-L3) per armed slot with R/W and LEN
+        0, an instruction breakpoint (SDM vol. 3 18.2.4); () when none is armed."""
+        if not any(address is not None for address in self.hw_breakpoints):
+            return ()
+        dr7 = sum(1 << 2 * slot for slot, address in enumerate(self.hw_breakpoints) if address is not None)
+        return (*(address or 0 for address in self.hw_breakpoints), 0, 0, 0, dr7)
 
     def _realise_tf(self, stepping: bool) -> None:
         """User-mode single-step: KVM's single-step does not stop CPL-3 code on every host, so

@@ -114,6 +114,13 @@ def test_handlers_and_config_rules_do_not_reach_kvm() -> None:
           "exit handlers and config rules must use the Vcpu API, not minivmm.kvm or vcpu.fd")
 
 
+def test_hardware_breakpoint_table_does_not_reach_kvm() -> None:
+    """The table keeps owners and slots; the VMCS model realises the debug registers on KVM
+    (KVM_SET_GUEST_DEBUG) and the step service steps over a hit."""
+    check(kvm_reach, ["minivmm/hwbreakpoints.py"], {},
+          "the hardware breakpoint table must go through the VMCS model, not minivmm.kvm or .fd")
+
+
 def test_linux_personality_and_syscall_hooks_do_not_reach_kvm() -> None:
     check(kvm_reach, under("minivmm/linux/") + ["minivmm/syscalls.py"], KVM_REACH_ALLOWED,
           "the Linux personality and the SYSCALL hooks use the Machine and Vcpu APIs, not minivmm.kvm "
@@ -203,7 +210,7 @@ def test_only_the_entry_modules_enter_kvm() -> None:
 # --- rule: core components do not take the Machine ----------------------------------------
 CORE_COMPONENTS = ("minivmm/vm.py", "minivmm/runloop.py", "minivmm/vmcs.py", "minivmm/translate.py",
                    "minivmm/hooks.py", "minivmm/memory.py", "minivmm/kvm.py",
-                   "minivmm/ept/", "minivmm/devices/", "minivmm/handlers/")
+                   "minivmm/ept/", "minivmm/devices/", "minivmm/handlers/", "minivmm/hwbreakpoints.py")
 
 
 def names_machine(name: str, annotation: ast.AST | None) -> bool:

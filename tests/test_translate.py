@@ -594,6 +594,19 @@ def test_debug_db_qualification_from_dr6():
     assert info.qualification == 0x1
 
 
+@pytest.mark.parametrize("slot", range(4))
+@pytest.mark.parametrize("stepping", [False, True], ids=["running", "stepping"])
+def test_debug_register_breakpoint_is_db_with_its_b_bit(slot, stepping):
+    """A DR0-DR3 instruction breakpoint (DR6.Bn, SDM 18.2.3) is a #DB exception exit whose
+    qualification names the slot (SDM 27.2.1), also while a step is under way: the
+    instruction at RIP has not executed, so it is no step completion."""
+    exit = DebugExit(Vector.DB, CODE, 0xFFFF_0FF0 | 1 << slot, 0x400 | 1 << 2 * slot)
+    translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("90"), stepping=stepping)
+    assert translation == Translation(key=int(Vector.DB), restore=None, step=False)
+    expect(info, reason=ExitReason.EXCEPTION_OR_NMI, qualification=1 << slot, instruction_length=0,
+           interruption_info=intr_info(Vector.DB, HW), raw_kvm_exit=exit)
+
+
 def test_debug_db_exception_has_no_instruction_length():
     exit = DebugExit(Vector.DB, CODE, DR6_B0, 0x401)
     translation, info = translate(Mode.LONG, ExitKind.DEBUG, exit, code_cpu("90"))

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 
 from ..actions import RunEnd, Stop
 from ..breakpoints import BreakpointError
+from ..hwbreakpoints import HardwareBreakpointError, current_mode
 from ..controls import ProcBasedControls
 from ..exits import ExitReason, Vector
 from ..pagewalk import PageFault, translate
@@ -290,13 +291,26 @@ class MachineTarget:
                 raise TargetError(str(exc), _EFAULT) from None
             self._points[key] = _Point(kind, [handle])
         elif kind == 1:
-            raise TargetError("hardware breakpoints are not offered by this stub: use break (Z0)", 0x26)
+            self._points[key] = _Point(kind, [self._hw_breakpoint(thread, address)])
         elif kind in _WATCH_ACCESS:
             if length <= 0:
                 raise TargetError("empty watch range", 0x16)
             self._points[key] = _Point(kind, self._watch(thread, kind, address, length))
         else:
             raise Unsupported
+
+    def _hw_breakpoint(self, thread: int, address: int):
+        """A debug-register breakpoint on every vCPU, where the host honours them in the mode
+        `thread`'s vCPU is in now (an error reply otherwise, and when DR0-DR3 are taken)."""
+        mode = current_mode(self._ctx(thread).vcpu)
+        try:
+            return self.machine.hw_breakpoints.add(address, self._on_hw_breakpoint, mode=mode)
+        except HardwareBreakpointError as exc:
+            raise TargetError(str(exc), 0x1C) from None      # ENOSPC
+
+    def _on_hw_breakpoint(self, vcpu, info):
+        self._causes[vcpu.index] = StopEvent(Signal.SIGTRAP, vcpu.index + 1, "hwbreak")
+        return Stop(RunEnd.STOPPED, message=f"gdb hardware breakpoint at {info.guest_linear_address:#x}")
 
     def _watch(self, thread: int, kind: int, address: int, length: int) -> list:
         """EPT monitors over the guest-physical runs of [address, address + length)."""
@@ -352,6 +366,8 @@ class MachineTarget:
         for handle in point.handles:
             if kind == 0:
                 self.machine.breakpoints.remove(handle)
+            elif kind == 1:
+                self.machine.hw_breakpoints.remove(handle)
             else:
                 self.machine.hooks.remove(handle)
 
