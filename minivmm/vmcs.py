@@ -233,6 +233,8 @@ HW_BREAKPOINT_SLOTS = 4
 EFER_LMA = 1 << 10
 IA32_TSC = 0x10
 _IA32E = VmEntryControls.VM_ENTRY_IA32E_MODE_GUEST
+_PROC_BASED_FIELD = F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS
+_MTF = int(ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
 
 DEFAULT_PROC_BASED = (ProcBasedControls.CPU_BASED_HLT_EXITING | ProcBasedControls.CPU_BASED_USE_IO_BITMAPS
                       | ProcBasedControls.CPU_BASED_USE_MSR_BITMAPS
@@ -380,8 +382,8 @@ class Vmcs:
 
     @property
     def mtf(self) -> bool:
-        return bool(self.controls[F.VMCS_CTRL_PROCESSOR_BASED_VM_EXECUTION_CONTROLS]
-                    & ProcBasedControls.CPU_BASED_MONITOR_TRAP_FLAG)
+        # read at every exit: int's & skips IntFlag's, which builds a flag member each time
+        return int.__and__(self.controls[_PROC_BASED_FIELD], _MTF) != 0
 
     def exception_reaches_handlers(self, vector: int) -> bool:
         """Whether the exception bitmap takes `vector`; a #DB whose qualification names one of
