@@ -53,7 +53,6 @@ from ..kvm import KvmError, KvmRegs
 from ..errors import MinivmmError
 from ..vcpu import DIRTY_REGS
 from ..exits import vector_name
-from ..machine import GuestFault
 from ..modes import CODE_BITS
 from ..snapshot import Snapshot
 from ..vcpu import GPR_NAMES, run_timer
@@ -313,22 +312,11 @@ class Harness:
         data = self.prepare(data)
         self.runs += 1
         target = self.target
-        try:
-            if self.fast:
-                reason, exit_code, message, elapsed = self._run_raw()
-                if reason == "timeout" and elapsed < target.timeout / 2:
-                    # The deadline thread signalled a run that had just ended: run again.
-                    data = self.prepare(data)
-                    reason, exit_code, message, elapsed = self._run_raw()
-            else:
-                result = self.machine.run(timeout=target.timeout, max_exits=target.max_exits)
-                reason, exit_code, message, elapsed = (result.reason, result.exit_code, result.message,
-                                                       result.elapsed_s)
-        except GuestFault as exc:
-            rip = self._vcpu.rip
-            return RunOutcome(Status.CRASH, "emulation_failure", data, rip, message=str(exc),
-                              disassembly=self.disassemble(rip),
-                              new_blocks=tuple(self.coverage.new_blocks))
+        reason, exit_code, message, elapsed = self.run_prepared(target.timeout, target.max_exits)
+        if self.fast and reason == "timeout" and elapsed < target.timeout / 2:
+            # The deadline thread signalled a run that had just ended: run again.
+            data = self.prepare(data)
+            reason, exit_code, message, elapsed = self.run_prepared(target.timeout, target.max_exits)
         return self.classify(reason, exit_code, message, elapsed, data)
 
     # -- the C cycle (fastpath.FuzzCycle) -------------------------------------------------
@@ -405,13 +393,7 @@ class Harness:
                 code = de.value
                 return RunOutcome(_CRASH if code in target.crash_exit_codes else _OK, "exit", data,
                                   self._regs.rip, None, None, None, code, "", "", (), perf_counter() - start)
-            try:
-                stop = machine.run_raw(None, target.max_exits, self._counts, pending=packed)
-            except GuestFault as exc:
-                rip = self._vcpu.rip
-                return RunOutcome(Status.CRASH, "emulation_failure", data, rip, message=str(exc),
-                                  disassembly=self.disassemble(rip),
-                                  new_blocks=tuple(self.coverage.new_blocks))
+            stop = machine.run_raw(None, target.max_exits, self._counts, pending=packed)
         finally:
             run_timer.disarm()
         elapsed = perf_counter() - start
@@ -419,11 +401,6 @@ class Harness:
             # The deadline thread signalled a run that had just ended: run again.
             return None
         return self.classify(stop.reason, stop.exit_code, stop.message, elapsed, data)
-
-    def _run_raw(self) -> tuple[str, int | None, str, float]:
-        start = perf_counter()
-        stop = self.machine.run_raw(self.target.timeout, self.target.max_exits, self._counts)
-        return stop.reason, stop.exit_code, stop.message, perf_counter() - start
 
     def classify(self, reason: str, exit_code: int | None, message: str, elapsed: float,
                  data: bytes) -> RunOutcome:
@@ -444,7 +421,7 @@ class Harness:
                               exc.error_code, exc.cr2, message=message,
                               disassembly=self.disassemble(exc.rip) if crash else "",
                               new_blocks=new, elapsed_s=elapsed)
-        if reason in ("triple_fault", "crash_address", "error", "emulation_failure"):
+        if reason in ("triple_fault", "crash_address", "error"):
             return RunOutcome(Status.CRASH, reason, data, rip, message=message,
                               disassembly=self.disassemble(rip), new_blocks=new, elapsed_s=elapsed)
         return RunOutcome(Status.OK, reason, data, rip, exit_code=exit_code, message=message,
@@ -490,14 +467,11 @@ class Harness:
     def run_prepared(self, timeout: float | None, max_exits: int | None) -> tuple[str, int | None, str, float]:
         """Run the machine from where it stands: (reason, exit code, message, seconds)."""
         start = perf_counter()
-        try:
-            if self.fast:
-                stop = self.machine.run_raw(timeout, max_exits, self._counts)
-                return stop.reason, stop.exit_code, stop.message, perf_counter() - start
-            result = self.machine.run(timeout=timeout, max_exits=max_exits)
-            return result.reason, result.exit_code, result.message, result.elapsed_s
-        except GuestFault as exc:
-            return "emulation_failure", None, str(exc), perf_counter() - start
+        if self.fast:
+            stop = self.machine.run_raw(timeout, max_exits, self._counts)
+            return stop.reason, stop.exit_code, stop.message, perf_counter() - start
+        result = self.machine.run(timeout=timeout, max_exits=max_exits)
+        return result.reason, result.exit_code, result.message, result.elapsed_s
 
 
 __all__ = ["Harness", "FuzzTarget", "RunOutcome", "Status", "FuzzError", "place_input"]
