@@ -32,7 +32,6 @@ import ctypes
 import hashlib
 import json
 import os
-import platform
 import threading
 from dataclasses import dataclass, replace
 from enum import IntFlag
@@ -467,7 +466,7 @@ def _host_identity(kvm: Kvm) -> str:
     except OSError:
         pass
     rdev = os.fstat(kvm.fd).st_rdev
-    uname = platform.uname()
+    uname = os.uname()
     text = f"v{PROBE_VERSION}|{uname.release}|{uname.version}|{uname.machine}|{cpu}|{rdev}"
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
