@@ -49,6 +49,9 @@ def exit_status(reason: str, exit_code: int | None) -> int:
     return EXIT_VM_FAILURE
 
 
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with exit status 2 and a one-line `minivmm: error:` message (no usage dump)."""
 
@@ -56,7 +59,9 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {_one_line(message)} (see '{self.prog} --help')\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole command line; with a `command` (the first argument), only that command's
+    subparser when it names one: the others cost start-up time and cannot be chosen."""
     parser = _Parser(
         prog="minivmm",
         description="A mini-hypervisor on /dev/kvm with a model of Intel VT-x: run guests described in YAML.",
@@ -68,10 +73,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "MINIVMM_DEBUG=1; accepted anywhere on the command line)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
-    raw = argparse.RawDescriptionHelpFormatter
+    adders = [adder for names, adder in _COMMANDS if command in names] or [adder for _, adder in _COMMANDS]
+    for adder in adders:
+        adder(commands)
+    return parser
 
+
+def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
-        "run", help="run a guest described by a YAML config", formatter_class=raw,
+        "run", help="run a guest described by a YAML config", formatter_class=_RAW,
         description="Run the guest, streaming its serial console to stdout.",
         epilog="examples:\n  minivmm run configs/hello_long.yaml\n"
                "  minivmm run configs/runaway_loop.yaml --timeout 0.5 --json\n"
@@ -97,9 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
                      "path) before the first instruction; the config's expect: is not checked")
     run.set_defaults(handler=cmd_run)
 
+
+def _add_gdb(commands: argparse._SubParsersAction) -> None:
     gdb = commands.add_parser(
         "gdb", help="run a guest under gdb: wait for `target remote` before the first instruction",
-        formatter_class=raw,
+        formatter_class=_RAW,
         description="Serve the GDB remote protocol for the guest; it starts when gdb says so. Threads are "
                     "vCPUs; watchpoints are EPT monitors (any number, any length).",
         epilog="examples:\n  minivmm gdb configs/hello_user.yaml --port 1234 &\n"
@@ -114,8 +126,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "the resumes (overrides machine.timeout)")
     gdb.set_defaults(handler=cmd_gdb, json=False, trace=False, no_expect=True, input=None, max_exits=None)
 
+
+def _add_check(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser(
-        "check", help="validate a config without running it", formatter_class=raw,
+        "check", help="validate a config without running it", formatter_class=_RAW,
         description="Validate the config, assemble/load its images and resolve every symbol; no VM is created.",
         epilog="examples:\n  minivmm check configs/elf_hello.yaml && echo valid\n"
                "  minivmm check --json fuzz/crash-1.yaml")
@@ -123,8 +137,10 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="print one JSON object {ok, config, errors}")
     check.set_defaults(handler=cmd_check)
 
+
+def _add_trace(commands: argparse._SubParsersAction) -> None:
     trace = commands.add_parser(
-        "trace", help="single-step a guest and print each instruction", formatter_class=raw,
+        "trace", help="single-step a guest and print each instruction", formatter_class=_RAW,
         description="Single-step the guest (monitor trap flag) and print one line per instruction: "
                     "address, bytes, disassembly and the registers it changed.",
         epilog="examples:\n  minivmm trace configs/hello_real.yaml --max 10\n"
@@ -138,8 +154,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "the bootstrap processor)")
     trace.set_defaults(handler=cmd_trace)
 
+
+def _add_caps(commands: argparse._SubParsersAction) -> None:
     caps = commands.add_parser(
-        "caps", help="show this host's KVM capabilities and VMX capability MSRs", formatter_class=raw,
+        "caps", help="show this host's KVM capabilities and VMX capability MSRs", formatter_class=_RAW,
         description="KVM capabilities of /dev/kvm and the VMX capability MSRs minivmm reports for this host.",
         epilog="examples:\n  minivmm caps\n  minivmm caps --markdown\n"
                "  minivmm caps --json | python3 -m json.tool")
@@ -149,11 +167,21 @@ def build_parser() -> argparse.ArgumentParser:
                            "(Markdown, as in the README)")
     caps.set_defaults(handler=cmd_caps)
 
+
+def _add_fuzz(commands: argparse._SubParsersAction) -> None:
     from .fuzz import cli as fuzz_cli
     fuzz_cli.add_commands(commands)
+
+
+def _add_linux(commands: argparse._SubParsersAction) -> None:
     from .linux import cli as linux_cli
     linux_cli.add_command(commands)
-    return parser
+
+
+# The subcommands, in `minivmm --help` order, each with what adds it to the parser.
+_COMMANDS: list[tuple[tuple[str, ...], Callable[[argparse._SubParsersAction], None]]] = [
+    (("run",), _add_run), (("gdb",), _add_gdb), (("check",), _add_check), (("trace",), _add_trace),
+    (("caps",), _add_caps), (("fuzz", "afl", "afl-fuzz"), _add_fuzz), (("linux",), _add_linux)]
 
 
 def _config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -218,7 +246,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _dispatch(argv: list[str], debug: bool) -> int:
-    parser = build_parser()
+    parser = build_parser(argv[0] if argv else None)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:

@@ -9,7 +9,6 @@ with :func:`adjust_controls` exactly as on hardware.
 
 from __future__ import annotations
 
-import textwrap
 from dataclasses import dataclass
 from functools import cache
 from enum import IntEnum, IntFlag
@@ -475,6 +474,7 @@ def format_capability_table(msrs: dict[VmxMsr, int]) -> str:
     Each ``*_CTLS`` row is followed by its allowed-1 and must-be-1 control
     names, IA32_VMX_EPT_VPID_CAP by its supported features.
     """
+    import textwrap             # only `minivmm caps` formats the table
     rows: list[str] = []
     for msr in sorted(msrs):
         value = msrs[msr]

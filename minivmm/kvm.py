@@ -588,6 +588,7 @@ class MmioExit:
 
 @dataclass(slots=True)
 class DebugExit:
+    """KVM_EXIT_DEBUG: a debug exception (`exception` 1 or 3) at `pc`, with DR6 and DR7."""
     exception: int
     pc: int
     dr6: int
@@ -596,22 +597,26 @@ class DebugExit:
 
 @dataclass(slots=True)
 class HltExit:
+    """KVM_EXIT_HLT."""
     pass
 
 
 @dataclass(slots=True)
 class ShutdownExit:
+    """KVM_EXIT_SHUTDOWN: a triple fault."""
     pass
 
 
 @dataclass(slots=True)
 class FailEntryExit:
+    """KVM_EXIT_FAIL_ENTRY: VM entry failed (the hardware reason) on `cpu`."""
     hardware_entry_failure_reason: int
     cpu: int
 
 
 @dataclass(slots=True)
 class InternalErrorExit:
+    """KVM_EXIT_INTERNAL_ERROR: `suberror` (see InternalErrorKind) and its data words."""
     suberror: int
     data: tuple[int, ...]
 
@@ -644,12 +649,14 @@ class IntrExit:
 
 @dataclass(slots=True)
 class SystemEventExit:
+    """KVM_EXIT_SYSTEM_EVENT: a shutdown, reset or crash request of `type`."""
     type: int
     data: tuple[int, ...]
 
 
 @dataclass(slots=True)
 class MemoryFaultExit:
+    """KVM_EXIT_MEMORY_FAULT: an access KVM cannot resolve at `gpa`."""
     flags: int
     gpa: int
     size: int
@@ -657,12 +664,14 @@ class MemoryFaultExit:
 
 @dataclass(slots=True)
 class HypercallExit:
+    """KVM_EXIT_HYPERCALL: hypercall `nr` with its arguments."""
     nr: int
     args: tuple[int, ...]
 
 
 @dataclass(slots=True)
 class ExceptionExit:
+    """KVM_EXIT_EXCEPTION: an exception KVM hands to user space."""
     exception: int
     error_code: int
 

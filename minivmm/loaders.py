@@ -203,6 +203,7 @@ _SUPPORTED_REQUIRED = MULTIBOOT_PAGE_ALIGN | MULTIBOOT_MEMORY_INFO
 
 @dataclass(frozen=True)
 class MultibootHeader:
+    """The multiboot v1 header of a kernel file and its address fields."""
     offset: int                 # of the header in the file
     flags: int
     header_addr: int = 0

@@ -166,6 +166,7 @@ def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BAS
 
 @dataclass
 class RamWindow:
+    """`platform.ram_windows`: extra guest RAM at `start`."""
     start: int
     size: int
     name: str = "window"
@@ -199,6 +200,7 @@ def check_ram_windows(ram_size: int, windows: "list[RamWindow]") -> None:
 
 @dataclass
 class ScratchConfig:
+    """`platform.scratch`: a read-back register at `port`."""
     port: int = 0x520
     width: int = 4
 

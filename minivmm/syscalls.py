@@ -49,6 +49,7 @@ KernelCallback = Callable[[object, SyscallEvent], "int | Action"]
 
 @dataclass(slots=True)
 class _Hook:
+    """A SYSCALL hook for the numbers [low, high]."""
     callback: Callable
     low: int
     high: int

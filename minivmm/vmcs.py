@@ -303,6 +303,7 @@ class VmxVmState:
 
 @dataclass
 class _Realised:
+    """What the VMCS model last wrote to KVM, so unchanged state is not written again."""
     guest_debug: int = -1
     debugregs: tuple[int, ...] = ()
     tsc_offset: int | None = None

@@ -9,7 +9,6 @@ does the part of this that needs no VM.
 """
 from __future__ import annotations
 
-import difflib
 import importlib
 import importlib.util
 import io
@@ -26,6 +25,7 @@ from ..modes import (CODE_BITS, DEFAULT_LOAD_ADDRESS, HYPERCALL_PORT, ImageRange
                      choose_system_base, default_stack)
 from . import rules
 from .schema import Address, Config, ConfigError, ExpectConfig, ImageConfig, Loc
+from .validate import close_matches
 
 if TYPE_CHECKING:
     from ..capabilities import HostModel
@@ -348,7 +348,7 @@ class _Builder:
         if value.name in self.symbols:
             return self.symbols[value.name]
         known = sorted(self.symbols)
-        close = difflib.get_close_matches(value.name, known, 1, 0.6)
+        close = close_matches(value.name, known, 1, 0.6)
         hint = f"; did you mean {close[0]!r}?" if close else \
             (f" (the images define {len(known)} symbols)" if known else " (the images define no symbols)")
         raise value.loc.error(f"unknown symbol {value.name!r}{hint}")

@@ -153,6 +153,7 @@ Address = int | SymbolRef
 
 @dataclass
 class MachineConfig:
+    """`machine:`: RAM, mode, entry, stack, registers and the run's limits."""
     name: str = ""
     memory: int = DEFAULT_MEMORY
     mode: str = "long"
@@ -178,6 +179,7 @@ class BuildConfig:
 
 @dataclass
 class ImageConfig:
+    """One entry of `images:` (asm, binary, elf, multiboot or linux)."""
     type: str                                  # asm | binary | elf | multiboot | linux
     path: Path | None = None                   # source (asm), file (binary/elf/multiboot)
     assemble: bool = False                     # multiboot kernel given as assembly source
@@ -204,6 +206,7 @@ class ModuleConfig:
 
 @dataclass
 class SerialConfig:
+    """`devices.serial`: the 16550 UART's port and where its output goes."""
     enabled: bool = True
     port: int = 0x3F8
     output: str = "stdout"                     # stdout | stderr | capture | file | none
@@ -212,6 +215,7 @@ class SerialConfig:
 
 @dataclass
 class DebugExitConfig:
+    """`devices.debug_exit`: the isa-debug-exit port the guest reports its exit code on."""
     enabled: bool = True
     port: int = 0xF4
     width: int = 1
@@ -219,6 +223,7 @@ class DebugExitConfig:
 
 @dataclass
 class HypercallRule:
+    """One entry of `devices.hypercall.calls`: what hypercall `number` does."""
     number: int
     action: str = "return"                     # return | log | count | stop
     value: int = 0
@@ -228,12 +233,14 @@ class HypercallRule:
 
 @dataclass
 class HypercallConfig:
+    """`devices.hypercall`: the hypercall port and its calls."""
     port: int = 0xF5
     calls: list[HypercallRule] = field(default_factory=list)
 
 
 @dataclass
 class MmioRule:
+    """One entry of `devices.mmio`: a guest-physical range and what an access to it does."""
     start: Address
     end: Address | None
     size: int | None
@@ -246,6 +253,7 @@ class MmioRule:
 
 @dataclass
 class DevicesConfig:
+    """`devices:`: serial, debug exit, hypercalls and MMIO rules."""
     serial: SerialConfig = field(default_factory=SerialConfig)
     debug_exit: DebugExitConfig = field(default_factory=DebugExitConfig)
     hypercall: HypercallConfig = field(default_factory=HypercallConfig)
@@ -254,6 +262,7 @@ class DevicesConfig:
 
 @dataclass
 class ControlSetting:
+    """One VMX control of `vmcs.controls`, turned on or off."""
     name: str
     flag: Any                                  # a member of one of minivmm.controls' IntFlags
     enabled: bool = True
@@ -262,6 +271,7 @@ class ControlSetting:
 
 @dataclass
 class ExceptionRule:
+    """One entry of `vmcs.exceptions`: what an intercepted exception vector does."""
     vector: int
     action: str = "count"                      # count | log | skip | stop | inject | pass
     name: str = ""
@@ -271,6 +281,7 @@ class ExceptionRule:
 
 @dataclass
 class MsrRule:
+    """One entry of `vmcs.msrs`: what RDMSR/WRMSR of `msr` does."""
     msr: int
     action: str = "log"                        # allow | deny | fixed | log | count
     value: int = 0
@@ -283,6 +294,7 @@ class MsrRule:
 
 @dataclass
 class IoRule:
+    """One entry of `vmcs.io`: what IN/OUT on ports [start, end) does."""
     start: int
     end: int                                   # exclusive
     action: str = "log"                        # ignore | fixed | log | count | stop
@@ -294,6 +306,7 @@ class IoRule:
 
 @dataclass
 class CpuidRule:
+    """One entry of `vmcs.cpuid`: registers CPUID returns for a leaf (and subleaf)."""
     leaf: int
     subleaf: int | None = None
     eax: int | None = None
@@ -305,6 +318,7 @@ class CpuidRule:
 
 @dataclass
 class VmcsConfig:
+    """`vmcs:`: controls, exception bitmap and the exception, MSR, I/O and CPUID rules."""
     controls: list[ControlSetting] = field(default_factory=list)
     exception_bitmap: list[int] = field(default_factory=list)
     exception_bitmap_locs: list[Loc] = field(default_factory=list)      # where each vector was given
@@ -322,6 +336,7 @@ class VmcsConfig:
 
 @dataclass
 class ProtectRule:
+    """One entry of `ept.protect`: the EPT permissions of a guest-physical range."""
     start: Address
     end: Address | None
     size: int | None
@@ -331,6 +346,7 @@ class ProtectRule:
 
 @dataclass
 class MonitorRule:
+    """One entry of `ept.monitors`: accesses to a guest-physical range that are reported."""
     start: Address
     end: Address | None
     size: int | None
@@ -343,6 +359,7 @@ class MonitorRule:
 
 @dataclass
 class HookRule:
+    """One entry of `ept.hooks`: an execution hook at a guest address."""
     address: Address
     action: str = "log"                        # log | count | stop | skip
     hidden: bool = True
@@ -353,6 +370,7 @@ class HookRule:
 
 @dataclass
 class EptConfig:
+    """`ept:`: protections, monitors and execution hooks."""
     protect: list[ProtectRule] = field(default_factory=list)
     monitors: list[MonitorRule] = field(default_factory=list)
     hooks: list[HookRule] = field(default_factory=list)

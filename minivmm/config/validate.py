@@ -13,7 +13,6 @@ when the images are loaded (`minivmm.config.build`).
 from __future__ import annotations
 
 import codecs
-import difflib
 import math
 import os
 import re
@@ -198,6 +197,12 @@ class Node:
         if self.value is None:
             return "nothing (null)"
         return _shorten(repr(self.value))
+
+
+def close_matches(word: str, possibilities: Sequence[str], n: int, cutoff: float) -> list[str]:
+    """`difflib.get_close_matches`, for "did you mean" hints; difflib loads with the first unknown name."""
+    import difflib
+    return difflib.get_close_matches(word, possibilities, n, cutoff)
 
 
 def _shorten(text: str, width: int = 80) -> str:
@@ -722,7 +727,7 @@ def _choice(*choices: str) -> Callable[[Node], str]:
             return node.value
         hint = ""
         if isinstance(node.value, str):
-            close = difflib.get_close_matches(node.value, choices, 1, 0.6)
+            close = close_matches(node.value, choices, 1, 0.6)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise node.expected(f"one of {', '.join(choices)}") if not hint else \
             node.error(f"expected one of {', '.join(choices)}, got {node.value!r}{hint}")
@@ -822,7 +827,7 @@ class _Map:
         self.items: dict[str, Node] = node.value
         for name, child in self.items.items():
             if name not in allowed:
-                close = difflib.get_close_matches(name, allowed, 1, 0.6)
+                close = close_matches(name, allowed, 1, 0.6)
                 hint = f"; did you mean {close[0]!r}?" if close else f"; expected one of: {', '.join(allowed)}"
                 raise child.error(f"unknown key{hint}")
 
@@ -1199,7 +1204,7 @@ class _Validator:
 
         def lookup(name_node: Node, name: Any) -> Any:
             if not isinstance(name, str) or name not in names:
-                close = difflib.get_close_matches(name, list(names), 1, 0.7) if isinstance(name, str) else []
+                close = close_matches(name, list(names), 1, 0.7) if isinstance(name, str) else []
                 hint = f" (did you mean {close[0]!r}?)" if close else \
                     " (SDM names such as CPU_BASED_HLT_EXITING; see `minivmm caps`)"
                 shown = _shorten(repr(name)) if isinstance(name, str) else name_node.shown()

@@ -30,6 +30,7 @@ _ANY = (0, (1 << 64) - 1)
 
 @dataclass(eq=False, slots=True)
 class Registration:
+    """A handler for `reason` exits whose key (port, MSR, vector, ...) is in [low, high]."""
     reason: ExitReason
     handler: Handler
     low: int
