@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import os
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from .actions import Reply, Stop
-from .breakpoints import BreakpointTable
-from .hwbreakpoints import HardwareBreakpointTable
 from .cpuid import CpuidLeaf, CpuidTable
 from .devices import DebugExit, PortDevice, Serial16550
 from .exits import ExitInfo, ExitReason
@@ -39,6 +38,8 @@ from .vmcs_fields import VmcsField
 
 if TYPE_CHECKING:
     from . import asm
+    from .breakpoints import BreakpointTable
+    from .hwbreakpoints import HardwareBreakpointTable
 
 __all__ = ["ExceptionReport", "ExitStat", "GuestFault", "HandlerError", "Machine", "RunResult"]
 
@@ -78,8 +79,6 @@ class Machine:
             self.add_device(device)
         self.hooks = HookRegistry(self.vm.dispatcher, self.contexts, self._intercept,
                                   breakpoints=lambda: self.breakpoints, ept=lambda: self.ept)
-        self.breakpoints = BreakpointTable(self.vm.memory, self.contexts, self.hooks)
-        self.hw_breakpoints = HardwareBreakpointTable(self.contexts, self.vm.dispatcher, lambda: self.vm.vmx.model)
         self.entry: int | None = None
         self.stack: int | None = None
         self.symbols: dict[str, int] = {}
@@ -114,6 +113,18 @@ class Machine:
         self.close()
 
     # -- what belongs to the VM, and to vCPU 0 -----------------------------------------
+    @cached_property
+    def breakpoints(self) -> BreakpointTable:
+        """The int3 breakpoints (`minivmm.breakpoints`), made on first use."""
+        from .breakpoints import BreakpointTable
+        return BreakpointTable(self.vm.memory, self.contexts, self.hooks)
+
+    @cached_property
+    def hw_breakpoints(self) -> HardwareBreakpointTable:
+        """The debug-register breakpoints (`minivmm.hwbreakpoints`), made on first use."""
+        from .hwbreakpoints import HardwareBreakpointTable
+        return HardwareBreakpointTable(self.contexts, self.vm.dispatcher, lambda: self.vm.vmx.model)
+
     @property
     def vcpu(self) -> Vcpu | None:
         """vCPU 0 (the bootstrap processor)."""
