@@ -1,7 +1,7 @@
 """`python -m minivmm`: the same command line as `minivmm`."""
 import sys
 
-from .cli import main
+from .cli import command
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(command())
