@@ -50,7 +50,28 @@ def exit_status(reason: str, exit_code: int | None) -> int:
     return EXIT_VM_FAILURE
 
 
-_RAW = argparse.RawDescriptionHelpFormatter
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """argparse's raw-description help at the width argparse takes from `shutil.get_terminal_size`
+    ($COLUMNS, else stdout's terminal, else 80), found without importing shutil: every parser and
+    argument makes a formatter, and shutil loads the compression modules."""
+
+    def __init__(self, prog: str, indent_increment: int = 2, max_help_position: int = 24,
+                 width: int | None = None) -> None:
+        super().__init__(prog, indent_increment, max_help_position,
+                         _terminal_columns() - 2 if width is None else width)
+
+
+def _terminal_columns() -> int:
+    try:
+        columns = int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        columns = 0
+    if columns > 0:
+        return columns
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns or 80
+    except (AttributeError, ValueError, OSError):
+        return 80
 
 
 class _Parser(argparse.ArgumentParser):
@@ -69,7 +90,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
         epilog="examples:\n  minivmm run configs/hello_long.yaml\n  minivmm check configs/cpuid_demo.yaml\n"
                "  minivmm trace configs/hello_real.yaml --max 20\n  minivmm caps --json\n\n"
                "Run `minivmm COMMAND --help` for each command's options.",
-        formatter_class=argparse.RawDescriptionHelpFormatter)
+        formatter_class=HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show the traceback behind an error (also "
                         "MINIVMM_DEBUG=1; accepted anywhere on the command line)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -82,7 +103,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
 def _add_run(commands: argparse._SubParsersAction) -> None:
     run = commands.add_parser(
-        "run", help="run a guest described by a YAML config", formatter_class=_RAW,
+        "run", help="run a guest described by a YAML config", formatter_class=HelpFormatter,
         description="Run the guest, streaming its serial console to stdout.",
         epilog="examples:\n  minivmm run configs/hello_long.yaml\n"
                "  minivmm run configs/runaway_loop.yaml --timeout 0.5 --json\n"
@@ -112,7 +133,7 @@ def _add_run(commands: argparse._SubParsersAction) -> None:
 def _add_gdb(commands: argparse._SubParsersAction) -> None:
     gdb = commands.add_parser(
         "gdb", help="run a guest under gdb: wait for `target remote` before the first instruction",
-        formatter_class=_RAW,
+        formatter_class=HelpFormatter,
         description="Serve the GDB remote protocol for the guest; it starts when gdb says so. Threads are "
                     "vCPUs; watchpoints are EPT monitors (any number, any length).",
         epilog="examples:\n  minivmm gdb configs/hello_user.yaml --port 1234 &\n"
@@ -130,7 +151,7 @@ def _add_gdb(commands: argparse._SubParsersAction) -> None:
 
 def _add_check(commands: argparse._SubParsersAction) -> None:
     check = commands.add_parser(
-        "check", help="validate a config without running it", formatter_class=_RAW,
+        "check", help="validate a config without running it", formatter_class=HelpFormatter,
         description="Validate the config, assemble/load its images and resolve every symbol; no VM is created.",
         epilog="examples:\n  minivmm check configs/elf_hello.yaml && echo valid\n"
                "  minivmm check --json fuzz/crash-1.yaml")
@@ -141,7 +162,7 @@ def _add_check(commands: argparse._SubParsersAction) -> None:
 
 def _add_trace(commands: argparse._SubParsersAction) -> None:
     trace = commands.add_parser(
-        "trace", help="single-step a guest and print each instruction", formatter_class=_RAW,
+        "trace", help="single-step a guest and print each instruction", formatter_class=HelpFormatter,
         description="Single-step the guest (monitor trap flag) and print one line per instruction: "
                     "address, bytes, disassembly and the registers it changed.",
         epilog="examples:\n  minivmm trace configs/hello_real.yaml --max 10\n"
@@ -158,7 +179,7 @@ def _add_trace(commands: argparse._SubParsersAction) -> None:
 
 def _add_caps(commands: argparse._SubParsersAction) -> None:
     caps = commands.add_parser(
-        "caps", help="show this host's KVM capabilities and VMX capability MSRs", formatter_class=_RAW,
+        "caps", help="show this host's KVM capabilities and VMX capability MSRs", formatter_class=HelpFormatter,
         description="KVM capabilities of /dev/kvm and the VMX capability MSRs minivmm reports for this host.",
         epilog="examples:\n  minivmm caps\n  minivmm caps --markdown\n"
                "  minivmm caps --json | python3 -m json.tool")

@@ -36,7 +36,6 @@ import hashlib
 import importlib.machinery
 import importlib.util
 import os
-import shutil
 import struct
 import sys
 import threading
@@ -479,6 +478,7 @@ def _build():
                         built = directory / compiled.name
                         os.replace(compiled, built)
                     finally:
+                        import shutil
                         shutil.rmtree(scratch, ignore_errors=True)
         spec = importlib.util.spec_from_file_location(name, built)
         module = importlib.util.module_from_spec(spec)

@@ -8,7 +8,6 @@ protocol asks for (multiboot: EAX=0x2BADB002, EBX=the info structure).
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -146,6 +145,7 @@ def build_c_elf(sources: Sequence[str | os.PathLike], *, cflags: Sequence[str] =
     the gcc executable. The entry is `_start`.
     """
     import hashlib
+    import shutil
     import subprocess
     import tempfile
     gcc = shutil.which("gcc")

@@ -10,14 +10,14 @@ import json
 import sys
 from pathlib import Path
 
-from ..cli import positive_seconds
+from ..cli import HelpFormatter, positive_seconds
 
 EXIT_OK = 0
 EXIT_USAGE = 2
 
 
 def add_commands(subparsers: argparse._SubParsersAction) -> None:
-    raw = argparse.RawDescriptionHelpFormatter
+    raw = HelpFormatter
     fuzz = subparsers.add_parser(
         "fuzz", help="coverage-guided snapshot fuzzing of a config's `fuzz:` target", formatter_class=raw,
         description="Fuzz the target described by the config's `fuzz:` section: restore a snapshot, place "
