@@ -41,16 +41,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
+from functools import cached_property
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from .exits import ExitReason
 from .handlers import Dispatcher, Registration
-from .syscalls import SyscallTable
 
 if TYPE_CHECKING:
     from .breakpoints import BreakpointTable
     from .ept import EptShadow
     from .runloop import VcpuContext
+    from .syscalls import SyscallTable
 
 __all__ = ["Handle", "HookKind", "HookRegistry"]
 
@@ -89,9 +90,15 @@ class HookRegistry:
         self._breakpoints = breakpoints
         self._ept = ept
         self._handles: list[Handle] = []
-        self.syscalls = SyscallTable()
-        for ctx in contexts:
-            ctx.syscalls = self.syscalls
+
+    @cached_property
+    def syscalls(self) -> SyscallTable:
+        """The SYSCALL hooks and kernel of every vCPU (`minivmm.syscalls`), made on first use."""
+        from .syscalls import SyscallTable
+        table = SyscallTable()
+        for ctx in self._contexts:
+            ctx.syscalls = table
+        return table
 
     def add(self, kind: HookKind | str, callback: Callable, *, reason: ExitReason | None = None,
             vcpu: int | None = None, **filters) -> Handle:
