@@ -44,14 +44,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 from .actions import RESUME, RETRY, Reply, Stop
-from .devices.acpi_pm import SLP_TYP_S3, SLP_TYP_S5, PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TIMER_HZ, PM_TMR_LEN, AcpiPm
-from .devices.fw_cfg import FW_CFG_PORT, FwCfg
-from .devices.pci import PciNoDevices
-from .devices.scratch import ScratchRegister
 from .exits import ExitReason
 from .memory import GuestMemoryError
 
 if TYPE_CHECKING:
+    from .devices.acpi_pm import AcpiPm
+    from .devices.fw_cfg import FwCfg
+    from .devices.pci import PciNoDevices
+    from .devices.scratch import ScratchRegister
     from .devices.rtc import CmosRtc
     from .devices.testdev import PcTestdev
     from .machine import Machine
@@ -82,6 +82,20 @@ DSDT_SLEEP_STATES = (bytes.fromhex("08 5F53335F 12 08 04 0A01 0A01 00 00") +
                      bytes.fromhex("08 5F53355F 12 06 04 00 00 00 00"))
 
 
+# The devices' names are re-exported here; their modules load with the first platform that has them.
+_DEVICE_NAMES = {"AcpiPm": "acpi_pm", "PM_BASE": "acpi_pm", "PM_TIMER_HZ": "acpi_pm", "FwCfg": "fw_cfg",
+                 "FW_CFG_PORT": "fw_cfg", "PciNoDevices": "pci", "ScratchRegister": "scratch"}
+
+
+def __getattr__(name: str):
+    if name in _DEVICE_NAMES:
+        import importlib
+        value = getattr(importlib.import_module(f"minivmm.devices.{_DEVICE_NAMES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def acpi_checksum(data: bytes) -> int:
     """The byte that makes `data` (with its checksum byte 0) sum to 0 mod 256."""
     return -sum(data) & 0xFF
@@ -109,14 +123,17 @@ class AcpiTables:
         return self.addresses["RSDP"]
 
 
-def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int = PM_BASE,
+def build_acpi_tables(cpus: int, *, base: int = ACPI_BASE, pm_base: int | None = None,
                       timer_32bit: bool = True, sci_irq: int = SCI_IRQ) -> AcpiTables:
     """RSDP (revision 0, ACPI 1.0 style, pointing at the RSDT), FACS, a DSDT with only \\_S3 and
     \\_S5 (DSDT_SLEEP_STATES), a
     revision-1 FADT (PM1a event/control blocks, PM_TMR_BLK = pm_base + 8, SCI on
     `sci_irq`) and the MADT: one processor-local-APIC entry per vCPU (APIC ID = vCPU
     index, enabled), an IOAPIC at 0xFEC00000 (GSI base 0) and the interrupt source
-    overrides QEMU's pc machine has (IRQ0 -> GSI2, the SCI level-triggered)."""
+    overrides QEMU's pc machine has (IRQ0 -> GSI2, the SCI level-triggered). `pm_base` defaults
+    to PM_BASE, where `install_platform` puts the PM block."""
+    from .devices.acpi_pm import PM1_CNT_LEN, PM1_EVT_LEN, PM_BASE, PM_TMR_LEN
+    pm_base = PM_BASE if pm_base is None else pm_base
     if not 1 <= cpus <= 255:
         raise ValueError(f"cpus must be 1..255, not {cpus}")
     blob = bytearray()
@@ -306,6 +323,7 @@ def install_sleep_states(machine: "Machine", pm: AcpiPm, tables: AcpiTables) -> 
     its state and memory kept, until `pm.wake()` or an RTC alarm (RTC_EN) wakes it; then it
     resumes as firmware would, without a BIOS: in real mode at the FACS firmware waking vector
     (CS = vector >> 4, IP = vector & 0xF), WAK_STS set in PM1_STS. (ACPI 6.5 16.3.)"""
+    from .devices.acpi_pm import SLP_TYP_S3, SLP_TYP_S5
     from .modes import RFLAGS_FIXED
     from .vcpu import Segment, run_timer
     memory = machine.memory
@@ -353,6 +371,7 @@ def enable_strict_ports(machine: "Machine") -> None:
 def install_platform(machine: "Machine", config: PlatformConfig) -> InstalledPlatform:
     """Add the asked-for pieces to `machine` (see the module docstring); the result is also
     kept as `machine.platform`."""
+    from .devices import AcpiPm, FwCfg, PciNoDevices, ScratchRegister
     installed = InstalledPlatform()
     ram_size = sum(region.size for region in machine.memory.regions)
     low = machine.memory.region_at(0)

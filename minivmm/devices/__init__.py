@@ -16,18 +16,15 @@ from __future__ import annotations
 
 from typing import Protocol, runtime_checkable
 
-from minivmm.devices.acpi_pm import AcpiPm
 from minivmm.devices.debug_exit import DebugExit
-from minivmm.devices.fw_cfg import FwCfg
-from minivmm.devices.pci import PciNoDevices
-from minivmm.devices.scratch import ScratchRegister
 from minivmm.devices.serial import Serial16550
 
 __all__ = ["AcpiPm", "CmosRtc", "DebugExit", "FwCfg", "PciNoDevices", "PcTestdev", "PortDevice", "ResettableDevice",
            "ScratchRegister", "Serial16550"]
 
 
-_LAZY = {"CmosRtc": "rtc", "PcTestdev": "testdev"}    # loaded when a platform asks for them
+_LAZY = {"AcpiPm": "acpi_pm", "CmosRtc": "rtc", "FwCfg": "fw_cfg", "PciNoDevices": "pci", "PcTestdev": "testdev",
+         "ScratchRegister": "scratch"}    # loaded when a platform asks for them
 
 
 def __getattr__(name: str):
