@@ -86,3 +86,15 @@ def test_the_cache_can_be_turned_off(config: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setenv(treecache.CACHE_ENV, "0")
     load_config(config)
     assert not treecache.entry(str(config)).exists()
+
+
+def test_the_cache_stays_small(config: Path) -> None:
+    big = config.with_name("big.yaml")
+    big.write_text(CONFIG + "#" * treecache.MAX_TEXT + "\n", encoding="utf-8")
+    assert load_config(big).machine.memory == 4 << 20
+    assert not treecache.entry(str(big)).exists()
+    for index in range(3 * treecache.SLOTS):
+        other = config.with_name(f"guest{index}.yaml")
+        other.write_text(CONFIG, encoding="utf-8")
+        load_config(other)
+    assert len(list(treecache.entry(str(config)).parent.iterdir())) <= treecache.SLOTS

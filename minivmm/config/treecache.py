@@ -2,10 +2,12 @@
 so that loading the same text again needs no YAML parser (importing PyYAML is a large part of a
 short `minivmm run`).
 
-One marshal file per config path under `cache_dir()/../configs` holds a stamp, the path, the whole
-text and the tree. It serves a load only when the text is the stored one and the stamp matches:
-the Python version (marshal's format) and the files that decide what a text composes to (the tree
-builder, the limits it checks, PyYAML). An entry that cannot be read or written is a miss;
+A config path hashes to one of SLOTS marshal files under `cache_dir()/../configs`; the file holds
+a stamp, the path, the whole text and the tree of the config last stored in that slot (texts up
+to MAX_TEXT only: the cache stays small however many configs a test suite writes). It serves a
+load only when the path and the text are the stored ones and the stamp matches: the Python
+version (marshal's format) and the files that decide what a text composes to (the tree builder,
+the limits it checks, PyYAML). An entry that cannot be read or written is a miss;
 MINIVMM_CONFIG_CACHE=0 turns the cache off.
 """
 from __future__ import annotations
@@ -24,21 +26,24 @@ from .validate import Node
 
 FORMAT = 1
 CACHE_ENV = "MINIVMM_CONFIG_CACHE"
+SLOTS = 256
+MAX_TEXT = 64 << 10
 
 
-def enabled() -> bool:
-    return os.environ.get(CACHE_ENV, "1") != "0"
+def enabled(text: str) -> bool:
+    return len(text) <= MAX_TEXT and os.environ.get(CACHE_ENV, "1") != "0"
 
 
 def entry(file: str) -> Path:
-    """The cache file of the config at `file` (the path as `load_config` was given it)."""
-    digest = hashlib.sha256(file.encode("utf-8", "surrogateescape")).hexdigest()[:24]
-    return cache_dir().parent / "configs" / f"{digest}.marshal"
+    """The cache file for the config at `file` (the path as `load_config` was given it)."""
+    digest = hashlib.sha256(file.encode("utf-8", "surrogateescape")).digest()
+    slot = int.from_bytes(digest[:4], "little") % SLOTS
+    return cache_dir().parent / "configs" / f"{slot:02x}.marshal"
 
 
 def load(text: str, file: str) -> Node | None:
     """The tree stored for `file` when it was composed from this very `text`, else None."""
-    if not enabled():
+    if not enabled(text):
         return None
     try:
         stamp, stored_file, stored_text, tree = marshal.loads(entry(file).read_bytes())
@@ -51,7 +56,7 @@ def load(text: str, file: str) -> Node | None:
 
 def save(text: str, file: str, root: Node) -> None:
     """Store the tree composed from `text` for `file` (written whole by rename; errors ignored)."""
-    if not enabled():
+    if not enabled(text):
         return
     path = entry(file)
     try:
