@@ -10,9 +10,12 @@ the work is split by job:
 
 - `schema`: the typed result (`Config` and its parts), `SCHEMA` (a summary of
   the keys, with the meaning of the less obvious ones in its docstring) and
-  `ConfigError`.
-- `validate`: YAML text to located nodes, `--set` overrides, and the checks
-  and conversions that make a `Config` (`load_config`, `parse_config`).
+  `ConfigError`; `rule_types`: the typed rules inside it (loaded with the first
+  config that has one).
+- `validate`: located nodes, `--set` overrides, and the checks and conversions
+  that make a `Config` (`load_config`, `parse_config`); `yamltree`: YAML text
+  to located nodes (the one module importing PyYAML); `treecache`: the nodes of
+  each config file, kept on disk while its text is unchanged.
 - `build`: a `Config` to a running `ConfiguredMachine` (`build_machine`), the
   VM-free `check_config`, and `check_expectation` for a run's result.
 - `rules`: the compilers that turn each YAML rule into an exit handler or an

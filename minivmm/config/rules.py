@@ -14,12 +14,12 @@ from ..actions import RESUME, RETRY, Inject, Reply, Stop
 from ..disasm import instruction_length
 from ..exits import ExitReason, Vector, vector_name
 from ..modes import CODE_BITS, Mode
-from .schema import ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule, MonitorRule, MsrRule
 
 if TYPE_CHECKING:
     from ..machine import Machine
     from ..vcpu import Vcpu
     from .build import ConfiguredMachine
+    from .rule_types import ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule, MonitorRule, MsrRule
 
 
 def _instruction_length(machine: Machine, vcpu: Vcpu) -> int:

@@ -69,6 +69,8 @@ from ..errors import MinivmmError
 
 if TYPE_CHECKING:
     from ..platform import PlatformConfig
+    from .rule_types import (ControlSetting, CpuidRule, ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule,
+                             MonitorRule, MsrRule, ProtectRule)
 
 SCHEMA_VERSION = 1
 DEFAULT_TIMEOUT = 10.0
@@ -148,7 +150,17 @@ Address = int | SymbolRef
 
 
 # ---------------------------------------------------------------------------
-# The typed result
+# The typed result (the rules inside it are in `minivmm.config.rule_types`)
+
+_RULE_TYPES = {"ControlSetting", "CpuidRule", "ExceptionRule", "HookRule", "HypercallRule", "IoRule", "MmioRule",
+               "MonitorRule", "MsrRule", "ProtectRule"}
+
+
+def __getattr__(name: str):
+    if name in _RULE_TYPES:
+        from . import rule_types
+        return getattr(rule_types, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -221,15 +233,6 @@ class DebugExitConfig:
     width: int = 1
 
 
-@dataclass
-class HypercallRule:
-    """One entry of `devices.hypercall.calls`: what hypercall `number` does."""
-    number: int
-    action: str = "return"                     # return | log | count | stop
-    value: int = 0
-    name: str = ""
-    log: bool = False
-
 
 @dataclass
 class HypercallConfig:
@@ -237,18 +240,6 @@ class HypercallConfig:
     port: int = 0xF5
     calls: list[HypercallRule] = field(default_factory=list)
 
-
-@dataclass
-class MmioRule:
-    """One entry of `devices.mmio`: a guest-physical range and what an access to it does."""
-    start: Address
-    end: Address | None
-    size: int | None
-    action: str = "ignore"                     # ignore | count | log | stop
-    value: int = 0
-    name: str = ""
-    log: bool = False
-    loc: Loc = Loc()
 
 
 @dataclass
@@ -260,60 +251,9 @@ class DevicesConfig:
     mmio: list[MmioRule] = field(default_factory=list)
 
 
-@dataclass
-class ControlSetting:
-    """One VMX control of `vmcs.controls`, turned on or off."""
-    name: str
-    flag: Any                                  # a member of one of minivmm.controls' IntFlags
-    enabled: bool = True
-    loc: Loc = Loc()
 
 
-@dataclass
-class ExceptionRule:
-    """One entry of `vmcs.exceptions`: what an intercepted exception vector does."""
-    vector: int
-    action: str = "count"                      # count | log | skip | stop | inject | pass
-    name: str = ""
-    log: bool = False
-    loc: Loc = Loc()
 
-
-@dataclass
-class MsrRule:
-    """One entry of `vmcs.msrs`: what RDMSR/WRMSR of `msr` does."""
-    msr: int
-    action: str = "log"                        # allow | deny | fixed | log | count
-    value: int = 0
-    read: bool = True
-    write: bool = True
-    name: str = ""
-    log: bool = False
-    loc: Loc = Loc()
-
-
-@dataclass
-class IoRule:
-    """One entry of `vmcs.io`: what IN/OUT on ports [start, end) does."""
-    start: int
-    end: int                                   # exclusive
-    action: str = "log"                        # ignore | fixed | log | count | stop
-    value: int | None = None
-    name: str = ""
-    log: bool = False
-    loc: Loc = Loc()
-
-
-@dataclass
-class CpuidRule:
-    """One entry of `vmcs.cpuid`: registers CPUID returns for a leaf (and subleaf)."""
-    leaf: int
-    subleaf: int | None = None
-    eax: int | None = None
-    ebx: int | None = None
-    ecx: int | None = None
-    edx: int | None = None
-    loc: Loc = Loc()
 
 
 @dataclass
@@ -334,38 +274,7 @@ class VmcsConfig:
                     or self.cpuid)
 
 
-@dataclass
-class ProtectRule:
-    """One entry of `ept.protect`: the EPT permissions of a guest-physical range."""
-    start: Address
-    end: Address | None
-    size: int | None
-    perms: str
-    loc: Loc = Loc()
 
-
-@dataclass
-class MonitorRule:
-    """One entry of `ept.monitors`: accesses to a guest-physical range that are reported."""
-    start: Address
-    end: Address | None
-    size: int | None
-    access: str = "rw"
-    action: str = "log"                        # log | count | stop | skip
-    name: str = ""
-    log: bool = False
-    loc: Loc = Loc()
-
-
-@dataclass
-class HookRule:
-    """One entry of `ept.hooks`: an execution hook at a guest address."""
-    address: Address
-    action: str = "log"                        # log | count | stop | skip
-    hidden: bool = True
-    name: str = ""
-    log: bool = False
-    loc: Loc = Loc()
 
 
 @dataclass

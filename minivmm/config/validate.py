@@ -27,13 +27,14 @@ from .. import controls
 from ..exits import Vector, vector_name
 from ..memory import parse_size
 from .schema import (DEFAULT_MEMORY, SCHEMA_VERSION, Address, BuildConfig, Config, ConfigError,
-                     ControlSetting, CpuidRule, DebugExitConfig, DevicesConfig, EptConfig, ExceptionRule,
-                     ExpectConfig, FuzzConfig, HookRule, HypercallConfig, HypercallRule, ImageConfig, IoRule,
-                     Loc, MachineConfig, MmioRule, ModuleConfig, MonitorRule, MsrRule, ProtectRule,
-                     SerialConfig, SymbolRef, VmcsConfig, platform_config)
+                     DebugExitConfig, DevicesConfig, EptConfig, ExpectConfig, FuzzConfig, HypercallConfig,
+                     ImageConfig, Loc, MachineConfig, ModuleConfig, SerialConfig, SymbolRef, VmcsConfig,
+                     platform_config)
 
 if TYPE_CHECKING:
     from ..platform import PlatformConfig
+    from .rule_types import (ControlSetting, CpuidRule, ExceptionRule, HookRule, HypercallRule, IoRule, MmioRule,
+                             MonitorRule, MsrRule, ProtectRule)
 
 REGISTER_NAMES = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9", "r10",
                   "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
@@ -897,6 +898,7 @@ class _Validator:
         return devices
 
     def hypercall_rule(self, node: Node) -> HypercallRule:
+        from .rule_types import HypercallRule
         m = _Map(node, ("number", "action", "value", "name", "log"))
         number = m.need("number", _uint, "the hypercall number (RAX)")
         return HypercallRule(number=number,
@@ -905,6 +907,7 @@ class _Validator:
                              log=m.get("log", _bool, False))
 
     def mmio_rule(self, node: Node) -> MmioRule:
+        from .rule_types import MmioRule
         m = _Map(node, ("start", "end", "size", "action", "value", "name", "log"))
         start, end, size = _range(m)
         return MmioRule(start, end, size, action=m.get("action", _choice("ignore", "count", "log", "stop"),
@@ -928,6 +931,7 @@ class _Validator:
         return vmcs
 
     def controls(self, node: Node) -> list[ControlSetting]:
+        from .rule_types import ControlSetting
         names = _control_names()
         settings: list[ControlSetting] = []
 
@@ -951,6 +955,7 @@ class _Validator:
         return settings
 
     def exception_rule(self, node: Node) -> ExceptionRule:
+        from .rule_types import ExceptionRule
         m = _Map(node, ("vector", "action", "name", "log"))
         vector = m.need("vector", _vector, "e.g. \"#BP\"")
         return ExceptionRule(vector, m.get("action", _choice("count", "log", "skip", "stop", "inject", "pass"),
@@ -958,6 +963,7 @@ class _Validator:
                              m.get("name", _str, vector_name(vector)), m.get("log", _bool, False), _loc(node))
 
     def msr_rule(self, node: Node) -> MsrRule:
+        from .rule_types import MsrRule
         m = _Map(node, ("msr", "action", "value", "read", "write", "name", "log"))
         msr = m.need("msr", _u32, "the MSR index")
         action = m.get("action", _choice("allow", "deny", "fixed", "log", "count"), "log")
@@ -968,6 +974,7 @@ class _Validator:
                        m.get("log", _bool, False), _loc(node))
 
     def io_rule(self, node: Node) -> IoRule:
+        from .rule_types import IoRule
         m = _Map(node, ("port", "action", "value", "name", "log"))
         port_node = m.child("port")
         if port_node is None:
@@ -989,6 +996,7 @@ class _Validator:
                       m.get("log", _bool, False), _loc(node))
 
     def cpuid_rule(self, node: Node) -> CpuidRule:
+        from .rule_types import CpuidRule
         m = _Map(node, ("leaf", "subleaf", "eax", "ebx", "ecx", "edx"))
         rule = CpuidRule(m.need("leaf", _u32, "the CPUID leaf (EAX)"), m.get("subleaf", _u32),
                          loc=_loc(node))
@@ -1003,11 +1011,13 @@ class _Validator:
                          hooks=m.get("hooks", _list(self.hook_rule, "a list of execute hooks"), []))
 
     def protect_rule(self, node: Node) -> ProtectRule:
+        from .rule_types import ProtectRule
         m = _Map(node, ("start", "end", "size", "perms"))
         start, end, size = _range(m)
         return ProtectRule(start, end, size, m.need("perms", _perms, "e.g. r-x"), _loc(node))
 
     def monitor_rule(self, node: Node) -> MonitorRule:
+        from .rule_types import MonitorRule
         m = _Map(node, ("start", "end", "size", "access", "action", "name", "log"))
         start, end, size = _range(m)
         return MonitorRule(start, end, size, m.get("access", _monitor_access, "rw"),
@@ -1015,6 +1025,7 @@ class _Validator:
                            m.get("name", _str, f"monitor {start}"), m.get("log", _bool, False), _loc(node))
 
     def hook_rule(self, node: Node) -> HookRule:
+        from .rule_types import HookRule
         m = _Map(node, ("address", "action", "hidden", "name", "log"))
         address = m.need("address", _address, "an address or a symbol")
         return HookRule(address, m.get("action", _choice("log", "count", "stop", "skip"), "log"),
