@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .cpuid import supported_cpuid
 from .fastpath import IO_TAG, run_packed_for
 from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
                   SyncRegsFlag, VcpuFd, VmFd)
@@ -182,7 +183,7 @@ class Vcpu:
         self._fd = self.fd.fd
         self._run = run
         self._run_packed, self._run_arg = run_packed_for(self.fd.run_mmap)
-        self.fd.set_cpuid2(kvm.get_supported_cpuid())
+        self.fd.set_cpuid2(supported_cpuid(kvm))
         self._power_on = (KvmRegs.from_buffer_copy(self._regs), KvmSregs.from_buffer_copy(self._sregs))
 
     def written_since_power_on(self) -> tuple[dict[str, object], dict[str, object]]:

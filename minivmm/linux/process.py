@@ -177,12 +177,28 @@ class LinuxProcess:
                     space.map(run_start * PAGE, (previous + 1 - run_start) * PAGE, run_prot)
                 run_start, run_prot = page, prot
             previous = page
-        for segment in self.program.segments:
-            space.write(segment.vaddr, segment.data)
+        self._read_segments(space)
         space.brk_start = space.brk = page_up(self.program.end)
         space.map(space.entry, PAGE, PROT_READ | PROT_EXEC)
         space.map(space.entry + PAGE, ENTRY_SIZE - PAGE, PROT_READ | PROT_WRITE)
         space.write(space.entry, entry_code())
+
+    def _read_segments(self, space: AddressSpace) -> None:
+        """Each segment's file bytes, read from the file straight into guest memory."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LinuxImageError(f"{self.path}: cannot read it: {exc.strerror}") from None
+        try:
+            for segment in self.program.segments:
+                with memoryview(space.mem)[segment.vaddr:segment.vaddr + segment.filesz] as view:
+                    complete = os.preadv(fd, [view], segment.offset) == segment.filesz
+                if not complete:
+                    raise LinuxImageError(f"{self.path}: the file changed while it was loaded "
+                                          "(a segment ends past its end)")
+                space.touched(segment.vaddr, segment.filesz)
+        finally:
+            os.close(fd)
 
     def _std_fds(self, vfs: Vfs) -> None:
         if isinstance(self.stdin, (bytes, bytearray)):
