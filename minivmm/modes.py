@@ -57,6 +57,7 @@ from enum import Enum
 from typing import NamedTuple, Sequence
 
 from .exits import EXCEPTIONS_WITH_ERROR_CODE
+from .kvm import KvmError
 from .memory import GuestMemory, GuestMemoryError
 from .vcpu import Segment, Vcpu
 
@@ -402,10 +403,10 @@ def setup_mode(vcpu: Vcpu, memory: GuestMemory, mode: Mode, entry: int, stack: i
 
 def setup_syscall_msrs(vcpu: Vcpu, entry: int) -> None:
     """STAR, LSTAR = `entry`, CSTAR and FMASK for user mode's `syscall` (SDM vol. 2, SYSCALL)."""
-    for index, value in ((MSR_STAR, STAR_VALUE), (MSR_LSTAR, entry), (MSR_CSTAR, entry),
-                         (MSR_FMASK, FMASK_VALUE)):
-        if not vcpu.write_msr(index, value):
-            raise GuestMemoryError(f"KVM refused MSR {index:#x} = {value:#x} (user mode's syscall entry)")
+    try:
+        vcpu.fd.set_msrs({MSR_STAR: STAR_VALUE, MSR_LSTAR: entry, MSR_CSTAR: entry, MSR_FMASK: FMASK_VALUE})
+    except KvmError as exc:
+        raise GuestMemoryError(f"KVM refused user mode's syscall entry MSRs: {exc}") from None
 
 
 def _write_gdt_and_tss(memory: GuestMemory, mode: Mode, sregs, base: int) -> None:

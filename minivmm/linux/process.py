@@ -160,23 +160,33 @@ class LinuxProcess:
         return machine
 
     def _load(self, space: AddressSpace) -> None:
-        rights: dict[int, int] = {}
+        spans = []
         for segment in self.program.segments:
             if segment.vaddr < 0x10000:
                 raise LinuxImageError(f"{self.path}: a segment at {segment.vaddr:#x} overlaps minivmm's system "
                                       "area [0, 0x10000)")
-            for page in range(segment.vaddr // PAGE, page_up(segment.vaddr + segment.memsz) // PAGE):
-                rights[page] = rights.get(page, 0) | _prot(segment.flags)
-        if len(rights) > space.limit_pages:
-            raise LinuxImageError(f"{self.path}: its segments need {len(rights) * PAGE >> 20} MiB, more than "
+            spans.append((segment.vaddr // PAGE, page_up(segment.vaddr + segment.memsz) // PAGE,
+                          _prot(segment.flags)))
+        covered: list[list[int]] = []
+        for first, end, _ in sorted(spans):
+            if covered and first <= covered[-1][1]:
+                covered[-1][1] = max(covered[-1][1], end)
+            else:
+                covered.append([first, end])
+        needed = sum(end - first for first, end in covered)
+        if needed > space.limit_pages:
+            raise LinuxImageError(f"{self.path}: its segments need {needed * PAGE >> 20} MiB, more than "
                                   f"the memory limit of {self.limit >> 20} MiB")
-        run_start = run_prot = previous = None
-        for page, prot in sorted(rights.items()) + [(None, None)]:
-            if run_start is None or page is None or page != previous + 1 or prot != run_prot:
-                if run_start is not None:
-                    space.map(run_start * PAGE, (previous + 1 - run_start) * PAGE, run_prot)
-                run_start, run_prot = page, prot
-            previous = page
+        for first, end, prot in spans:
+            space.map(first * PAGE, (end - first) * PAGE, prot)
+        shared = {page for i, (first, end, _) in enumerate(spans) for other_first, other_end, _ in spans[i + 1:]
+                  for page in range(max(first, other_first), min(end, other_end))}
+        for page in shared:                   # a page segments share has all their rights
+            rights = 0
+            for first, end, prot in spans:
+                if first <= page < end:
+                    rights |= prot
+            space.map(page * PAGE, PAGE, rights)
         self._read_segments(space)
         space.brk_start = space.brk = page_up(self.program.end)
         space.map(space.entry, PAGE, PROT_READ | PROT_EXEC)

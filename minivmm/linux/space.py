@@ -143,7 +143,7 @@ class AddressSpace:
         """Allocate the pages of [address, address + length) (page aligned) with `prot`;
         0, or -ENOMEM past the memory limit."""
         first, count = address // PAGE, page_up(length) // PAGE
-        new = sum(1 for r in self.rights[first:first + count] if not r)
+        new = self.rights.count(0, first, first + count)
         if self.used_pages + new > self.limit_pages:
             return -errno.ENOMEM
         self.used_pages += new
@@ -155,7 +155,7 @@ class AddressSpace:
         """Free the pages (they read as zeros when mapped again)."""
         first, count = address // PAGE, page_up(length) // PAGE
         self._taking(first, count)
-        freed = sum(1 for r in self.rights[first:first + count] if r)
+        freed = count - self.rights.count(0, first, first + count)
         self.used_pages -= freed
         self.rights[first:first + count] = bytes(count)
         self._set_ptes(first, count, 0)
