@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..actions import RunEnd, Stop
 from .entry import FLUSH_LIST, FLUSH_VECTOR, SLOT_SIZE, SLOTS, TABLE_OFFSET, WINDOW, pack_slot
-from .space import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
+from .space import HUGE_PAGE, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
 from .vfs import OpenFile, Vfs, VfsError
 
 __all__ = ["Clock", "LinuxKernel", "FATAL_SIGNAL_EXIT", "SYSCALL_NAMES"]
@@ -186,9 +186,10 @@ class LinuxKernel:
         if not stat_module.S_ISREG(st.st_mode) or not 0 < st.st_size <= self.FAST_FILE_LIMIT:
             return
         size = page_up(min(st.st_size, WINDOW))
-        base = self.space.find_free(size)
+        base = self.space.find_free(HUGE_PAGE, HUGE_PAGE)    # a free block: a huge page can back it
         if base is None or self.space.map(base, size, PROT_READ) < 0:
             return
+        self.space.prefer_huge_pages(base, size)
         self.fast[fd] = (base, size)
         self._refill(fd, 0)
 

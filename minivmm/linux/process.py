@@ -201,6 +201,8 @@ class LinuxProcess:
             raise LinuxImageError(f"{self.path}: cannot read it: {exc.strerror}") from None
         try:
             for segment in self.program.segments:
+                space.prefer_huge_pages(segment.vaddr, segment.filesz)
+            for segment in self.program.segments:
                 with memoryview(space.mem)[segment.vaddr:segment.vaddr + segment.filesz] as view:
                     complete = os.preadv(fd, [view], segment.offset) == segment.filesz
                 if not complete:

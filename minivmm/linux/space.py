@@ -29,6 +29,7 @@ from .entry import ENTRY_SIZE
 __all__ = ["AddressSpace", "PAGE", "USED", "page_up"]
 
 PAGE = 4096
+HUGE_PAGE = 2 << 20
 USED = 0x80
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _P, _RW, _US, _PS = 1, 2, 4, 0x80
@@ -189,12 +190,29 @@ class AddressSpace:
         body = b"".join(struct.pack("<QQ", self.pt + first * 8, count) for first, count in taken)
         return struct.pack("<QQ", self.pt, 0) + body + bytes(16)
 
-    def find_free(self, length: int) -> int | None:
-        """The highest free page-aligned range of `length` bytes under the mmap top."""
-        count = page_up(length) // PAGE
-        low = SYSTEM_AREA_END // PAGE
-        at = self.rights.rfind(bytes(count), low, self.mmap_top // PAGE)
-        return None if at < 0 else at * PAGE
+    def find_free(self, length: int, align: int = PAGE) -> int | None:
+        """The highest free range of `length` bytes under the mmap top that starts at a
+        multiple of `align` (a power of two, at least a page)."""
+        count, step = page_up(length) // PAGE, align // PAGE
+        low, high = SYSTEM_AREA_END // PAGE, self.mmap_top // PAGE
+        free = bytes(count)
+        while True:
+            at = self.rights.rfind(free, low, high)
+            if at < 0:
+                return None
+            start = at - at % step
+            if start >= low and self.rights.count(0, start, start + count) == count:
+                return start * PAGE
+            high = start - step + count        # the next lower candidate
+
+    def prefer_huge_pages(self, address: int, length: int) -> None:
+        """Ask the host to back the 2 MiB blocks that [address, address + length) touches with
+        transparent huge pages (MADV_HUGEPAGE): one host fault per block instead of one per
+        page when the host fills it (ELF segments, read windows). The guest's page tables
+        keep their 4 KiB pages and rights."""
+        low, high = address & ~(HUGE_PAGE - 1), min(-(-(address + length) // HUGE_PAGE) * HUGE_PAGE, self.tables)
+        if high > low and hasattr(mmap, "MADV_HUGEPAGE"):
+            self.mem.madvise(mmap.MADV_HUGEPAGE, low, high - low)
 
     def write(self, address: int, data: bytes) -> None:
         self.mem[address:address + len(data)] = data
