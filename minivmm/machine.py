@@ -318,7 +318,8 @@ class Machine:
             dispatcher = self.vm.dispatcher
             asks = dispatcher.registrations(ExitReason.EXECUTE_CPUID) or dispatcher.default(ExitReason.EXECUTE_CPUID)
             entries = self.cpuid.build(consult if asks else None)
-            self.vcpu.fd.set_cpuid2(entries)
+            if asks or self.cpuid.overrides:       # else vCPU 0 has had this table since its creation
+                self.vcpu.fd.set_cpuid2(entries)
             if len(self.vcpus) > 1:
                 from .smp import cpuid_for_vcpu
                 for ap in self.vcpus[1:]:

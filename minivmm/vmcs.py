@@ -303,7 +303,7 @@ class VmxVmState:
 
 @dataclass
 class _Realised:
-    guest_debug: int = -1
+    guest_debug: int = 0                 # a new vCPU debugs nothing
     debugregs: tuple[int, ...] = ()
     tsc_offset: int | None = None
     tf: bool = False

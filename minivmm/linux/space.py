@@ -74,6 +74,9 @@ class AddressSpace:
         self.on_write: Callable[[int, int], None] | None = None   # host writes to guest memory
         self.live = False            # the program ran: taking rights away needs `flush_ranges`
         self.taken: list[tuple[int, int]] = []      # (first page, count) whose rights went down
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            low = self.tables & ~(HUGE_PAGE - 1)
+            self.mem.madvise(mmap.MADV_HUGEPAGE, low, ram_size - low)
         self._write_tables(npages, npd)
         self.rights[:SYSTEM_AREA_END // PAGE] = bytes([USED]) * (SYSTEM_AREA_END // PAGE)
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
