@@ -124,7 +124,7 @@ class LinuxProcess:
     # -- building the machine ------------------------------------------------------------
     def ram_size(self) -> int:
         top = max(self.program.end, 0x1000000)
-        return min(-(-(page_up(top) + self.limit + (40 << 20)) // (2 << 20)) * (2 << 20), 3 << 30)
+        return min(-(-(page_up(top) + self.limit + (50 << 20)) // (2 << 20)) * (2 << 20), 3 << 30)
 
     def build(self) -> Machine:
         """The machine with the program loaded, its stack built and the kernel installed."""

@@ -4,7 +4,8 @@ for, the program break, mmap regions, all inside a memory limit.
 Guest RAM is [0, ram_size): virtual address = guest-physical address, so a guest
 buffer is a slice of guest memory. The page tables (4-level, SDM vol. 3A 4.5) sit
 at the top of RAM, out of the program's reach (no page maps them); below them the
-stack, then the mmap area growing down. Each user page has one byte in `rights`
+stack, the syscall entry, the read window area (`WINDOW_AREA`), then the mmap area
+growing down. Each user page has one byte in `rights`
 (PROT_READ 1, PROT_WRITE 2, PROT_EXEC 4 as mmap's, and USED 0x80 for an
 allocated page) and a PTE: present when the page has any right, writable for
 PROT_WRITE, execute-disable (EFER.NXE) without PROT_EXEC. The first 64 KiB are
@@ -30,6 +31,10 @@ __all__ = ["AddressSpace", "PAGE", "USED", "page_up"]
 
 PAGE = 4096
 HUGE_PAGE = 2 << 20
+WINDOW_AREA = 8 << 20
+"""The read window area: 2 MiB pages, read-only for the program, below the syscall entry, where
+the entry serves reads of one file at a time (`minivmm.linux.kernel`); a 2 MiB page costs one
+fault of the guest where 4 KiB pages cost one each."""
 USED = 0x80
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _P, _RW, _US, _PS = 1, 2, 4, 0x80
@@ -69,7 +74,8 @@ class AddressSpace:
         self.top = self.tables                       # the stack ends here
         self.stack_low = self.top - STACK_SIZE
         self.entry = self.stack_low - PAGE - ENTRY_SIZE  # the syscall entry (minivmm.linux.entry)
-        self.mmap_top = self.entry - PAGE            # guard pages around it
+        self.windows = (self.entry - PAGE - WINDOW_AREA) & ~(HUGE_PAGE - 1)   # the read window area
+        self.mmap_top = self.windows - PAGE          # guard pages around them
         self.brk_start = self.brk = 0
         self.on_write: Callable[[int, int], None] | None = None   # host writes to guest memory
         self.live = False            # the program ran: taking rights away needs `flush_ranges`
@@ -77,9 +83,12 @@ class AddressSpace:
         if hasattr(mmap, "MADV_HUGEPAGE"):
             low = self.tables & ~(HUGE_PAGE - 1)
             self.mem.madvise(mmap.MADV_HUGEPAGE, low, ram_size - low)
+            self.mem.madvise(mmap.MADV_HUGEPAGE, self.windows, WINDOW_AREA)
         self._write_tables(npages, npd)
         self.rights[:SYSTEM_AREA_END // PAGE] = bytes([USED]) * (SYSTEM_AREA_END // PAGE)
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
+        self.rights[self.windows // PAGE:(self.windows + WINDOW_AREA) // PAGE] = \
+            bytes([USED | PROT_READ]) * (WINDOW_AREA // PAGE)
         self._set_ptes(1, SYSTEM_AREA_END // PAGE - 1, _P | _RW)      # supervisor, page 0 absent
         self._set_ptes(self.tables // PAGE, npages - self.tables // PAGE, _P | _RW | _NX)  # for the flush
 
@@ -94,6 +103,8 @@ class AddressSpace:
             entries[i] = (self.pt + i * PAGE) | _P | _RW | _US
         if SYSCALL_EXIT_ADDR >= self.ram_size:
             entries[SYSCALL_EXIT_ADDR >> 21] = SYSCALL_EXIT_ADDR | _P | _US | _PS
+        for block in range(self.windows, self.windows + WINDOW_AREA, HUGE_PAGE):
+            entries[block >> 21] = block | _P | _US | _PS | _NX
         self.mem[self.pd:self.pd + npd * PAGE] = struct.pack(f"<{npd * 512}Q", *entries)
 
     @property
