@@ -136,6 +136,9 @@ def test_input_file_of_argv_is_fuzzed_through_the_file(zlib_fuzz, tmp_path):
     (corpus / "seed").write_bytes(SEED)
     done = minivmm("fuzz", config, "--corpus", corpus, "--crashes", tmp_path / "crashes", "--runs", 300)
     assert done.returncode == 0 and b"runs" in done.stdout, done.stderr
+    jobs = minivmm("fuzz", config, "--corpus", corpus, "--crashes", tmp_path / "crashes", "--runs", 200,
+                   "--jobs", 2)
+    assert jobs.returncode == 0 and b"200 runs" in jobs.stdout, jobs.stderr
     plain = minivmm("run", config)
     assert plain.returncode != 0 and b"--input FILE" in plain.stderr, plain.stderr
     mismatched = _config(tmp_path, zlib_fuzz, "input_symbol: stdin", "[zlib_fuzz, '@@']")

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..actions import RunEnd, Stop
 from .entry import FLUSH_LIST, FLUSH_VECTOR, SLOT_SIZE, SLOTS, TABLE_OFFSET, WINDOW, pack_slot
-from .space import HUGE_PAGE, PAGE, PROT_EXEC, WINDOW_AREA, PROT_READ, PROT_WRITE, AddressSpace, page_up
+from .space import HUGE_PAGE, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, WINDOW_AREA, AddressSpace, page_up
 from .vfs import OpenFile, Vfs, VfsError
 
 __all__ = ["Clock", "LinuxKernel", "FATAL_SIGNAL_EXIT", "SYSCALL_NAMES"]
