@@ -13,9 +13,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .kvm import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, KvmCpuidEntry2
+from .kvm import KVM_CPUID_FLAG_SIGNIFCANT_INDEX, Kvm, KvmCpuidEntry2
 
 REGISTERS = ("eax", "ebx", "ecx", "edx")
+
+_supported: tuple[KvmCpuidEntry2, ...] | None = None
+
+
+def supported_cpuid(kvm: Kvm) -> list[KvmCpuidEntry2]:
+    """KVM_GET_SUPPORTED_CPUID, asked once per process (the host's answer does not change
+    while it runs); copies, so callers may change them."""
+    global _supported
+    if _supported is None:
+        _supported = tuple(kvm.get_supported_cpuid())
+    return [KvmCpuidEntry2.from_buffer_copy(entry) for entry in _supported]
 
 
 @dataclass(slots=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import functools
 import mmap
 import os
 from dataclasses import dataclass
@@ -514,18 +515,21 @@ def _ioctl(fd: int, req: Ioctl, arg: int | ctypes.Array | ctypes.Structure = 0) 
 def msrs_buffer(count: int) -> ctypes.Structure:
     """A struct kvm_msrs for `count` MSRs (`header.nmsrs` = count, `entries`), to fill
     in once and pass to `VcpuFd.get_msrs_into`/`set_msrs_from` again and again."""
-    class Msrs(_Struct):
-        _fields_ = [("header", KvmMsrsHeader), ("entries", KvmMsrEntry * max(count, 1))]
-    buf = Msrs()
+    buf = _variable_type(KvmMsrsHeader, KvmMsrEntry, max(count, 1))()
     buf.header.nmsrs = count
     return buf
 
 
-def _variable_struct(header_type: type, count_field: str, entry_type: type, entries: int):
-    """A header followed by `entries` array elements, as KVM's flexible arrays."""
+@functools.lru_cache(maxsize=64)
+def _variable_type(header_type: type, entry_type: type, entries: int) -> type:
     class Variable(_Struct):
         _fields_ = [("header", header_type), ("entries", entry_type * entries)]
-    buf = Variable()
+    return Variable
+
+
+def _variable_struct(header_type: type, count_field: str, entry_type: type, entries: int):
+    """A header followed by `entries` array elements, as KVM's flexible arrays."""
+    buf = _variable_type(header_type, entry_type, entries)()
     setattr(buf.header, count_field, entries)
     return buf
 

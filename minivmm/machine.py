@@ -326,8 +326,11 @@ class Machine:
                 raise HandlerError(f"EXECUTE_CPUID handler raised {type(exc).__name__}: {exc} "
                                    f"(leaf {leaf.leaf:#x} subleaf {leaf.subleaf:#x})") from exc
         try:
-            entries = self.cpuid.build(consult)
-            self.vcpu.fd.set_cpuid2(entries)
+            dispatcher = self.vm.dispatcher
+            asks = dispatcher.registrations(ExitReason.EXECUTE_CPUID) or dispatcher.default(ExitReason.EXECUTE_CPUID)
+            entries = self.cpuid.build(consult if asks else None)
+            if asks or self.cpuid.overrides:       # else vCPU 0 has had this table since its creation
+                self.vcpu.fd.set_cpuid2(entries)
             if len(self.vcpus) > 1:
                 from .smp import cpuid_for_vcpu
                 for ap in self.vcpus[1:]:

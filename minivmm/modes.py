@@ -50,12 +50,14 @@ reads the CPL it finds and returns to CPL 3 as `sysretq` would
 """
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass
 from enum import Enum
 from typing import NamedTuple, Sequence
 
 from .exits import EXCEPTIONS_WITH_ERROR_CODE
+from .kvm import KvmError
 from .memory import GuestMemory, GuestMemoryError
 from .vcpu import Segment, Vcpu
 
@@ -266,6 +268,12 @@ def _stub(vector: int) -> bytes:
     return code.ljust(STUB_SIZE, b"\xf4")
 
 
+@functools.lru_cache(maxsize=1)
+def _stubs() -> bytes:
+    return b"".join(_stub(v) for v in range(256))
+
+
+@functools.lru_cache(maxsize=1)
 def _idt() -> bytes:
     gates = []
     for vector in range(256):
@@ -279,32 +287,44 @@ def _idt() -> bytes:
 def _page_tables(memory: GuestMemory, user: bool, base: int = 0) -> None:
     """Identity map with 2 MiB pages, tables in the system area at `base`; in user mode only
     RAM, user-accessible above the system area (user mode's base is always 0)."""
+    ram = tuple((region.gpa, region.end) for region in memory.regions)
+    for address, table in _page_table_images(user, base, ram if user else ()):
+        memory.write(address, table)
+
+
+@functools.lru_cache(maxsize=16)
+def _page_table_images(user: bool, base: int, ram: tuple[tuple[int, int], ...]) -> tuple[tuple[int, bytes], ...]:
+    """(address, bytes) of each table `_page_tables` writes; `ram` the (start, end) of each
+    region in user mode (the tables map nothing else), empty otherwise."""
+    def mapped(gpa: int) -> bool:
+        return any(start <= gpa < end for start, end in ram)
     mapped_limit = IDENTITY_MAP_LIMIT
     if user:
-        mapped_limit = min(IDENTITY_MAP_LIMIT, max(r.end for r in memory.regions))
+        mapped_limit = min(IDENTITY_MAP_LIMIT, max(end for _, end in ram))
     pml4, pdpt_addr, pd_addr = base + PML4_ADDR, base + PDPT_ADDR, base + PD_ADDR
-    memory.write(pml4, struct.pack("<Q", pdpt_addr | PTE_P | PTE_RW | PTE_US).ljust(4096, b"\0"))
+    tables = [(pml4, struct.pack("<Q", pdpt_addr | PTE_P | PTE_RW | PTE_US).ljust(4096, b"\0"))]
     pdpt = b"".join(struct.pack("<Q", (pd_addr + i * 4096) | PTE_P | PTE_RW | PTE_US) for i in range(4))
-    memory.write(pdpt_addr, pdpt.ljust(4096, b"\0"))
+    tables.append((pdpt_addr, pdpt.ljust(4096, b"\0")))
     user_bit = PTE_US if user else 0
     entries = []
     for i in range(4 * 512):
         gpa = i << 21
-        if user and gpa == SYSCALL_EXIT_ADDR and not memory.is_mapped(gpa):
+        if user and gpa == SYSCALL_EXIT_ADDR and not mapped(gpa):
             entries.append(gpa | PTE_P | PTE_US | PTE_PS)       # the syscall exit page: a hole
-        elif gpa >= mapped_limit or (user and not memory.is_mapped(gpa)):
+        elif gpa >= mapped_limit or (user and not mapped(gpa)):
             entries.append(0)
         elif i == 0 and user:
             entries.append(PT_LOW_ADDR | PTE_P | PTE_RW | PTE_US)
         else:
             entries.append(gpa | PTE_P | PTE_RW | PTE_PS | user_bit)
-    memory.write(pd_addr, struct.pack("<2048Q", *entries))
+    tables.append((pd_addr, struct.pack("<2048Q", *entries)))
     if user:
         low = [0] + [
             (i << 12) | PTE_P | PTE_RW | (PTE_US if (i << 12) >= SYSTEM_AREA_END else 0)
-            if memory.is_mapped(i << 12) else 0
+            if mapped(i << 12) else 0
             for i in range(1, 512)]
-        memory.write(PT_LOW_ADDR, struct.pack("<512Q", *low))
+        tables.append((PT_LOW_ADDR, struct.pack("<512Q", *low)))
+    return tuple(tables)
 
 
 def _flat(selector: int, code: bool, dpl: int = 0, long: bool = False) -> Segment:
@@ -365,7 +385,7 @@ def setup_mode(vcpu: Vcpu, memory: GuestMemory, mode: Mode, entry: int, stack: i
     sregs.efer = EFER_LME | EFER_LMA | EFER_SCE
     if user:
         memory.write(IDT_ADDR, _idt())
-        memory.write(STUBS_ADDR, b"".join(_stub(v) for v in range(256)))
+        memory.write(STUBS_ADDR, _stubs())
         sregs.idt.base, sregs.idt.limit = IDT_ADDR, 256 * 16 - 1
         _flat(SEL_USER_CODE64, True, dpl=3, long=True).to_kvm(sregs.cs)
         for name in ("ds", "es", "fs", "gs", "ss"):
@@ -383,10 +403,10 @@ def setup_mode(vcpu: Vcpu, memory: GuestMemory, mode: Mode, entry: int, stack: i
 
 def setup_syscall_msrs(vcpu: Vcpu, entry: int) -> None:
     """STAR, LSTAR = `entry`, CSTAR and FMASK for user mode's `syscall` (SDM vol. 2, SYSCALL)."""
-    for index, value in ((MSR_STAR, STAR_VALUE), (MSR_LSTAR, entry), (MSR_CSTAR, entry),
-                         (MSR_FMASK, FMASK_VALUE)):
-        if not vcpu.write_msr(index, value):
-            raise GuestMemoryError(f"KVM refused MSR {index:#x} = {value:#x} (user mode's syscall entry)")
+    try:
+        vcpu.fd.set_msrs({MSR_STAR: STAR_VALUE, MSR_LSTAR: entry, MSR_CSTAR: entry, MSR_FMASK: FMASK_VALUE})
+    except KvmError as exc:
+        raise GuestMemoryError(f"KVM refused user mode's syscall entry MSRs: {exc}") from None
 
 
 def _write_gdt_and_tss(memory: GuestMemory, mode: Mode, sregs, base: int) -> None:

@@ -15,6 +15,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .cpuid import supported_cpuid
 from .fastpath import IO_TAG, run_packed_for
 from .kvm import (Cap, ExitKind, KvmError, KvmRegs, KvmSegment, KvmSregs, KvmVcpuEvents, Kvm,
                   SyncRegsFlag, VcpuFd, VmFd)
@@ -182,7 +183,7 @@ class Vcpu:
         self._fd = self.fd.fd
         self._run = run
         self._run_packed, self._run_arg = run_packed_for(self.fd.run_mmap)
-        self.fd.set_cpuid2(kvm.get_supported_cpuid())
+        self.fd.set_cpuid2(supported_cpuid(kvm))
         self._power_on = (KvmRegs.from_buffer_copy(self._regs), KvmSregs.from_buffer_copy(self._sregs))
 
     def written_since_power_on(self) -> tuple[dict[str, object], dict[str, object]]:
@@ -377,14 +378,24 @@ class Vcpu:
         tagged with IO_TAG and carries its port, size, direction and OUT data;
         any other exit is its KVM exit reason (ExitKind.INTR on a signal).
         """
+        sent = 0
         if self.dirty:
-            if self.synced and not self.dirty & _SREGS:
-                self._run.kvm_dirty_regs = self.dirty
+            if self.synced:
+                sent = self._run.kvm_dirty_regs = self.dirty
+                if sent & _SREGS:
+                    sregs = KvmSregs.from_buffer_copy(self._sregs)
                 self.dirty = 0
             else:
-                self.flush()      # KVM_SET_SREGS names bad segment/control state; KVM_RUN would not
+                self.flush()
         packed = self._run_packed(self._fd, self._run_arg)
         if packed < 0:
+            if sent & _SREGS and packed == -errno.EINVAL:
+                # KVM refused the special registers (and stored its own over them): put them back
+                # and let KVM_SET_SREGS say so, as it would have before the entry.
+                ctypes.pointer(self._sregs)[0] = sregs
+                self._run.kvm_dirty_regs = 0
+                self.dirty = sent
+                self.flush()
             packed = self.entry_failed(-packed)
         if not self.synced:
             ctypes.pointer(self._regs)[0] = self.fd.get_regs()

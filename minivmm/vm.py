@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from .cpuid import CpuidTable
+from .cpuid import CpuidTable, supported_cpuid
 from .devices.bus import PortBus
 from .handlers import Dispatcher
 from .kvm import KVM_PIT_SPEAKER_DUMMY, Kvm, KvmError, VmFd
@@ -40,7 +40,7 @@ class Vm:
                 pass
             self.vmx = VmxVmState(kvm, self.fd)
             self.vmx.io_bitmap.on_change = self.invalidate_io_routes
-            self.cpuid = CpuidTable(kvm.get_supported_cpuid())
+            self.cpuid = CpuidTable(supported_cpuid(kvm))
         except BaseException:
             self.close()
             raise

@@ -304,7 +304,7 @@ class VmxVmState:
 @dataclass
 class _Realised:
     """What the VMCS model last wrote to KVM, so unchanged state is not written again."""
-    guest_debug: int = -1
+    guest_debug: int = 0                 # a new vCPU debugs nothing
     debugregs: tuple[int, ...] = ()
     tsc_offset: int | None = None
     tf: bool = False

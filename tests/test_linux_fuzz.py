@@ -77,11 +77,11 @@ def test_missing_symbol_is_an_error(zlib_fuzz):
         harness(zlib_fuzz, at="NoSuchFunction")
 
 
-def _config(tmp_path, program, fuzz):
+def _config(tmp_path, program, fuzz, argv="[zlib_fuzz]"):
     path = tmp_path / "zlib.yaml"
     path.write_text(f"version: 1\nmachine: {{memory: 32M, timeout: 20}}\n"
-                    f"image: {{type: linux, path: {program}, argv: [zlib_fuzz]}}\n"
-                    f"fuzz: {{{fuzz}}}\n")
+                    f"image: {{type: linux, path: {program}, argv: {argv}}}\n"
+                    + (f"fuzz: {{{fuzz}}}\n" if fuzz else ""))
     return path
 
 
@@ -89,20 +89,21 @@ def minivmm(*args):
     return subprocess.run([sys.executable, "-m", "minivmm", *map(str, args)], capture_output=True, timeout=120)
 
 
-@pytest.mark.parametrize("symbol", ["LLVMFuzzerTestOneInput", "stdin"])
+@pytest.mark.parametrize("symbol", ["LLVMFuzzerTestOneInput", "stdin", "'@@'"])
 def test_minivmm_fuzz_and_run_input_on_a_linux_config(zlib_fuzz, tmp_path, symbol):
-    config = _config(tmp_path, zlib_fuzz, f"input_symbol: {symbol}, timeout: 0.5")
+    argv = "[zlib_fuzz, '@@']" if symbol == "'@@'" else "[zlib_fuzz]"
+    config = _config(tmp_path, zlib_fuzz, f"input_symbol: {symbol}, timeout: 0.5", argv)
     assert minivmm("check", config).returncode == 0
     corpus, crashes = tmp_path / "corpus", tmp_path / "crashes"
     corpus.mkdir()
     (corpus / "seed").write_bytes(SEED)
-    if symbol == "stdin":
-        (crashes).mkdir()
-        (crashes / "crash-given").write_bytes(CRASH)          # the slower read mode: replay only
-    else:
+    if symbol == "LLVMFuzzerTestOneInput":
         done = minivmm("fuzz", config, "--corpus", corpus, "--crashes", crashes, "--seed", 3, "--runs", 5000)
         assert done.returncode == 0, done.stderr
         assert b"1 unique crashes" in done.stdout, done.stdout
+    else:
+        (crashes).mkdir()
+        (crashes / "crash-given").write_bytes(CRASH)          # the slower read modes: replay only
     crash = next(p for p in crashes.iterdir() if p.suffix != ".txt")
     replay = minivmm("run", config, "--input", crash)
     assert replay.returncode == 139, replay.stderr
@@ -111,6 +112,38 @@ def test_minivmm_fuzz_and_run_input_on_a_linux_config(zlib_fuzz, tmp_path, symbo
     benign = tmp_path / "benign"
     benign.write_bytes(SEED)
     assert minivmm("run", config, "--input", benign).returncode == 0
+
+
+def test_input_file_of_argv_is_fuzzed_through_the_file(zlib_fuzz, tmp_path):
+    """'@@' in argv: the program opens a file the harness owns; each run's input is its content
+    (fstat sees the input's size), and what the program read decides its path."""
+    config = _config(tmp_path, zlib_fuzz, "input_symbol: '@@', timeout: 0.5", "[zlib_fuzz, '@@']")
+    from minivmm.config import load_config
+    from minivmm.linux.config import harness_from_config
+    with harness_from_config(load_config(config)) as h:
+        path = h.process.argv[1]
+        assert os.path.basename(path) == "input" and h.input_folder is not None
+        for data, status in ((SEED, Status.OK), (CRASH, Status.CRASH), (b"", Status.OK)):
+            outcome = h.run(data)
+            assert outcome.status is status, outcome
+            assert Path(path).read_bytes() == data
+        assert h.run(SEED).status is Status.OK
+        out = bytes(h.process.streams[1].output)
+        assert out == f"ok: {len(SEED)} bytes\n".encode(), out
+        corpus = tmp_path / "corpus"
+    assert not os.path.exists(path)                               # the harness removed its file
+    corpus.mkdir()
+    (corpus / "seed").write_bytes(SEED)
+    done = minivmm("fuzz", config, "--corpus", corpus, "--crashes", tmp_path / "crashes", "--runs", 300)
+    assert done.returncode == 0 and b"runs" in done.stdout, done.stderr
+    jobs = minivmm("fuzz", config, "--corpus", corpus, "--crashes", tmp_path / "crashes", "--runs", 200,
+                   "--jobs", 2)
+    assert jobs.returncode == 0 and b"200 runs" in jobs.stdout, jobs.stderr
+    plain = minivmm("run", config)
+    assert plain.returncode != 0 and b"--input FILE" in plain.stderr, plain.stderr
+    mismatched = _config(tmp_path, zlib_fuzz, "input_symbol: stdin", "[zlib_fuzz, '@@']")
+    checked = minivmm("check", mismatched)
+    assert checked.returncode != 0 and b"fuzz.input_symbol" in checked.stderr and b"'@@'" in checked.stderr
 
 
 def test_afl_bridge_single_run_on_a_linux_config(zlib_fuzz, tmp_path):

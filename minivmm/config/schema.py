@@ -109,6 +109,7 @@ expect:    {result, exit_code, console, message, counters: {name: N}}
 fuzz:      {input_symbol | input_address, max_input_size, length_register | length_address,
             crash_vectors, crash_addresses, coverage_ranges: [[start, end]], timeout,
             batch (inputs per guest entry, 1-1024), batch_regions: [[start, end]]}
+           (linux: input_symbol is a function, `stdin`, or '@@' for the file '@@' in argv)
 """
 
 
@@ -297,6 +298,11 @@ class ExpectConfig:
     console: str | None = None
     message: str | None = None
     counters: dict[str, int] = field(default_factory=dict)
+
+
+INPUT_FILE = "@@"
+"""In a linux image's argv, the input file's path (as for afl-fuzz); as fuzz.input_symbol, the
+input is that file's content."""
 
 
 @dataclass

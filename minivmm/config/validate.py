@@ -28,8 +28,8 @@ from ..exits import Vector, vector_name
 from ..memory import parse_size
 from .schema import (DEFAULT_MEMORY, SCHEMA_VERSION, Address, BuildConfig, Config, ConfigError,
                      DebugExitConfig, DevicesConfig, EptConfig, ExpectConfig, FuzzConfig, HypercallConfig,
-                     ImageConfig, Loc, MachineConfig, ModuleConfig, SerialConfig, SymbolRef, VmcsConfig,
-                     platform_config)
+                     ImageConfig, INPUT_FILE, Loc, MachineConfig, ModuleConfig, SerialConfig, SymbolRef,
+                     VmcsConfig, platform_config)
 
 if TYPE_CHECKING:
     from ..platform import PlatformConfig
@@ -422,6 +422,14 @@ def _symbol_name(node: Node) -> str:
     raise node.expected("a symbol name")
 
 
+def _input_symbol(node: Node) -> str:
+    if node.value == INPUT_FILE:
+        return INPUT_FILE
+    if isinstance(node.value, str) and _SYMBOL_RE.match(node.value):
+        return node.value
+    raise node.expected("a symbol name (or '@@' for the input file of a linux image's argv)")
+
+
 def _address(node: Node) -> Address:
     value = node.value
     if isinstance(value, int) and not isinstance(value, bool):
@@ -674,6 +682,7 @@ class _Validator:
                                                   "a list of \"module:function\" strings"), [])
         config.expect = m.get("expect", self.expect)
         config.fuzz = m.get("fuzz", self.fuzz)
+        self.check_input_file(config, m)
         config.platform = m.get("platform", self.platform, platform_config())
         if config.machine.vcpus > 1:
             platform_node = m.child("platform")
@@ -855,6 +864,17 @@ class _Validator:
                          else _list(self.file, "a C file or a list of C files")(n), "the C sources")
         return BuildConfig(c=sources, cflags=m.get("cflags", _str_list, []),
                            link_address=m.get("link_address", _uint, 0x100000), loc=_loc(node))
+
+    def check_input_file(self, config: Config, m: _Map) -> None:
+        """`@@` in a linux image's argv (AFL's input file) and `fuzz.input_symbol: "@@"` go together."""
+        named = any(image.type == "linux" and INPUT_FILE in image.argv for image in config.images)
+        wants = config.fuzz is not None and config.fuzz.input_symbol == INPUT_FILE
+        if wants and not named:
+            raise ConfigError("fuzz.input_symbol '@@' is the input file named by '@@' in the linux image's argv, "
+                              "and the argv has no '@@'", m.items["fuzz"].where, "fuzz.input_symbol")
+        if named and config.fuzz is not None and not wants:
+            raise ConfigError("the linux image's argv has '@@' (the input file, as for afl-fuzz): set "
+                              "fuzz.input_symbol: '@@'", m.items["fuzz"].where, "fuzz.input_symbol")
 
     def check_multiboot(self, config: Config, m: _Map) -> None:
         multiboot = [image for image in config.images if image.type == "multiboot"]
@@ -1053,7 +1073,7 @@ class _Validator:
         m.exclusive("input_symbol", "input_address")
         m.exclusive("length_register", "length_address")
         fuzz = FuzzConfig(
-            input_symbol=m.get("input_symbol", _symbol_name),
+            input_symbol=m.get("input_symbol", _input_symbol),
             input_address=m.get("input_address", _uint),
             max_input_size=m.get("max_input_size", _size, 4096),
             length_register=m.get("length_register", _register),

@@ -124,7 +124,7 @@ def _seeds(corpus: Path) -> list[bytes]:
 
 
 def cmd_fuzz(args: argparse.Namespace) -> int:
-    from .engine import Fuzzer, StatusLine, fuzz_jobs
+    from .engine import Fuzzer, StatusLine, config_harness, fuzz_jobs
     from .harness import FuzzError
     config = _load(args)
     if config is None:
@@ -133,10 +133,6 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
     args.corpus.mkdir(parents=True, exist_ok=True)
     args.crashes.mkdir(parents=True, exist_ok=True)
     try:
-        if args.jobs > 1 and _linux(config):
-            print("minivmm: --jobs > 1 is not supported for linux images yet; run one job per process",
-                  file=sys.stderr)
-            return EXIT_USAGE
         if args.jobs > 1:
             stats = fuzz_jobs(args.config, jobs=args.jobs, corpus_dir=args.corpus, crashes_dir=args.crashes,
                               runs=args.runs, seconds=args.seconds, seed=args.seed,
@@ -144,7 +140,7 @@ def cmd_fuzz(args: argparse.Namespace) -> int:
                               batch=args.batch)
         else:
             try:
-                harness = _harness(config, coverage=not args.no_coverage, batch=args.batch)
+                harness = config_harness(config, coverage=not args.no_coverage, batch=args.batch)
             except FuzzError as exc:
                 print(f"minivmm: {exc}", file=sys.stderr)
                 return EXIT_USAGE
@@ -187,25 +183,6 @@ def batch_report(stats) -> str:
     return text
 
 
-def _linux(config) -> bool:
-    return any(image.type == "linux" for image in config.images)
-
-
-def _harness(config, coverage: bool, batch: int | None):
-    """The harness of the config's `fuzz:` target (a Linux program's is `minivmm.linux.fuzz`);
-    `batch` None takes the config's `fuzz.batch`."""
-    from .harness import FuzzError, Harness
-    if _linux(config):
-        if batch is not None and batch > 1:
-            raise FuzzError("batch mode calls a FUZZ_ENTRY target function; a Linux program is fuzzed "
-                            "one run at a time (leave out --batch)")
-        from ..linux.config import harness_from_config
-        return harness_from_config(config, coverage=coverage)
-    if batch is None:
-        return Harness.from_config(config, coverage=coverage)
-    return Harness.from_config(config, coverage=coverage, batch=batch)
-
-
 def fuzz_summary(stats, config: str, crashes: Path) -> dict:
     """`minivmm fuzz --json`: the campaign's totals and one input file per crash site."""
     return {"config": str(config), "runs": stats.runs, "elapsed_s": round(stats.elapsed_s, 3),
@@ -216,12 +193,13 @@ def fuzz_summary(stats, config: str, crashes: Path) -> dict:
 
 def cmd_afl(args: argparse.Namespace) -> int:
     from .afl import AflError, main, write_dictionary
+    from .engine import config_harness
     from .harness import FuzzError
     config = _load(args)
     if config is None:
         return EXIT_USAGE
     try:
-        harness = _harness(config, coverage=True, batch=1)     # one input per forkserver cycle
+        harness = config_harness(config, coverage=True, batch=1)     # one input per forkserver cycle
     except FuzzError as exc:
         print(f"minivmm: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -243,13 +243,27 @@ class StatusLine:
             self.stream.flush()
 
 
+def config_harness(config, *, coverage: bool = True, batch: int | None = None) -> Harness:
+    """The harness of a config's `fuzz:` target (a Linux program's is `minivmm.linux.fuzz`'s);
+    `batch` None takes the config's `fuzz.batch`."""
+    from .harness import FuzzError
+    if any(image.type == "linux" for image in config.images):
+        if batch is not None and batch > 1:
+            raise FuzzError("batch mode calls a FUZZ_ENTRY target function; a Linux program is fuzzed "
+                            "one run at a time (leave out --batch)")
+        from ..linux.config import harness_from_config
+        return harness_from_config(config, coverage=coverage)
+    if batch is None:
+        return Harness.from_config(config, coverage=coverage)
+    return Harness.from_config(config, coverage=coverage, batch=batch)
+
+
 def _job(index: int, config_path: str, options: dict, results: "multiprocessing.Queue") -> None:
     """One worker process: its own machine, fuzzing into the shared directories."""
     from ..config import load_config
     try:
         config = load_config(config_path, options["overrides"])
-        harness = Harness.from_config(config, coverage=options["coverage"],
-                                      batch=options["batch"] or (config.fuzz.batch if config.fuzz else 1))
+        harness = config_harness(config, coverage=options["coverage"], batch=options["batch"])
     except Exception as exc:                          # reported by the parent
         results.put(("error", index, f"{type(exc).__name__}: {exc}"))
         return
@@ -342,4 +356,4 @@ def _sum(parts: Iterable[dict], elapsed: float) -> FuzzStats:
     return total
 
 
-__all__ = ["Fuzzer", "FuzzStats", "StatusLine", "fuzz_jobs"]
+__all__ = ["Fuzzer", "FuzzStats", "StatusLine", "config_harness", "fuzz_jobs"]

@@ -3,23 +3,26 @@
     version: 1
     machine: {memory: 64M, timeout: 10}          # memory: the program's memory limit
     image: {type: linux, path: zlib_fuzz, argv: [zlib_fuzz], expose: [data], stdin: seed.bin}
-    fuzz: {input_symbol: LLVMFuzzerTestOneInput, timeout: 0.5}   # or input_symbol: stdin
+    fuzz: {input_symbol: LLVMFuzzerTestOneInput, timeout: 0.5}   # or input_symbol: stdin, or '@@'
 
 `minivmm run` runs the program (its stdout and stderr are the command's);
-`minivmm fuzz` fuzzes it (`input_symbol` names the function to snapshot at, or
-`stdin` for the first read of standard input); `minivmm run --input FILE` replays
+`minivmm fuzz` fuzzes it (`input_symbol` names the function to snapshot at, `stdin`
+for the first read of standard input, or '@@' for the first read of the file that
+takes the place of '@@' in argv, as for afl-fuzz); `minivmm run --input FILE` replays
 one input through the same harness and reports the crash with its instruction.
 Relative `expose` paths are relative to the config file, like every path in it.
 """
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from ..config.build import ConfiguredMachine
-from ..config.schema import Config, ConfigError, ImageConfig, Loc
+from ..config.schema import INPUT_FILE, Config, ConfigError, ImageConfig, Loc
 from .elf import LinuxImageError
 from .process import DEFAULT_MEMORY, FAULT_SIGNALS, LinuxProcess
 
@@ -46,16 +49,23 @@ class LinuxConfiguredMachine(ConfiguredMachine):
         super().close()
 
 
-def process_from_config(config: Config, *, capture: bool = False,
-                        factory: Callable[[int], object] | None = None) -> LinuxProcess:
+def process_from_config(config: Config, *, capture: bool = False, factory: Callable[[int], object] | None = None,
+                        input_file: str | None = None) -> LinuxProcess:
+    """The config's program; `input_file` takes the place of '@@' in its argv (its folder is exposed)."""
     image = linux_image(config)
     base = Path(config.path).parent
     expose = [spec if Path(spec.split(":")[0]).is_absolute() else str(base / spec) for spec in image.expose]
+    argv = image.argv or [image.path.name]
+    if INPUT_FILE in argv:
+        if input_file is None:
+            raise image.loc.error("its argv has '@@', the input file: give one with `minivmm run --input FILE`, "
+                                  "or fuzz it with `minivmm fuzz`")
+        argv = [input_file if arg == INPUT_FILE else arg for arg in argv]
+        expose.append(os.path.dirname(input_file))     # the harness creates the file itself
     given = config.machine.memory_loc != Loc(key="machine.memory")
     stdin = image.stdin.read_bytes() if image.stdin is not None else (b"" if capture else None)
     try:
-        return LinuxProcess(str(image.path), image.argv or [image.path.name], image.env, expose=expose,
-                            stdin=stdin, capture=capture,
+        return LinuxProcess(str(image.path), argv, image.env, expose=expose, stdin=stdin, capture=capture,
                             memory=config.machine.memory if given else DEFAULT_MEMORY, machine_factory=factory)
     except (LinuxImageError, FileNotFoundError) as exc:
         raise image.loc.error(str(exc)) from None
@@ -81,7 +91,7 @@ def check_linux_config(config: Config) -> dict[str, int]:
     except LinuxImageError as exc:
         raise image.loc.error(str(exc)) from None
     symbol = config.fuzz.input_symbol if config.fuzz is not None else None
-    if symbol and symbol != "stdin" and symbol not in program.symbols:
+    if symbol and symbol not in ("stdin", INPUT_FILE) and symbol not in program.symbols:
         raise ConfigError(f"unknown symbol {symbol!r} in {image.path}", str(config.path), "fuzz.input_symbol")
     return program.symbols
 
@@ -94,10 +104,22 @@ def harness_from_config(config: Config, *, coverage: bool = True):
         raise ConfigError("a linux image's fuzz section needs input_symbol: the function to snapshot at "
                           "(e.g. LLVMFuzzerTestOneInput), or 'stdin' for the first read of standard input",
                           str(config.path), "fuzz.input_symbol")
-    at = FIRST_READ if fuzz.input_symbol == "stdin" else fuzz.input_symbol
-    return LinuxHarness(process_from_config(config, capture=True), at=at, max_input_size=fuzz.max_input_size,
-                        timeout=fuzz.timeout, coverage=coverage, crash_vectors=frozenset(fuzz.crash_vectors),
-                        coverage_ranges=[tuple(r) for r in fuzz.coverage_ranges] or None)
+    at = FIRST_READ if fuzz.input_symbol in ("stdin", INPUT_FILE) else fuzz.input_symbol
+    folder = input_path = None
+    if fuzz.input_symbol == INPUT_FILE:
+        folder = tempfile.TemporaryDirectory(prefix="minivmm-input-")
+        input_path = os.path.join(folder.name, "input")
+    try:
+        harness = LinuxHarness(process_from_config(config, capture=True, input_file=input_path), at=at,
+                               input_path=input_path, max_input_size=fuzz.max_input_size, timeout=fuzz.timeout,
+                               coverage=coverage, crash_vectors=frozenset(fuzz.crash_vectors),
+                               coverage_ranges=[tuple(r) for r in fuzz.coverage_ranges] or None)
+    except BaseException:
+        if folder is not None:
+            folder.cleanup()
+        raise
+    harness.input_folder = folder
+    return harness
 
 
 def replay_input(config: Config, path: str) -> int:

@@ -8,6 +8,8 @@ addresses, a static PIE (ET_DYN without PT_INTERP) at `PIE_BASE`.
 """
 from __future__ import annotations
 
+import mmap
+import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +40,12 @@ class LinuxImageError(MinivmmError, ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Segment:
-    """A PT_LOAD segment at its load address: `data` (p_filesz bytes) then zeros to `memsz`."""
+    """A PT_LOAD segment at its load address: `filesz` bytes of the file from `offset`, then
+    zeros to `memsz`."""
     vaddr: int
     memsz: int
-    data: bytes
+    offset: int
+    filesz: int
     flags: int          # PF_R | PF_W | PF_X
 
 
@@ -68,13 +72,22 @@ def read_program(path: str | Path) -> Program:
     """Parse `path` as a static x86-64 Linux executable; LinuxImageError says what is wrong."""
     path = str(path)
     try:
-        data = Path(path).read_bytes()
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            if size == 0:
+                return _parse(path, b"")
+            with mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                return _parse(path, data)
     except FileNotFoundError:
         raise LinuxImageError(f"{path}: no such file", 127) from None
     except IsADirectoryError:
         raise LinuxImageError(f"{path}: is a directory, not a program") from None
     except OSError as exc:
         raise LinuxImageError(f"{path}: cannot read it: {exc.strerror}") from None
+
+
+def _parse(path: str, data: bytes | mmap.mmap) -> Program:
+    """The Program that the file's bytes `data` describe (only headers and symbols are read)."""
     if data[:4] != b"\x7fELF":
         hint = " (a script: run its interpreter, a static build of it, on the script)" \
             if data[:2] == b"#!" else ""
@@ -116,7 +129,7 @@ def read_program(path: str | Path) -> Program:
                                   f"{offset + filesz:#x}, the file at {len(data):#x}")
         if filesz > memsz:
             raise LinuxImageError(f"{path}: a segment's file size {filesz:#x} exceeds its memory size {memsz:#x}")
-        segments.append(Segment(base + vaddr, memsz, data[offset:offset + filesz], flags))
+        segments.append(Segment(base + vaddr, memsz, offset, filesz, flags))
     phdr = next((base + h[3] for h in headers if h[0] == PT_PHDR), None)
     if phdr is None:
         phdr = next((base + h[3] + phoff - h[2] for h in loads if h[2] <= phoff < h[2] + h[5]), 0)
@@ -128,7 +141,7 @@ def read_program(path: str | Path) -> Program:
     return program
 
 
-def _symbols(data: bytes, shoff: int, shentsize: int, shnum: int, base: int) -> dict[str, int]:
+def _symbols(data: bytes | mmap.mmap, shoff: int, shentsize: int, shnum: int, base: int) -> dict[str, int]:
     """Function and object symbols of .symtab (empty for a stripped file)."""
     if not shoff or shentsize != 64 or shoff + shnum * 64 > len(data):
         return {}

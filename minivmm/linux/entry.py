@@ -29,8 +29,8 @@ __all__ = ["ENTRY_SIZE", "SLOTS", "SLOT_SIZE", "TABLE_OFFSET", "entry_code", "FL
 SLOTS = 32
 SLOT_SIZE = 64
 WINDOW = 1 << 20
-"""Bytes of a file the entry can serve before the host refills the slot's window (an exit):
-a window of pages KVM has mapped costs less than a fault in each page of a whole copy."""
+"""Bytes of a file a slot's window holds at first: a short read of a big file copies little.
+The window area's refills double it (`minivmm.linux.space.WINDOW_AREA`)."""
 DATA_OFFSET = 0x1000             # the data page follows the code page
 TABLE_OFFSET = DATA_OFFSET       # slot i: base, size, position at DATA_OFFSET + 32 * i
 ENTRY_SIZE = 0x2000

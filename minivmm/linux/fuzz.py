@@ -14,6 +14,8 @@ snapshot; every run restores it, places the input and runs with a deadline.
 * `at="read"`: the program runs until its first `read` of the input, fd `input_fd`
   (stdin by default) or the file `input_path` (AFL's `@@`); from there on reads of it
   return the input, which lives with its length and read position in guest memory.
+  The harness owns `input_path`: it holds `max_input_size` zero bytes while the program
+  starts, then each run's input (so fstat, lseek and pread agree with the reads).
 
 Faults are crashes with their vector and faulting instruction (`Harness.classify`),
 a fatal signal the program sends itself (abort) too. Coverage is first-hit
@@ -50,8 +52,17 @@ class LinuxHarness(Harness):
                  dictionary_symbols: Sequence[str] | None = None,
                  coverage_ranges: Sequence[tuple[int, int]] | None = None) -> None:
         self.process = process
+        self.input_folder = None          # a TemporaryDirectory holding input_path, removed at close
+        self._input_file = None
+        if input_path is not None:
+            self._input_file = os.open(input_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            os.pwrite(self._input_file, bytes(max_input_size), 0)
         process.fast_reads = False
-        machine = process.build()
+        try:
+            machine = process.build()
+        except BaseException:
+            self._close_input_file()
+            raise
         try:
             kernel, space = process.kernel, process.space
             size = page_up(max_input_size + 64)
@@ -82,6 +93,7 @@ class LinuxHarness(Harness):
                 self._dictionary(dictionary_symbols)
         except BaseException:
             process.close()
+            self._close_input_file()
             raise
         space.on_write = self.snapshot.mark_dirty
         self.checkpoint = kernel.checkpoint()
@@ -162,6 +174,9 @@ class LinuxHarness(Harness):
     def prepare(self, data: bytes) -> bytes:
         data = super().prepare(data)
         self.process.kernel.rewind(self.checkpoint)
+        if self._input_file is not None:
+            os.ftruncate(self._input_file, 0)
+            os.pwrite(self._input_file, data, 0)
         return data
 
     def run(self, data: bytes) -> RunOutcome:
@@ -179,3 +194,12 @@ class LinuxHarness(Harness):
     def close(self) -> None:
         super().close()
         self.process.close()
+        self._close_input_file()
+
+    def _close_input_file(self) -> None:
+        if self._input_file is not None:
+            os.close(self._input_file)
+            self._input_file = None
+        if self.input_folder is not None:
+            self.input_folder.cleanup()
+            self.input_folder = None

@@ -22,7 +22,7 @@ from typing import Callable
 
 from ..actions import RunEnd, Stop
 from .entry import FLUSH_LIST, FLUSH_VECTOR, SLOT_SIZE, SLOTS, TABLE_OFFSET, WINDOW, pack_slot
-from .space import PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, AddressSpace, page_up
+from .space import HUGE_PAGE, PAGE, PROT_EXEC, PROT_READ, PROT_WRITE, WINDOW_AREA, AddressSpace, page_up
 from .vfs import OpenFile, Vfs, VfsError
 
 __all__ = ["Clock", "LinuxKernel", "FATAL_SIGNAL_EXIT", "SYSCALL_NAMES"]
@@ -123,7 +123,7 @@ class LinuxKernel:
         self.exit_status: int | None = None
         self.fatal_signal: int | None = None
         self.fast_reads: Callable[[], bool] = lambda: False
-        self.fast: dict[int, tuple[int, int]] = {}          # fd -> (base, bytes mapped) of its slot
+        self.fast: dict[int, tuple[int, int, int]] = {}     # fd -> its slot's window: base, size, next fill
         self.handlers: dict[int, Callable] = {}
         for number, name in SYSCALL_NAMES.items():
             method = getattr(self, "sys_" + name, None)
@@ -185,24 +185,31 @@ class LinuxKernel:
         st = os.fstat(entry.host_fd)
         if not stat_module.S_ISREG(st.st_mode) or not 0 < st.st_size <= self.FAST_FILE_LIMIT:
             return
-        size = page_up(min(st.st_size, WINDOW))
-        base = self.space.find_free(size)
-        if base is None or self.space.map(base, size, PROT_READ) < 0:
-            return
-        self.fast[fd] = (base, size)
+        fill = page_up(min(st.st_size, WINDOW))
+        area = self.space.windows
+        if all(base != area for base, _, _ in self.fast.values()):
+            self.fast[fd] = (area, WINDOW_AREA, fill)
+        else:
+            base = self.space.find_free(HUGE_PAGE, HUGE_PAGE)    # a free block: a huge page can back it
+            if base is None or self.space.map(base, fill, PROT_READ) < 0:
+                return
+            self.space.prefer_huge_pages(base, fill)
+            self.fast[fd] = (base, fill, fill)
         self._refill(fd, 0)
 
     def _refill(self, fd: int, position: int) -> None:
-        """The slot's window holds the file's bytes from `position` on."""
-        base, size = self.fast[fd]
+        """The slot's window holds the file's bytes from `position` on; each refill of the window
+        area reads twice as much as the one before, up to the area's size."""
+        base, size, fill = self.fast[fd]
         entry = self.vfs.fds[fd]
         done = 0
-        with memoryview(self.space.mem)[base:base + size] as view:
-            while done < size:
+        with memoryview(self.space.mem)[base:base + fill] as view:
+            while done < fill:
                 n = os.preadv(entry.host_fd, [view[done:]], position + done)
                 if n <= 0:
                     break
                 done += n
+        self.fast[fd] = (base, size, min(2 * fill, size))
         self.space.touched(base, done)
         file_size = os.fstat(entry.host_fd).st_size
         self.space.write(self._slot_address(fd), pack_slot(base, file_size, position, position, done))
@@ -227,15 +234,16 @@ class LinuxKernel:
                 self.release_slot(fd)
 
     def release_slot(self, fd: int) -> None:
-        base, size = self.fast.pop(fd)
+        base, size, _ = self.fast.pop(fd)
         raw = self.space.read(self._slot_address(fd), 24)
         _base, length, position = struct.unpack("<QQQ", raw)
         self.space.write(self._slot_address(fd), pack_slot(0, 0, 0))
         entry = self.vfs.fds.get(fd)
         if entry is not None and entry.host_fd is not None:
             os.lseek(entry.host_fd, min(position, length), os.SEEK_SET)
-        self.space.unmap(base, size)
-        self._changed()
+        if base != self.space.windows:
+            self.space.unmap(base, size)
+            self._changed()
 
     # -- guest memory ------------------------------------------------------------------
     def _buffer(self, address: int, length: int, write: bool) -> memoryview:

@@ -124,7 +124,7 @@ class LinuxProcess:
     # -- building the machine ------------------------------------------------------------
     def ram_size(self) -> int:
         top = max(self.program.end, 0x1000000)
-        return min(-(-(page_up(top) + self.limit + (40 << 20)) // (2 << 20)) * (2 << 20), 3 << 30)
+        return min(-(-(page_up(top) + self.limit + (50 << 20)) // (2 << 20)) * (2 << 20), 3 << 30)
 
     def build(self) -> Machine:
         """The machine with the program loaded, its stack built and the kernel installed."""
@@ -160,29 +160,57 @@ class LinuxProcess:
         return machine
 
     def _load(self, space: AddressSpace) -> None:
-        rights: dict[int, int] = {}
+        spans = []
         for segment in self.program.segments:
             if segment.vaddr < 0x10000:
                 raise LinuxImageError(f"{self.path}: a segment at {segment.vaddr:#x} overlaps minivmm's system "
                                       "area [0, 0x10000)")
-            for page in range(segment.vaddr // PAGE, page_up(segment.vaddr + segment.memsz) // PAGE):
-                rights[page] = rights.get(page, 0) | _prot(segment.flags)
-        if len(rights) > space.limit_pages:
-            raise LinuxImageError(f"{self.path}: its segments need {len(rights) * PAGE >> 20} MiB, more than "
+            spans.append((segment.vaddr // PAGE, page_up(segment.vaddr + segment.memsz) // PAGE,
+                          _prot(segment.flags)))
+        covered: list[list[int]] = []
+        for first, end, _ in sorted(spans):
+            if covered and first <= covered[-1][1]:
+                covered[-1][1] = max(covered[-1][1], end)
+            else:
+                covered.append([first, end])
+        needed = sum(end - first for first, end in covered)
+        if needed > space.limit_pages:
+            raise LinuxImageError(f"{self.path}: its segments need {needed * PAGE >> 20} MiB, more than "
                                   f"the memory limit of {self.limit >> 20} MiB")
-        run_start = run_prot = previous = None
-        for page, prot in sorted(rights.items()) + [(None, None)]:
-            if run_start is None or page is None or page != previous + 1 or prot != run_prot:
-                if run_start is not None:
-                    space.map(run_start * PAGE, (previous + 1 - run_start) * PAGE, run_prot)
-                run_start, run_prot = page, prot
-            previous = page
-        for segment in self.program.segments:
-            space.write(segment.vaddr, segment.data)
+        for first, end, prot in spans:
+            space.map(first * PAGE, (end - first) * PAGE, prot)
+        shared = {page for i, (first, end, _) in enumerate(spans) for other_first, other_end, _ in spans[i + 1:]
+                  for page in range(max(first, other_first), min(end, other_end))}
+        for page in shared:                   # a page segments share has all their rights
+            rights = 0
+            for first, end, prot in spans:
+                if first <= page < end:
+                    rights |= prot
+            space.map(page * PAGE, PAGE, rights)
+        self._read_segments(space)
         space.brk_start = space.brk = page_up(self.program.end)
         space.map(space.entry, PAGE, PROT_READ | PROT_EXEC)
         space.map(space.entry + PAGE, ENTRY_SIZE - PAGE, PROT_READ | PROT_WRITE)
         space.write(space.entry, entry_code())
+
+    def _read_segments(self, space: AddressSpace) -> None:
+        """Each segment's file bytes, read from the file straight into guest memory."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise LinuxImageError(f"{self.path}: cannot read it: {exc.strerror}") from None
+        try:
+            for segment in self.program.segments:
+                space.prefer_huge_pages(segment.vaddr, segment.filesz)
+            for segment in self.program.segments:
+                with memoryview(space.mem)[segment.vaddr:segment.vaddr + segment.filesz] as view:
+                    complete = os.preadv(fd, [view], segment.offset) == segment.filesz
+                if not complete:
+                    raise LinuxImageError(f"{self.path}: the file changed while it was loaded "
+                                          "(a segment ends past its end)")
+                space.touched(segment.vaddr, segment.filesz)
+        finally:
+            os.close(fd)
 
     def _std_fds(self, vfs: Vfs) -> None:
         if isinstance(self.stdin, (bytes, bytearray)):

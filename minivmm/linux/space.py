@@ -4,7 +4,8 @@ for, the program break, mmap regions, all inside a memory limit.
 Guest RAM is [0, ram_size): virtual address = guest-physical address, so a guest
 buffer is a slice of guest memory. The page tables (4-level, SDM vol. 3A 4.5) sit
 at the top of RAM, out of the program's reach (no page maps them); below them the
-stack, then the mmap area growing down. Each user page has one byte in `rights`
+stack, the syscall entry, the read window area (`WINDOW_AREA`), then the mmap area
+growing down. Each user page has one byte in `rights`
 (PROT_READ 1, PROT_WRITE 2, PROT_EXEC 4 as mmap's, and USED 0x80 for an
 allocated page) and a PTE: present when the page has any right, writable for
 PROT_WRITE, execute-disable (EFER.NXE) without PROT_EXEC. The first 64 KiB are
@@ -29,6 +30,11 @@ from .entry import ENTRY_SIZE
 __all__ = ["AddressSpace", "PAGE", "USED", "page_up"]
 
 PAGE = 4096
+HUGE_PAGE = 2 << 20
+WINDOW_AREA = 8 << 20
+"""The read window area: 2 MiB pages, read-only for the program, below the syscall entry, where
+the entry serves reads of one file at a time (`minivmm.linux.kernel`); a 2 MiB page costs one
+fault of the guest where 4 KiB pages cost one each."""
 USED = 0x80
 PROT_READ, PROT_WRITE, PROT_EXEC = 1, 2, 4
 _P, _RW, _US, _PS = 1, 2, 4, 0x80
@@ -68,14 +74,21 @@ class AddressSpace:
         self.top = self.tables                       # the stack ends here
         self.stack_low = self.top - STACK_SIZE
         self.entry = self.stack_low - PAGE - ENTRY_SIZE  # the syscall entry (minivmm.linux.entry)
-        self.mmap_top = self.entry - PAGE            # guard pages around it
+        self.windows = (self.entry - PAGE - WINDOW_AREA) & ~(HUGE_PAGE - 1)   # the read window area
+        self.mmap_top = self.windows - PAGE          # guard pages around them
         self.brk_start = self.brk = 0
         self.on_write: Callable[[int, int], None] | None = None   # host writes to guest memory
         self.live = False            # the program ran: taking rights away needs `flush_ranges`
         self.taken: list[tuple[int, int]] = []      # (first page, count) whose rights went down
+        if hasattr(mmap, "MADV_HUGEPAGE"):
+            low = self.tables & ~(HUGE_PAGE - 1)
+            self.mem.madvise(mmap.MADV_HUGEPAGE, low, ram_size - low)
+            self.mem.madvise(mmap.MADV_HUGEPAGE, self.windows, WINDOW_AREA)
         self._write_tables(npages, npd)
         self.rights[:SYSTEM_AREA_END // PAGE] = bytes([USED]) * (SYSTEM_AREA_END // PAGE)
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
+        self.rights[self.windows // PAGE:(self.windows + WINDOW_AREA) // PAGE] = \
+            bytes([USED | PROT_READ]) * (WINDOW_AREA // PAGE)
         self._set_ptes(1, SYSTEM_AREA_END // PAGE - 1, _P | _RW)      # supervisor, page 0 absent
         self._set_ptes(self.tables // PAGE, npages - self.tables // PAGE, _P | _RW | _NX)  # for the flush
 
@@ -90,6 +103,8 @@ class AddressSpace:
             entries[i] = (self.pt + i * PAGE) | _P | _RW | _US
         if SYSCALL_EXIT_ADDR >= self.ram_size:
             entries[SYSCALL_EXIT_ADDR >> 21] = SYSCALL_EXIT_ADDR | _P | _US | _PS
+        for block in range(self.windows, self.windows + WINDOW_AREA, HUGE_PAGE):
+            entries[block >> 21] = block | _P | _US | _PS | _NX
         self.mem[self.pd:self.pd + npd * PAGE] = struct.pack(f"<{npd * 512}Q", *entries)
 
     @property
@@ -143,7 +158,7 @@ class AddressSpace:
         """Allocate the pages of [address, address + length) (page aligned) with `prot`;
         0, or -ENOMEM past the memory limit."""
         first, count = address // PAGE, page_up(length) // PAGE
-        new = sum(1 for r in self.rights[first:first + count] if not r)
+        new = self.rights.count(0, first, first + count)
         if self.used_pages + new > self.limit_pages:
             return -errno.ENOMEM
         self.used_pages += new
@@ -155,7 +170,7 @@ class AddressSpace:
         """Free the pages (they read as zeros when mapped again)."""
         first, count = address // PAGE, page_up(length) // PAGE
         self._taking(first, count)
-        freed = sum(1 for r in self.rights[first:first + count] if r)
+        freed = count - self.rights.count(0, first, first + count)
         self.used_pages -= freed
         self.rights[first:first + count] = bytes(count)
         self._set_ptes(first, count, 0)
@@ -189,12 +204,29 @@ class AddressSpace:
         body = b"".join(struct.pack("<QQ", self.pt + first * 8, count) for first, count in taken)
         return struct.pack("<QQ", self.pt, 0) + body + bytes(16)
 
-    def find_free(self, length: int) -> int | None:
-        """The highest free page-aligned range of `length` bytes under the mmap top."""
-        count = page_up(length) // PAGE
-        low = SYSTEM_AREA_END // PAGE
-        at = self.rights.rfind(bytes(count), low, self.mmap_top // PAGE)
-        return None if at < 0 else at * PAGE
+    def find_free(self, length: int, align: int = PAGE) -> int | None:
+        """The highest free range of `length` bytes under the mmap top that starts at a
+        multiple of `align` (a power of two, at least a page)."""
+        count, step = page_up(length) // PAGE, align // PAGE
+        low, high = SYSTEM_AREA_END // PAGE, self.mmap_top // PAGE
+        free = bytes(count)
+        while True:
+            at = self.rights.rfind(free, low, high)
+            if at < 0:
+                return None
+            start = at - at % step
+            if start >= low and self.rights.count(0, start, start + count) == count:
+                return start * PAGE
+            high = start - step + count        # the next lower candidate
+
+    def prefer_huge_pages(self, address: int, length: int) -> None:
+        """Ask the host to back the 2 MiB blocks that [address, address + length) touches with
+        transparent huge pages (MADV_HUGEPAGE): one host fault per block instead of one per
+        page when the host fills it (ELF segments, read windows). The guest's page tables
+        keep their 4 KiB pages and rights."""
+        low, high = address & ~(HUGE_PAGE - 1), min(-(-(address + length) // HUGE_PAGE) * HUGE_PAGE, self.tables)
+        if high > low and hasattr(mmap, "MADV_HUGEPAGE"):
+            self.mem.madvise(mmap.MADV_HUGEPAGE, low, high - low)
 
     def write(self, address: int, data: bytes) -> None:
         self.mem[address:address + len(data)] = data
