@@ -253,7 +253,8 @@ def command() -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of `minivmm` and `python -m minivmm`; returns the exit status.
+    """The command line `argv` (default: the process's), run in this process; returns the exit
+    status (`command` is the program's entry around it).
 
     Every error ends as one line on stderr; an exception minivmm does not expect
     is reported as a minivmm bug (status 70); `--debug` adds tracebacks.
