@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Callable
 
 from .actions import RESUME, RETRY, Reply, Stop
 from .exits import ExitReason
+from .lazy import lazy_names
 from .memory import GuestMemoryError
 
 if TYPE_CHECKING:
@@ -83,17 +84,10 @@ DSDT_SLEEP_STATES = (bytes.fromhex("08 5F53335F 12 08 04 0A01 0A01 00 00") +
 
 
 # The devices' names are re-exported here; their modules load with the first platform that has them.
-_DEVICE_NAMES = {"AcpiPm": "acpi_pm", "PM_BASE": "acpi_pm", "PM_TIMER_HZ": "acpi_pm", "FwCfg": "fw_cfg",
-                 "FW_CFG_PORT": "fw_cfg", "PciNoDevices": "pci", "ScratchRegister": "scratch"}
-
-
-def __getattr__(name: str):
-    if name in _DEVICE_NAMES:
-        import importlib
-        value = getattr(importlib.import_module(f"minivmm.devices.{_DEVICE_NAMES[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {
+    "AcpiPm": ".devices.acpi_pm", "PM_BASE": ".devices.acpi_pm", "PM_TIMER_HZ": ".devices.acpi_pm",
+    "FwCfg": ".devices.fw_cfg", "FW_CFG_PORT": ".devices.fw_cfg", "PciNoDevices": ".devices.pci",
+    "ScratchRegister": ".devices.scratch"})
 
 
 def acpi_checksum(data: bytes) -> int:

@@ -363,6 +363,24 @@ def test_translation_imports_no_machine_and_issues_no_ioctl() -> None:
           "translate.py must stay pure (a CpuView in, ExitInfo and continuations out)")
 
 
+# --- rule: names loaded on first use go through minivmm.lazy --------------------------------
+def hand_made_lazy_names(path: str, tree: ast.Module) -> list[Finding]:
+    """A module-level `__getattr__` function that imports (the job of `minivmm.lazy.lazy_names`)."""
+    out = []
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef) and node.name == "__getattr__":
+            if any(isinstance(inner, (ast.Import, ast.ImportFrom)) or
+                   (isinstance(inner, ast.Attribute) and inner.attr == "import_module") or
+                   (isinstance(inner, ast.Name) and inner.id == "import_module") for inner in walk(node)):
+                out.append(found(path, node, "def __getattr__ importing"))
+    return out
+
+
+def test_module_attributes_loaded_on_first_use_go_through_lazy_names() -> None:
+    check(hand_made_lazy_names, [p for p in modules() if p != "minivmm/lazy.py"], {},
+          "a module imports in its own __getattr__; use minivmm.lazy.lazy_names")
+
+
 # --- the rules themselves find the shapes they forbid --------------------------------------
 def findings_in(rule: Rule, path: str, code: str) -> set[str]:
     return {f.what for f in rule(path, ast.parse(code))}
@@ -406,6 +424,12 @@ def findings_in(rule: Rule, path: str, code: str) -> set[str]:
     (impurities, "minivmm/translate.py", "from .kvm import VcpuFd", {"import minivmm.kvm.VcpuFd"}),
     (impurities, "minivmm/translate.py", "import fcntl", {"import fcntl"}),
     (impurities, "minivmm/translate.py", "def t(cpu):\n    cpu.fd.get_regs()", {".fd"}),
+    (hand_made_lazy_names, "minivmm/x.py", "def __getattr__(name):\n    from . import y\n    return y",
+     {"def __getattr__ importing"}),
+    (hand_made_lazy_names, "minivmm/x.py",
+     "import importlib\ndef __getattr__(name):\n    return importlib.import_module(name)",
+     {"def __getattr__ importing"}),
+    (hand_made_lazy_names, "minivmm/x.py", "def __getattr__(name):\n    return _values[name]()", set()),
 ])
 def test_rules_find_what_they_forbid(rule: Rule, path: str, code: str, expected: set[str]) -> None:
     assert findings_in(rule, path, code) == expected

@@ -66,6 +66,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import MinivmmError
+from ..lazy import lazy_names
 
 if TYPE_CHECKING:
     from ..platform import PlatformConfig
@@ -153,15 +154,9 @@ Address = int | SymbolRef
 # ---------------------------------------------------------------------------
 # The typed result (the rules inside it are in `minivmm.config.rule_types`)
 
-_RULE_TYPES = {"ControlSetting", "CpuidRule", "ExceptionRule", "HookRule", "HypercallRule", "IoRule", "MmioRule",
-               "MonitorRule", "MsrRule", "ProtectRule"}
-
-
-def __getattr__(name: str):
-    if name in _RULE_TYPES:
-        from . import rule_types
-        return getattr(rule_types, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, dict.fromkeys(
+    ("ControlSetting", "CpuidRule", "ExceptionRule", "HookRule", "HypercallRule", "IoRule", "MmioRule",
+     "MonitorRule", "MsrRule", "ProtectRule"), ".rule_types"))
 
 
 @dataclass

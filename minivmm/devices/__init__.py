@@ -18,22 +18,15 @@ from typing import Protocol, runtime_checkable
 
 from minivmm.devices.debug_exit import DebugExit
 from minivmm.devices.serial import Serial16550
+from minivmm.lazy import lazy_names
 
 __all__ = ["AcpiPm", "CmosRtc", "DebugExit", "FwCfg", "PciNoDevices", "PcTestdev", "PortDevice", "ResettableDevice",
            "ScratchRegister", "Serial16550"]
 
 
-_LAZY = {"AcpiPm": "acpi_pm", "CmosRtc": "rtc", "FwCfg": "fw_cfg", "PciNoDevices": "pci", "PcTestdev": "testdev",
-         "ScratchRegister": "scratch"}    # loaded when a platform asks for them
-
-
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-        value = getattr(importlib.import_module(f"{__name__}.{_LAZY[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_names(__name__, {      # loaded when a platform asks for them
+    "AcpiPm": ".acpi_pm", "CmosRtc": ".rtc", "FwCfg": ".fw_cfg", "PciNoDevices": ".pci", "PcTestdev": ".testdev",
+    "ScratchRegister": ".scratch"})
 
 
 @runtime_checkable

@@ -19,21 +19,14 @@
 """
 from __future__ import annotations
 
-import importlib
+from ..lazy import lazy_names
 
-_HOMES = {"Coverage": "coverage", "CoverageError": "coverage", "basic_blocks": "coverage",
-          "FuzzError": "harness", "FuzzTarget": "harness", "Harness": "harness", "RunOutcome": "harness",
-          "Status": "harness"}
-
-
-def __getattr__(name: str):
-    """The names below load their module on first use, so `minivmm.fuzz.cli` (which the CLI
-    imports to list its commands) does not load the harness."""
-    if name in _HOMES:
-        value = getattr(importlib.import_module(f".{_HOMES[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# Loaded on first use, so `minivmm.fuzz.cli` (which the CLI imports to list its commands) does
+# not load the harness.
+__getattr__ = lazy_names(__name__, {
+    "Coverage": ".coverage", "CoverageError": ".coverage", "basic_blocks": ".coverage",
+    "FuzzError": ".harness", "FuzzTarget": ".harness", "Harness": ".harness", "RunOutcome": ".harness",
+    "Status": ".harness"})
 
 
 __all__ = ["Coverage", "CoverageError", "basic_blocks", "FuzzError", "FuzzTarget", "Harness",

@@ -15,13 +15,8 @@ from __future__ import annotations
 
 __all__ = ["LinuxImageError", "LinuxProcess", "LinuxResult", "Program", "read_program"]
 
-_HOMES = {"LinuxImageError": "elf", "Program": "elf", "read_program": "elf", "LinuxProcess": "process",
-          "LinuxResult": "process"}
+from ..lazy import lazy_names
 
-
-def __getattr__(name: str):
-    """Imported on first use: the command line builds its parser without loading the personality."""
-    if name not in _HOMES:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from importlib import import_module
-    return getattr(import_module(f".{_HOMES[name]}", __name__), name)
+# Imported on first use: the command line builds its parser without loading the personality.
+__getattr__ = lazy_names(__name__, {"LinuxImageError": ".elf", "Program": ".elf", "read_program": ".elf",
+                                    "LinuxProcess": ".process", "LinuxResult": ".process"})
