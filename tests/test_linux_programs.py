@@ -28,7 +28,10 @@ def workdir(tmp_path):
     (tmp_path / "data.gz").write_bytes(gzip.compress(TEXT, mtime=0))
     (tmp_path / "fruit").write_bytes(b"pear\napple\npear\npear\nbanana\n")
     (tmp_path / "big").write_bytes(bytes(range(256)) * 4096 + b"tail end\n")
-    (tmp_path / "huge").write_bytes(bytes(range(251)) * 13000)                  # 3.1 windows
+    huge = bytes(range(251)) * 13000                                             # 3.1 MiB: two refills
+    (tmp_path / "huge").write_bytes(huge)
+    (tmp_path / "huge2").write_bytes(huge[:3_000_000] + b"!" + huge[3_000_001:])
+    (tmp_path / "vast").write_bytes(bytes(range(253)) * 40000)                 # 9.7 MiB: past the window area
     return tmp_path
 
 
@@ -70,6 +73,8 @@ APPLETS = [
     (["busybox", "od", "-A", "x", "-t", "x1z", "fruit"], b""),
     (["busybox", "sha256sum", "big"], b""),                     # reads served by the entry
     (["busybox", "md5sum", "huge", "big", "huge"], b""),         # across window refills
+    (["busybox", "cmp", "huge", "huge2"], b""),                  # two files read at once: two windows
+    (["busybox", "md5sum", "vast", "huge"], b""),                # the window area filled, refilled, reused
     (["busybox", "dd", "if=huge", "bs=7777", "skip=100", "count=300"], b""),
     (["busybox", "tail", "-c", "5000", "big"], b""),            # lseek leaves the entry's slot
     (["busybox", "dd", "if=big", "bs=1000", "skip=3", "count=2"], b""),
