@@ -1,8 +1,9 @@
 """Static Linux programs: native vs minivmm's Linux personality vs qemu-x86_64 (user mode).
 
-    python3 benchmarks/linux.py [--rounds N] [--starts N]
+    python3 benchmarks/linux.py [--rounds N] [--starts N] [--start-rounds N]
 
-Two workloads, run the same way by all three, interleaved, best of `--rounds`:
+Two workloads, run the same way by all three, interleaved, best of `--rounds` (compute; a
+short run on a shared host needs that many for its best to settle) and `--start-rounds`:
 - compute: Debian busybox-static's `sha256sum` of a 16 MiB exposed file;
 - start-up: `busybox true`, `--starts` times in a row.
 
@@ -58,8 +59,9 @@ def minivmm(argv: list[str], cwd: str) -> bytes:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--starts", type=int, default=100)
+    parser.add_argument("--start-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     if not os.path.exists(BUSYBOX) or shutil.which("qemu-x86_64") is None:
         print("linux: needs Debian's busybox-static and qemu-user (make setup installs them)")
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.rounds):
             for name, run in runners.items():
                 best[name] = min(best[name], timed(lambda: run(compute, folder))[0])
-        for _ in range(max(1, args.rounds // 2)):
+        for _ in range(max(1, args.start_rounds)):
             for name, run in runners.items():
                 seconds, _ = timed(lambda: [run(["busybox", "true"], folder) for _ in range(args.starts)])
                 start_best[name] = min(start_best[name], seconds)
