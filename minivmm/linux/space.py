@@ -80,10 +80,8 @@ class AddressSpace:
         self.on_write: Callable[[int, int], None] | None = None   # host writes to guest memory
         self.live = False            # the program ran: taking rights away needs `flush_ranges`
         self.taken: list[tuple[int, int]] = []      # (first page, count) whose rights went down
-        if hasattr(mmap, "MADV_HUGEPAGE"):
-            low = self.tables & ~(HUGE_PAGE - 1)
-            self.mem.madvise(mmap.MADV_HUGEPAGE, low, ram_size - low)
-            self.mem.madvise(mmap.MADV_HUGEPAGE, self.windows, WINDOW_AREA)
+        self.prefer_huge_pages(self.tables, ram_size - self.tables)
+        self.prefer_huge_pages(self.windows, WINDOW_AREA)
         self._write_tables(npages, npd)
         self.rights[:SYSTEM_AREA_END // PAGE] = bytes([USED]) * (SYSTEM_AREA_END // PAGE)
         self.rights[self.tables // PAGE:] = bytes([USED]) * (npages - self.tables // PAGE)
@@ -222,9 +220,9 @@ class AddressSpace:
     def prefer_huge_pages(self, address: int, length: int) -> None:
         """Ask the host to back the 2 MiB blocks that [address, address + length) touches with
         transparent huge pages (MADV_HUGEPAGE): one host fault per block instead of one per
-        page when the host fills it (ELF segments, read windows). The guest's page tables
-        keep their 4 KiB pages and rights."""
-        low, high = address & ~(HUGE_PAGE - 1), min(-(-(address + length) // HUGE_PAGE) * HUGE_PAGE, self.tables)
+        page when the host fills it (page tables, ELF segments, read windows). The guest's
+        page sizes and rights stay as they are."""
+        low, high = address & ~(HUGE_PAGE - 1), min(-(-(address + length) // HUGE_PAGE) * HUGE_PAGE, self.ram_size)
         if high > low and hasattr(mmap, "MADV_HUGEPAGE"):
             self.mem.madvise(mmap.MADV_HUGEPAGE, low, high - low)
 
