@@ -273,14 +273,17 @@ class Harness:
         self.close()
 
     # -- running ----------------------------------------------------------------------------
+    def _fit(self, data: bytes) -> bytes:
+        """`data` as bytes, cut to the target's maximum input size."""
+        if len(data) > self.target.max_input_size:
+            data = data[: self.target.max_input_size]
+        return data if data.__class__ is bytes else bytes(data)
+
     def prepare(self, data: bytes) -> bytes:
         """Restore the snapshot and place `data` (cut to the maximum size) in the guest."""
         target = self.target
         machine = self.machine
-        if len(data) > target.max_input_size:
-            data = data[: target.max_input_size]
-        if data.__class__ is not bytes:
-            data = bytes(data)
+        data = self._fit(data)
         n = len(data)
         self.snapshot.restore(machine, fpu=self.restore_fpu)
         if self._previous_length > n:
@@ -302,11 +305,7 @@ class Harness:
         if self._use_cycle:
             cycle = self._ready_cycle()
             if cycle is not None:
-                if len(data) > self.target.max_input_size:
-                    data = data[: self.target.max_input_size]
-                if data.__class__ is not bytes:
-                    data = bytes(data)
-                outcome = self._run_cycle(cycle, data)
+                outcome = self._run_cycle(cycle, self._fit(data))
                 if outcome is not None:
                     return outcome
         data = self.prepare(data)
@@ -347,13 +346,12 @@ class Harness:
         elif target.length_address is not None:
             region = machine.memory.region_at(target.length_address)
             length_address = region.host_addr + (target.length_address - region.gpa)
-        cycle = FuzzCycle(vm_fd=vm_fd, vcpu_fd=vcpu.fd.fd, slot=slot, bitmap=bitmap, npages=npages,
-                          guest=guest, copy=copy, run=ctypes.addressof(vcpu.fd.run), regs=regs,
-                          sregs=sregs, events=events, input=self._input_host,
-                          input_copy=self.snapshot.copy_address(target.input_address),
-                          length_offset=length_offset, length_address=length_address,
-                          length_size=target.length_size)
-        return cycle
+        return FuzzCycle(vm_fd=vm_fd, vcpu_fd=vcpu.fd.fd, slot=slot, bitmap=bitmap, npages=npages,
+                         guest=guest, copy=copy, run=ctypes.addressof(vcpu.fd.run), regs=regs,
+                         sregs=sregs, events=events, input=self._input_host,
+                         input_copy=self.snapshot.copy_address(target.input_address),
+                         length_offset=length_offset, length_address=length_address,
+                         length_size=target.length_size)
 
     def _exit_is_plain(self) -> bool:
         """Whether an OUT to the debug-exit device goes to the port devices alone (no user
